@@ -1,0 +1,1 @@
+"""CLI subcommands: argument parsing and printing only; the work lives in the library."""

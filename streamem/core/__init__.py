@@ -1,0 +1,1 @@
+"""Core numerics: pure functions over NumPy or CuPy arrays (no I/O, no Dask)."""
