@@ -39,7 +39,9 @@ def test_matrices_are_rotations():
     rng = np.random.default_rng(0)
     ang = rng.uniform(-180, 180, size=(100, 3))
     A = euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2])
-    np.testing.assert_allclose(A @ A.transpose(0, 2, 1), np.broadcast_to(np.eye(3), A.shape), atol=1e-12)
+    np.testing.assert_allclose(
+        A @ A.transpose(0, 2, 1), np.broadcast_to(np.eye(3), A.shape), atol=1e-12
+    )
     np.testing.assert_allclose(np.linalg.det(A), 1.0, atol=1e-12)
 
 
@@ -49,7 +51,9 @@ def test_round_trip_angles():
     tilt = rng.uniform(1, 179, 200)
     psi = rng.uniform(-180, 180, 200)
     r2, t2, p2 = matrix_to_euler(euler_to_matrix(rot, tilt, psi))
-    np.testing.assert_allclose(euler_to_matrix(r2, t2, p2), euler_to_matrix(rot, tilt, psi), atol=1e-9)
+    np.testing.assert_allclose(
+        euler_to_matrix(r2, t2, p2), euler_to_matrix(rot, tilt, psi), atol=1e-9
+    )
     np.testing.assert_allclose(t2, tilt, atol=1e-9)
     np.testing.assert_allclose(r2, rot, atol=1e-8)
     np.testing.assert_allclose(p2, psi, atol=1e-8)
@@ -60,7 +64,9 @@ def test_degenerate_tilt_puts_rotation_in_psi(tilt):
     rot, tilt2, psi = matrix_to_euler(euler_to_matrix(25.0, tilt, 10.0))
     assert rot == 0.0
     assert tilt2 == pytest.approx(tilt)
-    np.testing.assert_allclose(euler_to_matrix(rot, tilt2, psi), euler_to_matrix(25.0, tilt, 10.0), atol=1e-12)
+    np.testing.assert_allclose(
+        euler_to_matrix(rot, tilt2, psi), euler_to_matrix(25.0, tilt, 10.0), atol=1e-12
+    )
 
 
 def test_angular_distance():

@@ -35,10 +35,7 @@ def describe(store: ParticleStore) -> str:
         "optics groups:",
     ]
     for g in store.optics_groups:
-        lines.append(
-            "  "
-            + ", ".join(f"{k}={v}" for k, v in g.items())
-        )
+        lines.append("  " + ", ".join(f"{k}={v}" for k, v in g.items()))
     lines.append(f"fields       {', '.join(fields)}")
     return "\n".join(lines)
 

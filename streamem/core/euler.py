@@ -65,7 +65,9 @@ def matrix_to_euler(matrices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     beta = np.arctan2(sign_sb * abs_sb, A[..., 2, 2])
     # Degenerate tilt: the whole in-plane rotation goes to psi.
     up = A[..., 2, 2] > 0
-    gamma_deg = np.where(up, np.arctan2(-A[..., 1, 0], A[..., 0, 0]), np.arctan2(A[..., 1, 0], -A[..., 0, 0]))
+    gamma_deg = np.where(
+        up, np.arctan2(-A[..., 1, 0], A[..., 0, 0]), np.arctan2(A[..., 1, 0], -A[..., 0, 0])
+    )
     alpha = np.where(regular, alpha, 0.0)
     beta = np.where(regular, beta, np.where(up, 0.0, np.pi))
     gamma = np.where(regular, gamma, gamma_deg)

@@ -140,7 +140,9 @@ class ParticleStore:
         if not isinstance(facts, dict) or facts.get("format") != FORMAT_NAME:
             raise InputError(self.path, "not a streamem particle store (no 'streamem' attributes)")
         if facts.get("version", 0) > FORMAT_VERSION:
-            raise InputError(self.path, f"store format {facts['version']} is newer than this streamem")
+            raise InputError(
+                self.path, f"store format {facts['version']} is newer than this streamem"
+            )
         self.facts = facts
         self._validate(root)
 
@@ -156,7 +158,9 @@ class ParticleStore:
                 continue
             for label, arr in root[sub].arrays():
                 if arr.shape != (n,):
-                    raise InputError(self.path, f"{sub}/{label} has shape {arr.shape}, expected ({n},)")
+                    raise InputError(
+                        self.path, f"{sub}/{label} has shape {arr.shape}, expected ({n},)"
+                    )
 
     # -- global facts ------------------------------------------------------------------
     @property
