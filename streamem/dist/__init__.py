@@ -1,0 +1,1 @@
+"""The Dask layer: clusters and graph building only; no numerics here."""

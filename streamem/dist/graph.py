@@ -1,0 +1,66 @@
+"""Graph helpers: one task per store chunk, statistics tree-reduced.
+
+Per-chunk statistics are monoids (``a + b`` is associative and there is an
+empty value), so a tree reduction with ``split_every`` inputs per node gives the
+same result (up to float rounding) whatever the chunking or worker count.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dask
+from dask.delayed import Delayed
+
+
+def _sum_many(*parts):
+    total = parts[0]
+    for p in parts[1:]:
+        total = operator.add(total, p)
+    return total
+
+
+def tree_sum(parts: Sequence[Delayed], split_every: int = 8, name: str = "reduce") -> Delayed:
+    """Sum delayed values in a tree whose nodes take ``split_every`` inputs.
+
+    Order is preserved (left to right), so the result does not depend on timing.
+    """
+    if not parts:
+        raise ValueError("nothing to reduce")
+    level = list(parts)
+    token = dask.base.tokenize(*[p.key for p in level])[:12]
+    depth = 0
+    while len(level) > 1:
+        level = [
+            dask.delayed(_sum_many, pure=True)(
+                *level[i : i + split_every], dask_key_name=f"{name}-{depth}-{i}-{token}"
+            )
+            if len(level[i : i + split_every]) > 1
+            else level[i]
+            for i in range(0, len(level), split_every)
+        ]
+        depth += 1
+    return level[0]
+
+
+def map_chunks(
+    fn: Callable[..., Any],
+    bounds: Sequence[tuple[int, int]],
+    *args: Any,
+    name: str = "chunk",
+    **kwargs: Any,
+) -> list[Delayed]:
+    """One delayed ``fn(start, stop, *args, **kwargs)`` per chunk.
+
+    ``args`` should be small (paths, parameters) or delayed/futures of the shared
+    model, so the model is sent once, not embedded in every task.
+    """
+    token = dask.base.tokenize(fn, bounds, args, kwargs)[:12]
+    return [
+        dask.delayed(fn, pure=True)(
+            start, stop, *args, dask_key_name=f"{name}-{start}-{token}", **kwargs
+        )
+        for start, stop in bounds
+    ]

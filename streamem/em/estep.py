@@ -1,0 +1,460 @@
+"""The expectation step of one chunk: pure functions over arrays, no I/O, no Dask.
+
+For image i, orientation j, translation t and noise spectrum σ²(k) (per Fourier
+point, from the particle's optics group), with X the image's Fourier transform,
+c its CTF and A_j the reference's central slice:
+
+    diff2[i,t,j] = Σ_k |X_i,t|²/2σ² + Σ_k c_i² |A_j|²/2σ² − Re Σ_k conj(X_i,t) c_i A_j/σ²
+
+The first term does not depend on t (a shift is a phase), the second is a GEMM
+(images × orientations) and the third a real GEMM of stacked real and imaginary
+parts ((images·translations) × 2M) @ (2M × orientations), so the coarse pass runs
+at BLAS speed. As in RELION, the Fourier points are those of the half-plane
+within the current resolution radius (each independent complex value once, DC
+excluded), and the likelihood is exp(−diff2).
+
+Adaptive oversampling (RELION's ``adaptive_fraction``): the coarse pass scores
+the HEALPix grid at ``healpix_order`` × a translation grid; the coarse samples
+holding ``adaptive_fraction`` of each image's posterior mass are refined into
+their children (2³ orientations, 2² translations per parent for oversampling 1)
+and the posterior is computed on those. The fine pass scores the cross product of
+the children of the image's significant orientations and significant
+translations (a superset of RELION's pairs that keeps the work a GEMM).
+
+Local searches (``local_sigma_deg``): orientations within 3σ of the particle's
+previous pose, with a Gaussian prior on the angular distance.
+
+Translations are searched around the particle's previous origin; the offset
+prior is a Gaussian on the total origin (Å), centred at 0, as RELION's 3D refine.
+The stored origin is the shift that centres the particle (CONVENTIONS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import logsumexp
+
+from streamem.core import sampling
+from streamem.core.backend import ifftshift, rfftn
+from streamem.core.backprojector import insert_points
+from streamem.core.ctf import OpticsParams, ctf_from_frequencies
+from streamem.core.euler import angular_distance_deg, euler_to_matrix
+from streamem.core.projector import FourierVolume, project_points
+from streamem.em.statistics import SufficientStatistics
+
+
+@dataclass(frozen=True)
+class SearchGrid:
+    """The pose sampling of one iteration.
+
+    healpix_order: coarse HEALPix order (angular step 60/2**order degrees)
+    oversampling: adaptive oversampling order of the fine pass (RELION: 1)
+    offset_range_px, offset_step_px: coarse translation grid (pixels of the full box)
+    local_sigma_deg: None for global searches, else the σ of local searches
+    symmetry: point group; global searches cover its asymmetric unit
+    """
+
+    healpix_order: int = 1
+    oversampling: int = 1
+    offset_range_px: float = 6.0
+    offset_step_px: float = 2.0
+    local_sigma_deg: float | None = None
+    symmetry: str = "C1"
+
+    @property
+    def fine_angular_step_deg(self) -> float:
+        return sampling.angular_step_deg(self.healpix_order + self.oversampling)
+
+    @property
+    def fine_offset_step_px(self) -> float:
+        return self.offset_step_px / 2**self.oversampling
+
+
+@dataclass(frozen=True)
+class EStepModel:
+    """Everything the E-step needs, sent to the workers once per iteration.
+
+    projectors: one FourierVolume per reconstruction (refine3d: half 1 and 2),
+        made in the working box ``work_box`` and scaled to full-box Fourier units
+    box_size: B, the particle box (pixels); pixel_size_A: its pixel size
+    max_radius_px: current resolution radius (Fourier pixels of B, < work_box/2)
+    inv_sigma2: (G, B//2 + 1) float, 1/σ² per optics group and shell
+    optics: one OpticsParams per optics group (index = rlnOpticsGroup − 1)
+    sigma_offset_A: σ of the Gaussian offset prior
+    grid: the pose sampling
+    do_ctf: apply the CTF
+    adaptive_fraction: posterior mass whose samples get the fine pass
+    max_significant: cap on coarse samples refined per image
+    """
+
+    projectors: tuple[FourierVolume, ...]
+    box_size: int
+    work_box: int
+    pixel_size_A: float
+    max_radius_px: float
+    inv_sigma2: np.ndarray
+    optics: tuple[OpticsParams, ...]
+    sigma_offset_A: float
+    grid: SearchGrid
+    do_ctf: bool = True
+    adaptive_fraction: float = 0.999
+    max_significant: int = 200
+    coarse: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def n_shells(self) -> int:
+        return self.box_size // 2 + 1
+
+
+def half_plane_points(box_size: int, max_radius_px: float):
+    """Independent Fourier points of a real image within a radius, DC excluded.
+
+    Returns (coords (M, 2) float (ky, kx) in Fourier pixels, flat (M,) int index into
+    the (B, B//2+1) rfft grid, shell (M,) int radius). Points with kx = 0 and
+    ky < 0 are the complex conjugates of ky > 0 and are left out.
+    """
+    B = box_size
+    r = int(np.floor(max_radius_px))
+    ky = np.arange(-r, r + 1)
+    kx = np.arange(0, r + 1)
+    KY, KX = np.meshgrid(ky, kx, indexing="ij")
+    rad = np.sqrt(KY**2 + KX**2)
+    keep = (rad <= max_radius_px) & ((KX > 0) | (KY > 0)) & (np.abs(KY) < B / 2 + 0.5 * (B % 2))
+    keep &= KX <= B // 2
+    KY, KX, rad = KY[keep], KX[keep], rad[keep]
+    order = np.argsort(rad, kind="stable")
+    KY, KX, rad = KY[order], KX[order], rad[order]
+    flat = (KY % B) * (B // 2 + 1) + KX
+    coords = np.stack([KY, KX], axis=1).astype(np.float64)
+    return coords, flat.astype(np.int64), np.rint(rad).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class PreparedImages:
+    """Fourier data of a set of images restricted to the current points (all (n, M))."""
+
+    X: np.ndarray  # complex64 image transforms
+    ctf: np.ndarray  # float32 CTF
+    inv_sigma2: np.ndarray  # float32 1/σ²
+    norm: np.ndarray  # (n,) float64 Σ|X|²/2σ²
+    prior_offset_px: np.ndarray  # (n, 2) (dy, dx) previous origin in pixels
+
+
+def prepare_images(images, metadata, model: EStepModel, coords, flat, shell) -> PreparedImages:
+    """Fourier transform, CTF and noise weights of a chunk's images.
+
+    images: (n, B, B) float32, centred at B//2. metadata: RELION labels → (n,) arrays.
+    """
+    n, B = images.shape[0], model.box_size
+    X = rfftn(ifftshift(images, axes=(-2, -1)), axes=(-2, -1)).reshape(n, -1)[:, flat]
+    X = X.astype(np.complex64)
+    groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), dtype=np.int64) - 1
+    if groups.min() < 0 or groups.max() >= len(model.optics):
+        raise ValueError("rlnOpticsGroup out of range of the optics groups")
+    inv_s2 = model.inv_sigma2[groups][:, shell].astype(np.float32)
+    if model.do_ctf and "rlnDefocusU" in metadata:
+        freq = 1.0 / (B * model.pixel_size_A)
+        ctf = np.empty((n, coords.shape[0]), np.float32)
+        for g in np.unique(groups):
+            sel = groups == g
+            ctf[sel] = ctf_from_frequencies(
+                coords[:, 0] * freq,
+                coords[:, 1] * freq,
+                metadata["rlnDefocusU"][sel],
+                metadata["rlnDefocusV"][sel],
+                metadata["rlnDefocusAngle"][sel],
+                model.optics[g],
+                metadata.get("rlnPhaseShift", np.zeros(n))[sel],
+                metadata.get("rlnCtfBfactor", np.zeros(n))[sel],
+            )
+    else:
+        ctf = np.ones((n, coords.shape[0]), np.float32)
+    norm = 0.5 * np.sum((X.real**2 + X.imag**2) * inv_s2, axis=1, dtype=np.float64)
+    prior = np.zeros((n, 2))
+    if "rlnOriginYAngst" in metadata:
+        prior = np.stack([metadata["rlnOriginYAngst"], metadata["rlnOriginXAngst"]], axis=1)
+        prior = np.nan_to_num(prior.astype(np.float64)) / model.pixel_size_A
+    return PreparedImages(X, ctf, inv_s2, norm, prior)
+
+
+def cross_terms(Xs, cw, refs):
+    """Re Σ_k conj(Xs) · cw · A as one real GEMM.
+
+    Xs: (n, T, M) complex shifted images; cw: (n, M) CTF/σ²; refs: (J, M) complex.
+    Returns (n, T, J) float32.
+    """
+    n, T, M = Xs.shape
+    Y = np.conj(Xs) * cw[:, None, :]  # (n, T, M)
+    lhs = np.concatenate([Y.real, -Y.imag], axis=-1).reshape(n * T, 2 * M)
+    rhs = np.concatenate([refs.real, refs.imag], axis=-1)  # (J, 2M)
+    return (lhs.astype(np.float32) @ rhs.astype(np.float32).T).reshape(n, T, -1)
+
+
+def ref_power_terms(ctf2w, refs):
+    """Σ_k c² |A_j|² / 2σ²: (n, M) @ (M, J) → (n, J). ``ctf2w`` = c²/σ²."""
+    power = (refs.real**2 + refs.imag**2).astype(np.float32)
+    return 0.5 * (ctf2w.astype(np.float32) @ power.T)
+
+
+def offset_log_prior(total_shift_px, sigma_offset_A: float, pixel_size_A: float):
+    """log N(total offset; 0, σ²) in 2-D, up to a constant. total_shift_px: (..., 2)."""
+    s2 = (sigma_offset_A / pixel_size_A) ** 2
+    return -np.sum(total_shift_px**2, axis=-1) / (2 * s2)
+
+
+def significant_mask(logp, fraction: float, max_count: int):
+    """Per row, the samples holding ``fraction`` of the posterior mass (at least one).
+
+    logp: (n, S) log-posterior up to a constant. Returns a bool mask (n, S).
+    """
+    n, S = logp.shape
+    p = np.exp(logp - logp.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    order = np.argsort(-p, axis=1)
+    sorted_p = np.take_along_axis(p, order, axis=1)
+    cum = np.cumsum(sorted_p, axis=1)
+    # keep sample k if the mass before it is below the fraction
+    keep_sorted = (cum - sorted_p) < fraction
+    keep_sorted[:, max_count:] = False
+    keep_sorted[:, 0] = True
+    mask = np.zeros((n, S), bool)
+    np.put_along_axis(mask, order, keep_sorted, axis=1)
+    return mask
+
+
+@dataclass
+class ChunkResult:
+    """Per-particle results of a chunk (all (n,) arrays, RELION units)."""
+
+    rot: np.ndarray
+    tilt: np.ndarray
+    psi: np.ndarray
+    origin_x_A: np.ndarray
+    origin_y_A: np.ndarray
+    max_prob: np.ndarray
+    n_significant: np.ndarray
+    loglik: np.ndarray
+    class_number: np.ndarray
+
+    def as_columns(self) -> dict[str, np.ndarray]:
+        return {
+            "rlnAngleRot": self.rot,
+            "rlnAngleTilt": self.tilt,
+            "rlnAnglePsi": self.psi,
+            "rlnOriginXAngst": self.origin_x_A,
+            "rlnOriginYAngst": self.origin_y_A,
+            "rlnMaxValueProbDistribution": self.max_prob,
+            "rlnNrOfSignificantSamples": self.n_significant,
+            "rlnLogLikeliContribution": self.loglik,
+            "rlnClassNumber": self.class_number,
+        }
+
+
+def coarse_orientations(model: EStepModel):
+    """(rotations (J,3,3), angles (J,3)) of the global coarse grid, cached per model."""
+    key = ("coarse", model.grid.healpix_order, model.grid.symmetry)
+    if key not in model.coarse:
+        rotations, angles = sampling.orientation_grid(model.grid.healpix_order, model.grid.symmetry)
+        model.coarse[key] = (np.asarray(rotations), np.asarray(angles))
+    return model.coarse[key]
+
+
+def expectation(
+    images: np.ndarray,
+    metadata: dict[str, np.ndarray],
+    model: EStepModel,
+    reconstruction_index: np.ndarray | None = None,
+) -> tuple[SufficientStatistics, ChunkResult]:
+    """E-step of one chunk: posterior over poses, weighted back-projection, noise sums.
+
+    images: (n, B, B) float32. metadata: RELION labels → (n,). ``reconstruction_index``
+    (n,) picks the projector/accumulator of each particle (refine3d: half − 1); by
+    default rlnRandomSubset − 1.
+    """
+    n, B = images.shape[0], model.box_size
+    coords, flat, shell = half_plane_points(B, model.max_radius_px)
+    prepared = prepare_images(images, metadata, model, coords, flat, shell)
+    if reconstruction_index is None:
+        reconstruction_index = np.asarray(metadata["rlnRandomSubset"], dtype=np.int64) - 1
+    R = len(model.projectors)
+    grid_shape = model.projectors[0].data.shape
+    stats = SufficientStatistics.empty(grid_shape, len(model.optics), model.n_shells, 1)
+    result = ChunkResult(*(np.zeros(n) for _ in range(9)))
+    groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), np.int64) - 1
+    previous = _previous_poses(metadata)
+    for r in range(R):
+        idx = np.flatnonzero(reconstruction_index == r)
+        if idx.size == 0:
+            continue
+        _expect_group(
+            idx,
+            prepared,
+            model,
+            model.projectors[r],
+            coords,
+            shell,
+            groups,
+            previous,
+            stats,
+            r,
+            result,
+        )
+    return stats, result
+
+
+def _previous_poses(metadata):
+    if not all(k in metadata for k in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
+        return None
+    ang = np.stack(
+        [metadata["rlnAngleRot"], metadata["rlnAngleTilt"], metadata["rlnAnglePsi"]], axis=1
+    )
+    ang = ang.astype(np.float64)
+    return None if np.isnan(ang).any() else ang
+
+
+def _expect_group(
+    idx, prep: PreparedImages, model, projector, coords, shell, groups, previous, stats, r, result
+):
+    grid = model.grid
+    p = model.pixel_size_A
+    B = model.box_size
+    X, ctf, inv_s2 = prep.X[idx], prep.ctf[idx], prep.inv_sigma2[idx]
+    cw = ctf * inv_s2  # (n, M)
+    ctf2w = ctf * cw
+    norm = prep.norm[idx]
+    prior_px = prep.prior_offset_px[idx]
+    n = idx.size
+
+    # -- coarse pass --------------------------------------------------------------
+    shifts = np.asarray(
+        sampling.translation_grid(grid.offset_range_px, grid.offset_step_px)
+    )  # (T, 2)
+    phases = np.asarray(sampling.shift_phases(coords, shifts, B))  # (T, M)
+    base_phase = np.asarray(sampling.shift_phases(coords, prior_px, B))  # (n, M): previous origin
+    X0 = X * base_phase  # images re-centred on their previous origin
+    local = grid.local_sigma_deg is not None and previous is not None
+    if not local:
+        rot_c, ang_c = coarse_orientations(model)
+        refs = project_points(projector, rot_c, coords)  # (J, M)
+        Xs = X0[:, None, :] * phases[None]  # (n, T, M)
+        C = cross_terms(Xs, cw, refs)  # (n, T, J)
+        S = ref_power_terms(ctf2w, refs)  # (n, J)
+        total = prior_px[:, None, :] + shifts[None]  # (n, T, 2)
+        logp = -(S[:, None, :] - C) + offset_log_prior(total, model.sigma_offset_A, p)[:, :, None]
+        T, J = shifts.shape[0], ang_c.shape[0]
+        mask = significant_mask(logp.reshape(n, -1), model.adaptive_fraction, model.max_significant)
+        mask = mask.reshape(n, T, J)
+        sig_j = mask.any(axis=1)  # (n, J)
+        union = np.flatnonzero(sig_j.any(axis=0))
+        kids = np.asarray(
+            sampling.oversample_orientations(ang_c[union], grid.healpix_order, grid.oversampling)
+        )  # (U, Ck, 3)
+        n_kids = kids.shape[1]
+        ang_table = kids.reshape(-1, 3)
+        pos = np.full(J, -1)
+        pos[union] = np.arange(union.size)
+        rows_per_image = [
+            (pos[np.flatnonzero(sig_j[i])][:, None] * n_kids + np.arange(n_kids)).ravel()
+            for i in range(n)
+        ]
+        coarse_shifts = [shifts[mask[i].any(axis=1)] for i in range(n)]
+    else:
+        cands = [
+            np.asarray(
+                sampling.local_orientations(
+                    previous[idx[i]],
+                    grid.healpix_order + grid.oversampling,
+                    3 * grid.local_sigma_deg,
+                )
+            )
+            for i in range(n)
+        ]
+        ang_table, inverse = np.unique(
+            np.round(np.concatenate(cands), 6), axis=0, return_inverse=True
+        )
+        bounds = np.cumsum([0] + [c.shape[0] for c in cands])
+        rows_per_image = [inverse.ravel()[bounds[i] : bounds[i + 1]] for i in range(n)]
+        coarse_shifts = [shifts] * n
+    rot_table = euler_to_matrix(ang_table[:, 0], ang_table[:, 1], ang_table[:, 2])
+    refs_table = project_points(projector, rot_table, coords)  # (U, M)
+    val_table = np.zeros(refs_table.shape, np.complex128)
+    wgt_table = np.zeros(refs_table.shape, np.float64)
+
+    # -- fine pass, image by image (small GEMMs) ------------------------------------
+    sub = np.asarray(
+        sampling.oversample_translations(np.zeros((1, 2)), grid.offset_step_px, grid.oversampling)
+    )
+    sub = sub.reshape(-1, 2)
+    for i in range(n):
+        rows = rows_per_image[i]
+        ang_f = ang_table[rows]
+        shifts_f = (coarse_shifts[i][:, None, :] + sub[None]).reshape(-1, 2)
+        shifts_f = np.unique(np.round(shifts_f, 6), axis=0)
+        refs_f = refs_table[rows]  # (Jf, M)
+        ph = np.asarray(sampling.shift_phases(coords, shifts_f, B))  # (Tf, M)
+        Xs = X0[i][None, :] * ph  # (Tf, M)
+        C = cross_terms(Xs[None], cw[i][None], refs_f)[0]  # (Tf, Jf)
+        S = ref_power_terms(ctf2w[i][None], refs_f)[0]  # (Jf,)
+        total = prior_px[i][None] + shifts_f
+        logp = (
+            -(norm[i] + S[None, :] - C) + offset_log_prior(total, model.sigma_offset_A, p)[:, None]
+        )
+        if local:
+            logp = (
+                logp
+                + sampling.gaussian_orientation_prior(
+                    ang_f, previous[idx[i]], grid.local_sigma_deg
+                )[None, :]
+            )
+        lse = logsumexp(logp)
+        W = np.exp(logp - lse)  # (Tf, Jf) posterior
+        t_best, j_best = np.unravel_index(np.argmax(W), W.shape)
+        gi = idx[i]
+        result.rot[gi], result.tilt[gi], result.psi[gi] = ang_f[j_best]
+        best_origin_px = prior_px[i] + shifts_f[t_best]  # (dy, dx)
+        result.origin_y_A[gi], result.origin_x_A[gi] = best_origin_px * p
+        result.max_prob[gi] = W[t_best, j_best]
+        result.n_significant[gi] = int(
+            np.count_nonzero(significant_mask(logp.reshape(1, -1), model.adaptive_fraction, W.size))
+        )
+        result.loglik[gi] = lse
+        result.class_number[gi] = 1
+
+        # statistics: weighted sums per orientation
+        w_j = W.sum(axis=0)  # (Jf,)
+        keep = w_j > 1e-5 * w_j.max()
+        D = W[:, keep].T.astype(np.complex64) @ Xs  # (Jk, M) Σ_t W X_t
+        val_table[rows[keep]] += D * cw[i][None]
+        wgt_table[rows[keep]] += w_j[keep][:, None] * ctf2w[i][None]
+        A = refs_f[keep]
+        noise = (
+            (X[i].real ** 2 + X[i].imag ** 2)
+            - 2 * ctf[i] * np.sum((np.conj(D) * A).real, axis=0)
+            + ctf[i] ** 2 * (w_j[keep][:, None] * (A.real**2 + A.imag**2)).sum(axis=0)
+        )
+        g = groups[gi]
+        np.add.at(stats.noise_power[g], shell, noise)
+        np.add.at(stats.noise_count[g], shell, 1.0)
+        w_t = W.sum(axis=1)
+        stats.offset_sq_A2 += float(np.sum(w_t * np.sum((total * p) ** 2, axis=1)))
+        stats.weight_sum += 1.0
+        stats.loglik_sum += float(lse)
+        if previous is not None:
+            A_new = euler_to_matrix(*ang_f[j_best])
+            A_old = euler_to_matrix(*previous[gi])
+            stats.pose_change_deg_sum += float(angular_distance_deg(A_new, A_old))
+            stats.offset_change_A_sum += float(np.hypot(*(shifts_f[t_best] * p)))
+            stats.n_with_previous += 1
+    stats.class_weight[0] += n
+    used = wgt_table.any(axis=1)
+    insert_points(
+        stats.data_acc[r],
+        stats.weight_acc[r],
+        rot_table[used],
+        coords,
+        val_table[used],
+        wgt_table[used],
+        projector.padding_factor,
+    )

@@ -1,0 +1,372 @@
+"""3D auto-refine as a streaming Dask job (the driver: graphs, outputs, schedule).
+
+Per iteration: the E-step model (projectors of both half maps, noise spectra,
+priors, sampling) goes to the workers once (``scatter``); one task per store chunk
+runs :func:`streamem.em.estep.expectation`, writes its particles' poses into
+``particles.zarr`` and returns its :class:`SufficientStatistics`; the statistics
+are tree-reduced (``split_every`` 8) and the M-step runs on the client. Outputs use
+RELION's names. Without a client the same graph runs on Dask's threaded scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import dask
+import numpy as np
+
+from streamem.core.filters import lowpass
+from streamem.core.fsc import fsc as fourier_shell_correlation
+from streamem.core.fsc import resolution_at
+from streamem.core.masks import soft_sphere
+from streamem.core.projector import make_projector
+from streamem.core.symmetry import symmetry_matrices
+from streamem.dist.graph import map_chunks, tree_sum
+from streamem.em import mstep, runfiles
+from streamem.em.estep import EStepModel, SearchGrid, expectation
+from streamem.em.schedule import RefineSchedule, advance
+from streamem.errors import InputError
+from streamem.io.mrc import read_map, write_map
+from streamem.io.store import ParticleStore, optics_params
+
+log = logging.getLogger("streamem")
+
+INCREMENT_SHELLS = 10  # RELION's incr_size: shells beyond the resolution kept each iteration
+
+
+@dataclass
+class RefineResult:
+    """What a refinement produced; ``plot()`` draws the FSC curve."""
+
+    out_dir: Path
+    map: np.ndarray
+    half_maps: np.ndarray
+    fsc: np.ndarray
+    resolution_A: float
+    pixel_size_A: float
+    iterations: int
+    poses: dict = field(repr=False, default_factory=dict)
+
+    def plot(self, ax=None):
+        import matplotlib.pyplot as plt
+
+        ax = ax or plt.gca()
+        shells = np.arange(len(self.fsc))
+        ax.plot(shells / (self.map.shape[0] * self.pixel_size_A), self.fsc)
+        ax.axhline(0.143, color="grey", ls="--", lw=0.8)
+        ax.set_xlabel("spatial frequency (1/Å)")
+        ax.set_ylabel("gold-standard FSC")
+        ax.set_title(f"{self.resolution_A:.2f} Å")
+        return ax
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    particle_diameter_A: float | None = None
+    ini_high_A: float = 30.0
+    symmetry: str = "C1"
+    tau2_fudge: float = 1.0
+    healpix_order: int = 2
+    offset_range_px: float = 6.0
+    offset_step_px: float = 2.0
+    local_from_order: int = 4
+    max_order: int = 5
+    max_iterations: int = 25
+    do_ctf: bool = True
+    flatten_solvent: bool = True
+    split_every: int = 8
+    padding_factor: int = 2
+
+
+def _estep_task(start, stop, store_path, results_path, prev_iteration, iteration, model):
+    """One chunk's E-step: read, compute, write per-particle results, return statistics."""
+    store = ParticleStore(store_path)
+    chunk = store.read_chunk(start, stop)
+    meta = dict(chunk.metadata)
+    if prev_iteration is not None:
+        meta.update(runfiles.read_results(results_path, prev_iteration, start, stop))
+    stats, result = expectation(chunk.images, meta, model)
+    runfiles.write_results(results_path, iteration, start, result.as_columns())
+    return stats
+
+
+def _power_task(start, stop, store_path, n_groups):
+    store = ParticleStore(store_path)
+    chunk = store.read_chunk(start, stop)
+    groups = np.asarray(chunk.metadata["rlnOpticsGroup"], np.int64) - 1
+    return mstep.image_power(chunk.images, groups, n_groups)
+
+
+def _compute(graph, client):
+    if client is None:
+        return dask.compute(graph, scheduler="threads")[0]
+    return client.compute(graph).result()
+
+
+def _broadcast(model, client):
+    if client is None:
+        return dask.delayed(model, pure=False)
+    return client.scatter(model, broadcast=True, hash=False)
+
+
+def work_box_for(resolution_A: float, box_size: int, pixel_size_A: float) -> tuple[int, float]:
+    """(work box b, radius in Fourier pixels) for the current resolution (RELION current_size)."""
+    shell = box_size * pixel_size_A / resolution_A if math.isfinite(resolution_A) else 0
+    radius = min(box_size // 2 - 1, math.ceil(shell) + INCREMENT_SHELLS)
+    b = min(box_size, 2 * (radius + 2))
+    return b, float(radius)
+
+
+def solvent_mask_for(box_size: int, pixel_size_A: float, diameter_A: float) -> np.ndarray:
+    radius_px = 0.5 * diameter_A / pixel_size_A
+    return soft_sphere(box_size, radius_px, edge_px=max(3.0, 0.05 * box_size))
+
+
+def refine3d(
+    store: str | Path | ParticleStore,
+    reference: str | Path | np.ndarray,
+    out_dir: str | Path,
+    options: RefineOptions | None = None,
+    client=None,
+    continue_run: bool = False,
+    progress: bool = True,
+) -> RefineResult:
+    """RELION's 3D auto-refine: gold-standard halves, regularised likelihood.
+
+    store: particle store (path or handle). reference: starting map (MRC path or
+    (B, B, B) array at the store's pixel size); it is low-passed to ``ini_high_A``.
+    out_dir: run folder (created). client: a ``distributed.Client`` or None (threads).
+    """
+    options = options or RefineOptions()
+    store = store if isinstance(store, ParticleStore) else ParticleStore(store)
+    out_dir = Path(out_dir)
+    B, p = store.box_size, store.pixel_size_A
+    diameter = options.particle_diameter_A or 0.8 * B * p
+    sym_mats = symmetry_matrices(options.symmetry)
+    n_groups = len(store.optics_groups)
+    optics = tuple(optics_params(g) for g in store.optics_groups)
+    do_ctf = options.do_ctf and store.has_fields(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"))
+    results_path = out_dir / "particles.zarr"
+    bounds = store.chunk_bounds()
+    mask = solvent_mask_for(B, p, diameter) if options.flatten_solvent else None
+
+    checkpoint = runfiles.latest_checkpoint(out_dir) if continue_run else None
+    if continue_run and checkpoint is None:
+        raise InputError(out_dir, "nothing to continue: no run_itNNN_optimiser.json")
+    if checkpoint is not None:
+        state = json.loads(checkpoint.read_text())
+        schedule = RefineSchedule.from_json(state["schedule"])
+        inv_sigma2 = np.asarray(state["inv_sigma2"])
+        sigma_offset_A = state["sigma_offset_A"]
+        halves = np.stack([read_map(out_dir / f)[0] for f in state["half_maps"]])
+        resolution_A = state["resolution_A"]
+        prev_iteration = state["iteration"]
+        log.info("continuing from iteration %d", prev_iteration)
+    else:
+        ref = _load_reference(reference, B, p)
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise InputError(out_dir, "output folder is not empty (use --continue to resume a run)")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ref = lowpass(ref, options.ini_high_A, p)
+        halves = np.stack([ref, ref])
+        power = _compute(
+            tree_sum(
+                map_chunks(_power_task, bounds, str(store.path), n_groups, name="power"),
+                options.split_every,
+            ),
+            client,
+        )
+        inv_sigma2 = mstep.initial_inv_sigma2(power[0], power[1])
+        sigma_offset_A = options.offset_range_px * p / 2
+        resolution_A = options.ini_high_A
+        schedule = RefineSchedule(
+            healpix_order=options.healpix_order,
+            offset_range_px=options.offset_range_px,
+            offset_step_px=options.offset_step_px,
+            local_from_order=options.local_from_order,
+            max_order=options.max_order,
+            max_iterations=options.max_iterations,
+        )
+        prev_iteration = None
+
+    while not schedule.converged:
+        iteration = schedule.iteration + 1
+        t0 = time.perf_counter()
+        final = schedule.final_iteration
+        b, radius = work_box_for(resolution_A, B, p) if not final else (B, float(B // 2 - 1))
+        refs = [h * mask if mask is not None else h for h in halves]
+        projectors = tuple(
+            make_projector(mstep.to_work_frame(h, b), options.padding_factor) for h in refs
+        )
+        grid = SearchGrid(
+            healpix_order=schedule.healpix_order,
+            oversampling=schedule.oversampling,
+            offset_range_px=schedule.offset_range_px,
+            offset_step_px=schedule.offset_step_px,
+            local_sigma_deg=schedule.local_sigma_deg,
+            symmetry=options.symmetry,
+        )
+        model = EStepModel(
+            projectors=projectors,
+            box_size=B,
+            work_box=b,
+            pixel_size_A=p,
+            max_radius_px=radius,
+            inv_sigma2=inv_sigma2,
+            optics=optics,
+            sigma_offset_A=sigma_offset_A,
+            grid=grid,
+            do_ctf=do_ctf,
+        )
+        runfiles.create_results_arrays(results_path, iteration, store.n_particles, store.chunk_size)
+        model_node = _broadcast(model, client)
+        parts = map_chunks(
+            _estep_task,
+            bounds,
+            str(store.path),
+            str(results_path),
+            prev_iteration,
+            iteration,
+            model_node,
+            name=f"estep-it{iteration:03d}",
+        )
+        stats = _compute(
+            tree_sum(parts, options.split_every, name=f"stats-it{iteration:03d}"), client
+        )
+
+        maps_b, fsc_b, _ = mstep.reconstruct_halves(
+            stats.data_acc,
+            stats.weight_acc,
+            b,
+            options.padding_factor,
+            options.tau2_fudge,
+            sym_mats,
+            B // 2 + 1,
+        )
+        halves = np.stack([mstep.to_full_frame(m, B) for m in maps_b])
+        fsc = np.zeros(B // 2 + 1)
+        fsc[: len(fsc_b)] = fsc_b
+        resolution_A = resolution_at(fsc, 0.143, B, p)
+        inv_sigma2 = mstep.update_inv_sigma2(inv_sigma2, stats.noise_power, stats.noise_count)
+        sigma_offset_A = mstep.update_sigma_offset_A(
+            stats.offset_sq_A2, stats.weight_sum, floor_A=p
+        )
+        n_prev = max(stats.n_with_previous, 1)
+        pose_change = stats.pose_change_deg_sum / n_prev if stats.n_with_previous else 180.0
+        offset_change_px = stats.offset_change_A_sum / n_prev / p if stats.n_with_previous else 99.0
+
+        prefix = runfiles.iteration_prefix(out_dir, iteration)
+        half_names = [f"{prefix.name}_half{h + 1}_class001_unfil.mrc" for h in range(2)]
+        for h in range(2):
+            write_map(out_dir / half_names[h], halves[h], p)
+        results = runfiles.read_results(results_path, iteration)
+        runfiles.write_data_star(Path(f"{prefix}_data.star"), store, results)
+        general = {
+            "rlnCurrentResolution": resolution_A,
+            "rlnCurrentImageSize": b,
+            "rlnPixelSize": p,
+            "rlnOriginalImageSize": B,
+            "rlnNrClasses": 1,
+            "rlnTau2FudgeFactor": options.tau2_fudge,
+            "rlnLogLikelihood": stats.loglik_sum,
+            "rlnSigmaOffsetsAngst": sigma_offset_A,
+            "rlnAngularSampling": grid.fine_angular_step_deg,
+        }
+        runfiles.write_model_star(Path(f"{prefix}_model.star"), general, fsc, B, p, inv_sigma2)
+        seconds = time.perf_counter() - t0
+        log.info(
+            "it %3d  res %6.2f A  step %5.2f deg%s  pose change %6.2f deg  offset change %5.2f px  box %3d  %6.1f s",
+            iteration,
+            resolution_A,
+            grid.fine_angular_step_deg,
+            " (local)" if grid.local_sigma_deg else "",
+            pose_change,
+            offset_change_px,
+            b,
+            seconds,
+        )
+        schedule = advance(schedule, resolution_A, pose_change, offset_change_px, diameter)
+        if final:
+            schedule = replace(schedule, converged=True)
+            _write_final(
+                out_dir, prefix, stats, b, options, sym_mats, fsc, resolution_A, B, p, halves
+            )
+        runfiles.write_checkpoint(
+            Path(f"{prefix}_optimiser.json"),
+            {
+                "iteration": iteration,
+                "schedule": schedule.to_json(),
+                "inv_sigma2": inv_sigma2.tolist(),
+                "sigma_offset_A": sigma_offset_A,
+                "resolution_A": resolution_A,
+                "half_maps": half_names,
+                "fsc": fsc.tolist(),
+            },
+        )
+        prev_iteration = iteration
+
+    final_map = read_map(out_dir / "run_class001.mrc")[0]
+    state = json.loads(runfiles.latest_checkpoint(out_dir).read_text())
+    return RefineResult(
+        out_dir=out_dir,
+        map=final_map,
+        half_maps=halves,
+        fsc=np.asarray(state["fsc"]),
+        resolution_A=state["resolution_A"],
+        pixel_size_A=p,
+        iterations=state["iteration"],
+        poses=runfiles.read_results(results_path, state["iteration"]),
+    )
+
+
+def _write_final(out_dir, prefix, stats, b, options, sym_mats, fsc, resolution_A, B, p, halves):
+    """Join the halves (final iteration): the map from both accumulators, RELION names."""
+    from streamem.core.backprojector import reconstruct
+
+    n_shells = b // 2 + 1
+    f = np.clip(fsc[:n_shells], 0, 0.999)
+    fsc_full = 2 * f / (1 + f)  # FSC of the full set from the halves
+    weight = stats.weight_acc[0] + stats.weight_acc[1]
+    mw = mstep.mean_weight_per_shell(weight, options.padding_factor, n_shells)
+    tau2 = mstep.tau2_from_fsc(fsc_full, mw, options.tau2_fudge)
+    joined = reconstruct(
+        stats.data_acc[0] + stats.data_acc[1],
+        weight,
+        b,
+        options.padding_factor,
+        tau2,
+        symmetry_matrices=sym_mats,
+    )
+    joined = mstep.to_full_frame(joined, B)
+    write_map(out_dir / "run_class001.mrc", joined, p)
+    for h in range(2):
+        write_map(out_dir / f"run_half{h + 1}_class001_unfil.mrc", halves[h], p)
+    for suffix in ("data.star", "model.star"):
+        src = Path(f"{prefix}_{suffix}")
+        (out_dir / f"run_{suffix}").write_bytes(src.read_bytes())
+    runfiles.plot_fsc(out_dir / "run_fsc.png", {"gold-standard": fsc}, B, p, resolution_A)
+
+
+def _load_reference(reference, box_size: int, pixel_size_A: float) -> np.ndarray:
+    if isinstance(reference, np.ndarray):
+        ref = reference.astype(np.float32)
+        path = "reference"
+    else:
+        ref, voxel = read_map(reference)
+        path = reference
+        if abs(voxel - pixel_size_A) > 1e-3 * pixel_size_A and voxel > 0:
+            raise InputError(
+                path, f"voxel size {voxel:.4f} A differs from the particles' {pixel_size_A:.4f} A"
+            )
+    if ref.shape != (box_size,) * 3:
+        raise InputError(path, f"map is {ref.shape}, particles need ({box_size},)*3")
+    return ref
+
+
+def half_map_fsc(halves: np.ndarray) -> np.ndarray:
+    return fourier_shell_correlation(halves[0], halves[1])

@@ -1,0 +1,67 @@
+"""Sufficient statistics of one E-step: a monoid reduced across chunks.
+
+Everything here is an unnormalised sum, so ``a + b`` is associative and the
+reduction tree's shape (chunking, number of workers) does not change the result
+beyond float rounding. The M-step normalises once at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SufficientStatistics:
+    """Sums over the particles of a chunk (or of many chunks).
+
+    data_acc:     (2, *grid) complex128  back-projected CTF·X/σ², per half set
+    weight_acc:   (2, *grid) float64     back-projected CTF²/σ², per half set
+    noise_power:  (G, S) float64  Σ posterior-weighted |X − CTF·A|² per optics group, shell
+    noise_count:  (G, S) float64  number of Fourier points that went into ``noise_power``
+    offset_sq_A2: float            Σ w |total offset|² (Å²) (for the offset prior)
+    weight_sum:   float            Σ w (the number of particles)
+    loglik_sum:   float            Σ log-likelihood contributions
+    pose_change_deg_sum: float     Σ angular change of the best pose vs the previous one
+    offset_change_A_sum: float     Σ change of the best offset (Å)
+    n_with_previous: float         particles that had a previous pose
+    class_weight: (K,) float64     Σ posterior weight per class (K = 1 in refine3d)
+    """
+
+    data_acc: np.ndarray
+    weight_acc: np.ndarray
+    noise_power: np.ndarray
+    noise_count: np.ndarray
+    offset_sq_A2: float = 0.0
+    weight_sum: float = 0.0
+    loglik_sum: float = 0.0
+    pose_change_deg_sum: float = 0.0
+    offset_change_A_sum: float = 0.0
+    n_with_previous: float = 0.0
+    class_weight: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls, grid_shape, n_optics_groups: int, n_shells: int, n_classes: int = 1):
+        return cls(
+            data_acc=np.zeros((2, *grid_shape), np.complex128),
+            weight_acc=np.zeros((2, *grid_shape), np.float64),
+            noise_power=np.zeros((n_optics_groups, n_shells)),
+            noise_count=np.zeros((n_optics_groups, n_shells)),
+            class_weight=np.zeros(n_classes),
+        )
+
+    def __add__(self, other: SufficientStatistics) -> SufficientStatistics:
+        return SufficientStatistics(
+            data_acc=self.data_acc + other.data_acc,
+            weight_acc=self.weight_acc + other.weight_acc,
+            noise_power=self.noise_power + other.noise_power,
+            noise_count=self.noise_count + other.noise_count,
+            offset_sq_A2=self.offset_sq_A2 + other.offset_sq_A2,
+            weight_sum=self.weight_sum + other.weight_sum,
+            loglik_sum=self.loglik_sum + other.loglik_sum,
+            pose_change_deg_sum=self.pose_change_deg_sum + other.pose_change_deg_sum,
+            offset_change_A_sum=self.offset_change_A_sum + other.offset_change_A_sum,
+            n_with_previous=self.n_with_previous + other.n_with_previous,
+            class_weight=self.class_weight + other.class_weight,
+        )
