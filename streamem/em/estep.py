@@ -41,7 +41,7 @@ from streamem.core.backend import ifftshift, rfftn
 from streamem.core.backprojector import insert_points
 from streamem.core.ctf import OpticsParams, ctf_from_frequencies
 from streamem.core.euler import angular_distance_deg, euler_to_matrix
-from streamem.core.projector import FourierVolume, project_points
+from streamem.core.projector import FourierVolume, half_cube_shape, padded_radius, project_points
 from streamem.em.statistics import SufficientStatistics
 
 
@@ -142,20 +142,21 @@ class PreparedImages:
     prior_offset_px: np.ndarray  # (n, 2) (dy, dx) previous origin in pixels
 
 
-def prepare_images(images, metadata, model: EStepModel, coords, flat, shell) -> PreparedImages:
-    """Fourier transform, CTF and noise weights of a chunk's images.
+def fourier_data(images, metadata, coords, flat, pixel_size_A, optics, do_ctf=True):
+    """Image transforms and CTFs at the given Fourier points.
 
-    images: (n, B, B) float32, centred at B//2. metadata: RELION labels → (n,) arrays.
+    images: (n, B, B) float32 centred at B//2; coords/flat from :func:`half_plane_points`;
+    optics: one OpticsParams per optics group. Returns (X (n, M) complex64, ctf (n, M)
+    float32, groups (n,) 0-based optics group).
     """
-    n, B = images.shape[0], model.box_size
+    n, B = images.shape[0], images.shape[-1]
     X = rfftn(ifftshift(images, axes=(-2, -1)), axes=(-2, -1)).reshape(n, -1)[:, flat]
     X = X.astype(np.complex64)
     groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), dtype=np.int64) - 1
-    if groups.min() < 0 or groups.max() >= len(model.optics):
+    if groups.min() < 0 or groups.max() >= len(optics):
         raise ValueError("rlnOpticsGroup out of range of the optics groups")
-    inv_s2 = model.inv_sigma2[groups][:, shell].astype(np.float32)
-    if model.do_ctf and "rlnDefocusU" in metadata:
-        freq = 1.0 / (B * model.pixel_size_A)
+    if do_ctf and "rlnDefocusU" in metadata:
+        freq = 1.0 / (B * pixel_size_A)
         ctf = np.empty((n, coords.shape[0]), np.float32)
         for g in np.unique(groups):
             sel = groups == g
@@ -165,17 +166,34 @@ def prepare_images(images, metadata, model: EStepModel, coords, flat, shell) -> 
                 metadata["rlnDefocusU"][sel],
                 metadata["rlnDefocusV"][sel],
                 metadata["rlnDefocusAngle"][sel],
-                model.optics[g],
+                optics[g],
                 metadata.get("rlnPhaseShift", np.zeros(n))[sel],
                 metadata.get("rlnCtfBfactor", np.zeros(n))[sel],
             )
     else:
         ctf = np.ones((n, coords.shape[0]), np.float32)
+    return X, ctf, groups
+
+
+def origins_px(metadata, pixel_size_A: float, n: int) -> np.ndarray:
+    """(n, 2) (dy, dx) stored origins in pixels (zeros where absent)."""
+    if "rlnOriginYAngst" not in metadata:
+        return np.zeros((n, 2))
+    o = np.stack([metadata["rlnOriginYAngst"], metadata["rlnOriginXAngst"]], axis=1)
+    return np.nan_to_num(o.astype(np.float64)) / pixel_size_A
+
+
+def prepare_images(images, metadata, model: EStepModel, coords, flat, shell) -> PreparedImages:
+    """Fourier transform, CTF and noise weights of a chunk's images.
+
+    images: (n, B, B) float32, centred at B//2. metadata: RELION labels → (n,) arrays.
+    """
+    X, ctf, groups = fourier_data(
+        images, metadata, coords, flat, model.pixel_size_A, model.optics, model.do_ctf
+    )
+    inv_s2 = model.inv_sigma2[groups][:, shell].astype(np.float32)
     norm = 0.5 * np.sum((X.real**2 + X.imag**2) * inv_s2, axis=1, dtype=np.float64)
-    prior = np.zeros((n, 2))
-    if "rlnOriginYAngst" in metadata:
-        prior = np.stack([metadata["rlnOriginYAngst"], metadata["rlnOriginXAngst"]], axis=1)
-        prior = np.nan_to_num(prior.astype(np.float64)) / model.pixel_size_A
+    prior = origins_px(metadata, model.pixel_size_A, images.shape[0])
     return PreparedImages(X, ctf, inv_s2, norm, prior)
 
 
@@ -279,7 +297,7 @@ def expectation(
     if reconstruction_index is None:
         reconstruction_index = np.asarray(metadata["rlnRandomSubset"], dtype=np.int64) - 1
     R = len(model.projectors)
-    grid_shape = model.projectors[0].data.shape
+    grid_shape = half_cube_shape(padded_radius(model.max_radius_px, model.projectors[0].padding_factor))
     stats = SufficientStatistics.empty(grid_shape, len(model.optics), model.n_shells, 1)
     result = ChunkResult(*(np.zeros(n) for _ in range(9)))
     groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), np.int64) - 1

@@ -8,10 +8,11 @@ unnormalised DFT units, so ``to_work_frame`` crops a map's DFT without rescaling
 and ``to_full_frame`` zero-pads it back.
 
 Regularisation (RELION's ``updateSSNRarrays`` for gold-standard refinement): from
-the FSC between the unregularised half maps, SSNR(k) = FSC/(1 − FSC) and
-τ²(k) = τ²_fudge · SSNR(k) / ⟨W⟩(k), with ⟨W⟩(k) the mean back-projected weight
-(Σ CTF²/σ²) in shell k; the regularised map is Σ CTF·X/σ² / (W + 1/τ²), a Wiener
-filter. The noise model is σ²(k) = ⟨|X − CTF·A|²⟩/2 per optics group and shell
+the FSC between the half maps, SSNR(k) = FSC/(1 − FSC) and τ²(k) = SSNR(k)·σ²_rec(k),
+with σ²_rec the inverse mean back-projected weight (Σ CTF²/σ²) in shell k; the
+regularised map is Σ CTF·X/σ² / (W + 1/(fudge·τ²)), a Wiener filter. Unlike RELION,
+which uses the previous iteration's FSC, the FSC of this iteration's unregularised
+half maps is used (one extra reconstruction, no special first iteration). The noise model is σ²(k) = ⟨|X − CTF·A|²⟩/2 per optics group and shell
 (per complex component), and the offset prior σ² = ⟨|origin|²⟩/2 (2-D).
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn
-from streamem.core.backprojector import reconstruct
+from streamem.core.backprojector import reconstruct, reconstruction_noise_spectrum
 from streamem.core.fsc import fsc as fourier_shell_correlation
 
 
@@ -56,44 +57,15 @@ def to_full_frame(volume: np.ndarray, box_size: int) -> np.ndarray:
     return fftshift(big, axes=(0, 1, 2)).astype(np.float32)
 
 
-def mean_weight_per_shell(weight_acc: np.ndarray, padding_factor: int, n_shells: int) -> np.ndarray:
-    """⟨W⟩(k) for shells k = 0..n_shells−1 of an accumulator on the padded grid.
+def tau2_from_fsc(fsc_halves: np.ndarray, noise_spectrum: np.ndarray) -> np.ndarray:
+    """RELION's τ²(k) = SSNR(k) · σ²_rec(k), SSNR = FSC/(1 − FSC), zero where FSC ≤ 0.
 
-    The accumulator holds frequency k at padded index k·padding_factor; shell k is
-    the set of voxels with round(radius / padding_factor) = k.
+    ``noise_spectrum`` is the reconstruction's noise power per shell
+    (:func:`streamem.core.backprojector.reconstruction_noise_spectrum`).
     """
-    r = _padded_radius(weight_acc.shape) / padding_factor
-    shell = np.rint(r).astype(np.int64).ravel()
-    keep = shell < n_shells
-    sums = np.bincount(shell[keep], weights=weight_acc.ravel()[keep], minlength=n_shells)
-    counts = np.bincount(shell[keep], minlength=n_shells)
-    return sums / np.maximum(counts, 1)
-
-
-def _padded_radius(shape) -> np.ndarray:
-    """Radius (in padded-grid pixels) of every voxel of an accumulator.
-
-    Works for the rfft half-cube (P, P, P//2+1) and the centred full cube (P, P, P).
-    """
-    P = shape[0]
-    if shape[2] == P // 2 + 1 and shape[2] != P:
-        kz = np.fft.fftfreq(P) * P
-        ky = kz
-        kx = np.arange(P // 2 + 1)
-    else:
-        kz = ky = kx = np.arange(P) - P // 2
-    return np.sqrt(kz[:, None, None] ** 2 + ky[None, :, None] ** 2 + kx[None, None, :] ** 2)
-
-
-def tau2_from_fsc(
-    fsc_halves: np.ndarray, mean_weight: np.ndarray, tau2_fudge: float = 1.0
-) -> np.ndarray:
-    """RELION's τ²(k) = fudge · SSNR(k) / ⟨W⟩(k), SSNR = FSC/(1 − FSC), zero where FSC ≤ 0."""
     f = np.clip(np.asarray(fsc_halves, np.float64), 0.0, 0.999)
-    ssnr = f / (1.0 - f)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tau2 = np.where(mean_weight > 0, tau2_fudge * ssnr / mean_weight, 0.0)
-    return tau2
+    n = min(len(f), len(noise_spectrum))
+    return f[:n] / (1.0 - f[:n]) * np.asarray(noise_spectrum)[:n]
 
 
 def reconstruct_halves(
@@ -103,43 +75,38 @@ def reconstruct_halves(
     padding_factor: int,
     tau2_fudge: float,
     symmetry_matrices: np.ndarray | None,
-    n_shells_full: int,
 ):
-    """Regularised half maps from per-half accumulators.
+    """Regularised half maps from per-half accumulators (RELION's gold-standard M-step).
 
-    data_acc, weight_acc: (2, *padded grid) accumulators. Returns (maps (2, b, b, b)
-    float32 in the work frame, fsc of the regularised maps (b//2+1,), tau2 (2, b//2+1)).
+    data_acc, weight_acc: (2, *grid) accumulators. The half maps are first
+    reconstructed unregularised; their FSC gives τ² (:func:`tau2_from_fsc`) for the
+    regularised reconstruction. Returns (maps (2, b, b, b) float32 in the work
+    frame, FSC of the unregularised halves (b//2+1,)).
     """
-    n_shells = work_box // 2 + 1
     raw = [
-        reconstruct(
-            data_acc[h],
-            weight_acc[h],
-            work_box,
-            padding_factor,
-            None,
-            symmetry_matrices=symmetry_matrices,
-        )
+        reconstruct(data_acc[h], weight_acc[h], work_box, padding_factor, None, symmetry_matrices=symmetry_matrices)
         for h in range(2)
     ]
-    fsc_raw = fourier_shell_correlation(raw[0], raw[1])[:n_shells]
-    maps, tau2s = [], []
+    fsc_raw = fourier_shell_correlation(raw[0], raw[1])[: work_box // 2 + 1]
+    maps = []
     for h in range(2):
-        mw = mean_weight_per_shell(weight_acc[h], padding_factor, n_shells)
-        tau2 = tau2_from_fsc(fsc_raw, mw, tau2_fudge)
+        noise = reconstruction_noise_spectrum(weight_acc[h], work_box, padding_factor, symmetry_matrices)
         maps.append(
             reconstruct(
-                data_acc[h],
-                weight_acc[h],
-                work_box,
-                padding_factor,
-                tau2,
-                symmetry_matrices=symmetry_matrices,
+                data_acc[h], weight_acc[h], work_box, padding_factor, tau2_from_fsc(fsc_raw, noise),
+                symmetry_matrices=symmetry_matrices, tau2_fudge=tau2_fudge,
             )
         )
-        tau2s.append(tau2)
-    _ = n_shells_full
-    return np.stack(maps), fsc_raw, np.stack(tau2s)
+    return np.stack(maps), fsc_raw
+
+
+def reconstruct_joined(data_acc, weight_acc, fsc_halves, work_box, padding_factor, tau2_fudge, symmetry_matrices):
+    """The final map from both halves' accumulators, τ² from the full-set FSC 2f/(1+f)."""
+    f = np.clip(np.asarray(fsc_halves), 0, 0.999)
+    data, weight = data_acc[0] + data_acc[1], weight_acc[0] + weight_acc[1]
+    noise = reconstruction_noise_spectrum(weight, work_box, padding_factor, symmetry_matrices)
+    tau2 = tau2_from_fsc(2 * f / (1 + f), noise)
+    return reconstruct(data, weight, work_box, padding_factor, tau2, symmetry_matrices=symmetry_matrices, tau2_fudge=tau2_fudge)
 
 
 def update_inv_sigma2(

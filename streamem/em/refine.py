@@ -201,7 +201,7 @@ def refine3d(
         b, radius = work_box_for(resolution_A, B, p) if not final else (B, float(B // 2 - 1))
         refs = [h * mask if mask is not None else h for h in halves]
         projectors = tuple(
-            make_projector(mstep.to_work_frame(h, b), options.padding_factor) for h in refs
+            make_projector(mstep.to_work_frame(h, b), options.padding_factor, max_radius_px=radius) for h in refs
         )
         grid = SearchGrid(
             healpix_order=schedule.healpix_order,
@@ -326,21 +326,9 @@ def refine3d(
 
 def _write_final(out_dir, prefix, stats, b, options, sym_mats, fsc, resolution_A, B, p, halves):
     """Join the halves (final iteration): the map from both accumulators, RELION names."""
-    from streamem.core.backprojector import reconstruct
-
     n_shells = b // 2 + 1
-    f = np.clip(fsc[:n_shells], 0, 0.999)
-    fsc_full = 2 * f / (1 + f)  # FSC of the full set from the halves
-    weight = stats.weight_acc[0] + stats.weight_acc[1]
-    mw = mstep.mean_weight_per_shell(weight, options.padding_factor, n_shells)
-    tau2 = mstep.tau2_from_fsc(fsc_full, mw, options.tau2_fudge)
-    joined = reconstruct(
-        stats.data_acc[0] + stats.data_acc[1],
-        weight,
-        b,
-        options.padding_factor,
-        tau2,
-        symmetry_matrices=sym_mats,
+    joined = mstep.reconstruct_joined(
+        stats.data_acc, stats.weight_acc, fsc[:n_shells], b, options.padding_factor, options.tau2_fudge, sym_mats
     )
     joined = mstep.to_full_frame(joined, B)
     write_map(out_dir / "run_class001.mrc", joined, p)
