@@ -1,0 +1,360 @@
+"""The RELION adapter: STAR files and ``NNNNNN@stack.mrcs`` names in, STAR + MRCS out.
+
+This is the one place where RELION's file conventions are converted (see
+``shared/CONVENTIONS.md``):
+
+- RELION 3.1+ particle files have ``data_optics`` and ``data_particles``; particles
+  refer to their optics row by ``rlnOpticsGroup``.
+- RELION 3.0 files have a single ``data_`` block with the optics on every row. On
+  reading we build one optics group per distinct (``rlnVoltage``,
+  ``rlnSphericalAberration``, ``rlnAmplitudeContrast``, pixel size), where the pixel
+  size is ``rlnImagePixelSize`` or ``rlnDetectorPixelSize`` [µm] · 1e4 /
+  ``rlnMagnification`` [Å], exactly as ``relion_convert_star`` does. Origins
+  ``rlnOriginX/Y/Z`` in pixels become ``rlnOriginX/Y/ZAngst`` in Å (same sign: origin_Å
+  = origin_px · pixel_size_A), and the per-particle optics columns move to the optics
+  table.
+- Image names count from 1 (``000001@stack.mrcs`` is the first image); we use 0-based
+  indices internally. A relative stack path is looked up next to the STAR file first,
+  then in the current folder (RELION runs from its project folder).
+- Every other column is kept as it is, unknown ones too.
+
+Export (:func:`export_store`) writes a RELION 3.1 STAR file and MRCS stacks of
+``images_per_stack`` consecutive particles each (default: the store's chunk size, so a
+stack is written by one task from one chunk, with bounded memory). Stacks are float32
+(mode 2) with the pixel size in the header and go to ``<star stem>_stacks/`` unless
+``stacks_dir`` is given; ``rlnImageName`` points at them relative to the STAR file's
+folder, and the name the particle had before (when the store knows it) is kept as
+``rlnImageOriginalName`` unless that column already exists. Floats are written with
+the shortest text that reads back to the same number, so a round trip
+STAR -> store -> STAR keeps every value. Ground truth fields are not exported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dask
+import mrcfile
+import numpy as np
+import pandas as pd
+import starfile
+
+from streamem.errors import InputError
+from streamem.io.atomic import atomic_output, check_output
+from streamem.io.store import CTF_FIELDS, ParticleStore
+from streamem.io.threads import run_threaded
+
+log = logging.getLogger(__name__)
+
+#: Optics labels that RELION 3.0 keeps on every particle row and 3.1 moves to data_optics.
+OPTICS_CTF_LABELS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+#: RELION 3.0 pixel-size labels (dropped from particles, folded into rlnImagePixelSize).
+PIXEL_LABELS_30 = ("rlnImagePixelSize", "rlnDetectorPixelSize", "rlnMagnification")
+#: Labels that hold text even when every value looks like a number.
+STRING_LABELS = (
+    "rlnImageName",
+    "rlnImageOriginalName",
+    "rlnMicrographName",
+    "rlnMicrographMovieName",
+    "rlnOpticsGroupName",
+    "rlnGroupName",
+    "rlnCtfImage",
+    "rlnReconstructImageName",
+    "rlnOriginalParticleName",
+)
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+def read_particles_star(
+    path: str | Path, require_ctf: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read a RELION particle STAR file (3.0 or 3.1+) as (particles, optics) tables.
+
+    particles: one row per particle, columns are STAR labels without ``_``; always has
+    ``rlnImageName`` and ``rlnOpticsGroup`` (int). optics: one row per optics group
+    with ``rlnOpticsGroup`` and whatever else is known (``rlnImagePixelSize`` Å,
+    ``rlnVoltage`` kV, ``rlnSphericalAberration`` mm, ``rlnAmplitudeContrast``,
+    ``rlnImageSize`` px). RELION 3.0 files are converted as the module docstring says.
+
+    Missing CTF columns log a warning, or raise InputError if ``require_ctf``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "STAR file not found")
+    try:
+        blocks = starfile.read(path, always_dict=True, parse_as_string=list(STRING_LABELS))
+    except Exception as exc:  # starfile/pandas raise many types on malformed text
+        raise InputError(path, f"not a readable STAR file ({type(exc).__name__}: {exc})") from None
+    blocks = {name: _as_frame(block) for name, block in blocks.items()}
+
+    if "particles" in blocks:
+        particles = blocks["particles"]
+        optics = blocks.get("optics")
+    else:
+        with_names = [b for b in blocks.values() if "rlnImageName" in b.columns]
+        if with_names:
+            particles = with_names[0]
+        elif len(blocks) == 1:
+            particles = next(iter(blocks.values()))
+        else:
+            raise InputError(path, "no data_particles block and no block with rlnImageName")
+        optics = None
+    if "rlnImageName" not in particles.columns:
+        raise InputError(path, "no rlnImageName column")
+    if len(particles) == 0:
+        raise InputError(path, "no particles")
+    particles = particles.reset_index(drop=True)
+
+    if optics is None:
+        particles, optics = _convert_relion30(particles, path)
+    else:
+        particles, optics = _check_optics31(particles, optics.reset_index(drop=True), path)
+
+    missing = [c for c in CTF_FIELDS if c not in particles.columns]
+    missing += [c for c in OPTICS_CTF_LABELS if c not in optics.columns]
+    if missing:
+        msg = f"no CTF columns ({', '.join(missing)})"
+        if require_ctf:
+            raise InputError(path, msg)
+        log.warning("%s: %s; particles will be processed without CTF correction", path, msg)
+    return particles, optics
+
+
+def _as_frame(block: Any) -> pd.DataFrame:
+    """starfile returns a dict for a block without ``loop_``: one row."""
+    if isinstance(block, pd.DataFrame):
+        return block
+    return pd.DataFrame({k: [v] for k, v in dict(block).items()})
+
+
+def _check_optics31(
+    particles: pd.DataFrame, optics: pd.DataFrame, path: Path
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if "rlnOpticsGroup" not in optics.columns:
+        raise InputError(path, "data_optics has no rlnOpticsGroup column")
+    if optics["rlnOpticsGroup"].duplicated().any():
+        raise InputError(path, "data_optics lists an rlnOpticsGroup twice")
+    if "rlnOpticsGroup" not in particles.columns:
+        if len(optics) != 1:
+            raise InputError(path, "particles have no rlnOpticsGroup but there are several")
+        particles = particles.assign(rlnOpticsGroup=int(optics["rlnOpticsGroup"].iloc[0]))
+    unknown = set(particles["rlnOpticsGroup"].unique()) - set(optics["rlnOpticsGroup"])
+    if unknown:
+        raise InputError(path, f"rlnOpticsGroup {sorted(unknown)[0]} is not in data_optics")
+    return particles, optics
+
+
+def _convert_relion30(particles: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """RELION 3.0 -> 3.1: optics groups from the per-particle optics, origins px -> Å."""
+    cols = particles.columns
+    if "rlnImagePixelSize" in cols:
+        pixel_A = particles["rlnImagePixelSize"].astype(float)
+    elif "rlnDetectorPixelSize" in cols and "rlnMagnification" in cols:
+        # detector pixel in µm, magnification dimensionless: 1 µm = 1e4 Å
+        pixel_A = (
+            particles["rlnDetectorPixelSize"].astype(float)
+            * 1e4
+            / particles["rlnMagnification"].astype(float)
+        )
+    else:
+        pixel_A = None
+
+    keys = pd.DataFrame({c: particles[c] for c in OPTICS_CTF_LABELS if c in cols})
+    if pixel_A is not None:
+        keys["rlnImagePixelSize"] = pixel_A
+    if keys.shape[1]:
+        group = keys.groupby(list(keys.columns), sort=False, dropna=False).ngroup() + 1
+        optics = keys.assign(rlnOpticsGroup=group).drop_duplicates("rlnOpticsGroup")
+    else:
+        group = pd.Series(1, index=particles.index)
+        optics = pd.DataFrame({"rlnOpticsGroup": [1]})
+    groups = optics["rlnOpticsGroup"].astype(np.int64).to_numpy()
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroupName": [f"opticsGroup{g}" for g in groups],
+            "rlnOpticsGroup": groups,
+            **{c: optics[c].to_numpy() for c in optics.columns if c != "rlnOpticsGroup"},
+            "rlnImageDimensionality": 2,
+        }
+    )
+
+    out = particles.copy()
+    for axis in "XYZ":
+        px = f"rlnOrigin{axis}"
+        if px not in out.columns:
+            continue
+        if pixel_A is None:
+            raise InputError(
+                path,
+                f"RELION 3.0 {px} is in pixels but there is no pixel size "
+                "(rlnDetectorPixelSize and rlnMagnification) to convert it to Å",
+            )
+        # origin_Å = origin_px · pixel size; the sign is the same in 3.0 and 3.1
+        out[px] = out[px].astype(float) * pixel_A
+        out = out.rename(columns={px: f"{px}Angst"})
+    out = out.drop(columns=[c for c in (*OPTICS_CTF_LABELS, *PIXEL_LABELS_30) if c in cols])
+    out["rlnOpticsGroup"] = group.astype(np.int64).to_numpy()
+    return out, optics
+
+
+def parse_image_names(
+    names: Sequence[str] | pd.Series, star_path: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``NNNNNN@stack.mrcs`` names into (indices, stack paths).
+
+    Returns indices ``(N,)`` int64, 0-based (RELION counts from 1), and stack paths
+    ``(N,)`` object array of ``str``. A name without ``@`` is a single-image file
+    (index 0). Relative stack paths are resolved next to ``star_path`` first, then in
+    the current folder; a stack found in neither keeps the path next to the STAR file
+    (the importer reports it missing).
+    """
+    s = pd.Series(np.asarray(names, dtype=object)).astype(str)
+    parts = s.str.partition("@")
+    has_at = parts[1] == "@"
+    index_text = parts[0].where(has_at, "1")
+    stack_text = parts[2].where(has_at, parts[0])
+    one_based = pd.to_numeric(index_text, errors="coerce")
+    bad = one_based.isna() | (one_based < 1) | (one_based != one_based.round()) | (stack_text == "")
+    if bad.any():
+        first = s[bad.to_numpy()].iloc[0]
+        raise InputError(star_path, f"bad rlnImageName '{first}' (expected NNNNNN@stack.mrcs)")
+    indices = one_based.to_numpy(dtype=np.int64) - 1
+
+    star_dir = Path(star_path).absolute().parent if star_path is not None else Path.cwd()
+    resolved = {name: str(_resolve_stack(name, star_dir)) for name in stack_text.unique()}
+    stacks = stack_text.map(resolved).to_numpy(dtype=object)
+    return indices, stacks
+
+
+def _resolve_stack(name: str, star_dir: Path) -> Path:
+    p = Path(name)
+    if p.is_absolute():
+        return p
+    for base in (star_dir, Path.cwd()):
+        if (base / p).exists():
+            return base / p
+    return star_dir / p
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+def format_floats(df: pd.DataFrame) -> pd.DataFrame:
+    """Floats as their shortest round-tripping text (``str`` of the NumPy scalar).
+
+    starfile's fixed ``%.6f`` would turn 1e-7 into 0 and lose digits of large values.
+    """
+    out = df.copy()
+    for c in out.columns:
+        col = out[c]
+        if pd.api.types.is_float_dtype(col.dtype):
+            values = col.to_numpy()
+            out[c] = pd.Series([str(v) for v in values], index=out.index, dtype=object)
+    return out
+
+
+def write_star(path: str | Path, blocks: dict[str, pd.DataFrame]) -> None:
+    """Write STAR data blocks (``{"optics": df, "particles": df}``) with exact floats."""
+    starfile.write({k: format_floats(v) for k, v in blocks.items()}, path)
+
+
+def export_store(
+    store_path: str | Path,
+    star_path: str | Path,
+    stacks_dir: str | Path | None = None,
+    overwrite: bool = False,
+    images_per_stack: int | None = None,
+    workers: int | None = None,
+) -> Path:
+    """Write a store as a RELION 3.1 STAR file plus MRCS stacks; returns ``star_path``.
+
+    Stacks go to ``stacks_dir`` (default ``<star stem>_stacks`` next to the STAR file),
+    ``images_per_stack`` consecutive particles each (default: the store's chunk size).
+    Stacks are written by a threaded Dask job, one stack per task, so memory stays at
+    about ``workers`` stacks. Both outputs are written under temporary names and
+    renamed when complete.
+    """
+    store = ParticleStore(store_path)
+    star_path = Path(star_path)
+    if stacks_dir is None:
+        stacks_dir = star_path.with_name(f"{star_path.stem}_stacks")
+    stacks_dir = Path(stacks_dir)
+    check_output(star_path, overwrite)
+    check_output(stacks_dir, overwrite)
+    n = store.n_particles
+    per_stack = max(1, int(images_per_stack or store.chunk_size))
+    bounds = [(s, min(s + per_stack, n)) for s in range(0, n, per_stack)]
+    width = max(6, len(str(len(bounds))))
+    stack_names = [f"particles_{k + 1:0{width}d}.mrcs" for k in range(len(bounds))]
+
+    particles = _particles_table(store)
+    stacks_rel = _relative_to(stacks_dir.absolute(), star_path.absolute().parent)
+    names = np.empty(n, dtype=object)
+    for (start, stop), stack in zip(bounds, stack_names, strict=True):
+        names[start:stop] = [f"{i:06d}@{stacks_rel}/{stack}" for i in range(1, stop - start + 1)]
+    if "rlnImageName" in particles.columns and "rlnImageOriginalName" not in particles.columns:
+        pos = list(particles.columns).index("rlnImageName") + 1
+        particles.insert(pos, "rlnImageOriginalName", particles["rlnImageName"])
+    if "rlnImageName" in particles.columns:
+        particles["rlnImageName"] = names
+    else:
+        particles.insert(0, "rlnImageName", names)
+    optics = _optics_table(store)
+
+    with atomic_output(star_path, overwrite) as tmp_star:
+        with atomic_output(stacks_dir, overwrite) as tmp_dir:
+            tmp_dir.mkdir(parents=True)
+            tasks = [
+                dask.delayed(_write_stack, pure=True)(
+                    str(store.path), start, stop, str(tmp_dir / stack), store.pixel_size_A
+                )
+                for (start, stop), stack in zip(bounds, stack_names, strict=True)
+            ]
+            run_threaded(tasks, workers)
+        # the stacks are in place before the STAR file that names them
+        write_star(tmp_star, {"optics": optics, "particles": particles})
+    return star_path
+
+
+def _relative_to(target: Path, base: Path) -> str:
+    try:
+        return Path(os.path.relpath(target, base)).as_posix()
+    except ValueError:  # different drives on Windows
+        return target.as_posix()
+
+
+def _particles_table(store: ParticleStore) -> pd.DataFrame:
+    """Metadata fields as a table, in the column order of the source STAR file."""
+    table = store.read_table("metadata")
+    first = [c for c in store.facts.get("provenance", {}).get("star_columns", []) if c in table]
+    order = first + sorted(c for c in table if c not in first)
+    return pd.DataFrame({c: table[c] for c in order})
+
+
+def _optics_table(store: ParticleStore) -> pd.DataFrame:
+    rows = store.optics_groups or [{"rlnOpticsGroup": 1}]
+    optics = pd.DataFrame(rows)
+    optics["rlnOpticsGroup"] = optics["rlnOpticsGroup"].astype(np.int64)
+    if "rlnImagePixelSize" not in optics.columns:
+        optics["rlnImagePixelSize"] = store.pixel_size_A
+    optics["rlnImageSize"] = store.box_size
+    optics["rlnImageDimensionality"] = 2
+    return optics
+
+
+def _write_stack(store_path: str, start: int, stop: int, out: str, pixel_size_A: float) -> int:
+    """Task: particles [start, stop) of a store -> one float32 MRCS stack. Returns bytes."""
+    images = ParticleStore(store_path).read_chunk(start, stop).images
+    with mrcfile.new(out, overwrite=False) as mrc:
+        mrc.set_data(np.ascontiguousarray(images, dtype=np.float32))
+        mrc.set_image_stack()
+        mrc.voxel_size = pixel_size_A
+        mrc.header.origin = (0.0, 0.0, 0.0)
+        mrc.update_header_stats()
+    return int(images.nbytes)
