@@ -23,6 +23,8 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
     probe = parent
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(path, f"{probe} is a file, not a folder")
     if not os.access(probe, os.W_OK):
         raise InputError(path, f"output folder {probe} is not writable")
     return path
