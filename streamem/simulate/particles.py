@@ -1,0 +1,574 @@
+"""Simulated particle images with ground truth, written straight into a particle store.
+
+Image formation for particle i (all per-particle randomness comes from
+``np.random.SeedSequence([seed, 0, i])``, so the data depend on the seed and the
+particle's index only, never on the chunk size or the number of workers):
+
+1. class: junk (0) with probability ``junk_fraction``, else volume k (1-based)
+   with probability ``(1 - junk_fraction) * fractions[k]``;
+2. pose A = ``euler_to_matrix(rot, tilt, psi)``: uniform on SO(3) (rot, psi
+   uniform, cos(tilt) uniform) or, with ``orientation="preferred"``, a share
+   ``preferred_fraction`` of top views (tilt from a Fisher distribution of spread
+   ``preferred_spread_deg`` about 0) and the rest uniform;
+3. projection ``P = sum_z V(Aᵀ (x, y, z))`` with the simulator's own real-space
+   projector (:mod:`streamem.simulate.projection`), then a shift d (pixels,
+   uniform in a disc of radius ``max_shift_A / pixel_size_A``): the particle's
+   centre sits at ``box // 2 + d``, so the truth origin is
+   ``rlnOriginX/YAngst = -d_x/y * pixel_size_A`` (RELION's sign, CONVENTIONS.md);
+4. CTF: the image's FT is multiplied by ``ctf_rfft`` (RELION's sign: positive at
+   low frequency, particles white); defocus is drawn per micrograph
+   (``particles_per_micrograph`` consecutive particles, ``rlnMicrographName``
+   ``mic{i // ppm:05d}.mrc``, from ``SeedSequence([seed, 1, micrograph])``) plus a
+   per-particle offset of up to ±``defocus_spread_A`` (particle height in the ice);
+5. Gaussian white noise of variance ``σ² = S / snr``. **S, the signal variance**, is
+   the variance over the whole box of the clean, shifted, CTF-modulated projection,
+   averaged over ``n_reference`` reference particles drawn like real ones (from
+   ``SeedSequence([seed, 2, j])``, never junk). So the measured SNR, mean over
+   particles of var(clean) / var(noise), is ``snr`` up to the sampling error of the
+   reference set (a few %); junk images are pure noise of the same σ;
+6. normalisation as ``relion_preprocess``: each image minus the mean of its
+   background (outside a circle of radius ``0.75 · box / 2``) divided by that
+   background's standard deviation. The scale applies to signal and noise alike,
+   so every image keeps its SNR.
+
+The store gets CTF fields, ``rlnOpticsGroup`` (1), ``rlnRandomSubset`` (1, 2
+alternating), ``rlnMicrographName`` and ``rlnCtfBfactor`` (if set) as metadata,
+and the truth (``rlnAngleRot/Tilt/Psi``, ``rlnOriginX/YAngst``, ``rlnClassNumber``)
+in the ``truth`` group. Truth volumes go next to the store as
+``<stem>_truth_class001.mrc`` ... (``OUT.zarr`` -> ``OUT_truth_class001.mrc``);
+their absolute paths are in the store's provenance (``truth_volumes``), see
+:func:`truth_volume_paths`.
+
+The job is one Dask task per store chunk (threaded scheduler unless a
+distributed client is active); a task simulates its particles in batches,
+writes its region and returns a count, so memory is about workers x one chunk
+whatever N.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import dask
+import numpy as np
+
+from streamem import __version__
+from streamem.core.backend import irfftn, rfftn
+from streamem.core.ctf import OpticsParams, ctf_rfft
+from streamem.core.euler import euler_to_matrix
+from streamem.errors import InputError
+from streamem.io.atomic import atomic_output, check_output
+from streamem.io.mrc import write_map
+from streamem.io.store import ParticleStore, create_store, default_chunk_size
+from streamem.simulate.projection import RealSpaceProjector, shift_phases
+
+log = logging.getLogger(__name__)
+
+#: Particles simulated together inside a task (bounds the temporaries, not the result).
+BATCH = 32
+
+
+@dataclass(frozen=True)
+class ParticleSimParams:
+    """Everything that decides the simulated data besides the volumes themselves."""
+
+    n_particles: int
+    box_size: int = 128
+    pixel_size_A: float = 1.5
+    snr: float = 0.05
+    seed: int = 0
+    fractions: tuple[float, ...] = (1.0,)
+    junk_fraction: float = 0.0
+    orientation: str = "uniform"
+    preferred_fraction: float = 0.7
+    preferred_spread_deg: float = 20.0
+    max_shift_A: float = 3.0
+    defocus_range_A: tuple[float, float] = (10000.0, 30000.0)
+    astigmatism_A: float = 500.0
+    defocus_spread_A: float = 100.0
+    voltage_kV: float = 300.0
+    cs_mm: float = 2.7
+    amplitude_contrast: float = 0.1
+    bfactor_A2: float = 0.0
+    ctf: bool = True
+    particles_per_micrograph: int = 100
+    n_reference: int = 64
+    interpolation_order: int = 3
+    volume_names: tuple[str, ...] = field(default=("volume1",))
+
+    def __post_init__(self):
+        problems = []
+        if self.n_particles < 1:
+            problems.append(f"n_particles must be >= 1, got {self.n_particles}")
+        if self.box_size < 8:
+            problems.append(f"box must be >= 8 pixels, got {self.box_size}")
+        if self.pixel_size_A <= 0:
+            problems.append(f"pixel size must be positive, got {self.pixel_size_A}")
+        if not self.snr > 0 or not math.isfinite(self.snr):
+            problems.append(f"snr must be positive and finite, got {self.snr}")
+        if not 0.0 <= self.junk_fraction <= 1.0:
+            problems.append(f"junk fraction must be in [0, 1], got {self.junk_fraction}")
+        if not self.fractions or any(f < 0 for f in self.fractions) or sum(self.fractions) <= 0:
+            problems.append(f"mix fractions must be >= 0 with a positive sum: {self.fractions}")
+        if self.orientation not in ("uniform", "preferred"):
+            problems.append(f"orientation must be 'uniform' or 'preferred': {self.orientation!r}")
+        if not 0.0 <= self.preferred_fraction <= 1.0:
+            problems.append(f"preferred fraction must be in [0, 1]: {self.preferred_fraction}")
+        lo, hi = self.defocus_range_A
+        if self.ctf and not 0 < lo <= hi:
+            problems.append(f"defocus range must satisfy 0 < min <= max, got {lo}, {hi}")
+        if self.max_shift_A < 0 or self.astigmatism_A < 0 or self.defocus_spread_A < 0:
+            problems.append("max shift, astigmatism and defocus spread must be >= 0")
+        if self.particles_per_micrograph < 1 or self.n_reference < 1:
+            problems.append("particles per micrograph and n_reference must be >= 1")
+        if self.bfactor_A2 < 0:
+            problems.append(f"B-factor must be >= 0, got {self.bfactor_A2}")
+        if not 0 <= self.amplitude_contrast < 1 or self.voltage_kV <= 0:
+            problems.append("voltage must be > 0 and amplitude contrast in [0, 1)")
+        if problems:
+            raise InputError(None, "; ".join(problems))
+
+    @property
+    def optics(self) -> OpticsParams:
+        return OpticsParams(self.voltage_kV, self.cs_mm, self.amplitude_contrast)
+
+    @property
+    def class_probabilities(self) -> np.ndarray:
+        """(K + 1,) probabilities of junk (index 0) and of each volume."""
+        f = np.asarray(self.fractions, dtype=np.float64)
+        return np.concatenate([[self.junk_fraction], (1.0 - self.junk_fraction) * f / f.sum()])
+
+    @property
+    def bg_radius_px(self) -> float:
+        return 0.75 * self.box_size / 2.0
+
+
+# -- per-particle random draws -----------------------------------------------------------
+
+
+def _particle_rng(seed: int, stream: int, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), stream, int(index)]))
+
+
+def draw_particles(
+    params: ParticleSimParams, start: int, stop: int, stream: int = 0
+) -> tuple[dict[str, np.ndarray], list[np.random.Generator]]:
+    """Per-particle parameters of particles ``[start, stop)`` and their generators.
+
+    Returns ``({label: (n,) array}, rngs)``: ``class`` (0 = junk), ``rot``, ``tilt``,
+    ``psi`` (deg), ``shift_y``, ``shift_x`` (px), ``defocus_u``, ``defocus_v`` (Å),
+    ``defocus_angle`` (deg), ``micrograph`` (index). The generators continue each
+    particle's stream (for its noise). ``stream`` 2 draws reference particles
+    (never junk).
+    """
+    n = stop - start
+    p = params
+    probs = p.class_probabilities
+    if stream == 2:
+        probs = np.concatenate([[0.0], probs[1:] / probs[1:].sum()])
+    cum = np.cumsum(probs)
+    out = {
+        k: np.empty(n)
+        for k in (
+            "rot",
+            "tilt",
+            "psi",
+            "shift_y",
+            "shift_x",
+            "defocus_u",
+            "defocus_v",
+            "defocus_angle",
+        )
+    }
+    out["class"] = np.empty(n, dtype=np.int32)
+    out["micrograph"] = np.empty(n, dtype=np.int64)
+    rngs = []
+    mic_cache: dict[int, tuple[float, float, float]] = {}
+    lo, hi = p.defocus_range_A
+    max_shift_px = p.max_shift_A / p.pixel_size_A
+    kappa = 1.0 / np.deg2rad(max(p.preferred_spread_deg, 1e-3)) ** 2
+    for j, i in enumerate(range(start, stop)):
+        rng = _particle_rng(p.seed, stream, i)
+        u = rng.random(8)
+        out["class"][j] = min(int(np.searchsorted(cum, u[0] * cum[-1], side="right")), len(cum) - 1)
+        out["rot"][j] = 360.0 * u[1]
+        out["psi"][j] = 360.0 * u[2]
+        if p.orientation == "preferred" and u[3] < p.preferred_fraction:
+            # Fisher distribution about +z: cos(tilt) = 1 + log(1 - v (1 - e^{-2κ})) / κ
+            cos_t = 1.0 + np.log1p(-u[4] * -np.expm1(-2.0 * kappa)) / kappa
+        else:
+            cos_t = 2.0 * u[4] - 1.0
+        out["tilt"][j] = np.rad2deg(np.arccos(np.clip(cos_t, -1.0, 1.0)))
+        r = max_shift_px * np.sqrt(u[5])
+        out["shift_y"][j] = r * np.sin(2 * np.pi * u[6])
+        out["shift_x"][j] = r * np.cos(2 * np.pi * u[6])
+        mic = i // p.particles_per_micrograph
+        if mic not in mic_cache:
+            m = _particle_rng(p.seed, 1 if stream == 0 else 3, mic).random(3)
+            mean = lo + (hi - lo) * m[0]
+            astig = p.astigmatism_A * m[1]
+            mic_cache[mic] = (mean + astig / 2, mean - astig / 2, 180.0 * m[2])
+        du, dv, ang = mic_cache[mic]
+        height = p.defocus_spread_A * (2.0 * u[7] - 1.0)
+        out["defocus_u"][j], out["defocus_v"][j] = du + height, dv + height
+        out["defocus_angle"][j] = ang
+        out["micrograph"][j] = mic
+        rngs.append(rng)
+    return out, rngs
+
+
+# -- image formation ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimulatedImages:
+    """A batch: ``images`` (n, B, B) normalised, ``clean`` (n, B, B) the signal part of
+    ``images`` (same scale, before the background mean is removed), ``scale`` (n,) the
+    normalisation factor applied (1 / background std)."""
+
+    images: np.ndarray
+    clean: np.ndarray
+    scale: np.ndarray
+
+
+def clean_images(
+    params: ParticleSimParams, projectors: Sequence[RealSpaceProjector], draws: dict
+) -> np.ndarray:
+    """Noise-free shifted CTF-modulated projections ``(n, B, B)`` float32 (junk: zeros)."""
+    b = params.box_size
+    n = draws["class"].shape[0]
+    proj = np.zeros((n, b, b), dtype=np.float32)
+    rots = euler_to_matrix(draws["rot"], draws["tilt"], draws["psi"])  # (n, 3, 3)
+    for k, projector in enumerate(projectors, start=1):
+        sel = np.flatnonzero(draws["class"] == k)
+        if sel.size:
+            proj[sel] = projector.project(rots[sel])
+    ft = rfftn(proj, axes=(-2, -1))  # (n, B, B//2+1)
+    ft *= shift_phases(b, np.stack([draws["shift_y"], draws["shift_x"]], axis=-1))
+    if params.ctf:
+        ft *= ctf_rfft(
+            b,
+            params.pixel_size_A,
+            draws["defocus_u"],
+            draws["defocus_v"],
+            draws["defocus_angle"],
+            params.optics,
+            bfactor_A2=params.bfactor_A2,
+        )
+    out = np.asarray(irfftn(ft, s=(b, b), axes=(-2, -1)), dtype=np.float32)
+    out[draws["class"] == 0] = 0.0
+    return out
+
+
+def background_mask(box_size: int, radius_px: float) -> np.ndarray:
+    """(B, B) bool: pixels farther than ``radius_px`` from the centre ``B // 2``."""
+    ax = np.arange(box_size) - box_size // 2
+    return (ax[:, None] ** 2 + ax[None, :] ** 2) > radius_px**2
+
+
+def make_images(
+    params: ParticleSimParams,
+    projectors: Sequence[RealSpaceProjector],
+    noise_sigma: float,
+    draws: dict,
+    rngs: Sequence[np.random.Generator],
+) -> SimulatedImages:
+    """Clean images plus white noise of std ``noise_sigma``, normalised like relion_preprocess."""
+    b = params.box_size
+    clean = clean_images(params, projectors, draws)
+    noise = np.stack([rng.standard_normal((b, b), dtype=np.float32) for rng in rngs])
+    noisy = clean + np.float32(noise_sigma) * noise
+    bg = background_mask(b, params.bg_radius_px)
+    mean = noisy[:, bg].mean(axis=1, dtype=np.float64)
+    std = noisy[:, bg].std(axis=1, dtype=np.float64)
+    scale = 1.0 / np.where(std > 0, std, 1.0)
+    images = ((noisy - mean[:, None, None]) * scale[:, None, None]).astype(np.float32)
+    return SimulatedImages(images, (clean * scale[:, None, None]).astype(np.float32), scale)
+
+
+def signal_variance(params: ParticleSimParams, projectors: Sequence[RealSpaceProjector]) -> float:
+    """S: mean over ``n_reference`` reference particles of the variance of the clean image."""
+    draws, _ = draw_particles(params, 0, params.n_reference, stream=2)
+    clean = clean_images(params, projectors, draws)
+    return float(clean.reshape(clean.shape[0], -1).var(axis=1, dtype=np.float64).mean())
+
+
+# -- the store job ----------------------------------------------------------------------------
+
+META_FIELDS = {"rlnMicrographName": str}
+CTF_META = {"rlnDefocusU": np.float64, "rlnDefocusV": np.float64, "rlnDefocusAngle": np.float64}
+TRUTH_FIELDS = {
+    "rlnAngleRot": np.float64,
+    "rlnAngleTilt": np.float64,
+    "rlnAnglePsi": np.float64,
+    "rlnOriginXAngst": np.float64,
+    "rlnOriginYAngst": np.float64,
+    "rlnClassNumber": np.int32,
+}
+
+
+def particle_tables(params: ParticleSimParams, draws: dict, start: int) -> tuple[dict, dict]:
+    """Metadata and truth columns ``{label: (n,)}`` for particles starting at ``start``."""
+    n = draws["class"].shape[0]
+    idx = np.arange(start, start + n)
+    meta = {
+        "rlnOpticsGroup": np.ones(n, dtype=np.int32),
+        "rlnRandomSubset": (idx % 2 + 1).astype(np.int32),
+        "rlnMicrographName": np.array(
+            [f"mic{m:05d}.mrc" for m in draws["micrograph"]], dtype=object
+        ),
+    }
+    if params.ctf:
+        meta["rlnDefocusU"] = draws["defocus_u"]
+        meta["rlnDefocusV"] = draws["defocus_v"]
+        meta["rlnDefocusAngle"] = draws["defocus_angle"]
+        if params.bfactor_A2:
+            meta["rlnCtfBfactor"] = np.full(n, float(params.bfactor_A2))
+    truth = {
+        "rlnAngleRot": draws["rot"],
+        "rlnAngleTilt": draws["tilt"],
+        "rlnAnglePsi": draws["psi"],
+        # the origin re-centres the particle: minus its offset from the box centre
+        "rlnOriginXAngst": -draws["shift_x"] * params.pixel_size_A,
+        "rlnOriginYAngst": -draws["shift_y"] * params.pixel_size_A,
+        "rlnClassNumber": draws["class"].astype(np.int32),
+    }
+    return meta, truth
+
+
+def simulate_chunk(
+    start: int,
+    stop: int,
+    store_path: str,
+    params: ParticleSimParams,
+    projectors: Sequence[RealSpaceProjector],
+    noise_sigma: float,
+) -> int:
+    """Task: simulate particles ``[start, stop)`` and write them into the store. Returns n."""
+    b = params.box_size
+    images = np.empty((stop - start, b, b), dtype=np.float32)
+    tables = []
+    for s in range(start, stop, BATCH):
+        e = min(s + BATCH, stop)
+        draws, rngs = draw_particles(params, s, e)
+        images[s - start : e - start] = make_images(
+            params, projectors, noise_sigma, draws, rngs
+        ).images
+        tables.append(particle_tables(params, draws, s))
+    meta, truth = (
+        {k: np.concatenate([t[g][k] for t in tables]) for k in tables[0][g]} for g in (0, 1)
+    )
+    store = ParticleStore(store_path)
+    store.write_region(start, images=images, metadata=meta, truth=truth)
+    return stop - start
+
+
+def truth_volume_paths(store_path: str | Path) -> list[Path]:
+    """Truth volumes of a simulated store (MRC files next to it), in class order."""
+    prov = ParticleStore(store_path).facts.get("provenance", {})
+    paths = []
+    for absolute, name in zip(
+        prov.get("truth_volumes", []), prov.get("truth_volume_files", []), strict=False
+    ):
+        p = Path(absolute)
+        paths.append(p if p.exists() else Path(store_path).absolute().parent / name)
+    return paths
+
+
+def _truth_names(out_path: Path, k: int) -> list[Path]:
+    stem = out_path.name[: -len(".zarr")] if out_path.name.endswith(".zarr") else out_path.name
+    return [out_path.with_name(f"{stem}_truth_class{j:03d}.mrc") for j in range(1, k + 1)]
+
+
+def _default_chunk(n: int, box: int) -> int:
+    # At most the usual ~64 MiB chunk, but enough chunks to keep a few workers busy.
+    return max(1, min(default_chunk_size(box), max(32, math.ceil(n / 8))))
+
+
+def simulate_particles(
+    out_path: str | Path,
+    n_particles: int,
+    box_size: int = 128,
+    pixel_size_A: float = 1.5,
+    snr: float = 0.05,
+    seed: int = 0,
+    phantom: str = "asym",
+    volumes: Sequence[np.ndarray] | None = None,
+    volume_names: Sequence[str] | None = None,
+    mix: Sequence[float] | None = None,
+    junk_fraction: float = 0.0,
+    orientation: str = "uniform",
+    preferred_fraction: float = 0.7,
+    preferred_spread_deg: float = 20.0,
+    max_shift_A: float = 3.0,
+    defocus_range_A: tuple[float, float] = (10000.0, 30000.0),
+    astigmatism_A: float = 500.0,
+    voltage_kV: float = 300.0,
+    cs_mm: float = 2.7,
+    amplitude_contrast: float = 0.1,
+    bfactor_A2: float = 0.0,
+    chunk_size: int | None = None,
+    ctf: bool = True,
+    particles_per_micrograph: int = 100,
+    overwrite: bool = False,
+    progress: bool = False,
+    relion_dir: str | Path | None = None,
+    workers: int | None = None,
+) -> ParticleStore:
+    """Simulate ``n_particles`` images into a new store at ``out_path``; returns the store.
+
+    Volumes: ``volumes`` (a list of (B, B, B) maps, ``[z, y, x]`` centred at ``B // 2``)
+    or else the built-in ``phantom`` (:func:`streamem.simulate.phantoms.phantom`).
+    ``mix``: one fraction per volume (normalised; default equal). See the module
+    docstring for the image formation and what is stored. ``relion_dir``: also write
+    ``relion_dir/particles.star`` and its MRCS stacks (RELION 3.1). ``workers``:
+    threads (default: all cores) unless a distributed client is active.
+    """
+    out_path = Path(out_path)
+    if volumes is None:
+        from streamem.simulate.phantoms import phantom as make_phantom
+
+        volumes = [make_phantom(phantom, box_size, pixel_size_A, seed=seed)]
+        volume_names = [phantom]
+    volumes = [np.asarray(v, dtype=np.float32) for v in volumes]
+    for v in volumes:
+        if v.shape != (box_size,) * 3:
+            raise InputError(None, f"volume shape {v.shape} does not match box {box_size}")
+        if not np.all(np.isfinite(v)):
+            raise InputError(None, "volume has NaN or Inf values")
+    names = tuple(volume_names or [f"volume{k + 1}" for k in range(len(volumes))])
+    if mix is None:
+        mix = [1.0] * len(volumes)
+    if len(mix) != len(volumes):
+        raise InputError(None, f"{len(mix)} mix fractions for {len(volumes)} volumes")
+    params = ParticleSimParams(
+        n_particles=int(n_particles),
+        box_size=int(box_size),
+        pixel_size_A=float(pixel_size_A),
+        snr=float(snr),
+        seed=int(seed),
+        fractions=tuple(float(f) for f in mix),
+        junk_fraction=float(junk_fraction),
+        orientation=orientation,
+        preferred_fraction=float(preferred_fraction),
+        preferred_spread_deg=float(preferred_spread_deg),
+        max_shift_A=float(max_shift_A),
+        defocus_range_A=(float(defocus_range_A[0]), float(defocus_range_A[1])),
+        astigmatism_A=float(astigmatism_A),
+        voltage_kV=float(voltage_kV),
+        cs_mm=float(cs_mm),
+        amplitude_contrast=float(amplitude_contrast),
+        bfactor_A2=float(bfactor_A2),
+        ctf=bool(ctf),
+        particles_per_micrograph=int(particles_per_micrograph),
+        volume_names=names,
+    )
+    truth_paths = _truth_names(out_path, len(volumes))
+    check_output(out_path, overwrite)
+    for p in truth_paths:
+        check_output(p, overwrite)
+    if relion_dir is not None:
+        check_output(Path(relion_dir) / "particles.star", overwrite)
+
+    projectors = [RealSpaceProjector(v, order=params.interpolation_order) for v in volumes]
+    s_var = signal_variance(params, projectors)
+    if not s_var > 0:
+        raise InputError(None, "the volumes give no signal (all-zero projections)")
+    noise_sigma = math.sqrt(s_var / params.snr)
+    log.info("signal variance %.4g, noise sigma %.4g (SNR %.4g)", s_var, noise_sigma, params.snr)
+
+    chunk = int(chunk_size or _default_chunk(params.n_particles, params.box_size))
+    provenance = {
+        "command": "simulate",
+        "streamem_version": __version__,
+        "params": _jsonable(asdict(params)),
+        "signal_variance": s_var,
+        "noise_sigma": noise_sigma,
+        "truth_volumes": [str(p.absolute()) for p in truth_paths],
+        "truth_volume_files": [p.name for p in truth_paths],
+    }
+    fields = dict(META_FIELDS)
+    if params.ctf:
+        fields.update(CTF_META)
+        if params.bfactor_A2:
+            fields["rlnCtfBfactor"] = np.float64
+    with atomic_output(out_path, overwrite) as tmp:
+        store = create_store(
+            tmp,
+            n_particles=params.n_particles,
+            box_size=params.box_size,
+            pixel_size_A=params.pixel_size_A,
+            optics_groups=[_optics_row(params)],
+            fields=fields,
+            chunk_size=chunk,
+            truth_fields=TRUTH_FIELDS,
+            provenance=provenance,
+        )
+        # The projectors (spline coefficients) enter the graph once, as one node.
+        token = dask.base.tokenize(params, *volumes)
+        shared = dask.delayed(projectors, name=f"simulate-volumes-{token}", traverse=False)
+        from streamem.dist.graph import map_chunks
+
+        tasks = map_chunks(
+            simulate_chunk, store.chunk_bounds(), str(tmp), params, shared, noise_sigma,
+            name="simulate",
+        )  # fmt: skip
+        _compute(tasks, workers, progress)
+        for path, vol in zip(truth_paths, volumes, strict=True):
+            write_map(path, vol, params.pixel_size_A, overwrite=overwrite)
+    store = ParticleStore(out_path)
+    if relion_dir is not None:
+        from streamem.io.relion import export_store
+
+        export_store(out_path, Path(relion_dir) / "particles.star", overwrite=overwrite)
+    return store
+
+
+def _optics_row(p: ParticleSimParams) -> dict:
+    return {
+        "rlnOpticsGroup": 1,
+        "rlnOpticsGroupName": "opticsGroup1",
+        "rlnImagePixelSize": p.pixel_size_A,
+        "rlnImageSize": p.box_size,
+        "rlnImageDimensionality": 2,
+        "rlnVoltage": p.voltage_kV,
+        "rlnSphericalAberration": p.cs_mm,
+        "rlnAmplitudeContrast": p.amplitude_contrast,
+    }
+
+
+def _jsonable(d):
+    if isinstance(d, dict):
+        return {k: _jsonable(v) for k, v in d.items()}
+    if isinstance(d, list | tuple):
+        return [_jsonable(v) for v in d]
+    if isinstance(d, np.generic):
+        return d.item()
+    return d
+
+
+def _compute(tasks, workers: int | None, progress: bool) -> None:
+    """Run the chunk tasks: on an active distributed client if there is one, else threads."""
+    try:
+        from distributed import get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        client = None
+    if client is not None:
+        dask.compute(*tasks)
+        return
+    from streamem.io.threads import run_threaded
+
+    callbacks = []
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        callbacks.append(ProgressBar(minimum=1.0))
+    import os
+
+    run_threaded(tasks, workers or os.cpu_count() or 1, callbacks=callbacks)
