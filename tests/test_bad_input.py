@@ -159,6 +159,24 @@ def test_failure_mid_import_leaves_nothing(tmp_path, capsys, monkeypatch, datase
     assert len(written) >= 2  # it really failed halfway, with chunks already on disk
 
 
+def test_optics_image_size_disagrees_with_stacks(tmp_path, capsys, dataset):
+    blocks = starfile.read(dataset, always_dict=True)
+    blocks["optics"]["rlnImageSize"] = 20
+    starfile.write(blocks, dataset)
+    out = out_dir(tmp_path) / "p.zarr"
+    rc, lines = run_import(capsys, dataset, out)
+    assert_clean_failure(rc, lines, "particles.star", "rlnImageSize 20", "16 px", out=out)
+
+
+def test_optics_groups_with_different_pixel_sizes(tmp_path, capsys, dataset):
+    blocks = starfile.read(dataset, always_dict=True)
+    blocks["optics"]["rlnImagePixelSize"] = [1.5, 1.2]
+    starfile.write(blocks, dataset)
+    out = out_dir(tmp_path) / "p.zarr"
+    rc, lines = run_import(capsys, dataset, out)
+    assert_clean_failure(rc, lines, "particles.star", "different pixel sizes", out=out)
+
+
 def test_existing_output_is_untouched(tmp_path, capsys, dataset):
     out = out_dir(tmp_path) / "p.zarr"
     out.mkdir()

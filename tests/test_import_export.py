@@ -124,6 +124,21 @@ def test_stack_paths_fall_back_to_current_folder(tmp_path, monkeypatch):
     np.testing.assert_array_equal(store.read_chunk(0, 12).images, want)
 
 
+def test_import_does_not_depend_on_chunking_or_workers(tmp_path):
+    star, _, _ = make_dataset(tmp_path / "proj", n_particles=17)
+    stores = [
+        import_particles(star, tmp_path / f"p{c}_{w}.zarr", chunk_size=c, workers=w, progress=False)
+        for c, w in ((1, 1), (5, 2), (17, 3))
+    ]
+    ref = stores[0].read_chunk(0, 17)
+    for store in stores[1:]:
+        chunk = store.read_chunk(0, 17)
+        np.testing.assert_array_equal(chunk.images, ref.images)
+        assert chunk.metadata.keys() == ref.metadata.keys()
+        for label, values in ref.metadata.items():
+            np.testing.assert_array_equal(chunk.metadata[label], values, err_msg=label)
+
+
 def test_parse_image_names_counts_from_one(tmp_path):
     (tmp_path / "s.mrcs").touch()
     idx, paths = parse_image_names(["000001@s.mrcs", "12@s.mrcs", "s.mrcs"], tmp_path / "a.star")

@@ -225,6 +225,8 @@ def import_particles(
     anything, on any problem with the inputs or the output path.
     """
     star_path = Path(star_path)
+    if chunk_size is not None and chunk_size < 1:
+        raise InputError(None, f"--chunk-size must be at least 1 (got {chunk_size})")
     check_output(out_path, overwrite)
     particles, optics = read_particles_star(star_path, require_ctf=require_ctf)
     plan = plan_images(particles["rlnImageName"], star_path)
