@@ -14,7 +14,7 @@ from _relion_data import image_of, make_dataset
 
 from streamem.cli import main
 from streamem.io.importer import balanced_subsets, import_particles
-from streamem.io.relion import export_store, parse_image_names, read_particles_star
+from streamem.io.relion import export_store, parse_image_names, read_particles_star, write_star
 from streamem.io.store import ParticleStore, create_store
 
 
@@ -225,3 +225,14 @@ def test_missing_ctf_logs_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         read_particles_star(star)
     assert "rlnDefocusU" in caplog.text and "CTF" in caplog.text
+
+
+def test_write_star_keeps_floats_exactly(tmp_path):
+    values = np.array([1e-7, 0.1, 2.5e10, -123456.789012345, np.pi])
+    write_star(
+        tmp_path / "x.star",
+        {"general": {"rlnTiny": 1e-9, "rlnText": "a b"}, "table": pd.DataFrame({"rlnV": values})},
+    )
+    blocks = starfile.read(tmp_path / "x.star", always_dict=True)
+    np.testing.assert_array_equal(blocks["table"]["rlnV"], values)
+    assert blocks["general"] == {"rlnTiny": 1e-9, "rlnText": "a b"}

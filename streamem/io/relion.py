@@ -259,9 +259,20 @@ def format_floats(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def write_star(path: str | Path, blocks: dict[str, pd.DataFrame]) -> None:
-    """Write STAR data blocks (``{"optics": df, "particles": df}``) with exact floats."""
-    starfile.write({k: format_floats(v) for k, v in blocks.items()}, path)
+def write_star(path: str | Path, blocks: dict[str, pd.DataFrame | dict[str, Any]]) -> None:
+    """Write STAR data blocks (``{"optics": df, "particles": df}``) with exact floats.
+
+    A DataFrame becomes a ``loop_`` block, a dict a block of ``_label value`` pairs.
+    """
+    out: dict[str, Any] = {}
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame):
+            out[name] = format_floats(block)
+        else:
+            out[name] = {
+                k: str(v) if isinstance(v, float | np.floating) else v for k, v in block.items()
+            }
+    starfile.write(out, path)
 
 
 def export_store(
