@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamem.core.backprojector import empty_accumulators, insert_points, reconstruct
+from streamem.core.backprojector import insert_points, reconstruct
 from streamem.core.euler import euler_to_matrix
 from streamem.core.projector import half_cube_shape, padded_radius
 from streamem.core.sampling import shift_phases
@@ -49,7 +49,15 @@ def backproject_chunk(
     for h in (1, 2):
         sel = subset == h
         if sel.any():
-            insert_points(data[h - 1], weight[h - 1], rot[sel], coords, X[sel] * ctf[sel], ctf[sel] ** 2, padding_factor)
+            insert_points(
+                data[h - 1],
+                weight[h - 1],
+                rot[sel],
+                coords,
+                X[sel] * ctf[sel],
+                ctf[sel] ** 2,
+                padding_factor,
+            )
     return Accumulators(data, weight)
 
 
@@ -63,21 +71,29 @@ def _task(start, stop, store_path, pose_source, max_radius_px, padding_factor, d
     else:
         poses = chunk.metadata
     optics = tuple(optics_params(g) for g in store.optics_groups)
-    return backproject_chunk(chunk.images, chunk.metadata, poses, store.pixel_size_A, optics, max_radius_px, padding_factor, do_ctf)
+    return backproject_chunk(
+        chunk.images,
+        chunk.metadata,
+        poses,
+        store.pixel_size_A,
+        optics,
+        max_radius_px,
+        padding_factor,
+        do_ctf,
+    )
 
 
-def reconstruct_from_poses(
+def accumulate_from_poses(
     store: ParticleStore,
     pose_source: str = "metadata",
     star_poses: dict | None = None,
-    symmetry_matrices=None,
     max_resolution_A: float | None = None,
     do_ctf: bool = True,
     padding_factor: int = 2,
     client=None,
     split_every: int = 8,
-) -> np.ndarray:
-    """Half maps (2, B, B, B) float32 reconstructed from known poses.
+) -> Accumulators:
+    """Per-half accumulators of all particles at known poses (a Dask job).
 
     pose_source: "metadata" (the store's poses), "truth" (simulated ground truth) or
     "star" (``star_poses``: RELION labels → (N,) arrays in store order).
@@ -92,8 +108,83 @@ def reconstruct_from_poses(
     if max_resolution_A:
         radius = min(radius, B * p / max_resolution_A)
     do_ctf = do_ctf and store.has_fields(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"))
-    parts = map_chunks(_task, store.chunk_bounds(), str(store.path), pose_source, radius, padding_factor, do_ctf, star_poses, name="backproject")
+    parts = map_chunks(
+        _task,
+        store.chunk_bounds(),
+        str(store.path),
+        pose_source,
+        radius,
+        padding_factor,
+        do_ctf,
+        star_poses,
+        name="backproject",
+    )
     graph = tree_sum(parts, split_every, name="accumulate")
-    acc = dask.compute(graph, scheduler="threads")[0] if client is None else client.compute(graph).result()
-    _ = empty_accumulators
-    return np.stack([reconstruct(acc.data[h], acc.weight[h], B, padding_factor, None, symmetry_matrices=symmetry_matrices) for h in range(2)])
+    return (
+        dask.compute(graph, scheduler="threads")[0]
+        if client is None
+        else client.compute(graph).result()
+    )
+
+
+def reconstruct_from_poses(
+    store: ParticleStore, symmetry_matrices=None, padding_factor: int = 2, **kwargs
+) -> np.ndarray:
+    """Half maps (2, B, B, B) float32 from known poses (see :func:`accumulate_from_poses`)."""
+    acc = accumulate_from_poses(store, padding_factor=padding_factor, **kwargs)
+    B = store.box_size
+    return np.stack(
+        [
+            reconstruct(
+                acc.data[h],
+                acc.weight[h],
+                B,
+                padding_factor,
+                None,
+                symmetry_matrices=symmetry_matrices,
+            )
+            for h in range(2)
+        ]
+    )
+
+
+def reconstruct_map(
+    store: ParticleStore,
+    pose_source: str = "metadata",
+    star_path=None,
+    subset: int | None = None,
+    symmetry_matrices=None,
+    padding_factor: int = 2,
+    **kwargs,
+) -> np.ndarray:
+    """One map (B, B, B): both half sets joined, or ``subset`` 1 or 2 alone."""
+    star_poses = None
+    if star_path is not None:
+        star_poses = read_star_poses(star_path, store.n_particles)
+        pose_source = "star"
+    acc = accumulate_from_poses(
+        store, pose_source, star_poses, padding_factor=padding_factor, **kwargs
+    )
+    if subset is None:
+        data, weight = acc.data[0] + acc.data[1], acc.weight[0] + acc.weight[1]
+    else:
+        data, weight = acc.data[subset - 1], acc.weight[subset - 1]
+    return reconstruct(
+        data, weight, store.box_size, padding_factor, None, symmetry_matrices=symmetry_matrices
+    )
+
+
+def read_star_poses(star_path, n_particles: int) -> dict:
+    """Poses (RELION labels → (N,) arrays) from a STAR file whose rows follow store order."""
+    from streamem.io.relion import read_particles_star
+
+    particles, _ = read_particles_star(star_path)
+    missing = [c for c in POSE_LABELS[:3] if c not in particles.columns]
+    if missing:
+        raise InputError(star_path, f"no pose columns {', '.join(missing)}")
+    if len(particles) != n_particles:
+        raise InputError(star_path, f"{len(particles)} particles, the store has {n_particles}")
+    out = {c: particles[c].to_numpy(np.float64) for c in POSE_LABELS if c in particles.columns}
+    for c in POSE_LABELS[3:]:
+        out.setdefault(c, np.zeros(n_particles))
+    return out

@@ -297,7 +297,9 @@ def expectation(
     if reconstruction_index is None:
         reconstruction_index = np.asarray(metadata["rlnRandomSubset"], dtype=np.int64) - 1
     R = len(model.projectors)
-    grid_shape = half_cube_shape(padded_radius(model.max_radius_px, model.projectors[0].padding_factor))
+    grid_shape = half_cube_shape(
+        padded_radius(model.max_radius_px, model.projectors[0].padding_factor)
+    )
     stats = SufficientStatistics.empty(grid_shape, len(model.optics), model.n_shells, 1)
     result = ChunkResult(*(np.zeros(n) for _ in range(9)))
     groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), np.int64) - 1

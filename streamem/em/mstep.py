@@ -84,29 +84,53 @@ def reconstruct_halves(
     frame, FSC of the unregularised halves (b//2+1,)).
     """
     raw = [
-        reconstruct(data_acc[h], weight_acc[h], work_box, padding_factor, None, symmetry_matrices=symmetry_matrices)
+        reconstruct(
+            data_acc[h],
+            weight_acc[h],
+            work_box,
+            padding_factor,
+            None,
+            symmetry_matrices=symmetry_matrices,
+        )
         for h in range(2)
     ]
     fsc_raw = fourier_shell_correlation(raw[0], raw[1])[: work_box // 2 + 1]
     maps = []
     for h in range(2):
-        noise = reconstruction_noise_spectrum(weight_acc[h], work_box, padding_factor, symmetry_matrices)
+        noise = reconstruction_noise_spectrum(
+            weight_acc[h], work_box, padding_factor, symmetry_matrices
+        )
         maps.append(
             reconstruct(
-                data_acc[h], weight_acc[h], work_box, padding_factor, tau2_from_fsc(fsc_raw, noise),
-                symmetry_matrices=symmetry_matrices, tau2_fudge=tau2_fudge,
+                data_acc[h],
+                weight_acc[h],
+                work_box,
+                padding_factor,
+                tau2_from_fsc(fsc_raw, noise),
+                symmetry_matrices=symmetry_matrices,
+                tau2_fudge=tau2_fudge,
             )
         )
     return np.stack(maps), fsc_raw
 
 
-def reconstruct_joined(data_acc, weight_acc, fsc_halves, work_box, padding_factor, tau2_fudge, symmetry_matrices):
+def reconstruct_joined(
+    data_acc, weight_acc, fsc_halves, work_box, padding_factor, tau2_fudge, symmetry_matrices
+):
     """The final map from both halves' accumulators, τ² from the full-set FSC 2f/(1+f)."""
     f = np.clip(np.asarray(fsc_halves), 0, 0.999)
     data, weight = data_acc[0] + data_acc[1], weight_acc[0] + weight_acc[1]
     noise = reconstruction_noise_spectrum(weight, work_box, padding_factor, symmetry_matrices)
     tau2 = tau2_from_fsc(2 * f / (1 + f), noise)
-    return reconstruct(data, weight, work_box, padding_factor, tau2, symmetry_matrices=symmetry_matrices, tau2_fudge=tau2_fudge)
+    return reconstruct(
+        data,
+        weight,
+        work_box,
+        padding_factor,
+        tau2,
+        symmetry_matrices=symmetry_matrices,
+        tau2_fudge=tau2_fudge,
+    )
 
 
 def update_inv_sigma2(

@@ -201,7 +201,8 @@ def refine3d(
         b, radius = work_box_for(resolution_A, B, p) if not final else (B, float(B // 2 - 1))
         refs = [h * mask if mask is not None else h for h in halves]
         projectors = tuple(
-            make_projector(mstep.to_work_frame(h, b), options.padding_factor, max_radius_px=radius) for h in refs
+            make_projector(mstep.to_work_frame(h, b), options.padding_factor, max_radius_px=radius)
+            for h in refs
         )
         grid = SearchGrid(
             healpix_order=schedule.healpix_order,
@@ -328,7 +329,13 @@ def _write_final(out_dir, prefix, stats, b, options, sym_mats, fsc, resolution_A
     """Join the halves (final iteration): the map from both accumulators, RELION names."""
     n_shells = b // 2 + 1
     joined = mstep.reconstruct_joined(
-        stats.data_acc, stats.weight_acc, fsc[:n_shells], b, options.padding_factor, options.tau2_fudge, sym_mats
+        stats.data_acc,
+        stats.weight_acc,
+        fsc[:n_shells],
+        b,
+        options.padding_factor,
+        options.tau2_fudge,
+        sym_mats,
     )
     joined = mstep.to_full_frame(joined, B)
     write_map(out_dir / "run_class001.mrc", joined, p)

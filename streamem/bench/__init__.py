@@ -1,0 +1,1 @@
+"""Benchmarks: each module adds ``streamem bench NAME`` via ``register_bench``."""

@@ -1,0 +1,96 @@
+"""``streamem refine3d STORE.zarr --ref MAP.mrc --out DIR``: 3D auto-refine (RELION's relion_refine --auto_refine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from streamem.errors import InputError
+
+
+def add_cluster_options(p) -> None:
+    """Options shared by every Dask job."""
+    g = p.add_argument_group("execution")
+    g.add_argument("--scheduler", help="address or scheduler file of an existing Dask cluster")
+    g.add_argument(
+        "--n-workers", type=int, default=None, help="local workers (default: one per core)"
+    )
+    g.add_argument("--threads-per-worker", type=int, default=1)
+    g.add_argument(
+        "--gpu", action="store_true", help="run on GPUs with dask-cuda (one worker per GPU)"
+    )
+    g.add_argument(
+        "--no-cluster", action="store_true", help="run in this process on threads (no dashboard)"
+    )
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "refine3d", help="3D auto-refine with gold-standard half sets", description=__doc__
+    )
+    p.add_argument("store", help="particle store (.zarr)")
+    p.add_argument("--ref", required=True, help="starting map (MRC), same box and pixel size")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--particle-diameter", type=float, default=None, help="Å (default 0.8 x box)")
+    p.add_argument(
+        "--ini-high", type=float, default=30.0, help="low-pass of the reference, Å (default 30)"
+    )
+    p.add_argument("--sym", default="C1", help="point group (C1, Cn, Dn, T, O, I)")
+    p.add_argument("--tau2-fudge", type=float, default=1.0)
+    p.add_argument(
+        "--healpix-order",
+        type=int,
+        default=2,
+        help="initial coarse HEALPix order (2: 15° coarse, 7.5° fine)",
+    )
+    p.add_argument("--offset-range", type=float, default=6.0, help="pixels")
+    p.add_argument("--offset-step", type=float, default=2.0, help="pixels (coarse)")
+    p.add_argument("--auto-local-healpix-order", type=int, default=4)
+    p.add_argument("--max-iterations", type=int, default=25)
+    p.add_argument("--no-ctf", action="store_true")
+    p.add_argument(
+        "--solvent-mask",
+        default=None,
+        help="not yet supported; soft sphere from --particle-diameter",
+    )
+    p.add_argument(
+        "--continue",
+        dest="continue_run",
+        action="store_true",
+        help="resume from the last complete iteration",
+    )
+    add_cluster_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from streamem.dist.cluster import client_for
+    from streamem.em.refine import RefineOptions, refine3d
+    from streamem.io.store import ParticleStore
+
+    store = ParticleStore(args.store)
+    if args.solvent_mask:
+        raise InputError(args.solvent_mask, "--solvent-mask is not supported yet")
+    if not Path(args.ref).exists():
+        raise InputError(args.ref, "reference map not found")
+    options = RefineOptions(
+        particle_diameter_A=args.particle_diameter,
+        ini_high_A=args.ini_high,
+        symmetry=args.sym,
+        tau2_fudge=args.tau2_fudge,
+        healpix_order=args.healpix_order,
+        offset_range_px=args.offset_range,
+        offset_step_px=args.offset_step,
+        local_from_order=args.auto_local_healpix_order,
+        max_iterations=args.max_iterations,
+        do_ctf=not args.no_ctf,
+    )
+    if args.no_cluster:
+        result = refine3d(store, args.ref, args.out, options, None, args.continue_run)
+    else:
+        with client_for(
+            args.scheduler, args.n_workers, args.threads_per_worker, args.gpu
+        ) as client:
+            result = refine3d(store, args.ref, args.out, options, client, args.continue_run)
+    print(f"final resolution {result.resolution_A:.2f} Å after {result.iterations} iterations")
+    print(f"map: {result.out_dir / 'run_class001.mrc'}  FSC plot: {result.out_dir / 'run_fsc.png'}")
+    return 0

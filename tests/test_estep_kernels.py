@@ -1,0 +1,76 @@
+"""The E-step's GEMM formulation against the direct squared differences."""
+
+import numpy as np
+import pytest
+
+from streamem.em.estep import cross_terms, half_plane_points, ref_power_terms, significant_mask
+from streamem.em.mstep import to_full_frame, to_work_frame
+from streamem.em.statistics import SufficientStatistics
+
+
+def test_gemm_terms_equal_direct_diff2():
+    rng = np.random.default_rng(0)
+    n, T, M, J = 3, 4, 50, 6
+    X = (rng.standard_normal((n, T, M)) + 1j * rng.standard_normal((n, T, M))).astype(np.complex64)
+    A = (rng.standard_normal((J, M)) + 1j * rng.standard_normal((J, M))).astype(np.complex64)
+    ctf = rng.uniform(-1, 1, (n, M)).astype(np.float32)
+    inv_s2 = rng.uniform(0.5, 2, (n, M)).astype(np.float32)
+    C = cross_terms(X, ctf * inv_s2, A)
+    S = ref_power_terms(ctf * ctf * inv_s2, A)
+    norm = 0.5 * np.sum(np.abs(X) ** 2 * inv_s2[:, None, :], axis=-1)
+    diff2 = norm[:, :, None] + S[:, None, :] - C
+    direct = 0.5 * np.sum(
+        np.abs(X[:, :, None, :] - ctf[:, None, None, :] * A[None, None]) ** 2 * inv_s2[:, None, None, :], axis=-1
+    )
+    np.testing.assert_allclose(diff2, direct, rtol=1e-4, atol=1e-3)
+
+
+def test_half_plane_points_are_independent_and_sorted():
+    coords, flat, shell = half_plane_points(16, 6.0)
+    ky, kx = coords[:, 0], coords[:, 1]
+    assert np.all(np.diff(np.hypot(ky, kx)) >= -1e-12)
+    assert not np.any((kx == 0) & (ky <= 0))  # no DC, no Friedel mates on the kx = 0 column
+    assert len(np.unique(flat)) == len(flat)
+    # every point of the full disc is either in the set or the conjugate of one
+    full = {(a, b) for a in range(-6, 7) for b in range(-6, 7) if 0 < a * a + b * b <= 36}
+    have = {(int(a), int(b)) for a, b in coords}
+    assert all((a, b) in have or (-a, -b) in have for a, b in full)
+    assert shell.max() == 6
+
+
+def test_significant_mask_keeps_the_mass():
+    logp = np.log(np.array([[0.5, 0.3, 0.15, 0.05], [0.97, 0.01, 0.01, 0.01]]))
+    m = significant_mask(logp, 0.9, 10)
+    assert m[0].tolist() == [True, True, True, False]
+    assert m[1].tolist() == [True, False, False, False]
+    assert significant_mask(logp, 0.999, 2)[0].sum() == 2
+
+
+@pytest.mark.parametrize("b", [16, 24])
+def test_work_frame_round_trip_keeps_low_frequencies(b):
+    rng = np.random.default_rng(1)
+    B = 32
+    vol = rng.standard_normal((B, B, B)).astype(np.float32)
+    from streamem.core.filters import lowpass
+
+    smooth = lowpass(vol, 4 * 1.0 * B / b, 1.0)
+    back = to_full_frame(to_work_frame(smooth, b), B)
+    np.testing.assert_allclose(back, smooth, atol=1e-3 * np.abs(smooth).max())
+
+
+def test_statistics_add_is_associative():
+    rng = np.random.default_rng(2)
+
+    def rand():
+        s = SufficientStatistics.empty((3, 3, 2), 1, 4)
+        s.data_acc[:] = rng.standard_normal(s.data_acc.shape)
+        s.weight_acc[:] = rng.random(s.weight_acc.shape)
+        s.noise_power[:] = rng.random((1, 4))
+        s.weight_sum = 1.0
+        return s
+
+    a, b, c = rand(), rand(), rand()
+    left, right = (a + b) + c, a + (b + c)
+    np.testing.assert_allclose(left.data_acc, right.data_acc)
+    np.testing.assert_allclose(left.noise_power, right.noise_power)
+    assert left.weight_sum == right.weight_sum == 3.0
