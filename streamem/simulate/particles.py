@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import dask
+from dask.callbacks import Callback
 import numpy as np
 
 from streamem import __version__
@@ -564,11 +565,24 @@ def _compute(tasks, workers: int | None, progress: bool) -> None:
         return
     from streamem.io.threads import run_threaded
 
-    callbacks = []
-    if progress:
-        from dask.diagnostics import ProgressBar
-
-        callbacks.append(ProgressBar(minimum=1.0))
+    callbacks = [_Progress(len(tasks))] if progress else []
     import os
 
     run_threaded(tasks, workers or os.cpu_count() or 1, callbacks=callbacks)
+
+
+class _Progress(Callback):
+    """tqdm bar over finished chunk tasks (silent when stderr is not a terminal)."""
+
+    def __init__(self, total: int):
+        super().__init__()
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="chunk", desc="simulate", disable=None)
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        if str(key).startswith("simulate-") and not str(key).startswith("simulate-volumes"):
+            self.bar.update(1)
+
+    def _finish(self, dsk, state, errored):
+        self.bar.close()
