@@ -54,8 +54,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import dask
-from dask.callbacks import Callback
 import numpy as np
+from dask.callbacks import Callback
 
 from streamem import __version__
 from streamem.core.backend import irfftn, rfftn
