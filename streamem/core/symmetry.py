@@ -32,6 +32,7 @@ boundary may be kept twice, which is harmless for sampling.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -107,36 +108,33 @@ def symmetry_matrices(name: str) -> np.ndarray:
     ``name`` is RELION's ``--sym`` (case-insensitive): ``C1``, ``Cn``, ``Dn``, ``T``,
     ``O``, ``I`` (= ``I2``), ``I1`` .. ``I4``.
     """
-    _, gens = _generators(name)
-    elems = [np.eye(3)]
-    for fold, axis in gens:
-        for j in range(1, fold):
-            elems.append(axis_rotation(axis, 360.0 * j / fold))
+    return _symmetry_matrices(_generators(name)[0]).copy()
 
-    def known(M, group):
-        return any(np.abs(M - G).max() < 1e-4 for G in group)
 
-    group = [np.eye(3)]
-    for E in elems:
-        if not known(E, group):
-            group.append(E)
-    # Close under multiplication (the generator axes are given to ~7 digits).
-    changed = True
-    while changed:
-        changed = False
-        for a in list(group):
-            for b in list(group):
-                M = a @ b
-                if not known(M, group):
-                    group.append(M)
-                    changed = True
+@functools.lru_cache(maxsize=64)
+def _symmetry_matrices(canonical: str) -> np.ndarray:
+    _, gens = _generators(canonical)
+    generators = [axis_rotation(axis, 360.0 / fold) for fold, axis in gens]
+    group = np.eye(3)[None]
+    frontier = group
+    # Breadth-first closure: multiply new elements by the generators until nothing new
+    # appears (the generator axes are given to ~7 digits, hence the tolerance).
+    while len(frontier):
+        cand = np.concatenate([frontier @ g for g in generators])
+        new = []
+        for M in cand:
+            pool = group if not new else np.concatenate([group, np.stack(new)])
+            if np.abs(pool - M).reshape(len(pool), -1).max(axis=1).min() > 1e-4:
+                new.append(M)
+        frontier = np.stack(new) if new else np.empty((0, 3, 3))
+        group = np.concatenate([group, frontier])
         if len(group) > 120:
-            raise RuntimeError(f"symmetry group {name!r} did not close")
-    out = np.stack(group)
+            raise RuntimeError(f"symmetry group {canonical!r} did not close")
     # Re-orthonormalise (axes given to finite precision) and clean exact zeros.
-    u, _, vt = np.linalg.svd(out)
+    u, _, vt = np.linalg.svd(group)
     out = u @ vt
     out[np.abs(out) < 1e-12] = 0.0
+    out.setflags(write=False)
     return out
 
 
