@@ -1,0 +1,153 @@
+"""``streamem bench project`` / ``streamem bench backproject``: slices per second.
+
+Projection (:func:`streamem.core.projector.project_points`) and back-projection
+(:func:`streamem.core.backprojector.insert_points`) of full central slices (every
+rfft-grid point within Nyquist) at random poses, padding factor 2, on this CPU
+(or GPU with ``--gpu`` when CuPy is installed). Reported: slices/s, points/s and
+ns per point, best of ``--repeats`` runs; for back-projection also the time of
+one :func:`~streamem.core.backprojector.reconstruct`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+DEFAULT_BOXES = (64, 128)
+
+
+def register_bench(bench_sub) -> None:
+    """Add ``project`` and ``backproject`` to ``streamem bench``."""
+    for name, helptext in (
+        ("project", "Fourier-space projection speed (slices/s) at box 64 and 128"),
+        ("backproject", "back-projection speed (slices/s) and reconstruct time"),
+    ):
+        p = bench_sub.add_parser(name, help=helptext, description=__doc__)
+        p.add_argument(
+            "--box", type=int, nargs="+", default=list(DEFAULT_BOXES), help="box sizes (px)"
+        )
+        p.add_argument("--n-slices", type=int, default=256, help="slices per timed run")
+        p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--gpu", action="store_true", help="run on the GPU (needs CuPy)")
+        p.set_defaults(func=run_project if name == "project" else run_backproject)
+
+
+def _random_rotations(n: int, rng) -> np.ndarray:
+    q = rng.standard_normal((n, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    w, x, y, z = q.T
+    return np.stack(
+        [
+            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+            np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+            np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
+        ],
+        1,
+    )
+
+
+def _xp(gpu: bool):
+    if not gpu:
+        return np, lambda: None
+    import cupy
+
+    return cupy, cupy.cuda.Device().synchronize
+
+
+def _best(fn, repeats: int, sync) -> float:
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(
+    box_sizes=DEFAULT_BOXES, n_slices: int = 256, repeats: int = 3, gpu: bool = False
+) -> list[dict]:
+    """Time projection, back-projection and reconstruction; one dict per box size."""
+    from streamem.core.backprojector import empty_accumulators, insert_points, reconstruct
+    from streamem.core.fourier import image_fourier_coords
+    from streamem.core.projector import make_projector, project_points
+
+    xp, sync = _xp(gpu)
+    rng = np.random.default_rng(0)
+    rows = []
+    for box in box_sizes:
+        volume = xp.asarray(rng.standard_normal((box, box, box)).astype(np.float32))
+        t0 = time.perf_counter()
+        fvol = make_projector(volume, 2)
+        sync()
+        make_s = time.perf_counter() - t0
+        coords, _ = image_fourier_coords(box, box // 2, xp)
+        A = xp.asarray(_random_rotations(n_slices, rng))
+        M = coords.shape[0]
+        project_points(fvol, A[:4], coords)  # warm-up
+        proj_s = _best(lambda: project_points(fvol, A, coords), repeats, sync)  # noqa: B023
+        vals = project_points(fvol, A, coords)
+        data, weight = empty_accumulators(box, 2, xp)
+        data[...] = 0  # touch the pages so that the first run is not charged for them
+        weight[...] = 0
+        ins_s = _best(
+            lambda: insert_points(data, weight, A, coords, vals, 1.0),  # noqa: B023
+            repeats,
+            sync,
+        )
+        t0 = time.perf_counter()
+        reconstruct(data, weight, box, 2)
+        sync()
+        rec_s = time.perf_counter() - t0
+        rows.append(
+            {
+                "box": box,
+                "points_per_slice": int(M),
+                "make_projector_s": make_s,
+                "project_slices_per_s": n_slices / proj_s,
+                "project_ns_per_point": proj_s / (n_slices * M) * 1e9,
+                "backproject_slices_per_s": n_slices / ins_s,
+                "backproject_ns_per_point": ins_s / (n_slices * M) * 1e9,
+                "reconstruct_s": rec_s,
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict], which: str) -> str:
+    """A small text table of :func:`measure`'s rows for ``which`` in project/backproject."""
+    if which == "project":
+        head = f"{'box':>5} {'points':>7} {'slices/s':>10} {'ns/point':>9} {'prepare s':>10}"
+        lines = [
+            f"{r['box']:>5} {r['points_per_slice']:>7} {r['project_slices_per_s']:>10.0f} "
+            f"{r['project_ns_per_point']:>9.1f} {r['make_projector_s']:>10.3f}"
+            for r in rows
+        ]
+    else:
+        head = f"{'box':>5} {'points':>7} {'slices/s':>10} {'ns/point':>9} {'reconstruct s':>14}"
+        lines = [
+            f"{r['box']:>5} {r['points_per_slice']:>7} {r['backproject_slices_per_s']:>10.0f} "
+            f"{r['backproject_ns_per_point']:>9.1f} {r['reconstruct_s']:>14.3f}"
+            for r in rows
+        ]
+    return "\n".join([head, *lines])
+
+
+def main(which: str = "project", box_sizes=DEFAULT_BOXES, n_slices=256, repeats=3, gpu=False):
+    """Measure and print the table; returns the rows (for the lead's scripts)."""
+    rows = measure(box_sizes, n_slices, repeats, gpu)
+    device = "GPU" if gpu else "CPU"
+    print(f"{which} on {device}, padding 2, full slices to Nyquist, best of {repeats}")
+    print(format_table(rows, which))
+    return rows
+
+
+def run_project(args) -> int:
+    main("project", args.box, args.n_slices, args.repeats, args.gpu)
+    return 0
+
+
+def run_backproject(args) -> int:
+    main("backproject", args.box, args.n_slices, args.repeats, args.gpu)
+    return 0
