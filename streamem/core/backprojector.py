@@ -136,6 +136,9 @@ def insert_points(
     R = radius_of_half_cube(data_acc.shape)
     if data_acc.shape != weight_acc.shape or data_acc.shape != half_cube_shape(R):
         raise ValueError(f"accumulator shapes {data_acc.shape}, {weight_acc.shape} do not match")
+    if not (data_acc.flags.c_contiguous and weight_acc.flags.c_contiguous):
+        # the flat views below would silently be copies
+        raise ValueError("accumulators must be C-contiguous arrays")
     r2 = xp.sum(coords * coords, axis=1) * padding_factor**2
     keep = (r2 <= R * R + 1e-6) & ~((coords[:, 1] == 0) & (coords[:, 0] < 0))
     keep_idx = xp.flatnonzero(keep)
