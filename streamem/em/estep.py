@@ -87,6 +87,10 @@ class EStepModel:
     do_ctf: apply the CTF
     adaptive_fraction: posterior mass whose samples get the fine pass
     max_significant: cap on coarse samples refined per image
+    scale_free: optimise the reference's scale per sample (first iteration)
+    min_orientations: coarse orientations always refined per image (the best ones);
+        guards against a sharp coarse posterior whose best grid point is wrong
+    particle_diameter_A: sets the coarse pass's resolution (default 0.8 of the box)
     """
 
     projectors: tuple[FourierVolume, ...]
@@ -100,12 +104,28 @@ class EStepModel:
     grid: SearchGrid
     do_ctf: bool = True
     adaptive_fraction: float = 0.999
-    max_significant: int = 200
+    max_significant: int = 100
+    min_orientations: int = 16
+    scale_free: bool = False
+    particle_diameter_A: float | None = None
     coarse: dict = field(default_factory=dict, compare=False)
 
     @property
     def n_shells(self) -> int:
         return self.box_size // 2 + 1
+
+    @property
+    def coarse_radius_px(self) -> float:
+        """RELION's ``coarse_size``: the resolution the coarse angular step can resolve.
+
+        A rotation by the coarse step moves the particle's rim by
+        step/360 · π · diameter; with RELION's keep-safe factor 1.2 that distance is the
+        finest resolution the coarse pass uses.
+        """
+        diameter = self.particle_diameter_A or 0.8 * self.box_size * self.pixel_size_A
+        step = sampling.angular_step_deg(self.grid.healpix_order)
+        coarse_resolution_A = step / 360.0 * np.pi * diameter / 1.2
+        return float(min(self.max_radius_px, self.box_size * self.pixel_size_A / coarse_resolution_A))
 
 
 def half_plane_points(box_size: int, max_radius_px: float):
@@ -216,6 +236,20 @@ def ref_power_terms(ctf2w, refs):
     return 0.5 * (ctf2w.astype(np.float32) @ power.T)
 
 
+def log_likelihood(C, S, norm, scale_free: bool = False):
+    """−diff2 from the GEMM terms (module docstring): −(norm + S − C).
+
+    With ``scale_free`` the reference's scale a is optimised per sample,
+    diff2 = norm + a²S − aC, minimal at a = C/2S: log-likelihood −norm + C²/4S for
+    C > 0 (else a = 0). Used for the first iteration, when the starting map is not on
+    the data's greyscale (RELION's --firstiter_cc, kept probabilistic).
+    """
+    if not scale_free:
+        return -(norm + S - C)
+    S = np.maximum(S, 1e-30)
+    return -norm + np.where(C > 0, C * C / (4.0 * S), 0.0)
+
+
 def offset_log_prior(total_shift_px, sigma_offset_A: float, pixel_size_A: float):
     """log N(total offset; 0, σ²) in 2-D, up to a constant. total_shift_px: (..., 2)."""
     s2 = (sigma_offset_A / pixel_size_A) ** 2
@@ -223,23 +257,31 @@ def offset_log_prior(total_shift_px, sigma_offset_A: float, pixel_size_A: float)
 
 
 def significant_mask(logp, fraction: float, max_count: int):
-    """Per row, the samples holding ``fraction`` of the posterior mass (at least one).
+    """Per row, the samples holding ``fraction`` of the posterior mass (at least one,
+    at most ``max_count``, the most probable first).
 
     logp: (n, S) log-posterior up to a constant. Returns a bool mask (n, S).
     """
     n, S = logp.shape
+    k = min(max_count, S)
     p = np.exp(logp - logp.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    order = np.argsort(-p, axis=1)
-    sorted_p = np.take_along_axis(p, order, axis=1)
-    cum = np.cumsum(sorted_p, axis=1)
-    # keep sample k if the mass before it is below the fraction
-    keep_sorted = (cum - sorted_p) < fraction
-    keep_sorted[:, max_count:] = False
-    keep_sorted[:, 0] = True
+    total = p.sum(axis=1, keepdims=True)
+    top = np.argpartition(-p, k - 1, axis=1)[:, :k] if k < S else np.broadcast_to(np.arange(S), (n, S))
+    top_p = np.take_along_axis(p, top, axis=1)
+    order = np.argsort(-top_p, axis=1)
+    top, top_p = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_p, order, axis=1)
+    before = np.cumsum(top_p, axis=1) - top_p  # mass of the more probable samples
+    keep = before < fraction * total
+    keep[:, 0] = True
     mask = np.zeros((n, S), bool)
-    np.put_along_axis(mask, order, keep_sorted, axis=1)
+    np.put_along_axis(mask, top, keep, axis=1)
     return mask
+
+
+def n_significant(W, fraction: float) -> int:
+    """How many of the largest posterior weights hold ``fraction`` of the mass."""
+    w = np.sort(W.ravel())[::-1]
+    return int(min(np.searchsorted(np.cumsum(w), fraction * w.sum()) + 1, w.size))
 
 
 @dataclass
@@ -356,17 +398,24 @@ def _expect_group(
     X0 = X * base_phase  # images re-centred on their previous origin
     local = grid.local_sigma_deg is not None and previous is not None
     if not local:
+        # the coarse pass uses the points within the coarse radius (a prefix: sorted by radius)
+        Mc = int(np.searchsorted(np.hypot(coords[:, 0], coords[:, 1]), model.coarse_radius_px, side="right"))
         rot_c, ang_c = coarse_orientations(model)
-        refs = project_points(projector, rot_c, coords)  # (J, M)
-        Xs = X0[:, None, :] * phases[None]  # (n, T, M)
-        C = cross_terms(Xs, cw, refs)  # (n, T, J)
-        S = ref_power_terms(ctf2w, refs)  # (n, J)
+        refs = project_points(projector, rot_c, coords[:Mc])  # (J, Mc)
+        Xs = X0[:, None, :Mc] * phases[None, :, :Mc]  # (n, T, Mc)
+        C = cross_terms(Xs, cw[:, :Mc], refs)  # (n, T, J)
+        S = ref_power_terms(ctf2w[:, :Mc], refs)  # (n, J)
         total = prior_px[:, None, :] + shifts[None]  # (n, T, 2)
-        logp = -(S[:, None, :] - C) + offset_log_prior(total, model.sigma_offset_A, p)[:, :, None]
+        logp = log_likelihood(C, S[:, None, :], 0.0, model.scale_free)
+        logp += offset_log_prior(total, model.sigma_offset_A, p)[:, :, None]
         T, J = shifts.shape[0], ang_c.shape[0]
         mask = significant_mask(logp.reshape(n, -1), model.adaptive_fraction, model.max_significant)
         mask = mask.reshape(n, T, J)
         sig_j = mask.any(axis=1)  # (n, J)
+        k = min(model.min_orientations, J)
+        if k > 0:
+            best_j = np.argpartition(-logp.max(axis=1), k - 1, axis=1)[:, :k]
+            np.put_along_axis(sig_j, best_j, True, axis=1)
         union = np.flatnonzero(sig_j.any(axis=0))
         kids = np.asarray(
             sampling.oversample_orientations(ang_c[union], grid.healpix_order, grid.oversampling)
@@ -399,6 +448,7 @@ def _expect_group(
         coarse_shifts = [shifts] * n
     rot_table = euler_to_matrix(ang_table[:, 0], ang_table[:, 1], ang_table[:, 2])
     refs_table = project_points(projector, rot_table, coords)  # (U, M)
+    noise_rows = np.zeros((n, coords.shape[0]))
     val_table = np.zeros(refs_table.shape, np.complex128)
     wgt_table = np.zeros(refs_table.shape, np.float64)
 
@@ -418,9 +468,8 @@ def _expect_group(
         C = cross_terms(Xs[None], cw[i][None], refs_f)[0]  # (Tf, Jf)
         S = ref_power_terms(ctf2w[i][None], refs_f)[0]  # (Jf,)
         total = prior_px[i][None] + shifts_f
-        logp = (
-            -(norm[i] + S[None, :] - C) + offset_log_prior(total, model.sigma_offset_A, p)[:, None]
-        )
+        logp = log_likelihood(C, S[None, :], norm[i], model.scale_free)
+        logp += offset_log_prior(total, model.sigma_offset_A, p)[:, None]
         if local:
             logp = (
                 logp
@@ -436,9 +485,7 @@ def _expect_group(
         best_origin_px = prior_px[i] + shifts_f[t_best]  # (dy, dx)
         result.origin_y_A[gi], result.origin_x_A[gi] = best_origin_px * p
         result.max_prob[gi] = W[t_best, j_best]
-        result.n_significant[gi] = int(
-            np.count_nonzero(significant_mask(logp.reshape(1, -1), model.adaptive_fraction, W.size))
-        )
+        result.n_significant[gi] = n_significant(W, model.adaptive_fraction)
         result.loglik[gi] = lse
         result.class_number[gi] = 1
 
@@ -454,9 +501,7 @@ def _expect_group(
             - 2 * ctf[i] * np.sum((np.conj(D) * A).real, axis=0)
             + ctf[i] ** 2 * (w_j[keep][:, None] * (A.real**2 + A.imag**2)).sum(axis=0)
         )
-        g = groups[gi]
-        np.add.at(stats.noise_power[g], shell, noise)
-        np.add.at(stats.noise_count[g], shell, 1.0)
+        noise_rows[i] = noise
         w_t = W.sum(axis=1)
         stats.offset_sq_A2 += float(np.sum(w_t * np.sum((total * p) ** 2, axis=1)))
         stats.weight_sum += 1.0
@@ -468,6 +513,11 @@ def _expect_group(
             stats.offset_change_A_sum += float(np.hypot(*(shifts_f[t_best] * p)))
             stats.n_with_previous += 1
     stats.class_weight[0] += n
+    n_shells = stats.noise_power.shape[1]
+    for g in np.unique(groups[idx]):
+        rows = groups[idx] == g
+        stats.noise_power[g] += np.bincount(shell, noise_rows[rows].sum(axis=0), minlength=n_shells)[:n_shells]
+        stats.noise_count[g] += rows.sum() * np.bincount(shell, minlength=n_shells)[:n_shells]
     used = wgt_table.any(axis=1)
     insert_points(
         stats.data_acc[r],

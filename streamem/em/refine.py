@@ -81,6 +81,7 @@ class RefineOptions:
     flatten_solvent: bool = True
     split_every: int = 8
     padding_factor: int = 2
+    reference_on_data_scale: bool = False  # else the first iteration fits the scale (--firstiter_cc)
 
 
 def _estep_task(start, stop, store_path, results_path, prev_iteration, iteration, model):
@@ -223,6 +224,8 @@ def refine3d(
             sigma_offset_A=sigma_offset_A,
             grid=grid,
             do_ctf=do_ctf,
+            particle_diameter_A=diameter,
+            scale_free=iteration == 1 and not options.reference_on_data_scale,
         )
         runfiles.create_results_arrays(results_path, iteration, store.n_particles, store.chunk_size)
         model_node = _broadcast(model, client)
@@ -240,20 +243,15 @@ def refine3d(
             tree_sum(parts, options.split_every, name=f"stats-it{iteration:03d}"), client
         )
 
-        maps_b, fsc_b, _ = mstep.reconstruct_halves(
-            stats.data_acc,
-            stats.weight_acc,
-            b,
-            options.padding_factor,
-            options.tau2_fudge,
-            sym_mats,
-            B // 2 + 1,
+        maps_b, fsc_b = mstep.reconstruct_halves(
+            stats.data_acc, stats.weight_acc, b, options.padding_factor, options.tau2_fudge, sym_mats
         )
         halves = np.stack([mstep.to_full_frame(m, B) for m in maps_b])
         fsc = np.zeros(B // 2 + 1)
         fsc[: len(fsc_b)] = fsc_b
         resolution_A = resolution_at(fsc, 0.143, B, p)
-        inv_sigma2 = mstep.update_inv_sigma2(inv_sigma2, stats.noise_power, stats.noise_count)
+        if not model.scale_free:  # noise sums need a reference on the data's scale
+            inv_sigma2 = mstep.update_inv_sigma2(inv_sigma2, stats.noise_power, stats.noise_count)
         sigma_offset_A = mstep.update_sigma_offset_A(
             stats.offset_sq_A2, stats.weight_sum, floor_A=p
         )
