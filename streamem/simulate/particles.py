@@ -22,10 +22,11 @@ particle's index only, never on the chunk size or the number of workers):
    per-particle offset of up to ±``defocus_spread_A`` (particle height in the ice);
 5. Gaussian white noise of variance ``σ² = S / snr``. **S, the signal variance**, is
    the variance over the whole box of the clean, shifted, CTF-modulated projection,
-   averaged over ``n_reference`` reference particles drawn like real ones (from
-   ``SeedSequence([seed, 2, j])``, never junk). So the measured SNR, mean over
-   particles of var(clean) / var(noise), is ``snr`` up to the sampling error of the
-   reference set (a few %); junk images are pure noise of the same σ;
+   expected over poses, classes (never junk) and defoci, estimated from
+   ``n_reference`` reference projections per class (:func:`signal_variance`). So
+   the measured SNR, mean over particles of var(clean) / var(noise), is ``snr`` up
+   to a few % on a set spanning many micrographs (one defocus alone can give a
+   signal variance ~30 % off the average). Junk images are pure noise of the same σ;
 6. normalisation as ``relion_preprocess``: each image minus the mean of its
    background (outside a circle of radius ``0.75 · box / 2``) divided by that
    background's standard deviation. The scale applies to signal and noise alike,
@@ -207,7 +208,8 @@ def draw_particles(
         r = max_shift_px * np.sqrt(u[5])
         out["shift_y"][j] = r * np.sin(2 * np.pi * u[6])
         out["shift_x"][j] = r * np.cos(2 * np.pi * u[6])
-        mic = i // p.particles_per_micrograph
+        # reference particles each get their own micrograph (defocus): S averages over defocus
+        mic = i if stream == 2 else i // p.particles_per_micrograph
         if mic not in mic_cache:
             m = _particle_rng(p.seed, 1 if stream == 0 else 3, mic).random(3)
             mean = lo + (hi - lo) * m[0]
@@ -292,10 +294,54 @@ def make_images(
 
 
 def signal_variance(params: ParticleSimParams, projectors: Sequence[RealSpaceProjector]) -> float:
-    """S: mean over ``n_reference`` reference particles of the variance of the clean image."""
-    draws, _ = draw_particles(params, 0, params.n_reference, stream=2)
-    clean = clean_images(params, projectors, draws)
-    return float(clean.reshape(clean.shape[0], -1).var(axis=1, dtype=np.float64).mean())
+    """S: the expected variance over the box of a clean (shifted, CTF-modulated) image.
+
+    By Parseval, var = Σ_{k≠0} CTF(k)² |P̂(k)|² / B⁴ (full FFT); pose and defocus are
+    drawn independently and a shift leaves |P̂| alone, so the expectation is
+    Σ_k E[CTF(k)²] E[|P̂(k)|²] / B⁴. E[|P̂|²] averages ``n_reference`` projections at
+    poses (and classes) drawn like real particles (``SeedSequence([seed, 2, j])``);
+    E[CTF²] averages 8 x ``n_reference`` defoci drawn like real micrographs, which
+    makes the defocus part of the average nearly exact.
+    """
+    p = params
+    b = p.box_size
+    power = np.zeros((b, b // 2 + 1))
+    for k, weight, rots in _reference_poses(p):
+        ft = rfftn(projectors[k - 1].project(rots), axes=(-2, -1))  # (n, B, B//2+1)
+        power += weight * (np.abs(ft) ** 2).mean(axis=0)
+    ctf2 = np.ones_like(power)
+    if p.ctf:
+        ctf2 = np.zeros_like(power)
+        n_def = 8 * p.n_reference
+        for start in range(0, n_def, 64):
+            d, _ = draw_particles(p, start, min(start + 64, n_def), stream=2)
+            c = ctf_rfft(b, p.pixel_size_A, d["defocus_u"], d["defocus_v"], d["defocus_angle"],
+                         p.optics, bfactor_A2=p.bfactor_A2, dtype=np.float64)  # fmt: skip
+            ctf2 += (c * c).sum(axis=0)
+        ctf2 /= n_def
+    # rfft half-plane: columns 1 .. ceil(B/2)-1 stand for two full-FFT coefficients
+    weight = np.full(b // 2 + 1, 2.0)
+    weight[0] = 1.0
+    if b % 2 == 0:
+        weight[-1] = 1.0
+    total = (weight * ctf2 * power).sum() - ctf2[0, 0] * power[0, 0]  # without k = 0
+    return float(total / b**4)
+
+
+def _reference_poses(p: ParticleSimParams):
+    """[(class k, weight, rotations (n, 3, 3))] for the signal-power average."""
+    probs = p.class_probabilities[1:]
+    probs = probs / probs.sum()
+    n = p.n_reference
+    draws, _ = draw_particles(p, 0, n, stream=2)  # in-plane angles (and poses if not uniform)
+    if p.orientation == "uniform":
+        j = np.arange(n)
+        tilt = np.rad2deg(np.arccos(1.0 - (2.0 * j + 1.0) / n))
+        rot = np.mod(j * 180.0 * (3.0 - np.sqrt(5.0)), 360.0)  # golden angle steps
+        rots = euler_to_matrix(rot, tilt, draws["psi"])
+    else:
+        rots = euler_to_matrix(draws["rot"], draws["tilt"], draws["psi"])
+    return [(k, w, rots) for k, w in enumerate(probs, start=1) if w > 0]
 
 
 # -- the store job ----------------------------------------------------------------------------

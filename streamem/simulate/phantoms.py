@@ -417,7 +417,9 @@ def _symmetric(name: str, seed: int, scale: float) -> PseudoAtoms:
         gap[:, np.arange(n), np.arange(n)] = np.inf
         centre = rad * dirs[int(np.argmax(gap.min(axis=(1, 2))))]
     asu = fold_domain(m_asu, _rng(seed, 2), (1.35, 1.0, 0.75)).transformed(np.eye(3), centre)
-    return PseudoAtoms.concat([asu.transformed(R) for R in mats])
+    whole = PseudoAtoms.concat([asu.transformed(R) for R in mats])
+    # The centre of mass lies on every symmetry axis (for C_n: on z), so centring keeps symmetry.
+    return whole.transformed(np.eye(3), -whole.centre_of_mass_A())
 
 
 def list_phantoms() -> list[str]:
