@@ -1,0 +1,1 @@
+"""Post-processing: masks, mask-corrected FSC, sharpening, local resolution."""
