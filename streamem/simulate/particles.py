@@ -443,7 +443,7 @@ def simulate_particles(
     pixel_size_A: float = 1.5,
     snr: float = 0.05,
     seed: int = 0,
-    phantom: str = "asym",
+    phantom: str | Sequence[str] = "asym",
     volumes: Sequence[np.ndarray] | None = None,
     volume_names: Sequence[str] | None = None,
     mix: Sequence[float] | None = None,
@@ -469,7 +469,8 @@ def simulate_particles(
     """Simulate ``n_particles`` images into a new store at ``out_path``; returns the store.
 
     Volumes: ``volumes`` (a list of (B, B, B) maps, ``[z, y, x]`` centred at ``B // 2``)
-    or else the built-in ``phantom`` (:func:`streamem.simulate.phantoms.phantom`).
+    or else the built-in ``phantom`` name(s) (:func:`streamem.simulate.phantoms.phantom`,
+    e.g. ``["asym", "asym-B"]`` for two classes).
     ``mix``: one fraction per volume (normalised; default equal). See the module
     docstring for the image formation and what is stored. ``relion_dir``: also write
     ``relion_dir/particles.star`` and its MRCS stacks (RELION 3.1). ``workers``:
@@ -479,8 +480,9 @@ def simulate_particles(
     if volumes is None:
         from streamem.simulate.phantoms import phantom as make_phantom
 
-        volumes = [make_phantom(phantom, box_size, pixel_size_A, seed=seed)]
-        volume_names = [phantom]
+        wanted = [phantom] if isinstance(phantom, str) else list(phantom)
+        volumes = [make_phantom(name, box_size, pixel_size_A, seed=seed) for name in wanted]
+        volume_names = volume_names or wanted
     volumes = [np.asarray(v, dtype=np.float32) for v in volumes]
     for v in volumes:
         if v.shape != (box_size,) * 3:
