@@ -54,6 +54,37 @@ def rfft_frequencies(box_size: int, pixel_size_A: float, xp=np):
     return xp.meshgrid(ky, kx, indexing="ij")
 
 
+def ctf_phase_from_frequencies(
+    ky, kx, defocus_u_A, defocus_v_A, defocus_angle_deg, optics: OpticsParams, phase_shift_deg=0.0
+):
+    """RELION's phase γ (radians) at frequencies ``(ky, kx)``; ``CTF = −sin(γ)·envelope``.
+
+    Shapes as in :func:`ctf_from_frequencies`. ``|γ| < π/2`` is the region before the
+    first CTF peak (used by pickers that ignore the CTF up to its first peak).
+    """
+    xp = xp_of(kx)
+
+    def per_image(v):
+        v = xp.asarray(v, dtype=xp.float64)
+        return v.reshape(v.shape + (1,) * kx.ndim)
+
+    U, V, phi = per_image(defocus_u_A), per_image(defocus_v_A), per_image(defocus_angle_deg)
+    phase = per_image(phase_shift_deg)
+    lam = electron_wavelength_A(optics.voltage_kV)
+    cs_A = optics.cs_mm * 1e7
+    k2 = kx * kx + ky * ky
+    theta = xp.arctan2(ky, kx)
+    angle = theta - xp.deg2rad(phi)
+    defocus = U * xp.cos(angle) ** 2 + V * xp.sin(angle) ** 2
+    q0 = optics.amplitude_contrast
+    return (
+        -np.pi * lam * defocus * k2
+        + 0.5 * np.pi * cs_A * lam**3 * k2 * k2
+        - np.arctan(q0 / np.sqrt(1.0 - q0 * q0))
+        - xp.deg2rad(phase)
+    )
+
+
 def ctf_from_frequencies(
     ky,
     kx,
@@ -70,27 +101,12 @@ def ctf_from_frequencies(
     ``S + G`` in the array namespace of ``kx``.
     """
     xp = xp_of(kx)
-
-    def per_image(v):
-        v = xp.asarray(v, dtype=xp.float64)
-        return v.reshape(v.shape + (1,) * kx.ndim)
-
-    U, V, phi = per_image(defocus_u_A), per_image(defocus_v_A), per_image(defocus_angle_deg)
-    phase, B = per_image(phase_shift_deg), per_image(bfactor_A2)
-    lam = electron_wavelength_A(optics.voltage_kV)
-    cs_A = optics.cs_mm * 1e7
-    k2 = kx * kx + ky * ky
-    theta = xp.arctan2(ky, kx)
-    angle = theta - xp.deg2rad(phi)
-    defocus = U * xp.cos(angle) ** 2 + V * xp.sin(angle) ** 2
-    q0 = optics.amplitude_contrast
-    gamma = (
-        -np.pi * lam * defocus * k2
-        + 0.5 * np.pi * cs_A * lam**3 * k2 * k2
-        - np.arctan(q0 / np.sqrt(1.0 - q0 * q0))
-        - xp.deg2rad(phase)
+    gamma = ctf_phase_from_frequencies(
+        ky, kx, defocus_u_A, defocus_v_A, defocus_angle_deg, optics, phase_shift_deg
     )
-    return -xp.sin(gamma) * xp.exp(-B * k2 / 4.0)
+    B = xp.asarray(bfactor_A2, dtype=xp.float64)
+    B = B.reshape(B.shape + (1,) * kx.ndim)
+    return -xp.sin(gamma) * xp.exp(-B * (kx * kx + ky * ky) / 4.0)
 
 
 def ctf_rfft(
