@@ -528,3 +528,12 @@ def test_cli_mask_create_bad_input(tmp_path, capsys):
     )
     assert not out.exists()
     assert "error" in capsys.readouterr().err
+
+
+def test_cli_identical_half_maps(maps, tmp_path, capsys):
+    d, _, _ = maps
+    h1 = str(d / "run_half1_class001_unfil.mrc")
+    out = tmp_path / "post"
+    assert main(["postprocess", h1, h1, "--auto-mask", "--out", str(out)]) == 2
+    assert "never falls below 0.8" in capsys.readouterr().err
+    assert not out.exists()

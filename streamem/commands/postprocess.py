@@ -74,9 +74,24 @@ def register(sub) -> None:
     )
     p.add_argument("--angpix", type=float, default=None, help="pixel size (Å) [from header]")
     p.add_argument("--lowpass", type=float, default=None, help="low-pass at (Å) [resolution]")
-    p.add_argument("--skip-fsc-weighting", action="store_true")
-    p.add_argument("--randomize-at-fsc", type=float, default=0.8)
-    p.add_argument("--randomize-at-A", type=float, default=None, dest="randomize_at_A")
+    p.add_argument(
+        "--skip-fsc-weighting",
+        action="store_true",
+        help="do not weight shells by sqrt(2 FSC / (1 + FSC))",
+    )
+    p.add_argument(
+        "--randomize-at-fsc",
+        type=float,
+        default=0.8,
+        help="randomise phases from where the unmasked FSC falls below this [0.8]",
+    )
+    p.add_argument(
+        "--randomize-at-A",
+        type=float,
+        default=None,
+        dest="randomize_at_A",
+        help="randomise phases from this resolution (Å) instead",
+    )
     p.add_argument(
         "--force-mask",
         action="store_true",
@@ -340,7 +355,10 @@ def run_postprocess(args) -> int:
                 seed=args.seed,
             )
         except ValueError as exc:
-            raise InputError(args.half1, str(exc)) from None
+            hint = ""
+            if "never falls below" in str(exc):
+                hint = " (are the half maps identical? --randomize-at-A sets it by hand)"
+            raise InputError(args.half1, f"{exc}{hint}") from None
 
     with atomic_output(out_dir, args.overwrite) as tmp:
         tmp.mkdir(parents=True)
