@@ -257,6 +257,14 @@ def test_postprocess_rejects_bad_arrays():
         postprocess(a, np.zeros((16, 16, 17)), 1.0)
     with pytest.raises(ValueError):
         postprocess(a, a, 1.0, mask=np.full((16,) * 3, 2.0))
+    # a map at ~9 Å leaves no room for a Guinier fit from 10 Å: ask for a B-factor
+    rng = np.random.default_rng(2)
+    t = random_field(np.exp(-2000 * frequency_A() ** 2 / 4), rng)
+    h1 = t + 0.3 * t.std() * rng.standard_normal(t.shape)
+    h2 = t + 0.3 * t.std() * rng.standard_normal(t.shape)
+    assert postprocess(h1, h2, PIX, bfactor_A2=0.0).resolution_A > 8
+    with pytest.raises(ValueError, match="Guinier fit"):
+        postprocess(h1, h2, PIX)
 
 
 # -- local resolution -------------------------------------------------------------------

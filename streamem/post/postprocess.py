@@ -38,6 +38,7 @@ Where we differ from RELION, on purpose:
   noise of the whole box in the amplitudes, which bends the plot upwards near the
   resolution and makes the B-factor too small. The sharpening itself is applied to
   the unmasked average, as in RELION, and the masked output is that times the mask.
+  (When the unmasked FSC replaces the masked one, the fit uses the unmasked average.)
 """
 
 from __future__ import annotations
@@ -241,6 +242,7 @@ def postprocess(
     fsc_unmasked = fsc(half1, half2)
     fsc_masked = fsc_rand = None
     k_rand = None
+    masked_fsc_used = mask is not None
     if mask is None:
         fsc_corr = fsc_unmasked.copy()
     else:
@@ -263,6 +265,7 @@ def postprocess(
                     "unmasked FSC (adjust the mask, or force it)"
                 )
                 fsc_corr = fsc_unmasked.copy()
+                masked_fsc_used = False
         elif fsc_rand[_last_shell_above(fsc_corr, fsc_threshold)] > 0.1:
             notes.append(
                 "the phase-randomised FSC is above 0.10 at the resolution: use a softer mask"
@@ -285,7 +288,7 @@ def postprocess(
     fit = fit_curve = None
     if bfactor_A2 is None:
         fit_curve = guinier_weighted
-        if mask is not None:
+        if masked_fsc_used:  # the weights describe the signal-to-noise inside the mask
             Fm = _fft(avg * mask)
             if mtf is not None:
                 Fm = divide_by_mtf(Fm, pixel_size_A, mtf.frequency_A, mtf.value)
