@@ -369,3 +369,99 @@ def _write_stack(store_path: str, start: int, stop: int, out: str, pixel_size_A:
         mrc.header.origin = (0.0, 0.0, 0.0)
         mrc.update_header_stats()
     return int(images.nbytes)
+
+
+# -- micrographs and coordinates (pick, extract) ----------------------------------------
+
+#: Optics labels of micrographs (RELION 3.1 data_optics of a micrographs STAR).
+MICROGRAPH_OPTICS_LABELS = (*OPTICS_CTF_LABELS, "rlnMicrographPixelSize")
+
+
+def read_micrographs_star(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read a RELION micrographs STAR file (3.1 or 3.0) as (micrographs, optics).
+
+    micrographs: one row per micrograph with ``rlnMicrographName`` (as written),
+    ``rlnMicrographPath`` (resolved like image stacks: next to the STAR file, then the
+    current folder), ``rlnOpticsGroup`` (int) and every other column (CTF: ``rlnDefocusU``
+    ...). optics: ``rlnOpticsGroup`` and what is known of ``rlnVoltage``,
+    ``rlnSphericalAberration``, ``rlnAmplitudeContrast``, ``rlnMicrographPixelSize`` (Å;
+    RELION 3.0: from ``rlnDetectorPixelSize`` µm · 1e4 / ``rlnMagnification``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "STAR file not found")
+    try:
+        blocks = starfile.read(path, always_dict=True, parse_as_string=list(STRING_LABELS))
+    except Exception as exc:  # starfile/pandas raise many types on malformed text
+        raise InputError(path, f"not a readable STAR file ({type(exc).__name__}: {exc})") from None
+    blocks = {name: _as_frame(block) for name, block in blocks.items()}
+    if "micrographs" in blocks:
+        mics, optics = blocks["micrographs"], blocks.get("optics")
+    else:
+        named = [b for b in blocks.values() if "rlnMicrographName" in b.columns]
+        if not named:
+            raise InputError(path, "no data_micrographs block and no rlnMicrographName column")
+        mics, optics = named[0], None
+    if "rlnMicrographName" not in mics.columns:
+        raise InputError(path, "no rlnMicrographName column")
+    if len(mics) == 0:
+        raise InputError(path, "no micrographs")
+    mics = mics.reset_index(drop=True).copy()
+    if optics is not None:
+        mics, optics = _check_optics31(mics, optics.reset_index(drop=True), path)
+    else:
+        cols = mics.columns
+        keys = pd.DataFrame({c: mics[c] for c in OPTICS_CTF_LABELS if c in cols})
+        if "rlnMicrographPixelSize" in cols:
+            keys["rlnMicrographPixelSize"] = mics["rlnMicrographPixelSize"].astype(float)
+        elif "rlnDetectorPixelSize" in cols and "rlnMagnification" in cols:
+            keys["rlnMicrographPixelSize"] = (
+                mics["rlnDetectorPixelSize"].astype(float) * 1e4 / mics["rlnMagnification"]
+            )
+        if keys.shape[1]:
+            group = keys.groupby(list(keys.columns), sort=False, dropna=False).ngroup() + 1
+        else:
+            group = pd.Series(1, index=mics.index)
+        optics = keys.assign(rlnOpticsGroup=group.to_numpy()).drop_duplicates("rlnOpticsGroup")
+        optics = optics.reset_index(drop=True)
+        drop = [*OPTICS_CTF_LABELS, "rlnMicrographPixelSize", *PIXEL_LABELS_30]
+        mics = mics.drop(columns=[c for c in drop if c in cols])
+        mics["rlnOpticsGroup"] = group.astype(np.int64).to_numpy()
+    mics["rlnOpticsGroup"] = mics["rlnOpticsGroup"].astype(np.int64)
+    optics["rlnOpticsGroup"] = optics["rlnOpticsGroup"].astype(np.int64)
+    star_dir = path.absolute().parent
+    mics["rlnMicrographPath"] = [
+        str(_resolve_stack(str(n), star_dir)) for n in mics["rlnMicrographName"]
+    ]
+    return mics, optics
+
+
+def read_coordinates_star(path: str | Path) -> pd.DataFrame:
+    """A RELION coordinate STAR file: ``rlnCoordinateX/Y`` (pixels, float) and other columns.
+
+    A file with no particles (an empty loop, or only a header) gives an empty table.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "coordinate file not found")
+    if path.stat().st_size == 0:
+        return pd.DataFrame({"rlnCoordinateX": [], "rlnCoordinateY": []})
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as exc:
+        raise InputError(path, f"not a readable STAR file ({type(exc).__name__}: {exc})") from None
+    frames = [_as_frame(b) for b in blocks.values()]
+    frames = [f for f in frames if "rlnCoordinateX" in f.columns or len(f.columns) == 0]
+    if not frames:
+        raise InputError(path, "no rlnCoordinateX/rlnCoordinateY columns")
+    table = frames[0].reset_index(drop=True)
+    if len(table.columns) == 0:
+        return pd.DataFrame({"rlnCoordinateX": [], "rlnCoordinateY": []})
+    if "rlnCoordinateY" not in table.columns:
+        raise InputError(path, "no rlnCoordinateY column")
+    for c in ("rlnCoordinateX", "rlnCoordinateY"):
+        values = pd.to_numeric(table[c], errors="coerce")
+        if values.isna().any() or not np.isfinite(values.to_numpy(dtype=float)).all():
+            raise InputError(path, f"{c} has values that are not finite numbers")
+        table[c] = values.astype(float)
+    return table

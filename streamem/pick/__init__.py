@@ -1,0 +1,24 @@
+"""Auto-picking (RELION-2's template picker, a Laplacian-of-Gaussian picker) and extraction.
+
+- :mod:`streamem.pick.template`: CTF-modulated template matching on a micrograph
+  downscaled to the low-pass filter's Nyquist, with RELION's probability-ratio
+  figure of merit;
+- :mod:`streamem.pick.log`: template-free blob picking;
+- :mod:`streamem.pick.peaks`: peak search, suppression, one-to-one matching;
+- :mod:`streamem.pick.job`: the picking job (one Dask task per micrograph);
+- :mod:`streamem.pick.extract`: particle extraction into a particle store.
+"""
+
+from streamem.pick.log import LogPickParams, pick_log
+from streamem.pick.peaks import Picks, match_coordinates
+from streamem.pick.template import MicrographCtf, TemplatePickParams, pick_templates
+
+__all__ = [
+    "LogPickParams",
+    "MicrographCtf",
+    "Picks",
+    "TemplatePickParams",
+    "match_coordinates",
+    "pick_log",
+    "pick_templates",
+]
