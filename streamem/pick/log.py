@@ -179,4 +179,6 @@ def pick_log(mic, pixel_size_A: float, params: LogPickParams, seed: int = 0):
         psi_deg=np.zeros(len(peaks)),
         diameter_A=d_peak.astype(np.float64),
     )
-    return picks, score.astype(np.float32), prepared
+    finite = np.isfinite(score)
+    floor = float(score[finite].min()) if finite.any() else 0.0
+    return picks, np.where(finite, score, floor).astype(np.float32), prepared
