@@ -111,6 +111,13 @@ def test_template_picking_recall_and_fdr_at_the_default_threshold(tmp_path, sim)
         len(starfile.read(out / f"mic_00{k}_autopick.star")) for k in (1, 2, 3)
     )
     assert (out / "autopick.star").is_file() and (out / "mic_001_picks.png").stat().st_size > 0
+    # extraction reads the picker's index (autopick.star)
+    store = tmp_path / "picked.zarr"
+    assert main(["extract", str(sim.micrographs_star), str(out), str(store), "--box", "48"]) == 0
+    from streamem.io.store import ParticleStore
+
+    n_inside = ParticleStore(store).n_particles
+    assert 0.9 * summary["rlnGroupNrParticles"].sum() <= n_inside
 
 
 def test_log_picking_recall_and_fdr(tmp_path, sim):
@@ -272,6 +279,29 @@ def test_peaks_suppression_border_and_matching():
 
 
 # -- bad input -------------------------------------------------------------------------------
+
+
+def test_pick_mrc_files_without_star(tmp_path, sim):
+    """MRC files (pixel size from the header, no CTF), a glob pattern, LoG."""
+    out = tmp_path / "mrc"
+    pattern = str(sim.out_dir / "mic_00[12].mrc")
+    rc = main(
+        [
+            "pick",
+            pattern,
+            "--log",
+            "--log-diameter-min",
+            "60",
+            "--log-diameter-max",
+            "120",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    summary = starfile.read(out / "autopick_summary.star")
+    assert list(summary["rlnMicrographName"]) == ["mic_001.mrc", "mic_002.mrc"]
+    assert (summary["rlnGroupNrParticles"] > 15).all()
 
 
 def test_pick_bad_input_is_one_line_and_leaves_nothing(tmp_path, sim, capsys):
