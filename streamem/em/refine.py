@@ -74,7 +74,7 @@ class RefineOptions:
     healpix_order: int = 2
     offset_range_px: float = 6.0
     offset_step_px: float = 2.0
-    local_from_order: int = 4
+    local_from_order: int = 3
     max_order: int = 5
     max_iterations: int = 25
     do_ctf: bool = True
@@ -136,12 +136,15 @@ def refine3d(
     client=None,
     continue_run: bool = False,
     progress: bool = True,
+    stop_after_iteration: int | None = None,
 ) -> RefineResult:
     """RELION's 3D auto-refine: gold-standard halves, regularised likelihood.
 
     store: particle store (path or handle). reference: starting map (MRC path or
     (B, B, B) array at the store's pixel size); it is low-passed to ``ini_high_A``.
     out_dir: run folder (created). client: a ``distributed.Client`` or None (threads).
+    continue_run: resume from the newest complete iteration in ``out_dir``.
+    stop_after_iteration: stop (resumably) once this iteration is complete.
     """
     options = options or RefineOptions()
     store = store if isinstance(store, ParticleStore) else ParticleStore(store)
@@ -289,7 +292,7 @@ def refine3d(
             b,
             seconds,
         )
-        schedule = advance(schedule, resolution_A, pose_change, offset_change_px, diameter)
+        schedule = advance(schedule, resolution_A, pose_change, offset_change_px, diameter, sigma_offset_A / p)
         if final:
             schedule = replace(schedule, converged=True)
             _write_final(
@@ -308,6 +311,9 @@ def refine3d(
             },
         )
         prev_iteration = iteration
+        if stop_after_iteration is not None and iteration >= stop_after_iteration and not schedule.converged:
+            log.info("stopped after iteration %d; resume with --continue", iteration)
+            return RefineResult(out_dir, halves.mean(axis=0), halves, fsc, resolution_A, p, iteration)
 
     final_map = read_map(out_dir / "run_class001.mrc")[0]
     state = json.loads(runfiles.latest_checkpoint(out_dir).read_text())

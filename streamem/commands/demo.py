@@ -1,0 +1,59 @@
+"""``streamem demo``: the main job on built-in data, end to end, with nothing to download.
+
+Simulates particles of the built-in asymmetric phantom (CTF, shifts, noise), starts
+from the truth low-passed to 30 Å, runs 3D auto-refine on a local Dask cluster, and
+compares the gold-standard resolution with the oracle (half maps reconstructed from
+the true poses) and the refined poses with the true ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("streamem")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="simulate, refine and compare with the truth (built-in data)", description=__doc__)
+    p.add_argument("--out", default="streamem-demo", help="output folder (default streamem-demo)")
+    p.add_argument("--n-particles", type=int, default=2000)
+    p.add_argument("--box", type=int, default=48)
+    p.add_argument("--pixel-size", type=float, default=3.0, help="Å")
+    p.add_argument("--snr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-iterations", type=int, default=12)
+    p.add_argument("--n-workers", type=int, default=None)
+    p.add_argument("--no-cluster", action="store_true", help="threads in this process instead of a LocalCluster")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from streamem.api import demo
+
+    t0 = time.perf_counter()
+    report = demo(
+        args.out,
+        n_particles=args.n_particles,
+        box_size=args.box,
+        pixel_size_A=args.pixel_size,
+        snr=args.snr,
+        seed=args.seed,
+        max_iterations=args.max_iterations,
+        n_workers=args.n_workers,
+        use_cluster=not args.no_cluster,
+        overwrite=args.overwrite,
+    )
+    out = Path(args.out)
+    print()
+    print(f"gold-standard resolution   {report['resolution_A']:.2f} Å  (FSC 0.143 between half maps)")
+    print(f"oracle resolution          {report['oracle_resolution_A']:.2f} Å  (half maps from the true poses)")
+    print(f"ratio refined / oracle     {report['resolution_A'] / report['oracle_resolution_A']:.3f}")
+    print(f"median angular error       {report['median_angular_error_deg']:.2f}°  (final fine step {report['final_step_deg']:.2f}°)")
+    print(f"iterations                 {report['iterations']}")
+    print(f"map                        {out / 'refine' / 'run_class001.mrc'}")
+    print(f"FSC plot                   {out / 'refine' / 'run_fsc.png'}")
+    print(f"total time                 {time.perf_counter() - t0:.0f} s")
+    return 0
