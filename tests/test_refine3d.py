@@ -3,6 +3,7 @@ resume, invariance to chunking and workers, and a worker lost mid-iteration."""
 
 import json
 import os
+import signal
 import threading
 import time
 
@@ -124,6 +125,7 @@ def test_workers_and_a_lost_worker_do_not_change_the_result(data, reference_run,
         Client(cluster) as client,
     ):
         killed = []
+        pids = client.run(os.getpid)  # worker address -> process id
 
         def kill_one_worker_during_estep():
             deadline = time.time() + 120
@@ -131,7 +133,7 @@ def test_workers_and_a_lost_worker_do_not_change_the_result(data, reference_run,
                 processing = client.processing()
                 for addr, keys in processing.items():
                     if any("estep" in str(k) for k in keys):
-                        client.run(os._exit, 1, workers=[addr], wait=False)
+                        os.kill(pids[addr], signal.SIGKILL)
                         killed.append(addr)
                         return
                 time.sleep(0.05)
