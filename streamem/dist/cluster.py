@@ -33,6 +33,10 @@ def client_for(
     """
     from distributed import Client, LocalCluster
 
+    # distributed configures its loggers at import; keep our log readable
+    for noisy in ("distributed", "bokeh", "tornado"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
     if scheduler:
         try:
             if Path(scheduler).is_file():

@@ -108,7 +108,7 @@ class EStepModel:
     do_ctf: bool = True
     adaptive_fraction: float = 0.999
     max_significant: int = 32
-    min_orientations: int = 16
+    min_orientations: int = 4
     scale_free: bool = False
     particle_diameter_A: float | None = None
     coarse: dict = field(default_factory=dict, compare=False)
