@@ -1,0 +1,96 @@
+"""``streamem class3d STORE.zarr --ref MAP.mrc --k K --out DIR``: 3D classification (RELION's class3d).
+
+``class2d`` is not implemented yet (its parser is not registered).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from streamem.errors import InputError
+
+
+def register(sub) -> None:
+    from streamem.commands.refine3d import add_cluster_options
+
+    p = sub.add_parser("class3d", help="3D classification into K classes", description=__doc__)
+    p.add_argument("store", help="particle store (.zarr)")
+    p.add_argument("--ref", required=True, help="starting map (MRC), same box and pixel size")
+    p.add_argument("--out", required=True, help="run folder (must be new or empty)")
+    p.add_argument("--k", type=int, default=4, help="number of classes (default 4)")
+    p.add_argument("--iterations", type=int, default=25)
+    p.add_argument(
+        "--healpix-order", type=int, default=2, help="coarse HEALPix order (2: 15°; fine pass 7.5°)"
+    )
+    p.add_argument(
+        "--local",
+        type=float,
+        default=None,
+        metavar="SIGMA_DEG",
+        help="local searches around the stored poses (σ in degrees)",
+    )
+    p.add_argument("--skip-align", action="store_true", help="keep the stored poses; classify only")
+    p.add_argument(
+        "--tau2-fudge", type=float, default=4.0, help="regularisation (RELION class3d: 4)"
+    )
+    p.add_argument("--particle-diameter", type=float, default=None, help="Å (default 0.8 x box)")
+    p.add_argument(
+        "--ini-high", type=float, default=40.0, help="low-pass of the reference, Å (default 40)"
+    )
+    p.add_argument(
+        "--lowres-iterations",
+        type=int,
+        default=None,
+        help="iterations limited to --ini-high (default: a third)",
+    )
+    p.add_argument(
+        "--strict-highres",
+        type=float,
+        default=None,
+        help="never use data beyond this resolution, Å",
+    )
+    p.add_argument("--offset-range", type=float, default=5.0, help="pixels")
+    p.add_argument("--offset-step", type=float, default=1.0, help="pixels (coarse)")
+    p.add_argument("--sym", default="C1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ctf", action="store_true")
+    add_cluster_options(p)
+    p.set_defaults(func=run_class3d)
+
+
+def run_class3d(args) -> int:
+    from streamem.dist.cluster import client_for
+    from streamem.em.classify3d import Class3DOptions, classify3d
+    from streamem.io.store import ParticleStore
+
+    store = ParticleStore(args.store)
+    if not Path(args.ref).exists():
+        raise InputError(args.ref, "reference map not found")
+    options = Class3DOptions(
+        n_classes=args.k,
+        iterations=args.iterations,
+        healpix_order=args.healpix_order,
+        offset_range_px=args.offset_range,
+        offset_step_px=args.offset_step,
+        local_sigma_deg=args.local,
+        skip_align=args.skip_align,
+        tau2_fudge=args.tau2_fudge,
+        particle_diameter_A=args.particle_diameter,
+        ini_high_A=args.ini_high,
+        lowres_iterations=args.lowres_iterations,
+        strict_highres_A=args.strict_highres,
+        symmetry=args.sym,
+        seed=args.seed,
+        do_ctf=not args.no_ctf,
+    )
+    if args.no_cluster:
+        result = classify3d(store, args.ref, args.out, options, None)
+    else:
+        with client_for(
+            args.scheduler, args.n_workers, args.threads_per_worker, args.gpu
+        ) as client:
+            result = classify3d(store, args.ref, args.out, options, client)
+    for k, (f, r) in enumerate(zip(result.fractions, result.resolutions_A, strict=True)):
+        print(f"class {k + 1:3d}  fraction {f:.3f}  resolution {r:6.2f} Å")
+    print(f"outputs: {result.out_dir}/run_it{result.iterations:03d}_*")
+    return 0

@@ -1,0 +1,458 @@
+"""3D classification (RELION's class3d) as a streaming Dask job on the refine3d engine.
+
+Per iteration, as in :mod:`streamem.em.refine`: the E-step model (the K class
+projectors, noise spectra, class fractions, sampling) is broadcast once; one task per
+store chunk runs :func:`streamem.em.estep_classes.expectation_classes` (refine3d's GEMM
+kernels with the classes stacked along the orientation axis), writes its particles'
+poses and rlnClassNumber into ``particles.zarr`` and returns statistics; these are
+tree-reduced and the M-step runs on the client.
+
+Decisions (RELION's class3d, with one documented difference):
+
+- Starting references: the given map low-passed to ``ini_high_A``, one copy per class
+  plus a seeded random perturbation (white noise low-passed to the same resolution,
+  masked to the particle, rms ``perturbation`` × the reference's rms inside the mask),
+  so that the classes differ from the first iteration on.
+- No gold-standard halves: each class is reconstructed from all its particles.
+  The signal power τ² that regularises a class comes from the FSC between two
+  reconstructions of the class from its particles' random halves (rlnRandomSubset),
+  corrected to the full set (2f/(1+f)): RELION instead takes τ² from the class's own
+  data-vs-prior (power of the previous reference), which needs no split; ours uses the
+  same engine as refine3d and gives every class a resolution estimate (rlnEstimatedResolution,
+  FSC 0.143 of the random halves). ``tau2_fudge`` multiplies τ² (RELION's default for
+  class3d: 4).
+- Class fractions π_k = Σ posterior / N enter the log-posterior as log π_k.
+- Fixed angular sampling (``healpix_order``, fine pass one order finer), optional local
+  searches (σ ``local_sigma_deg`` around each particle's previous pose), or
+  ``skip_align`` (poses from the store; posterior over classes only).
+- Noise spectra and the offset prior are updated as in refine3d; the first iteration
+  fits the reference's scale (the starting map is not on the data's greyscale).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from streamem.core.filters import lowpass
+from streamem.core.fsc import fsc as fourier_shell_correlation
+from streamem.core.fsc import resolution_at
+from streamem.core.projector import make_projector
+from streamem.core.symmetry import symmetry_matrices
+from streamem.dist.graph import map_chunks, tree_sum
+from streamem.em import mstep, runfiles
+from streamem.em.estep import EStepModel, SearchGrid
+from streamem.em.estep_classes import ClassEStepModel, expectation_classes
+from streamem.em.refine import (
+    _broadcast,
+    _compute,
+    _load_reference,
+    _power_task,
+    solvent_mask_for,
+    work_box_for,
+)
+from streamem.errors import InputError
+from streamem.io.mrc import write_map
+from streamem.io.relion import write_star
+from streamem.io.store import ParticleStore, optics_params
+
+log = logging.getLogger("streamem")
+
+
+@dataclass(frozen=True)
+class Class3DOptions:
+    """Parameters of a class3d run (RELION option names in brackets)."""
+
+    n_classes: int = 4  # --K
+    iterations: int = 25  # --iter
+    healpix_order: int = 2  # --healpix_order (coarse; the fine pass is one order finer)
+    offset_range_px: float = 5.0  # --offset_range
+    offset_step_px: float = 1.0  # --offset_step
+    local_sigma_deg: float | None = None  # --sigma_ang (local searches)
+    skip_align: bool = False  # --skip_align
+    tau2_fudge: float = 4.0  # --tau2_fudge
+    particle_diameter_A: float | None = None  # --particle_diameter
+    ini_high_A: float = 40.0  # --ini_high
+    strict_highres_A: float | None = None  # --strict_highres_exp: never use finer data
+    lowres_iterations: int | None = None  # iterations at ini_high_A (default: a third)
+    symmetry: str = "C1"  # --sym
+    do_ctf: bool = True
+    flatten_solvent: bool = True
+    perturbation: float = 0.3
+    seed: int = 0
+    padding_factor: int = 2
+    split_every: int = 8
+    reference_on_data_scale: bool = False
+
+    def __post_init__(self):
+        if self.n_classes < 1:
+            raise InputError(None, f"--k must be >= 1, got {self.n_classes}")
+        if self.iterations < 1:
+            raise InputError(None, f"--iterations must be >= 1, got {self.iterations}")
+        if self.tau2_fudge <= 0:
+            raise InputError(None, f"--tau2-fudge must be positive, got {self.tau2_fudge}")
+
+
+@dataclass
+class Class3DResult:
+    """What a class3d run produced; ``plot()`` draws the class fractions per iteration."""
+
+    out_dir: Path
+    maps: np.ndarray  # (K, B, B, B)
+    fractions: np.ndarray  # (K,)
+    resolutions_A: np.ndarray  # (K,)
+    class_numbers: np.ndarray  # (N,) int, from 1
+    pixel_size_A: float
+    iterations: int
+    history: list = field(default_factory=list, repr=False)  # fractions per iteration
+
+    def plot(self, ax=None):
+        import matplotlib.pyplot as plt
+
+        ax = ax or plt.gca()
+        h = np.asarray(self.history)
+        for k in range(h.shape[1]):
+            ax.plot(np.arange(1, len(h) + 1), h[:, k], label=f"class {k + 1}")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("class fraction")
+        ax.legend()
+        return ax
+
+
+def initial_references(
+    reference: np.ndarray,
+    n_classes: int,
+    ini_high_A: float,
+    pixel_size_A: float,
+    mask,
+    amplitude: float,
+    seed: int,
+) -> np.ndarray:
+    """K low-passed copies of a map, each with its own seeded low-pass noise (K, B, B, B)."""
+    ref = lowpass(reference.astype(np.float32), ini_high_A, pixel_size_A)
+    inside = mask if mask is not None else np.ones_like(ref)
+    rms = float(np.sqrt(np.sum(ref**2 * inside) / max(np.sum(inside), 1)))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 3]))
+    out = []
+    for _ in range(n_classes):
+        noise = (
+            lowpass(rng.standard_normal(ref.shape).astype(np.float32), ini_high_A, pixel_size_A)
+            * inside
+        )
+        noise *= (
+            amplitude * rms / max(float(np.sqrt(np.sum(noise**2) / max(np.sum(inside), 1))), 1e-30)
+        )
+        out.append(ref + noise)
+    return np.stack(out).astype(np.float32)
+
+
+def _estep_task(start, stop, store_path, results_path, prev_iteration, iteration, model):
+    """One chunk's E-step: read, compute, write per-particle results, return statistics."""
+    store = ParticleStore(store_path)
+    chunk = store.read_chunk(start, stop)
+    meta = dict(chunk.metadata)
+    if prev_iteration is not None:
+        meta.update(runfiles.read_results(results_path, prev_iteration, start, stop))
+    stats, result = expectation_classes(chunk.images, meta, model)
+    runfiles.write_results(results_path, iteration, start, result.as_columns())
+    return stats
+
+
+def reconstruct_class(data_acc, weight_acc, work_box, padding_factor, tau2_fudge, sym_mats):
+    """One class's map from its two random-half accumulators (2, *grid).
+
+    Returns (map (b, b, b), FSC of the unregularised halves (b//2+1,)). τ² from the
+    half FSC corrected to the full set (module docstring).
+    """
+    if not np.any(weight_acc):
+        return np.zeros((work_box,) * 3, np.float32), np.zeros(work_box // 2 + 1)
+    _, fsc_halves = mstep.reconstruct_halves(
+        data_acc, weight_acc, work_box, padding_factor, tau2_fudge, sym_mats
+    )
+    fsc_halves = np.nan_to_num(fsc_halves)
+    joined = mstep.reconstruct_joined(
+        data_acc, weight_acc, fsc_halves, work_box, padding_factor, tau2_fudge, sym_mats
+    )
+    return joined, fsc_halves
+
+
+def classify3d(
+    store: str | Path | ParticleStore,
+    reference: str | Path | np.ndarray,
+    out_dir: str | Path,
+    options: Class3DOptions | None = None,
+    client=None,
+) -> Class3DResult:
+    """RELION's 3D classification: K classes from one reference.
+
+    store: particle store; reference: MRC path or (B, B, B) array at the store's pixel
+    size; out_dir: run folder (created, must be empty); client: a
+    ``distributed.Client`` or None (threads). With ``skip_align`` the store must hold
+    poses (rlnAngleRot/Tilt/Psi in its metadata).
+    """
+    options = options or Class3DOptions()
+    store = store if isinstance(store, ParticleStore) else ParticleStore(store)
+    out_dir = Path(out_dir)
+    B, p = store.box_size, store.pixel_size_A
+    K = options.n_classes
+    diameter = options.particle_diameter_A or 0.8 * B * p
+    sym_mats = symmetry_matrices(options.symmetry)
+    n_groups = len(store.optics_groups)
+    optics = tuple(optics_params(g) for g in store.optics_groups)
+    do_ctf = options.do_ctf and store.has_fields(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"))
+    if options.skip_align and not store.has_fields(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
+        raise InputError(store.path, "--skip-align needs poses (rlnAngleRot/Tilt/Psi) in the store")
+    ref = _load_reference(reference, B, p)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(out_dir, "output folder is not empty")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / "particles.zarr"
+    bounds = store.chunk_bounds()
+    mask = solvent_mask_for(B, p, diameter) if options.flatten_solvent else None
+    maps = initial_references(
+        ref, K, options.ini_high_A, p, mask, options.perturbation, options.seed
+    )
+    power = _compute(
+        tree_sum(
+            map_chunks(_power_task, bounds, str(store.path), n_groups, name="power"),
+            options.split_every,
+        ),
+        client,
+    )
+    inv_sigma2 = mstep.initial_inv_sigma2(power[0], power[1])
+    sigma_offset_A = options.offset_range_px * p / 2
+    resolution_A = options.ini_high_A
+    fractions = np.full(K, 1.0 / K)
+    resolutions = np.full(K, options.ini_high_A)
+    lowres_iterations = (
+        options.iterations // 3 if options.lowres_iterations is None else options.lowres_iterations
+    )
+    prev_iteration = None
+    previous_classes = None
+    history = []
+    for iteration in range(1, options.iterations + 1):
+        t0 = time.perf_counter()
+        b, radius = work_box_for(resolution_A, B, p)
+        if iteration <= lowres_iterations:
+            radius = min(radius, max(2.0, B * p / options.ini_high_A))
+        if options.strict_highres_A:
+            radius = min(radius, max(2.0, B * p / options.strict_highres_A))
+        projectors = tuple(
+            make_projector(
+                mstep.to_work_frame(m * mask if mask is not None else m, b),
+                options.padding_factor,
+                max_radius_px=radius,
+            )
+            for m in maps
+        )
+        grid = SearchGrid(
+            healpix_order=options.healpix_order,
+            oversampling=1,
+            offset_range_px=options.offset_range_px,
+            offset_step_px=options.offset_step_px,
+            local_sigma_deg=options.local_sigma_deg,
+            symmetry=options.symmetry,
+        )
+        base = EStepModel(
+            projectors=projectors,
+            box_size=B,
+            work_box=b,
+            pixel_size_A=p,
+            max_radius_px=radius,
+            inv_sigma2=inv_sigma2,
+            optics=optics,
+            sigma_offset_A=sigma_offset_A,
+            grid=grid,
+            do_ctf=do_ctf,
+            particle_diameter_A=diameter,
+            scale_free=iteration == 1 and not options.reference_on_data_scale,
+        )
+        with np.errstate(divide="ignore"):
+            model = ClassEStepModel(base, np.log(fractions), options.skip_align)
+        runfiles.create_results_arrays(results_path, iteration, store.n_particles, store.chunk_size)
+        parts = map_chunks(
+            _estep_task,
+            bounds,
+            str(store.path),
+            str(results_path),
+            prev_iteration,
+            iteration,
+            _broadcast(model, client),
+            name=f"class3d-estep-it{iteration:03d}",
+        )
+        stats = _compute(
+            tree_sum(parts, options.split_every, name=f"class3d-stats-it{iteration:03d}"), client
+        )
+
+        # -- M-step ----------------------------------------------------------------------
+        fsc_curves = np.zeros((K, B // 2 + 1))
+        new_maps = []
+        for k in range(K):
+            m_b, fsc_b = reconstruct_class(
+                stats.data_acc[2 * k : 2 * k + 2],
+                stats.weight_acc[2 * k : 2 * k + 2],
+                b,
+                options.padding_factor,
+                options.tau2_fudge,
+                sym_mats,
+            )
+            new_maps.append(mstep.to_full_frame(m_b, B))
+            n_used = min(len(fsc_b), int(radius) + 1)  # no data beyond the E-step's radius
+            fsc_curves[k, :n_used] = fsc_b[:n_used]
+        maps = np.stack(new_maps)
+        total = max(float(stats.class_weight.sum()), 1e-30)
+        fractions = stats.class_weight / total
+        resolutions = np.array(
+            [resolution_at(f, 0.143, B, p) if f[1] > 0.143 else 999.0 for f in fsc_curves]
+        )
+        populated = fractions > 0.5 / store.n_particles
+        resolution_A = (
+            float(resolutions[populated].min()) if populated.any() else options.ini_high_A
+        )
+        if not base.scale_free:
+            inv_sigma2 = mstep.update_inv_sigma2(inv_sigma2, stats.noise_power, stats.noise_count)
+        if not options.skip_align:
+            sigma_offset_A = mstep.update_sigma_offset_A(
+                stats.offset_sq_A2, stats.weight_sum, floor_A=p
+            )
+
+        # -- outputs ---------------------------------------------------------------------
+        prefix = runfiles.iteration_prefix(out_dir, iteration)
+        names = [f"{prefix.name}_class{k + 1:03d}.mrc" for k in range(K)]
+        for k in range(K):
+            write_map(out_dir / names[k], maps[k], p)
+        results = runfiles.read_results(results_path, iteration)
+        runfiles.write_data_star(Path(f"{prefix}_data.star"), store, results)
+        general = {
+            "rlnCurrentResolution": resolution_A,
+            "rlnCurrentImageSize": b,
+            "rlnPixelSize": p,
+            "rlnOriginalImageSize": B,
+            "rlnNrClasses": K,
+            "rlnTau2FudgeFactor": options.tau2_fudge,
+            "rlnLogLikelihood": stats.loglik_sum,
+            "rlnSigmaOffsetsAngst": sigma_offset_A,
+            "rlnAngularSampling": grid.fine_angular_step_deg,
+        }
+        write_classes_model_star(
+            Path(f"{prefix}_model.star"),
+            general,
+            names,
+            fractions,
+            resolutions,
+            fsc_curves,
+            B,
+            p,
+            inv_sigma2,
+        )
+        classes = results["rlnClassNumber"]
+        changed = (
+            float(np.mean(classes != previous_classes)) if previous_classes is not None else 1.0
+        )
+        previous_classes = classes
+        history.append(fractions.tolist())
+        runfiles.write_checkpoint(
+            Path(f"{prefix}_optimiser.json"),
+            {
+                "iteration": iteration,
+                "fractions": fractions.tolist(),
+                "resolutions_A": resolutions.tolist(),
+                "class_maps": names,
+                "sigma_offset_A": sigma_offset_A,
+                "inv_sigma2": inv_sigma2.tolist(),
+            },
+        )
+        log.info(
+            "class3d it %3d  res %6.2f A  classes %s  changed %5.1f%%  box %3d  %6.1f s",
+            iteration,
+            resolution_A,
+            " ".join(f"{f:.3f}" for f in fractions),
+            100 * changed,
+            b,
+            time.perf_counter() - t0,
+        )
+        prev_iteration = iteration
+    return Class3DResult(
+        out_dir=out_dir,
+        maps=maps,
+        fractions=fractions,
+        resolutions_A=resolutions,
+        class_numbers=np.asarray(previous_classes, np.int64),
+        pixel_size_A=p,
+        iterations=options.iterations,
+        history=history,
+    )
+
+
+def write_classes_model_star(
+    path,
+    general,
+    class_maps,
+    fractions,
+    resolutions_A,
+    fsc_curves,
+    box_size,
+    pixel_size_A,
+    inv_sigma2,
+):
+    """RELION's class3d model STAR: general, classes table, per-class FSC, noise spectra."""
+    shells = np.arange(box_size // 2 + 1)
+    with np.errstate(divide="ignore"):
+        res = np.where(shells > 0, box_size * pixel_size_A / np.maximum(shells, 1), 999.0)
+    blocks = {
+        "model_general": pd.DataFrame([general]),
+        "model_classes": pd.DataFrame(
+            {
+                "rlnReferenceImage": list(class_maps),
+                "rlnClassDistribution": np.asarray(fractions, np.float64),
+                "rlnEstimatedResolution": np.asarray(resolutions_A, np.float64),
+            }
+        ),
+    }
+    for k, curve in enumerate(fsc_curves):
+        blocks[f"model_class_{k + 1}"] = pd.DataFrame(
+            {
+                "rlnSpectralIndex": shells,
+                "rlnResolution": shells / (box_size * pixel_size_A),
+                "rlnAngstromResolution": res,
+                "rlnGoldStandardFsc": curve[: len(shells)],
+            }
+        )
+    for g, inv in enumerate(inv_sigma2):
+        with np.errstate(divide="ignore"):
+            sigma2 = np.where(inv > 0, 1.0 / np.maximum(inv, 1e-300), 0.0)
+        blocks[f"model_optics_group_{g + 1}"] = pd.DataFrame(
+            {"rlnSpectralIndex": shells, "rlnSigma2Noise": sigma2[: len(shells)]}
+        )
+    write_star(path, blocks)
+
+
+def read_classes_model_star(path) -> pd.DataFrame:
+    """The ``model_classes`` table of a run_itNNN_model.star (class2d or class3d)."""
+    import starfile
+
+    return starfile.read(path, always_dict=True)["model_classes"]
+
+
+def class_fsc(maps: np.ndarray) -> np.ndarray:
+    """FSC between every pair of class maps (K, K, B//2+1) (diagnostics)."""
+    K = maps.shape[0]
+    out = np.ones((K, K, maps.shape[1] // 2 + 1))
+    for i in range(K):
+        for j in range(i + 1, K):
+            out[i, j] = out[j, i] = fourier_shell_correlation(maps[i], maps[j])
+    return out
+
+
+def latest_state(out_dir) -> dict:
+    """The newest iteration's checkpoint of a class3d/class2d run."""
+    path = runfiles.latest_checkpoint(Path(out_dir))
+    if path is None:
+        raise InputError(out_dir, "no run_itNNN_optimiser.json: not a finished classification run")
+    return json.loads(path.read_text())

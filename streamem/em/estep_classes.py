@@ -1,0 +1,365 @@
+"""The E-step over classes × poses: refine3d's kernels with a class axis (no I/O, no Dask).
+
+RELION's classification posterior for image i is over (class k, orientation j,
+translation t): log p = −diff2(i, k, j, t) + log π_k + log prior(t) (+ the local-search
+orientation prior). The coarse pass stacks the K classes' central slices along the
+orientation axis, so the class axis rides inside the same GEMM as refine3d's
+(:func:`streamem.em.estep.cross_terms`, :func:`ref_power_terms`): a table row is
+(class, orientation) with row = k·J + j. Significant coarse (translation, row) pairs
+are refined into their children (2³ orientations × 2² translations for oversampling 1)
+exactly as in :mod:`streamem.em.estep`, each child keeping its parent's class.
+
+Statistics: the K classes' accumulators are stored on the leading axis of
+:class:`SufficientStatistics` as 2K half-cubes, index 2k + (rlnRandomSubset − 1), so
+the M-step can estimate each class's signal power from the FSC between random halves
+of its own particles (see :mod:`streamem.em.classify3d`). ``class_weight`` (K,) sums
+the class posteriors.
+
+With ``skip_align`` the poses are fixed to the particles' stored ones and the posterior
+is over classes only: one projection per (particle, class).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse
+from scipy.special import logsumexp
+
+from streamem.core import sampling
+from streamem.core.backprojector import insert_points
+from streamem.core.euler import angular_distance_deg, euler_to_matrix
+from streamem.core.projector import half_cube_shape, padded_radius, project_points
+from streamem.em.estep import (
+    ChunkResult,
+    EStepModel,
+    coarse_orientations,
+    cross_terms,
+    half_plane_points,
+    log_likelihood,
+    offset_log_prior,
+    prepare_images,
+    ref_power_terms,
+    significant_mask,
+    significant_weights,
+)
+from streamem.em.statistics import SufficientStatistics
+
+
+@dataclass(frozen=True)
+class ClassEStepModel:
+    """A refine3d :class:`EStepModel` whose projectors are the K class references.
+
+    log_class_prior: (K,) log class fractions (−inf for an empty class is allowed).
+    skip_align: poses fixed to the stored ones; posterior over classes only.
+    """
+
+    base: EStepModel
+    log_class_prior: np.ndarray
+    skip_align: bool = False
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.base.projectors)
+
+
+def empty_class_statistics(grid_shape, n_optics_groups: int, n_shells: int, n_classes: int):
+    """Statistics with 2K accumulators (class k, half h at index 2k + h)."""
+    return SufficientStatistics(
+        data_acc=np.zeros((2 * n_classes, *grid_shape), np.complex128),
+        weight_acc=np.zeros((2 * n_classes, *grid_shape), np.float64),
+        noise_power=np.zeros((n_optics_groups, n_shells)),
+        noise_count=np.zeros((n_optics_groups, n_shells)),
+        class_weight=np.zeros(n_classes),
+    )
+
+
+def _halves(metadata, n):
+    if "rlnRandomSubset" in metadata:
+        return np.clip(np.asarray(metadata["rlnRandomSubset"], np.int64) - 1, 0, 1)
+    return np.arange(n) % 2
+
+
+def _poses(metadata):
+    keys = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+    if not all(k in metadata for k in keys):
+        return None
+    ang = np.stack([np.asarray(metadata[k], np.float64) for k in keys], axis=1)
+    return None if np.isnan(ang).any() else ang
+
+
+def expectation_classes(
+    images: np.ndarray, metadata: dict[str, np.ndarray], model: ClassEStepModel
+) -> tuple[SufficientStatistics, ChunkResult]:
+    """E-step of one chunk over (class, orientation, translation).
+
+    images: (n, B, B) float32 centred at B//2; metadata: RELION labels → (n,) arrays
+    (rlnRandomSubset picks the half accumulator; previous poses and origins are used
+    for local searches, translations and ``skip_align``). Returns the chunk's
+    statistics (2K accumulators) and per-particle results (rlnClassNumber from 1).
+    """
+    base = model.base
+    n, B = images.shape[0], base.box_size
+    coords, flat, shell = half_plane_points(B, base.max_radius_px)
+    prep = prepare_images(images, metadata, base, coords, flat, shell)
+    K = model.n_classes
+    grid_shape = half_cube_shape(
+        padded_radius(base.max_radius_px, base.projectors[0].padding_factor)
+    )
+    stats = empty_class_statistics(grid_shape, len(base.optics), base.n_shells, K)
+    result = ChunkResult(*(np.zeros(n) for _ in range(9)))
+    groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), np.int64) - 1
+    halves = _halves(metadata, n)
+    previous = _poses(metadata)
+    if model.skip_align:
+        if previous is None:
+            raise ValueError("skip_align needs rlnAngleRot/Tilt/Psi for every particle")
+        noise_rows = _fixed_poses(prep, model, coords, previous, halves, stats, result)
+    else:
+        noise_rows = _search(prep, model, coords, previous, halves, stats, result)
+    n_shells = stats.noise_power.shape[1]
+    for g in np.unique(groups):
+        rows = groups == g
+        stats.noise_power[g] += np.bincount(
+            shell, noise_rows[rows].sum(axis=0), minlength=n_shells
+        )[:n_shells]
+        stats.noise_count[g] += rows.sum() * np.bincount(shell, minlength=n_shells)[:n_shells]
+    return stats, result
+
+
+def _fixed_poses(prep, model, coords, poses, halves, stats, result):
+    """Posterior over classes at the stored poses; returns per-image noise rows (n, M)."""
+    base = model.base
+    B, p = base.box_size, base.pixel_size_A
+    n, M = prep.X.shape
+    X0 = prep.X * np.asarray(
+        sampling.shift_phases(coords, prep.prior_offset_px, B)
+    )  # (n, M) centred
+    cw = prep.ctf * prep.inv_sigma2
+    ctf2w = prep.ctf * cw
+    rot = euler_to_matrix(poses[:, 0], poses[:, 1], poses[:, 2])  # (n, 3, 3)
+    A = np.stack([project_points(f, rot, coords) for f in base.projectors])  # (K, n, M)
+    C = np.einsum("nm,knm->nk", np.conj(X0) * cw, A).real  # (n, K)
+    S = 0.5 * np.einsum("knm,nm->nk", A.real**2 + A.imag**2, ctf2w)  # (n, K)
+    logp = log_likelihood(C, S, prep.norm[:, None], base.scale_free) + model.log_class_prior[None]
+    lse = logsumexp(logp, axis=1)
+    W = np.exp(logp - lse[:, None])  # (n, K)
+    best = W.argmax(axis=1)
+    result.rot[:], result.tilt[:], result.psi[:] = poses.T
+    result.origin_y_A[:], result.origin_x_A[:] = (prep.prior_offset_px * p).T
+    result.max_prob[:] = W.max(axis=1)
+    result.n_significant[:] = (W > 1e-3).sum(axis=1)
+    result.loglik[:] = lse
+    result.class_number[:] = best + 1
+    power_X = prep.X.real**2 + prep.X.imag**2
+    noise_rows = np.zeros((n, M))
+    for k in range(model.n_classes):
+        wk = W[:, k]
+        noise_rows += wk[:, None] * (
+            power_X
+            - 2 * prep.ctf * (np.conj(X0) * A[k]).real
+            + prep.ctf**2 * (A[k].real ** 2 + A[k].imag ** 2)
+        )
+        for h in (0, 1):
+            sel = (halves == h) & (wk > 0)
+            if sel.any():
+                insert_points(
+                    stats.data_acc[2 * k + h],
+                    stats.weight_acc[2 * k + h],
+                    rot[sel],
+                    coords,
+                    (wk[sel, None] * X0[sel] * cw[sel]).astype(np.complex128),
+                    wk[sel, None] * ctf2w[sel],
+                    base.projectors[k].padding_factor,
+                )
+    stats.class_weight += W.sum(axis=0)
+    stats.weight_sum += n
+    stats.loglik_sum += float(lse.sum())
+    return noise_rows
+
+
+def _coarse_candidates(model, previous, n):
+    """Coarse orientations (angles (U, 3)) and each image's rows into them (local or global)."""
+    grid = model.base.grid
+    if grid.local_sigma_deg is None or previous is None:
+        rot_c, ang_c = coarse_orientations(model.base)
+        return rot_c, ang_c, None
+    cands = [
+        np.asarray(
+            sampling.local_orientations(previous[i], grid.healpix_order, 3 * grid.local_sigma_deg)
+        )
+        for i in range(n)
+    ]
+    ang_c, inverse = np.unique(np.round(np.concatenate(cands), 6), axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    bounds = np.cumsum([0] + [c.shape[0] for c in cands])
+    member = [inverse[bounds[i] : bounds[i + 1]] for i in range(n)]
+    return euler_to_matrix(ang_c[:, 0], ang_c[:, 1], ang_c[:, 2]), ang_c, member
+
+
+def _search(prep, model, coords, previous, halves, stats, result):
+    """Coarse pass over classes × orientations × translations, then the fine pass."""
+    base = model.base
+    grid = base.grid
+    p, B = base.pixel_size_A, base.box_size
+    K = model.n_classes
+    X, ctf = prep.X, prep.ctf
+    cw = ctf * prep.inv_sigma2
+    ctf2w = ctf * cw
+    n, M = X.shape
+    prior_px = prep.prior_offset_px
+    log_pi = np.asarray(model.log_class_prior, np.float64)
+
+    # -- coarse pass: one GEMM, the classes stacked along the orientation axis --------
+    shifts = np.asarray(
+        sampling.translation_grid(grid.offset_range_px, grid.offset_step_px)
+    )  # (T, 2)
+    phases = np.asarray(sampling.shift_phases(coords, shifts, B))  # (T, M)
+    X0 = X * np.asarray(sampling.shift_phases(coords, prior_px, B))  # (n, M) on previous origin
+    Mc = int(
+        np.searchsorted(np.hypot(coords[:, 0], coords[:, 1]), base.coarse_radius_px, side="right")
+    )
+    Xs = X0[:, None, :Mc] * phases[None, :, :Mc]  # (n, T, Mc)
+    offset_prior = offset_log_prior(
+        prior_px[:, None, :] + shifts[None], base.sigma_offset_A, p
+    )  # (n, T)
+    rot_c, ang_c, member = _coarse_candidates(model, previous, n)
+    J = ang_c.shape[0]
+    refs = np.concatenate(
+        [project_points(f, rot_c, coords[:Mc]) for f in base.projectors]
+    )  # (K·J, Mc)
+    C = cross_terms(Xs, cw[:, :Mc], refs)  # (n, T, K·J)
+    S = ref_power_terms(ctf2w[:, :Mc], refs)  # (n, K·J)
+    logp = log_likelihood(C, S[:, None, :], 0.0, base.scale_free) + offset_prior[:, :, None]
+    logp += np.repeat(log_pi, J)[None, None, :]
+    if member is not None:  # local searches: only each image's own candidates, Gaussian prior
+        ang_prior = np.full((n, J), -np.inf)
+        for i in range(n):
+            ang_prior[i, member[i]] = sampling.gaussian_orientation_prior(
+                ang_c[member[i]], previous[i], grid.local_sigma_deg
+            )
+        logp += np.tile(ang_prior, (1, K))[:, None, :]
+    pairs = []  # per image: (translation index, coarse row k·J + j)
+    for i in range(n):
+        lp = logp[i]  # (T, K·J)
+        mask = significant_mask(
+            lp.reshape(1, -1), base.adaptive_fraction, base.max_significant
+        ).reshape(lp.shape)
+        k = min(base.min_orientations, lp.shape[1])
+        if k > 0:
+            best_rows = np.argpartition(-lp.max(axis=0), k - 1)[:k]
+            best_rows = best_rows[np.isfinite(lp[:, best_rows].max(axis=0))]
+            mask[lp[:, best_rows].argmax(axis=0), best_rows] = True
+        t_idx, rows = np.nonzero(mask)
+        pairs.append((t_idx, rows))
+    del C, logp, Xs
+
+    # -- the fine table: children of every (class, orientation) some image refines -------
+    union = np.unique(np.concatenate([r for _, r in pairs]))
+    kids = np.asarray(
+        sampling.oversample_orientations(ang_c[union % J], grid.healpix_order, grid.oversampling)
+    )
+    n_kids = kids.shape[1]  # kids: (U, n_kids, 3)
+    ang_table = kids.reshape(-1, 3)
+    class_table = np.repeat(union // J, n_kids)  # class of each table row
+    pos = np.full(K * J, -1)
+    pos[union] = np.arange(union.size)
+    rot_table = euler_to_matrix(ang_table[:, 0], ang_table[:, 1], ang_table[:, 2])
+    refs_table = np.zeros((ang_table.shape[0], M), np.complex64)
+    for c in np.unique(class_table):
+        sel = class_table == c
+        refs_table[sel] = project_points(base.projectors[c], rot_table[sel], coords)
+    power_table = (refs_table.real**2 + refs_table.imag**2).astype(np.float32)
+    sub = np.asarray(
+        sampling.oversample_translations(np.zeros((1, 2)), grid.offset_step_px, grid.oversampling)
+    )
+    sub = sub.reshape(-1, 2)
+    noise_rows = np.zeros((n, M))
+    bp_keys, bp_vals, bp_wgts = [], [], []
+
+    # -- fine pass, image by image (as refine3d), each child row carrying its class ------
+    for i in range(n):
+        t_idx, rows = pairs[i]
+        P = t_idx.size
+        shifts_f = shifts[t_idx][:, None, :] + sub[None]  # (P, S, 2)
+        krows = pos[rows][:, None] * n_kids + np.arange(n_kids)  # (P, nk)
+        ph = np.asarray(sampling.shift_phases(coords, shifts_f.reshape(-1, 2), B)).reshape(P, -1, M)
+        Xf = X0[i] * ph  # (P, S, M)
+        A = refs_table[krows]  # (P, nk, M)
+        Y = np.conj(Xf) * cw[i]
+        lhs = np.concatenate([Y.real, -Y.imag], axis=-1)  # (P, S, 2M)
+        rhs = np.concatenate([A.real, A.imag], axis=-1).transpose(0, 2, 1)  # (P, 2M, nk)
+        Cf = lhs @ rhs  # (P, S, nk)
+        Sf = 0.5 * (power_table[krows] @ ctf2w[i])  # (P, nk)
+        total = prior_px[i] + shifts_f  # (P, S, 2)
+        lpf = log_likelihood(Cf, Sf[:, None, :], prep.norm[i], base.scale_free)
+        lpf += offset_log_prior(total, base.sigma_offset_A, p)[:, :, None]
+        lpf += log_pi[class_table[krows]][:, None, :]
+        if member is not None:
+            ang_f = ang_table[krows.ravel()]
+            lpf += sampling.gaussian_orientation_prior(
+                ang_f, previous[i], grid.local_sigma_deg
+            ).reshape(P, 1, -1)
+        lse = logsumexp(lpf)
+        W = np.exp(lpf - lse)  # (P, S, nk)
+        pb, sb, kb = np.unravel_index(np.argmax(W), W.shape)
+        best_row = krows[pb, kb]
+        result.rot[i], result.tilt[i], result.psi[i] = ang_table[best_row]
+        best_origin_px = total[pb, sb]
+        result.origin_y_A[i], result.origin_x_A[i] = best_origin_px * p
+        result.max_prob[i] = W[pb, sb, kb]
+        result.class_number[i] = class_table[best_row] + 1
+        W, result.n_significant[i] = significant_weights(W, base.adaptive_fraction)
+        result.loglik[i] = lse
+
+        live = W.reshape(P, -1).any(axis=1)
+        Wl, Xl, rows_l = W[live], Xf[live], krows[live]
+        D = (Wl.transpose(0, 2, 1).astype(np.complex64) @ Xl).reshape(-1, M)  # (P'·nk, M)
+        w_j = Wl.sum(axis=1).ravel()
+        rows_l = rows_l.ravel()
+        on = w_j > 0
+        D, w_j, rows_l = D[on], w_j[on], rows_l[on]
+        bp_keys.append(2 * rows_l + halves[i])
+        bp_vals.append(D * cw[i])
+        bp_wgts.append(w_j[:, None] * ctf2w[i])
+        A_l = refs_table[rows_l]
+        noise_rows[i] = (
+            (X[i].real ** 2 + X[i].imag ** 2)
+            - 2 * ctf[i] * np.sum((np.conj(D) * A_l).real, axis=0)
+            + ctf[i] ** 2 * (w_j @ power_table[rows_l])
+        )
+        stats.class_weight += np.bincount(class_table[rows_l], weights=w_j, minlength=K)
+        stats.offset_sq_A2 += float(np.sum(W * np.sum((total * p) ** 2, axis=-1)[:, :, None]))
+        stats.weight_sum += 1.0
+        stats.loglik_sum += float(lse)
+        if previous is not None:
+            A_new = euler_to_matrix(*ang_table[best_row])
+            A_old = euler_to_matrix(*previous[i])
+            stats.pose_change_deg_sum += float(angular_distance_deg(A_new, A_old))
+            stats.offset_change_A_sum += float(np.hypot(*((best_origin_px - prior_px[i]) * p)))
+            stats.n_with_previous += 1
+
+    # sum the per-image rows into (table row, half) and insert per (class, half)
+    keys = np.concatenate(bp_keys)
+    used, inverse = np.unique(keys, return_inverse=True)
+    onehot = scipy.sparse.csr_matrix(
+        (np.ones(keys.size), (inverse.ravel(), np.arange(keys.size))), shape=(used.size, keys.size)
+    )
+    vals = onehot @ np.concatenate(bp_vals).astype(np.complex128)
+    wgts = onehot @ np.concatenate(bp_wgts).astype(np.float64)
+    table_rows, half_of = used // 2, used % 2
+    for c in range(K):
+        for h in (0, 1):
+            sel = (class_table[table_rows] == c) & (half_of == h)
+            if sel.any():
+                insert_points(
+                    stats.data_acc[2 * c + h],
+                    stats.weight_acc[2 * c + h],
+                    rot_table[table_rows[sel]],
+                    coords,
+                    vals[sel],
+                    wgts[sel],
+                    base.projectors[c].padding_factor,
+                )
+    return noise_rows

@@ -1,0 +1,143 @@
+"""3D classification on a simulated 60/40 mix of two conformations (asym, asym-B):
+class fractions and per-particle assignments against the truth, RELION outputs, CLI."""
+
+import collections
+
+import numpy as np
+import pytest
+import starfile
+
+from streamem.core.euler import angular_distance_deg, euler_to_matrix
+from streamem.em.classify3d import Class3DOptions, classify3d
+from streamem.io.mrc import read_map
+from streamem.simulate.particles import simulate_particles, truth_volume_paths
+
+BOX, PIXEL, N = 32, 4.0, 600
+POSES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("class3d")
+    store = simulate_particles(
+        root / "p.zarr", N, box_size=BOX, pixel_size_A=PIXEL, snr=0.2, seed=3,
+        phantom=["asym", "asym-B"], mix=[0.6, 0.4], chunk_size=100, max_shift_A=4.0,
+    )  # fmt: skip
+    truth = store.read_table("truth")
+    for label in POSES:  # as after a consensus refinement: the store holds poses
+        store.add_field(label, np.float64)
+    store.write_region(0, metadata={label: truth[label] for label in POSES})
+    reference, _ = read_map(truth_volume_paths(store.path)[0])  # conformation A only
+    return root, store, truth, reference
+
+
+def _matched_accuracy(truth_classes, found):
+    """Fraction of particles in the truth class that is the majority of their class."""
+    correct = 0
+    for k in np.unique(found):
+        correct += collections.Counter(truth_classes[found == k]).most_common(1)[0][1]
+    return correct / len(found)
+
+
+def _fractions_by_truth(truth_classes, found, fractions):
+    """Estimated fraction of each true class (the classes whose majority it is)."""
+    out = collections.defaultdict(float)
+    for k in np.unique(found):
+        major = collections.Counter(truth_classes[found == k]).most_common(1)[0][0]
+        out[int(major)] += fractions[k - 1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def skip_align_run(data):
+    root, store, _, reference = data
+    options = Class3DOptions(
+        n_classes=2, iterations=8, lowres_iterations=3, skip_align=True, ini_high_A=20.0,
+        tau2_fudge=1.0, seed=0,
+    )  # fmt: skip
+    return classify3d(store, reference, root / "skip", options)
+
+
+def test_skip_align_recovers_the_mix(data, skip_align_run):
+    _, store, truth, _ = data
+    result = skip_align_run
+    tc = truth["rlnClassNumber"]
+    accuracy = _matched_accuracy(tc, result.class_numbers)
+    assert accuracy >= 0.90, accuracy
+    est = _fractions_by_truth(tc, result.class_numbers, result.fractions)
+    assert set(est) == {1, 2}  # each conformation has its own class
+    for k in (1, 2):
+        assert abs(est[k] - np.mean(tc == k)) < 0.05, (est, np.mean(tc == 1))
+
+
+def test_relion_outputs(data, skip_align_run):
+    out = skip_align_run.out_dir
+    for name in (
+        "run_it008_class001.mrc",
+        "run_it008_class002.mrc",
+        "run_it008_model.star",
+        "run_it008_data.star",
+    ):
+        assert (out / name).exists(), name
+    vol, voxel = read_map(out / "run_it008_class001.mrc")
+    assert vol.shape == (BOX,) * 3 and voxel == pytest.approx(PIXEL)
+    model = starfile.read(out / "run_it008_model.star", always_dict=True)
+    classes = model["model_classes"]
+    assert list(classes["rlnReferenceImage"]) == [
+        "run_it008_class001.mrc",
+        "run_it008_class002.mrc",
+    ]
+    np.testing.assert_allclose(classes["rlnClassDistribution"].sum(), 1.0, atol=1e-6)
+    np.testing.assert_allclose(classes["rlnClassDistribution"], skip_align_run.fractions, atol=1e-5)
+    assert (classes["rlnEstimatedResolution"] >= 2 * PIXEL).all()
+    particles = starfile.read(out / "run_it008_data.star", always_dict=True)["particles"]
+    np.testing.assert_array_equal(particles["rlnClassNumber"], skip_align_run.class_numbers)
+
+
+def test_maps_resemble_their_conformation(data, skip_align_run):
+    """Each class map correlates best with the truth volume of its majority class."""
+    _, store, truth, _ = data
+    truths = [read_map(p)[0] for p in truth_volume_paths(store.path)]
+    tc = truth["rlnClassNumber"]
+    for k, m in enumerate(skip_align_run.maps, start=1):
+        major = collections.Counter(tc[skip_align_run.class_numbers == k]).most_common(1)[0][0]
+        cc = [np.corrcoef(m.ravel(), t.ravel())[0, 1] for t in truths]
+        assert int(np.argmax(cc)) + 1 == major, cc
+
+
+def test_alignment_with_local_searches(data, tmp_path):
+    """Poses and classes together (local searches around the stored poses): poses stay
+    within two fine angular steps of the truth and both classes stay populated."""
+    _, store, truth, reference = data
+    options = Class3DOptions(
+        n_classes=2, iterations=2, lowres_iterations=1, healpix_order=2, local_sigma_deg=8.0,
+        offset_range_px=2.0, offset_step_px=1.0, ini_high_A=20.0, tau2_fudge=1.0,
+    )  # fmt: skip
+    result = classify3d(store, reference, tmp_path / "run", options)
+    from streamem.em import runfiles
+
+    poses = runfiles.read_results(tmp_path / "run" / "particles.zarr", 2)
+    A = euler_to_matrix(poses["rlnAngleRot"], poses["rlnAngleTilt"], poses["rlnAnglePsi"])
+    T = euler_to_matrix(truth["rlnAngleRot"], truth["rlnAngleTilt"], truth["rlnAnglePsi"])
+    assert np.median(angular_distance_deg(A, T)) < 15.0  # two fine steps of order 3 (7.5°)
+    assert result.fractions.min() > 0.1
+    assert set(np.unique(result.class_numbers)) == {1, 2}
+
+
+def test_cli_bad_input(data, tmp_path):
+    from streamem.cli import main
+
+    _, store, _, _ = data
+    assert (
+        main(
+            [
+                "class3d",
+                str(store.path),
+                "--ref",
+                str(tmp_path / "missing.mrc"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
