@@ -1,0 +1,45 @@
+"""``streamem select STORE.zarr --run DIR --classes 1,4,7 OUT.zarr``: keep the particles of chosen classes."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "select", help="copy the particles of chosen classes into a new store", description=__doc__
+    )
+    p.add_argument("store", help="particle store (.zarr) the run classified")
+    p.add_argument("out", help="new store (.zarr)")
+    p.add_argument(
+        "--run", required=True, help="class2d/class3d run folder (newest iteration is used)"
+    )
+    p.add_argument("--classes", default=None, help="comma-separated class numbers (default: all)")
+    p.add_argument(
+        "--min-size", type=int, default=None, help="keep classes with at least N particles"
+    )
+    p.add_argument(
+        "--max-resolution",
+        type=float,
+        default=None,
+        help="keep classes at this resolution (Å) or better",
+    )
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from streamem.em.select import select_particles
+    from streamem.errors import InputError
+
+    classes = None
+    if args.classes:
+        try:
+            classes = [int(c) for c in args.classes.split(",") if c.strip()]
+        except ValueError:
+            raise InputError(
+                None, f"--classes must be comma-separated integers, got {args.classes!r}"
+            ) from None
+    out = select_particles(
+        args.store, args.run, args.out, classes, args.min_size, args.max_resolution, args.overwrite
+    )
+    print(f"{out.n_particles} particles -> {out.path}")
+    return 0
