@@ -111,6 +111,7 @@ class Class3DResult:
     pixel_size_A: float
     iterations: int
     history: list = field(default_factory=list, repr=False)  # fractions per iteration
+    seconds: list = field(default_factory=list, repr=False)  # wall time per iteration
 
     def plot(self, ax=None):
         import matplotlib.pyplot as plt
@@ -235,7 +236,7 @@ def classify3d(
     )
     prev_iteration = None
     previous_classes = None
-    history = []
+    history, seconds = [], []
     for iteration in range(1, options.iterations + 1):
         t0 = time.perf_counter()
         b, radius = work_box_for(resolution_A, B, p)
@@ -357,6 +358,7 @@ def classify3d(
         )
         previous_classes = classes
         history.append(fractions.tolist())
+        seconds.append(time.perf_counter() - t0)
         runfiles.write_checkpoint(
             Path(f"{prefix}_optimiser.json"),
             {
@@ -387,6 +389,7 @@ def classify3d(
         pixel_size_A=p,
         iterations=options.iterations,
         history=history,
+        seconds=seconds,
     )
 
 
