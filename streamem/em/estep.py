@@ -467,6 +467,7 @@ def _expect_group(
     bp_rows, bp_vals, bp_wgts = [], [], []  # per image: table rows and their sums
     sub = np.asarray(sampling.oversample_translations(np.zeros((1, 2)), grid.offset_step_px, grid.oversampling))
     sub = sub.reshape(-1, 2)  # (S, 2) fine offsets around a coarse translation
+    sub_phases = np.asarray(sampling.shift_phases(coords, sub, B))  # (S, M)
 
     # -- fine pass, image by image: the children of each pair as a batched GEMM ----------
     for i in range(n):
@@ -475,8 +476,7 @@ def _expect_group(
         P = t_idx.size
         shifts_f = shifts[t_idx][:, None, :] + sub[None]  # (P, S, 2)
         krows = pos[j_rows][:, None] * n_kids + np.arange(n_kids)  # (P, K) rows of the table
-        ph = np.asarray(sampling.shift_phases(coords, shifts_f.reshape(-1, 2), B)).reshape(P, -1, M)
-        Xs = X0[i] * ph  # (P, S, M)
+        Xs = (X0[i] * phases[t_idx])[:, None, :] * sub_phases  # (P, S, M): phase(t + s) = phase(t)·phase(s)
         A = refs_table[krows]  # (P, K, M)
         Y = np.conj(Xs) * cw[i]
         lhs = np.concatenate([Y.real, -Y.imag], axis=-1)  # (P, S, 2M)
