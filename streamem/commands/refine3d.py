@@ -44,7 +44,12 @@ def register(sub) -> None:
     )
     p.add_argument("--offset-range", type=float, default=6.0, help="pixels")
     p.add_argument("--offset-step", type=float, default=2.0, help="pixels (coarse)")
-    p.add_argument("--auto-local-healpix-order", type=int, default=4)
+    p.add_argument(
+        "--auto-local-healpix-order",
+        type=int,
+        default=3,
+        help="coarse order from which searches are local (RELION: 4)",
+    )
     p.add_argument("--max-iterations", type=int, default=25)
     p.add_argument("--no-ctf", action="store_true")
     p.add_argument(
