@@ -61,7 +61,9 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--factor", type=int, default=10, help="large set = factor x N (10)")
     p.add_argument("--box", type=int, default=128, help="box in pixels (128)")
     p.add_argument("--pixel-size", type=float, default=1.5, help="pixel size in A (1.5)")
-    p.add_argument("--chunk-size", type=int, default=0, help="store chunk (0: default)")
+    p.add_argument(
+        "--chunk-size", type=int, default=0, help="store chunk, both sizes (0: store default)"
+    )
     p.add_argument("--workers", type=int, default=0, help="threads (0: all cores)")
     p.add_argument("--workdir", default=None, help="where to write the stores (default: tmp)")
     p.add_argument("--json", default=None, help="also write the results to this file")
@@ -98,6 +100,11 @@ def measure(
     workers: int = 0,
     workdir: str | None = None,
 ) -> dict:
+    from streamem.io.store import default_chunk_size
+
+    # The same chunk for both sizes (the store's default for the box), so that the
+    # peak-RSS ratio shows growth with N rather than a difference in chunk size.
+    chunk_size = chunk_size or default_chunk_size(box)
     folder = Path(tempfile.mkdtemp(prefix="streamem-bench-simulate-", dir=workdir))
     try:
         runs = {}
