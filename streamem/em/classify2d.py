@@ -1,0 +1,800 @@
+"""2D classification (RELION's class2d) as a streaming Dask job on the refine3d kernels.
+
+Per iteration, as in :mod:`streamem.em.refine`: the model (the K class averages, noise
+spectra, class fractions, sampling) is broadcast once; one task per store chunk runs
+:func:`expectation_2d`, writes its particles' class, psi and origin into
+``particles.zarr`` and returns :class:`~streamem.em.statistics.SufficientStatistics`;
+these are tree-reduced and the M-step (:func:`maximisation_2d`) runs on the client.
+
+Frames and units. A class is kept as a real (B, B) image centred at B//2; the E-step
+and the statistics use its rfft coefficients at the half-plane points of
+:func:`streamem.em.estep.half_plane_points` (full-box DFT units, as the images).
+
+In-plane rotation (RELION's convention, pinned by a test against the projector): an
+image at pose (0, 0, psi) is the class rotated by psi, i.e. its coefficient at k is the
+class's at ``M k`` with ``M = [[c, −s], [s, c]]`` (x, y order), and in real space
+``out(x) = in(M x)`` about the centre (:func:`rotate_images`). References are rotated
+in real space (cubic spline, ``scipy.ndimage.map_coordinates``) and re-transformed.
+
+E-step (per chunk, image batches bounded in memory): the K·P rotated references
+(class-major, row k·P + p) against every image × translation in one GEMM
+(:func:`streamem.em.estep.cross_terms`, :func:`~streamem.em.estep.ref_power_terms`),
+log-posterior = −diff2 + log π_k + Gaussian offset prior (translations searched around
+the particle's previous origin, as refine3d). No fine pass: the grid is the psi step ×
+the offset step (adaptive oversampling is left for later). Posterior weights keep the
+samples holding ``adaptive_fraction`` of the mass (:func:`significant_weights`).
+
+Statistics: per (class, psi) row J, Σ_{i,t} w · CTF·X_t/σ² is a GEMM
+(J, n·T) @ (n·T, M), and Σ_i w · CTF²/σ² a GEMM (J, n) @ (n, M); the rows are rotated
+back to the class frame by −psi once per chunk and summed over psi: the data sums in
+real space (inverse FT, cubic rotation, FT), the CTF² weights by bilinear interpolation
+on the centred Fourier grid (they are real and even in k). Noise sums per optics group
+and shell, class weights, offsets as refine3d.
+
+M-step: the class average is Σ CTF·X/σ² / (Σ CTF²/σ² + 1/(fudge·τ²)) (RELION's Wiener
+form). τ² per class and shell is estimated from the class's own data (no half sets in
+class2d): the unregularised average D/W has noise power 2/W per coefficient, so
+τ²(s) = max(0, ⟨|D/W|²⟩_s/2 − ⟨1/W⟩_s) (per complex component, as σ²). RELION instead
+reuses the previous iteration's reference power; this estimate needs no history. The
+class's data-vs-prior fudge·τ²·⟨W⟩ gives its resolution (rlnEstimatedResolution: the
+last shell before it drops below 1). The average is masked with a soft circle of the
+particle diameter; ``center_classes`` moves each average's centre of mass (of its
+positive part) to the box centre. Class fractions π_k = Σ posterior / N.
+
+Initial classes: K averages of a seeded random partition of the first chunks' images
+(at most ``max(20·K, one chunk)`` images), phase-flipped, masked. The first iteration
+fits each reference's scale per sample (the start is not on the data's greyscale,
+as class3d) and does not update the noise spectra.
+
+Resolution limit: the first iteration uses all shells below Nyquist; later ones the
+best populated class's resolution shell + 10 (RELION's incr_size).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from scipy.special import logsumexp
+
+from streamem.core import sampling
+from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn
+from streamem.core.ctf import OpticsParams, ctf_phase_from_frequencies, ctf_rfft, phase_flip
+from streamem.core.masks import soft_sphere
+from streamem.dist.graph import map_chunks, tree_sum
+from streamem.em import mstep, runfiles
+from streamem.em.estep import (
+    ChunkResult,
+    cross_terms,
+    half_plane_points,
+    log_likelihood,
+    offset_log_prior,
+    prepare_images,
+    ref_power_terms,
+    significant_weights,
+)
+from streamem.em.refine import INCREMENT_SHELLS, _broadcast, _compute, _power_task
+from streamem.em.statistics import SufficientStatistics
+from streamem.errors import InputError
+from streamem.io.mrc import write_map
+from streamem.io.relion import write_star
+from streamem.io.store import ParticleStore, optics_params
+
+log = logging.getLogger("streamem")
+
+MAX_BATCH_ELEMENTS = 2e7  # images × translations × points per E-step batch (memory bound)
+
+
+@dataclass(frozen=True)
+class Class2DOptions:
+    """Parameters of a class2d run (RELION option names in brackets)."""
+
+    n_classes: int = 50  # --K
+    iterations: int = 25  # --iter
+    psi_step_deg: float = 10.0  # --psi_step
+    offset_range_px: float = 5.0  # --offset_range
+    offset_step_px: float = 2.0  # --offset_step
+    tau2_fudge: float = 2.0  # --tau2_fudge
+    particle_diameter_A: float | None = None  # --particle_diameter (default 0.8 x box)
+    ctf_intact_first_peak: bool = False  # --ctf_intact_first_peak
+    center_classes: bool = False  # --center_classes
+    do_ctf: bool = True
+    adaptive_fraction: float = 0.999
+    seed: int = 0
+    split_every: int = 8
+
+    def __post_init__(self):
+        if self.n_classes < 1:
+            raise InputError(None, f"--k must be >= 1, got {self.n_classes}")
+        if self.iterations < 1:
+            raise InputError(None, f"--iterations must be >= 1, got {self.iterations}")
+        if self.tau2_fudge <= 0:
+            raise InputError(None, f"--tau2-fudge must be positive, got {self.tau2_fudge}")
+        if not 0 < self.psi_step_deg <= 360:
+            raise InputError(None, f"--psi-step must be in (0, 360], got {self.psi_step_deg}")
+        if self.offset_step_px <= 0 or self.offset_range_px < 0:
+            raise InputError(None, "--offset-step must be positive and --offset-range >= 0")
+
+    @property
+    def psi_deg(self) -> np.ndarray:
+        n = max(1, int(round(360.0 / self.psi_step_deg)))
+        return np.arange(n) * (360.0 / n)
+
+
+@dataclass(frozen=True)
+class Class2DModel:
+    """What the E-step needs, sent to the workers once per iteration.
+
+    class_images: (K, B, B) float32 class averages (real space, centred at B//2)
+    log_class_prior: (K,) log class fractions (−inf for an empty class)
+    psi_deg: (P,) in-plane angles searched
+    inv_sigma2: (G, B//2+1) 1/σ² per optics group and shell
+    max_radius_px: highest Fourier shell used
+    scale_free: fit the reference scale per sample (first iteration)
+    """
+
+    class_images: np.ndarray
+    log_class_prior: np.ndarray
+    psi_deg: np.ndarray
+    box_size: int
+    pixel_size_A: float
+    max_radius_px: float
+    inv_sigma2: np.ndarray
+    optics: tuple[OpticsParams, ...]
+    sigma_offset_A: float
+    offset_range_px: float
+    offset_step_px: float
+    do_ctf: bool = True
+    ctf_intact_first_peak: bool = False
+    scale_free: bool = False
+    adaptive_fraction: float = 0.999
+
+    @property
+    def n_classes(self) -> int:
+        return self.class_images.shape[0]
+
+    @property
+    def n_shells(self) -> int:
+        return self.box_size // 2 + 1
+
+
+# -- rotations ---------------------------------------------------------------------------
+
+
+def rotate_images(images: np.ndarray, psi_deg, order: int = 3) -> np.ndarray:
+    """Images rotated in-plane by each psi about the centre B//2 (RELION's sense).
+
+    images: (K, B, B) real; psi_deg: (P,). Returns (K, P, B, B) float32 with
+    ``out[k, p](x) = images[k](M_p x)``, ``M = [[cos, −sin], [sin, cos]]`` on (x, y): the
+    projection at Euler angles (0, 0, psi) is the one at (0, 0, 0) rotated by psi.
+    Outside the box the input is taken as 0.
+    """
+    images = np.asarray(images)
+    K, B = images.shape[0], images.shape[-1]
+    psi = np.deg2rad(np.atleast_1d(np.asarray(psi_deg, np.float64)))
+    c = np.arange(B, dtype=np.float64) - B // 2
+    y, x = np.meshgrid(c, c, indexing="ij")
+    cos, sin = np.cos(psi)[:, None, None], np.sin(psi)[:, None, None]
+    xs = cos * x - sin * y + B // 2  # (P, B, B) source x
+    ys = sin * x + cos * y + B // 2
+    out = np.empty((K, psi.size, B, B), np.float32)
+    for k in range(K):
+        src = np.asarray(images[k], np.float64)
+        if order > 1:
+            src = ndimage.spline_filter(src, order=order)
+        for p in range(psi.size):
+            out[k, p] = ndimage.map_coordinates(
+                src, [ys[p], xs[p]], order=order, mode="constant", cval=0.0, prefilter=False
+            )
+    return out
+
+
+def image_coefficients(images: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """rfft coefficients (..., M) complex64 at the half-plane points of centred images."""
+    B = images.shape[-1]
+    F = rfftn(ifftshift(np.asarray(images, np.float64), axes=(-2, -1)), axes=(-2, -1))
+    return F.reshape(*images.shape[:-2], B * (B // 2 + 1))[..., flat].astype(np.complex64)
+
+
+def coefficients_to_images(values: np.ndarray, coords: np.ndarray, flat: np.ndarray, box_size: int):
+    """Inverse of :func:`image_coefficients`: (..., M) half-plane values → (..., B, B) images.
+
+    Points not given are 0; the kx = 0 column gets the conjugates of its ky > 0 points.
+    """
+    B = box_size
+    lead = values.shape[:-1]
+    grid = np.zeros((*lead, B * (B // 2 + 1)), np.complex128)
+    grid[..., flat] = values
+    axis0 = coords[:, 1] == 0  # kx = 0, ky > 0: add the conjugate at −ky
+    mirror = ((-coords[axis0, 0]).astype(np.int64) % B) * (B // 2 + 1)
+    grid[..., mirror] = np.conj(values[..., axis0])
+    img = irfftn(grid.reshape(*lead, B, B // 2 + 1), s=(B, B), axes=(-2, -1))
+    return fftshift(img, axes=(-2, -1))
+
+
+def rotated_references(class_images, psi_deg, flat) -> np.ndarray:
+    """(K·P, M) complex64: row k·P + p is class k rotated by psi_p, at the half-plane points."""
+    rot = rotate_images(class_images, psi_deg)  # (K, P, B, B)
+    K, P = rot.shape[:2]
+    return image_coefficients(rot, flat).reshape(K * P, -1)
+
+
+def rotate_weights_back(weights: np.ndarray, coords: np.ndarray, psi_deg) -> np.ndarray:
+    """Real even Fourier functions (J, M) taken from image frames to the class frame.
+
+    Row j was accumulated in the frame of an image rotated by psi_j; the class-frame
+    value at q is the row's value at ``Mᵀ q``, interpolated bilinearly on the centred
+    Fourier grid (filled with the conjugate-symmetric half, W(−k) = W(k); DC = mean of
+    shell 1). weights: (J, M); psi_deg: (J,). Returns (J, M) float64.
+    """
+    J = weights.shape[0]
+    r = int(np.ceil(np.hypot(coords[:, 0], coords[:, 1]).max())) + 1
+    n = 2 * r + 1
+    ky, kx = coords[:, 0].astype(np.int64) + r, coords[:, 1].astype(np.int64) + r
+    grid = np.zeros((J, n, n))
+    grid[:, ky, kx] = weights
+    grid[:, 2 * r - ky, 2 * r - kx] = weights
+    ring = np.hypot(coords[:, 0], coords[:, 1]) < 1.5
+    grid[:, r, r] = weights[:, ring].mean(axis=1) if ring.any() else 0.0
+    psi = np.deg2rad(np.asarray(psi_deg, np.float64))
+    out = np.empty((J, coords.shape[0]))
+    for j in range(J):
+        c, s = np.cos(psi[j]), np.sin(psi[j])
+        # Mᵀ q with M = [[c, −s], [s, c]] on (x, y): x' = c qx + s qy, y' = −s qx + c qy
+        xq = c * coords[:, 1] + s * coords[:, 0] + r
+        yq = -s * coords[:, 1] + c * coords[:, 0] + r
+        out[j] = ndimage.map_coordinates(grid[j], [yq, xq], order=1, mode="constant")
+    return out
+
+
+def rotate_data_back(data: np.ndarray, coords, flat, box_size: int, psi_deg) -> np.ndarray:
+    """Hermitian Fourier data (J, M) from image frames to the class frame (rotation by −psi_j).
+
+    Inverse FT, cubic real-space rotation, FT. Returns (J, M) complex128.
+    """
+    imgs = coefficients_to_images(data, coords, flat, box_size)  # (J, B, B)
+    out = np.empty(data.shape, np.complex128)
+    for j in range(data.shape[0]):
+        rot = rotate_images(imgs[j : j + 1], [-float(psi_deg[j])])[0, 0]
+        out[j] = image_coefficients(rot, flat)
+    return out
+
+
+# -- E-step ----------------------------------------------------------------------------------
+
+
+def _intact_first_peak(ctf, metadata, coords, model: Class2DModel, groups):
+    """CTF set to 1 before its first peak (|γ| < π/2), RELION's --ctf_intact_first_peak."""
+    freq = 1.0 / (model.box_size * model.pixel_size_A)
+    n = ctf.shape[0]
+    out = ctf.copy()
+    for g in np.unique(groups):
+        sel = groups == g
+        gamma = ctf_phase_from_frequencies(
+            coords[:, 0] * freq,
+            coords[:, 1] * freq,
+            metadata["rlnDefocusU"][sel],
+            metadata["rlnDefocusV"][sel],
+            metadata["rlnDefocusAngle"][sel],
+            model.optics[g],
+            metadata.get("rlnPhaseShift", np.zeros(n))[sel],
+        )
+        out[sel] = np.where(np.abs(gamma) < np.pi / 2, 1.0, ctf[sel])
+    return out
+
+
+def empty_statistics(n_classes: int, n_points: int, n_groups: int, n_shells: int):
+    """Statistics with data_acc/weight_acc (K, M) on the class frame's half-plane points."""
+    return SufficientStatistics(
+        data_acc=np.zeros((n_classes, n_points), np.complex128),
+        weight_acc=np.zeros((n_classes, n_points)),
+        noise_power=np.zeros((n_groups, n_shells)),
+        noise_count=np.zeros((n_groups, n_shells)),
+        class_weight=np.zeros(n_classes),
+    )
+
+
+def expectation_2d(
+    images: np.ndarray, metadata: dict[str, np.ndarray], model: Class2DModel
+) -> tuple[SufficientStatistics, ChunkResult]:
+    """E-step of one chunk over (class, psi, translation) (module docstring).
+
+    images: (n, B, B) float32 centred at B//2; metadata: RELION labels → (n,) arrays
+    (CTF, rlnOpticsGroup, previous rlnOriginX/YAngst). Returns the chunk's statistics
+    (data_acc, weight_acc (K, M)) and per-particle results (rlnClassNumber from 1,
+    rlnAnglePsi, origins in Å; rot = tilt = 0).
+    """
+    n, B = images.shape[0], model.box_size
+    p = model.pixel_size_A
+    K, psi = model.n_classes, np.asarray(model.psi_deg, np.float64)
+    P = psi.size
+    coords, flat, shell = half_plane_points(B, model.max_radius_px)
+    M = coords.shape[0]
+    prep = prepare_images(images, metadata, model, coords, flat, shell)
+    groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), np.int64) - 1
+    ctf = prep.ctf
+    if model.ctf_intact_first_peak and model.do_ctf and "rlnDefocusU" in metadata:
+        ctf = _intact_first_peak(ctf, metadata, coords, model, groups).astype(np.float32)
+    cw = ctf * prep.inv_sigma2  # (n, M) CTF/σ²
+    ctf2w = ctf * cw  # (n, M) CTF²/σ²
+    refs = rotated_references(model.class_images, psi, flat)  # (J = K·P, M)
+    power = (refs.real**2 + refs.imag**2).astype(np.float32)  # (J, M)
+    shifts = np.asarray(sampling.translation_grid(model.offset_range_px, model.offset_step_px))
+    T = shifts.shape[0]
+    phases = np.asarray(sampling.shift_phases(coords, shifts, B))  # (T, M)
+    X0 = prep.X * np.asarray(sampling.shift_phases(coords, prep.prior_offset_px, B))  # (n, M)
+    log_pi = np.repeat(np.asarray(model.log_class_prior, np.float64), P)  # (J,)
+
+    stats = empty_statistics(K, M, len(model.optics), model.n_shells)
+    result = ChunkResult(*(np.zeros(n) for _ in range(9)))
+    data_J = np.zeros((K * P, M), np.complex128)
+    weight_J = np.zeros((K * P, M))
+    noise_rows = np.zeros((n, M))
+    batch = max(1, int(MAX_BATCH_ELEMENTS // max(T * M, 1)))
+    for b0 in range(0, n, batch):
+        sl = slice(b0, min(n, b0 + batch))
+        nb = sl.stop - sl.start
+        Xs = X0[sl, None, :] * phases[None]  # (nb, T, M)
+        C = cross_terms(Xs, cw[sl], refs)  # (nb, T, J)
+        S = ref_power_terms(ctf2w[sl], refs)  # (nb, J)
+        total = prep.prior_offset_px[sl, None, :] + shifts[None]  # (nb, T, 2)
+        logp = log_likelihood(C, S[:, None, :], prep.norm[sl, None, None], model.scale_free)
+        logp = logp + offset_log_prior(total, model.sigma_offset_A, p)[:, :, None] + log_pi
+        lse = logsumexp(logp.reshape(nb, -1), axis=1)  # (nb,)
+        W = np.exp(logp - lse[:, None, None])  # (nb, T, J)
+        for i in range(nb):
+            gi = sl.start + i
+            t, j = np.unravel_index(np.argmax(W[i]), W[i].shape)
+            result.class_number[gi] = j // P + 1
+            result.psi[gi] = psi[j % P]
+            result.origin_y_A[gi], result.origin_x_A[gi] = total[i, t] * p
+            result.max_prob[gi] = W[i, t, j]
+            W[i], result.n_significant[gi] = significant_weights(W[i], model.adaptive_fraction)
+        result.loglik[sl] = lse
+        W = W.astype(np.float32)
+        w_img = W.sum(axis=1)  # (nb, J)
+        # Σ_{i,t} w · CTF·X_t/σ² per row: (J, nb·T) @ (nb·T, M)
+        Y = (Xs * cw[sl, None, :]).reshape(nb * T, M)
+        data_J += W.reshape(nb * T, -1).T.astype(np.complex64) @ Y
+        weight_J += w_img.T @ ctf2w[sl]
+        # noise: Σ w |X_t − CTF·A_J|² = |X|² − 2 CTF Re Σ_t conj(X_t) (Σ_J w A_J) + CTF² Σ w |A_J|²
+        WA = W.astype(np.complex64) @ refs  # (nb, T, M)
+        cross = np.sum((np.conj(Xs) * WA).real, axis=1)  # (nb, M)
+        noise_rows[sl] = (
+            (prep.X[sl].real ** 2 + prep.X[sl].imag ** 2)
+            - 2 * ctf[sl] * cross
+            + ctf[sl] ** 2 * (w_img @ power)
+        )
+        stats.offset_sq_A2 += float(np.sum(W * np.sum((total * p) ** 2, axis=-1)[:, :, None]))
+        stats.class_weight += w_img.reshape(nb, K, P).sum(axis=(0, 2))
+        stats.weight_sum += nb
+        stats.loglik_sum += float(lse.sum())
+    # back to the class frame, only the rows some image used
+    live = np.flatnonzero(weight_J.any(axis=1))
+    if live.size:
+        d = rotate_data_back(data_J[live], coords, flat, B, psi[live % P])
+        w = rotate_weights_back(weight_J[live], coords, psi[live % P])
+        np.add.at(stats.data_acc, live // P, d)
+        np.add.at(stats.weight_acc, live // P, w)
+    n_shells = model.n_shells
+    for g in np.unique(groups):
+        rows = groups == g
+        stats.noise_power[g] += np.bincount(shell, noise_rows[rows].sum(axis=0), n_shells)[
+            :n_shells
+        ]
+        stats.noise_count[g] += rows.sum() * np.bincount(shell, minlength=n_shells)[:n_shells]
+    return stats, result
+
+
+# -- M-step ----------------------------------------------------------------------------------
+
+
+def maximisation_2d(
+    data_acc: np.ndarray,
+    weight_acc: np.ndarray,
+    shell: np.ndarray,
+    n_shells: int,
+    tau2_fudge: float,
+):
+    """Regularised class averages from the summed statistics (module docstring).
+
+    data_acc (K, M) complex, weight_acc (K, M), shell (M,) int. Returns (averages (K, M)
+    complex128, τ² (K, n_shells), data-vs-prior (K, n_shells)).
+    """
+    K = data_acc.shape[0]
+    count = np.bincount(shell, minlength=n_shells)[:n_shells].astype(np.float64)
+    tau2 = np.zeros((K, n_shells))
+    dvp = np.zeros((K, n_shells))
+    out = np.zeros_like(data_acc, dtype=np.complex128)
+    for k in range(K):
+        w = weight_acc[k]
+        ok = w > 0
+        if not ok.any():
+            continue
+        raw = np.where(ok, data_acc[k] / np.where(ok, w, 1.0), 0.0)
+        n_ok = np.bincount(shell[ok], minlength=n_shells)[:n_shells]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p_raw = np.bincount(shell[ok], np.abs(raw[ok]) ** 2, n_shells)[:n_shells] / n_ok
+            noise = np.bincount(shell[ok], 1.0 / w[ok], n_shells)[:n_shells] / n_ok
+            mean_w = np.bincount(shell, w, n_shells)[:n_shells] / count
+        t2 = np.nan_to_num(np.maximum(0.5 * p_raw - noise, 0.0))
+        tau2[k] = t2
+        dvp[k] = np.nan_to_num(tau2_fudge * t2 * mean_w)
+        prior = np.where(t2[shell] > 0, 1.0 / (tau2_fudge * np.maximum(t2[shell], 1e-300)), np.inf)
+        with np.errstate(invalid="ignore"):
+            out[k] = np.where(np.isfinite(prior), data_acc[k] / (w + prior), 0.0)
+    return out, tau2, dvp
+
+
+def resolution_shell(data_vs_prior: np.ndarray) -> int:
+    """Last shell s ≥ 1 such that shells 1..s all have data-vs-prior ≥ 1 (0 if none)."""
+    low = np.flatnonzero(data_vs_prior[1:] < 1.0)
+    return int(low[0]) if low.size else len(data_vs_prior) - 1
+
+
+def center_of_mass_shift(image: np.ndarray) -> np.ndarray:
+    """(dy, dx) pixels that move the centre of mass of the image's positive part to B//2."""
+    pos = np.clip(image, 0, None)
+    total = pos.sum()
+    if total <= 0:
+        return np.zeros(2)
+    com = np.asarray(ndimage.center_of_mass(pos))
+    return image.shape[-1] // 2 - com
+
+
+def shift_image(image: np.ndarray, shift_px) -> np.ndarray:
+    """Image moved by (dy, dx) pixels (Fourier phase shift, periodic)."""
+    B = image.shape[-1]
+    ky = np.fft.fftfreq(B)[:, None]
+    kx = np.fft.rfftfreq(B)[None, :]
+    F = np.fft.rfft2(image) * np.exp(-2j * np.pi * (ky * shift_px[0] + kx * shift_px[1]))
+    return np.fft.irfft2(F, s=(B, B)).astype(np.float32)
+
+
+# -- initial classes -------------------------------------------------------------------------
+
+
+def initial_class_images(
+    images: np.ndarray,
+    metadata: dict[str, np.ndarray],
+    n_classes: int,
+    pixel_size_A: float,
+    optics: tuple[OpticsParams, ...],
+    mask: np.ndarray,
+    seed: int,
+    do_ctf: bool = True,
+) -> np.ndarray:
+    """K averages of a seeded random partition of ``images`` (phase-flipped), masked.
+
+    images: (n, B, B) with n ≥ K. Returns (K, B, B) float32.
+    """
+    n, B = images.shape[0], images.shape[-1]
+    data = np.asarray(images, np.float64)
+    if do_ctf and "rlnDefocusU" in metadata:
+        groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), np.int64) - 1
+        F = rfftn(ifftshift(data, axes=(-2, -1)), axes=(-2, -1))
+        for g in np.unique(groups):
+            sel = groups == g
+            ctf = ctf_rfft(
+                B,
+                pixel_size_A,
+                metadata["rlnDefocusU"][sel],
+                metadata["rlnDefocusV"][sel],
+                metadata["rlnDefocusAngle"][sel],
+                optics[g],
+                metadata.get("rlnPhaseShift", np.zeros(n))[sel],
+            )
+            F[sel] *= phase_flip(ctf)
+        data = fftshift(irfftn(F, s=(B, B), axes=(-2, -1)), axes=(-2, -1))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2]))
+    labels = rng.permutation(np.arange(n) % n_classes)  # every class gets ⌊n/K⌋ or more
+    out = np.stack([data[labels == k].mean(axis=0) for k in range(n_classes)])
+    return (out * mask).astype(np.float32)
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Class2DResult:
+    """What a class2d run produced; ``plot()`` shows the class averages sorted by size."""
+
+    out_dir: Path
+    class_images: np.ndarray  # (K, B, B)
+    fractions: np.ndarray  # (K,)
+    resolutions_A: np.ndarray  # (K,)
+    class_numbers: np.ndarray  # (N,) from 1
+    pixel_size_A: float
+    iterations: int
+    history: list = field(default_factory=list, repr=False)
+    seconds: list = field(default_factory=list, repr=False)
+
+    def plot(self, fig=None):
+        return plot_gallery(self.class_images, self.fractions, self.resolutions_A, fig=fig)
+
+
+def _estep_task(start, stop, store_path, results_path, prev_iteration, iteration, model):
+    """One chunk's E-step: read, compute, write per-particle results, return statistics."""
+    store = ParticleStore(store_path)
+    chunk = store.read_chunk(start, stop)
+    meta = dict(chunk.metadata)
+    if prev_iteration is not None:
+        meta.update(runfiles.read_results(results_path, prev_iteration, start, stop))
+    stats, result = expectation_2d(chunk.images, meta, model)
+    runfiles.write_results(results_path, iteration, start, result.as_columns())
+    return stats
+
+
+def _initial_images(store: ParticleStore, n_classes: int):
+    """The first chunks' images and metadata, at least max(20·K, one chunk) images if held."""
+    want = max(20 * n_classes, store.chunk_size)
+    imgs, metas = [], []
+    for start, stop in store.chunk_bounds():
+        chunk = store.read_chunk(start, stop)
+        imgs.append(chunk.images)
+        metas.append(chunk.metadata)
+        if sum(i.shape[0] for i in imgs) >= want:
+            break
+    meta = {k: np.concatenate([m[k] for m in metas]) for k in metas[0]}
+    return np.concatenate(imgs), meta
+
+
+def classify2d(
+    store: str | Path | ParticleStore,
+    out_dir: str | Path,
+    options: Class2DOptions | None = None,
+    client=None,
+) -> Class2DResult:
+    """RELION's 2D classification of a particle store into K classes.
+
+    out_dir: run folder (created, must be empty); client: a ``distributed.Client`` or
+    None (threads). Writes per iteration ``run_itNNN_classes.mrcs``, ``_model.star``,
+    ``_data.star``, ``_optimiser.json`` and at the end ``run_classes.png``.
+    """
+    options = options or Class2DOptions()
+    store = store if isinstance(store, ParticleStore) else ParticleStore(store)
+    out_dir = Path(out_dir)
+    B, p, N = store.box_size, store.pixel_size_A, store.n_particles
+    K = options.n_classes
+    if K > N:
+        raise InputError(store.path, f"--k {K} is more than the {N} particles")
+    diameter = options.particle_diameter_A or 0.8 * B * p
+    if diameter <= 0:
+        raise InputError(None, "--particle-diameter must be positive")
+    n_groups = len(store.optics_groups)
+    optics = tuple(optics_params(g) for g in store.optics_groups)
+    do_ctf = options.do_ctf and store.has_fields(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"))
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(out_dir, "output folder is not empty")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / "particles.zarr"
+    bounds = store.chunk_bounds()
+    mask = soft_sphere(B, min(0.5 * diameter / p, B / 2 - 1), edge_px=max(2.0, 0.05 * B), ndim=2)
+    first_images, first_meta = _initial_images(store, K)
+    class_images = initial_class_images(
+        first_images, first_meta, K, p, optics, mask, options.seed, do_ctf
+    )
+    del first_images
+    power = _compute(
+        tree_sum(
+            map_chunks(_power_task, bounds, str(store.path), n_groups, name="power"),
+            options.split_every,
+        ),
+        client,
+    )
+    inv_sigma2 = mstep.initial_inv_sigma2(power[0], power[1])
+    sigma_offset_A = max(options.offset_range_px, 1.0) * p / 2
+    fractions = np.full(K, 1.0 / K)
+    resolutions = np.full(K, 999.0)
+    radius = float(B // 2 - 1)
+    prev_iteration, previous_classes = None, None
+    history, seconds = [], []
+    for iteration in range(1, options.iterations + 1):
+        t0 = time.perf_counter()
+        with np.errstate(divide="ignore"):
+            log_pi = np.log(fractions)
+        model = Class2DModel(
+            class_images=class_images,
+            log_class_prior=log_pi,
+            psi_deg=options.psi_deg,
+            box_size=B,
+            pixel_size_A=p,
+            max_radius_px=radius,
+            inv_sigma2=inv_sigma2,
+            optics=optics,
+            sigma_offset_A=sigma_offset_A,
+            offset_range_px=options.offset_range_px,
+            offset_step_px=options.offset_step_px,
+            do_ctf=do_ctf,
+            ctf_intact_first_peak=options.ctf_intact_first_peak,
+            scale_free=iteration == 1,
+            adaptive_fraction=options.adaptive_fraction,
+        )
+        runfiles.create_results_arrays(results_path, iteration, N, store.chunk_size)
+        parts = map_chunks(
+            _estep_task,
+            bounds,
+            str(store.path),
+            str(results_path),
+            prev_iteration,
+            iteration,
+            _broadcast(model, client),
+            name=f"class2d-estep-it{iteration:03d}",
+        )
+        stats = _compute(
+            tree_sum(parts, options.split_every, name=f"class2d-stats-it{iteration:03d}"), client
+        )
+
+        # -- M-step ----------------------------------------------------------------------
+        coords, flat, shell = half_plane_points(B, radius)
+        averages, _, dvp = maximisation_2d(
+            stats.data_acc, stats.weight_acc, shell, B // 2 + 1, options.tau2_fudge
+        )
+        images_k = coefficients_to_images(averages, coords, flat, B)  # (K, B, B)
+        if options.center_classes:
+            images_k = np.stack([shift_image(im, center_of_mass_shift(im * mask)) for im in images_k])
+        class_images = (images_k * mask).astype(np.float32)
+        fractions = stats.class_weight / max(float(stats.class_weight.sum()), 1e-30)
+        shells = np.array([resolution_shell(d) for d in dvp])
+        resolutions = np.where(shells > 0, B * p / np.maximum(shells, 1), 999.0)
+        populated = fractions > 0.5 / N
+        best_shell = int(shells[populated].max()) if populated.any() else 0
+        if iteration > 1:
+            radius = float(min(B // 2 - 1, max(best_shell + INCREMENT_SHELLS, 4)))
+        if not model.scale_free:
+            inv_sigma2 = mstep.update_inv_sigma2(inv_sigma2, stats.noise_power, stats.noise_count)
+        sigma_offset_A = mstep.update_sigma_offset_A(stats.offset_sq_A2, stats.weight_sum, floor_A=p)
+
+        # -- outputs ---------------------------------------------------------------------
+        prefix = runfiles.iteration_prefix(out_dir, iteration)
+        stack_name = f"{prefix.name}_classes.mrcs"
+        write_map(out_dir / stack_name, class_images, p)
+        results = runfiles.read_results(results_path, iteration)
+        runfiles.write_data_star(Path(f"{prefix}_data.star"), store, results)
+        general = {
+            "rlnCurrentResolution": float(resolutions[populated].min()) if populated.any() else 999.0,
+            "rlnCurrentImageSize": B,
+            "rlnPixelSize": p,
+            "rlnOriginalImageSize": B,
+            "rlnNrClasses": K,
+            "rlnTau2FudgeFactor": options.tau2_fudge,
+            "rlnLogLikelihood": stats.loglik_sum,
+            "rlnSigmaOffsetsAngst": sigma_offset_A,
+            "rlnPsiStep": float(360.0 / options.psi_deg.size),
+        }
+        write_class2d_model_star(
+            Path(f"{prefix}_model.star"), general, stack_name, fractions, resolutions, dvp, B, p,
+            inv_sigma2,
+        )  # fmt: skip
+        classes = results["rlnClassNumber"]
+        changed = float(np.mean(classes != previous_classes)) if previous_classes is not None else 1.0
+        previous_classes = classes
+        history.append(fractions.tolist())
+        seconds.append(time.perf_counter() - t0)
+        runfiles.write_checkpoint(
+            Path(f"{prefix}_optimiser.json"),
+            {
+                "iteration": iteration,
+                "fractions": fractions.tolist(),
+                "resolutions_A": resolutions.tolist(),
+                "class_stack": stack_name,
+                "sigma_offset_A": sigma_offset_A,
+                "max_radius_px": radius,
+                "inv_sigma2": inv_sigma2.tolist(),
+            },
+        )
+        log.info(
+            "class2d it %3d  classes %s  changed %5.1f%%  radius %2d  %6.1f s",
+            iteration,
+            " ".join(f"{f:.3f}" for f in fractions),
+            100 * changed,
+            int(radius),
+            time.perf_counter() - t0,
+        )
+        prev_iteration = iteration
+    write_gallery(out_dir / "run_classes.png", class_images, fractions, resolutions)
+    return Class2DResult(
+        out_dir=out_dir,
+        class_images=class_images,
+        fractions=fractions,
+        resolutions_A=resolutions,
+        class_numbers=np.asarray(previous_classes, np.int64),
+        pixel_size_A=p,
+        iterations=options.iterations,
+        history=history,
+        seconds=seconds,
+    )
+
+
+def write_class2d_model_star(
+    path, general, stack_name, fractions, resolutions_A, data_vs_prior, box_size, pixel_size_A,
+    inv_sigma2,
+) -> None:  # fmt: skip
+    """RELION's class2d model STAR: general, classes (NNNNNN@stack), per-class SSNR, noise."""
+    K = len(fractions)
+    shells = np.arange(box_size // 2 + 1)
+    blocks = {
+        "model_general": pd.DataFrame([general]),
+        "model_classes": pd.DataFrame(
+            {
+                "rlnReferenceImage": [f"{k + 1:06d}@{stack_name}" for k in range(K)],
+                "rlnClassDistribution": np.asarray(fractions, np.float64),
+                "rlnEstimatedResolution": np.asarray(resolutions_A, np.float64),
+            }
+        ),
+    }
+    for k in range(K):
+        blocks[f"model_class_{k + 1}"] = pd.DataFrame(
+            {
+                "rlnSpectralIndex": shells,
+                "rlnResolution": shells / (box_size * pixel_size_A),
+                "rlnSsnrMap": np.asarray(data_vs_prior[k][: len(shells)], np.float64),
+            }
+        )
+    for g, inv in enumerate(inv_sigma2):
+        with np.errstate(divide="ignore"):
+            sigma2 = np.where(inv > 0, 1.0 / np.maximum(inv, 1e-300), 0.0)
+        blocks[f"model_optics_group_{g + 1}"] = pd.DataFrame(
+            {"rlnSpectralIndex": shells, "rlnSigma2Noise": sigma2[: len(shells)]}
+        )
+    write_star(path, blocks)
+
+
+def plot_gallery(class_images, fractions, resolutions_A, fig=None):
+    """Class averages sorted by class size (largest first), titled by fraction and resolution."""
+    import matplotlib.pyplot as plt
+
+    K = len(fractions)
+    order = np.argsort(-np.asarray(fractions), kind="stable")
+    cols = int(np.ceil(np.sqrt(K)))
+    rows = int(np.ceil(K / cols))
+    fig = fig or plt.figure(figsize=(1.6 * cols, 1.8 * rows))
+    for i, k in enumerate(order):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(class_images[k], cmap="gray", origin="lower")
+        ax.set_title(f"{k + 1}: {100 * fractions[k]:.1f}% {resolutions_A[k]:.0f}Å", fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def write_gallery(path: Path, class_images, fractions, resolutions_A) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plot_gallery(class_images, fractions, resolutions_A)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def latest_state(out_dir) -> dict:
+    """The newest iteration's checkpoint of a class2d run."""
+    path = runfiles.latest_checkpoint(Path(out_dir))
+    if path is None:
+        raise InputError(out_dir, "no run_itNNN_optimiser.json: not a finished class2d run")
+    return json.loads(path.read_text())
+
+
+__all__ = [
+    "Class2DModel",
+    "Class2DOptions",
+    "Class2DResult",
+    "classify2d",
+    "coefficients_to_images",
+    "expectation_2d",
+    "image_coefficients",
+    "initial_class_images",
+    "maximisation_2d",
+    "rotate_data_back",
+    "rotate_images",
+    "rotate_weights_back",
+    "rotated_references",
+]
