@@ -1,6 +1,6 @@
 """``streamem class3d STORE.zarr --ref MAP.mrc --k K --out DIR``: 3D classification (RELION's class3d).
 
-``class2d`` is not implemented yet (its parser is not registered).
+``streamem class2d STORE.zarr --k K --out DIR``: 2D classification (RELION's class2d).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def register(sub) -> None:
     p.add_argument("--no-ctf", action="store_true")
     add_cluster_options(p)
     p.set_defaults(func=run_class3d)
+    register_class2d(sub)
 
 
 def run_class3d(args) -> int:
@@ -93,4 +94,72 @@ def run_class3d(args) -> int:
     for k, (f, r) in enumerate(zip(result.fractions, result.resolutions_A, strict=True)):
         print(f"class {k + 1:3d}  fraction {f:.3f}  resolution {r:6.2f} Å")
     print(f"outputs: {result.out_dir}/run_it{result.iterations:03d}_*")
+    return 0
+
+
+def register_class2d(sub) -> None:
+    """The ``class2d`` parser (RELION's 2D classification)."""
+    from streamem.commands.refine3d import add_cluster_options
+
+    p = sub.add_parser(
+        "class2d",
+        help="2D classification into K class averages",
+        description="2D maximum-likelihood classification (RELION's class2d): K class averages "
+        "over in-plane rotations and translations; writes run_itNNN_classes.mrcs, "
+        "run_itNNN_model.star, run_itNNN_data.star and run_classes.png into --out.",
+    )
+    p.add_argument("store", help="particle store (.zarr)")
+    p.add_argument("--out", required=True, help="run folder (must be new or empty)")
+    p.add_argument("--k", type=int, default=50, help="number of classes (default 50)")
+    p.add_argument("--iterations", type=int, default=25, help="default 25")
+    p.add_argument("--psi-step", type=float, default=10.0, help="in-plane step, degrees (10)")
+    p.add_argument("--offset-range", type=float, default=5.0, help="pixels (default 5)")
+    p.add_argument("--offset-step", type=float, default=2.0, help="pixels (default 2)")
+    p.add_argument("--tau2-fudge", type=float, default=2.0, help="regularisation (RELION: 2)")
+    p.add_argument("--particle-diameter", type=float, default=None, help="Å (default 0.8 x box)")
+    p.add_argument(
+        "--ctf-intact-first-peak", action="store_true", help="ignore the CTF up to its first peak"
+    )
+    p.add_argument(
+        "--center-classes", action="store_true", help="centre each average on its centre of mass"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ctf", action="store_true")
+    add_cluster_options(p)
+    p.set_defaults(func=run_class2d)
+
+
+def run_class2d(args) -> int:
+    from streamem.dist.cluster import client_for
+    from streamem.em.classify2d import Class2DOptions, classify2d
+    from streamem.io.store import ParticleStore
+
+    store = ParticleStore(args.store)
+    options = Class2DOptions(
+        n_classes=args.k,
+        iterations=args.iterations,
+        psi_step_deg=args.psi_step,
+        offset_range_px=args.offset_range,
+        offset_step_px=args.offset_step,
+        tau2_fudge=args.tau2_fudge,
+        particle_diameter_A=args.particle_diameter,
+        ctf_intact_first_peak=args.ctf_intact_first_peak,
+        center_classes=args.center_classes,
+        do_ctf=not args.no_ctf,
+        seed=args.seed,
+    )
+    if args.no_cluster:
+        result = classify2d(store, args.out, options, None)
+    else:
+        with client_for(
+            args.scheduler, args.n_workers, args.threads_per_worker, args.gpu
+        ) as client:
+            result = classify2d(store, args.out, options, client)
+    order = sorted(range(len(result.fractions)), key=lambda k: -result.fractions[k])
+    for k in order:
+        print(
+            f"class {k + 1:3d}  fraction {result.fractions[k]:.3f}  "
+            f"resolution {result.resolutions_A[k]:6.1f} Å"
+        )
+    print(f"outputs: {result.out_dir}/run_it{result.iterations:03d}_* and run_classes.png")
     return 0

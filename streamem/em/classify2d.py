@@ -167,13 +167,16 @@ class Class2DModel:
 # -- rotations ---------------------------------------------------------------------------
 
 
-def rotate_images(images: np.ndarray, psi_deg, order: int = 3) -> np.ndarray:
+def rotate_images(
+    images: np.ndarray, psi_deg, order: int = 3, mode: str = "constant"
+) -> np.ndarray:
     """Images rotated in-plane by each psi about the centre B//2 (RELION's sense).
 
     images: (K, B, B) real; psi_deg: (P,). Returns (K, P, B, B) float32 with
     ``out[k, p](x) = images[k](M_p x)``, ``M = [[cos, −sin], [sin, cos]]`` on (x, y): the
     projection at Euler angles (0, 0, psi) is the one at (0, 0, 0) rotated by psi.
-    Outside the box the input is taken as 0.
+    ``mode``: how the input extends beyond the box (``scipy.ndimage``): "constant" (0)
+    or "grid-wrap" (periodic, exact for the constant part of band-limited data).
     """
     images = np.asarray(images)
     K, B = images.shape[0], images.shape[-1]
@@ -187,10 +190,10 @@ def rotate_images(images: np.ndarray, psi_deg, order: int = 3) -> np.ndarray:
     for k in range(K):
         src = np.asarray(images[k], np.float64)
         if order > 1:
-            src = ndimage.spline_filter(src, order=order)
+            src = ndimage.spline_filter(src, order=order, mode=mode)
         for p in range(psi.size):
             out[k, p] = ndimage.map_coordinates(
-                src, [ys[p], xs[p]], order=order, mode="constant", cval=0.0, prefilter=False
+                src, [ys[p], xs[p]], order=order, mode=mode, cval=0.0, prefilter=False
             )
     return out
 
@@ -256,12 +259,17 @@ def rotate_weights_back(weights: np.ndarray, coords: np.ndarray, psi_deg) -> np.
 def rotate_data_back(data: np.ndarray, coords, flat, box_size: int, psi_deg) -> np.ndarray:
     """Hermitian Fourier data (J, M) from image frames to the class frame (rotation by −psi_j).
 
-    Inverse FT, cubic real-space rotation, FT. Returns (J, M) complex128.
+    Inverse FT, cubic real-space rotation, FT. The data lack DC (half-plane points), so
+    the image is periodic with a constant offset: it is rotated with periodic extension,
+    which keeps that offset out of the low frequencies. The last few shells below the
+    band edge carry an error of a few % of the band's peak (ringing of the sharp edge
+    wraps around the box); they are the shells beyond the current resolution (the
+    radius is the resolution + 10 shells). Returns (J, M) complex128.
     """
     imgs = coefficients_to_images(data, coords, flat, box_size)  # (J, B, B)
     out = np.empty(data.shape, np.complex128)
     for j in range(data.shape[0]):
-        rot = rotate_images(imgs[j : j + 1], [-float(psi_deg[j])])[0, 0]
+        rot = rotate_images(imgs[j : j + 1], [-float(psi_deg[j])], mode="grid-wrap")[0, 0]
         out[j] = image_coefficients(rot, flat)
     return out
 
@@ -360,11 +368,14 @@ def expectation_2d(
         W = W.astype(np.float32)
         w_img = W.sum(axis=1)  # (nb, J)
         # Σ_{i,t} w · CTF·X_t/σ² per row: (J, nb·T) @ (nb·T, M)
+        # (real GEMMs on 2-D operands: NumPy's stacked or complex-cast matmuls are far slower)
         Y = (Xs * cw[sl, None, :]).reshape(nb * T, M)
-        data_J += W.reshape(nb * T, -1).T.astype(np.complex64) @ Y
+        Wt = np.ascontiguousarray(W.reshape(nb * T, -1).T)  # (J, nb·T)
+        data_J += Wt @ Y.real + 1j * (Wt @ Y.imag)
         weight_J += w_img.T @ ctf2w[sl]
         # noise: Σ w |X_t − CTF·A_J|² = |X|² − 2 CTF Re Σ_t conj(X_t) (Σ_J w A_J) + CTF² Σ w |A_J|²
-        WA = W.astype(np.complex64) @ refs  # (nb, T, M)
+        W2 = W.reshape(nb * T, -1)
+        WA = (W2 @ refs.real + 1j * (W2 @ refs.imag)).reshape(nb, T, M)
         cross = np.sum((np.conj(Xs) * WA).real, axis=1)  # (nb, M)
         noise_rows[sl] = (
             (prep.X[sl].real ** 2 + prep.X[sl].imag ** 2)
@@ -638,7 +649,9 @@ def classify2d(
         )
         images_k = coefficients_to_images(averages, coords, flat, B)  # (K, B, B)
         if options.center_classes:
-            images_k = np.stack([shift_image(im, center_of_mass_shift(im * mask)) for im in images_k])
+            images_k = np.stack(
+                [shift_image(im, center_of_mass_shift(im * mask)) for im in images_k]
+            )
         class_images = (images_k * mask).astype(np.float32)
         fractions = stats.class_weight / max(float(stats.class_weight.sum()), 1e-30)
         shells = np.array([resolution_shell(d) for d in dvp])
@@ -649,7 +662,9 @@ def classify2d(
             radius = float(min(B // 2 - 1, max(best_shell + INCREMENT_SHELLS, 4)))
         if not model.scale_free:
             inv_sigma2 = mstep.update_inv_sigma2(inv_sigma2, stats.noise_power, stats.noise_count)
-        sigma_offset_A = mstep.update_sigma_offset_A(stats.offset_sq_A2, stats.weight_sum, floor_A=p)
+        sigma_offset_A = mstep.update_sigma_offset_A(
+            stats.offset_sq_A2, stats.weight_sum, floor_A=p
+        )
 
         # -- outputs ---------------------------------------------------------------------
         prefix = runfiles.iteration_prefix(out_dir, iteration)
@@ -658,7 +673,9 @@ def classify2d(
         results = runfiles.read_results(results_path, iteration)
         runfiles.write_data_star(Path(f"{prefix}_data.star"), store, results)
         general = {
-            "rlnCurrentResolution": float(resolutions[populated].min()) if populated.any() else 999.0,
+            "rlnCurrentResolution": float(resolutions[populated].min())
+            if populated.any()
+            else 999.0,
             "rlnCurrentImageSize": B,
             "rlnPixelSize": p,
             "rlnOriginalImageSize": B,
@@ -673,7 +690,9 @@ def classify2d(
             inv_sigma2,
         )  # fmt: skip
         classes = results["rlnClassNumber"]
-        changed = float(np.mean(classes != previous_classes)) if previous_classes is not None else 1.0
+        changed = (
+            float(np.mean(classes != previous_classes)) if previous_classes is not None else 1.0
+        )
         previous_classes = classes
         history.append(fractions.tolist())
         seconds.append(time.perf_counter() - t0)
