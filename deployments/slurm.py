@@ -1,7 +1,7 @@
 """Start a SLURM-backed Dask cluster for streamem jobs (needs dask-jobqueue).
 
-    python deployments/slurm.py --jobs 8 --cores 16 --memory 64GB &
-    streamem refine3d particles.zarr --ref ref.mrc --out run --scheduler scheduler.json
+python deployments/slurm.py --jobs 8 --cores 16 --memory 64GB &
+streamem refine3d particles.zarr --ref ref.mrc --out run --scheduler scheduler.json
 """
 
 import argparse

@@ -1,9 +1,9 @@
 """The Python API: the CLI's verbs as functions returning result objects.
 
-    import streamem.api as sm
-    store = sm.simulate("p.zarr", n_particles=2000, box_size=48, pixel_size_A=3.0)
-    result = sm.refine3d(store, "ref.mrc", "run")
-    result.plot()
+import streamem.api as sm
+store = sm.simulate("p.zarr", n_particles=2000, box_size=48, pixel_size_A=3.0)
+result = sm.refine3d(store, "ref.mrc", "run")
+result.plot()
 """
 
 from __future__ import annotations
@@ -20,7 +20,15 @@ from streamem.simulate.particles import simulate_particles as simulate
 
 log = logging.getLogger("streamem")
 
-__all__ = ["RefineOptions", "RefineResult", "refine3d", "simulate", "oracle", "angular_errors_deg", "demo"]
+__all__ = [
+    "RefineOptions",
+    "RefineResult",
+    "refine3d",
+    "simulate",
+    "oracle",
+    "angular_errors_deg",
+    "demo",
+]
 
 
 def oracle(store, symmetry_matrices=None, client=None) -> tuple[np.ndarray, np.ndarray, float]:
@@ -28,7 +36,9 @@ def oracle(store, symmetry_matrices=None, client=None) -> tuple[np.ndarray, np.n
     from streamem.core.fsc import fsc, resolution_at
     from streamem.em.backproject_job import reconstruct_from_poses
 
-    halves = reconstruct_from_poses(store, symmetry_matrices=symmetry_matrices, pose_source="truth", client=client)
+    halves = reconstruct_from_poses(
+        store, symmetry_matrices=symmetry_matrices, pose_source="truth", client=client
+    )
     curve = fsc(halves[0], halves[1])
     return halves, curve, resolution_at(curve, 0.143, store.box_size, store.pixel_size_A)
 
@@ -68,8 +78,21 @@ def demo(
             raise InputError(out, "output exists (use --overwrite to replace it)")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    log.info("simulating %d particles (box %d, %.2f Å/px, SNR %.3f)", n_particles, box_size, pixel_size_A, snr)
-    store = simulate(out / "particles.zarr", n_particles, box_size=box_size, pixel_size_A=pixel_size_A, snr=snr, seed=seed)
+    log.info(
+        "simulating %d particles (box %d, %.2f Å/px, SNR %.3f)",
+        n_particles,
+        box_size,
+        pixel_size_A,
+        snr,
+    )
+    store = simulate(
+        out / "particles.zarr",
+        n_particles,
+        box_size=box_size,
+        pixel_size_A=pixel_size_A,
+        snr=snr,
+        seed=seed,
+    )
     truth, _ = read_map(truth_volume_paths(store.path)[0])
     reference = lowpass(truth, 30.0, pixel_size_A)
     write_map(out / "reference_30A.mrc", reference, pixel_size_A)

@@ -20,7 +20,9 @@ def test_gemm_terms_equal_direct_diff2():
     norm = 0.5 * np.sum(np.abs(X) ** 2 * inv_s2[:, None, :], axis=-1)
     diff2 = norm[:, :, None] + S[:, None, :] - C
     direct = 0.5 * np.sum(
-        np.abs(X[:, :, None, :] - ctf[:, None, None, :] * A[None, None]) ** 2 * inv_s2[:, None, None, :], axis=-1
+        np.abs(X[:, :, None, :] - ctf[:, None, None, :] * A[None, None]) ** 2
+        * inv_s2[:, None, None, :],
+        axis=-1,
     )
     np.testing.assert_allclose(diff2, direct, rtol=1e-4, atol=1e-3)
 

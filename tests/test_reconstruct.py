@@ -27,7 +27,9 @@ def test_fourier_projector_matches_the_independent_simulator():
 
 
 def test_noise_free_projections_reconstruct_the_truth(tmp_path):
-    store = simulate_particles(tmp_path / "p.zarr", 5000, box_size=BOX, pixel_size_A=PIXEL, snr=1e6, seed=3, ctf=False)
+    store = simulate_particles(
+        tmp_path / "p.zarr", 5000, box_size=BOX, pixel_size_A=PIXEL, snr=1e6, seed=3, ctf=False
+    )
     truth, _ = read_map(truth_volume_paths(store.path)[0])
     volume = reconstruct_map(store, pose_source="truth", do_ctf=False)
     curve = fsc(volume, truth)
@@ -36,7 +38,9 @@ def test_noise_free_projections_reconstruct_the_truth(tmp_path):
 
 
 def test_gold_standard_relation_with_ctf_and_noise(tmp_path):
-    store = simulate_particles(tmp_path / "p.zarr", 5000, box_size=BOX, pixel_size_A=PIXEL, snr=0.1, seed=4)
+    store = simulate_particles(
+        tmp_path / "p.zarr", 5000, box_size=BOX, pixel_size_A=PIXEL, snr=0.1, seed=4
+    )
     truth, _ = read_map(truth_volume_paths(store.path)[0])
     halves = reconstruct_from_poses(store, pose_source="truth")
     res_halves = resolution_at(fsc(halves[0], halves[1]), 0.143, BOX, PIXEL)
@@ -46,9 +50,13 @@ def test_gold_standard_relation_with_ctf_and_noise(tmp_path):
 
 
 def test_reconstruct_cli_writes_a_map_with_the_voxel_size(tmp_path):
-    store = simulate_particles(tmp_path / "p.zarr", 300, box_size=16, pixel_size_A=5.0, snr=1.0, seed=5)
+    store = simulate_particles(
+        tmp_path / "p.zarr", 300, box_size=16, pixel_size_A=5.0, snr=1.0, seed=5
+    )
     out = tmp_path / "map.mrc"
-    assert main(["reconstruct", str(store.path), "--out", str(out), "--truth", "--subset", "1"]) == 0
+    assert (
+        main(["reconstruct", str(store.path), "--out", str(out), "--truth", "--subset", "1"]) == 0
+    )
     volume, voxel = read_map(out)
     assert volume.shape == (16, 16, 16) and voxel == pytest.approx(5.0)
     assert main(["reconstruct", str(store.path), "--out", str(out), "--truth"]) == 2  # exists

@@ -15,9 +15,13 @@ import numpy as np
 
 
 def register_bench(bench_sub) -> None:
-    p = bench_sub.add_parser("estep", help="E-step coarse-pass FLOP rate vs the machine's SGEMM rate")
+    p = bench_sub.add_parser(
+        "estep", help="E-step coarse-pass FLOP rate vs the machine's SGEMM rate"
+    )
     p.add_argument("--box", type=int, default=96)
-    p.add_argument("--radius", type=float, default=24.0, help="current resolution radius (Fourier px)")
+    p.add_argument(
+        "--radius", type=float, default=24.0, help="current resolution radius (Fourier px)"
+    )
     p.add_argument("--n-images", type=int, default=128)
     p.add_argument("--healpix-order", type=int, default=2)
     p.add_argument("--offset-range", type=float, default=4.0)
@@ -36,7 +40,9 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
-def measure(box=96, radius=24.0, n_images=128, healpix_order=2, offset_range=4.0, offset_step=2.0, repeats=3) -> dict:
+def measure(
+    box=96, radius=24.0, n_images=128, healpix_order=2, offset_range=4.0, offset_step=2.0, repeats=3
+) -> dict:
     from streamem.core import sampling
     from streamem.core.projector import make_projector, project_points
     from streamem.em.estep import cross_terms, half_plane_points, ref_power_terms
@@ -85,8 +91,18 @@ def run(args) -> int:
     if args.gpu:
         print("GPU benchmark needs CuPy and a GPU; not available in this build")
         return 2
-    r = measure(args.box, args.radius, args.n_images, args.healpix_order, args.offset_range, args.offset_step, args.repeats)
-    print(f"shape: {r['images']} images x {r['translations']} translations x {r['orientations']} orientations, {r['fourier_points']} Fourier points")
+    r = measure(
+        args.box,
+        args.radius,
+        args.n_images,
+        args.healpix_order,
+        args.offset_range,
+        args.offset_step,
+        args.repeats,
+    )
+    print(
+        f"shape: {r['images']} images x {r['translations']} translations x {r['orientations']} orientations, {r['fourier_points']} Fourier points"
+    )
     print(f"{'SGEMM (NumPy BLAS)':<28}{r['gemm_gflops']:10.1f} GFLOP/s")
     print(f"{'E-step coarse pass':<28}{r['estep_gflops']:10.1f} GFLOP/s")
     print(f"{'fraction of SGEMM':<28}{r['fraction_of_gemm']:10.2f}")

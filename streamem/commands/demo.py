@@ -16,7 +16,11 @@ log = logging.getLogger("streamem")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="simulate, refine and compare with the truth (built-in data)", description=__doc__)
+    p = sub.add_parser(
+        "demo",
+        help="simulate, refine and compare with the truth (built-in data)",
+        description=__doc__,
+    )
     p.add_argument("--out", default="streamem-demo", help="output folder (default streamem-demo)")
     p.add_argument("--n-particles", type=int, default=2000)
     p.add_argument("--box", type=int, default=40)
@@ -25,7 +29,11 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-iterations", type=int, default=10)
     p.add_argument("--n-workers", type=int, default=None)
-    p.add_argument("--no-cluster", action="store_true", help="threads in this process instead of a LocalCluster")
+    p.add_argument(
+        "--no-cluster",
+        action="store_true",
+        help="threads in this process instead of a LocalCluster",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)
 
@@ -48,10 +56,18 @@ def run(args) -> int:
     )
     out = Path(args.out)
     print()
-    print(f"gold-standard resolution   {report['resolution_A']:.2f} Å  (FSC 0.143 between half maps)")
-    print(f"oracle resolution          {report['oracle_resolution_A']:.2f} Å  (half maps from the true poses)")
-    print(f"ratio refined / oracle     {report['resolution_A'] / report['oracle_resolution_A']:.3f}")
-    print(f"median angular error       {report['median_angular_error_deg']:.2f}°  (final fine step {report['final_step_deg']:.2f}°)")
+    print(
+        f"gold-standard resolution   {report['resolution_A']:.2f} Å  (FSC 0.143 between half maps)"
+    )
+    print(
+        f"oracle resolution          {report['oracle_resolution_A']:.2f} Å  (half maps from the true poses)"
+    )
+    print(
+        f"ratio refined / oracle     {report['resolution_A'] / report['oracle_resolution_A']:.3f}"
+    )
+    print(
+        f"median angular error       {report['median_angular_error_deg']:.2f}°  (final fine step {report['final_step_deg']:.2f}°)"
+    )
     print(f"iterations                 {report['iterations']}")
     print(f"map                        {out / 'refine' / 'run_class001.mrc'}")
     print(f"FSC plot                   {out / 'refine' / 'run_fsc.png'}")

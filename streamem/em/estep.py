@@ -128,7 +128,9 @@ class EStepModel:
         diameter = self.particle_diameter_A or 0.8 * self.box_size * self.pixel_size_A
         step = sampling.angular_step_deg(self.grid.healpix_order)
         coarse_resolution_A = step / 360.0 * np.pi * diameter / 1.2
-        return float(min(self.max_radius_px, self.box_size * self.pixel_size_A / coarse_resolution_A))
+        return float(
+            min(self.max_radius_px, self.box_size * self.pixel_size_A / coarse_resolution_A)
+        )
 
 
 def half_plane_points(box_size: int, max_radius_px: float):
@@ -269,7 +271,11 @@ def significant_mask(logp, fraction: float, max_count: int):
     k = min(max_count, S)
     p = np.exp(logp - logp.max(axis=1, keepdims=True))
     total = p.sum(axis=1, keepdims=True)
-    top = np.argpartition(-p, k - 1, axis=1)[:, :k] if k < S else np.broadcast_to(np.arange(S), (n, S))
+    top = (
+        np.argpartition(-p, k - 1, axis=1)[:, :k]
+        if k < S
+        else np.broadcast_to(np.arange(S), (n, S))
+    )
     top_p = np.take_along_axis(p, top, axis=1)
     order = np.argsort(-top_p, axis=1)
     top, top_p = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_p, order, axis=1)
@@ -410,9 +416,13 @@ def _expect_group(
     X0 = X * base_phase  # images re-centred on their previous origin
     local = grid.local_sigma_deg is not None and previous is not None
     # the coarse pass uses the points within the coarse radius (a prefix: sorted by radius)
-    Mc = int(np.searchsorted(np.hypot(coords[:, 0], coords[:, 1]), model.coarse_radius_px, side="right"))
+    Mc = int(
+        np.searchsorted(np.hypot(coords[:, 0], coords[:, 1]), model.coarse_radius_px, side="right")
+    )
     Xs = X0[:, None, :Mc] * phases[None, :, :Mc]  # (n, T, Mc)
-    offset_prior = offset_log_prior(prior_px[:, None, :] + shifts[None], model.sigma_offset_A, p)  # (n, T)
+    offset_prior = offset_log_prior(
+        prior_px[:, None, :] + shifts[None], model.sigma_offset_A, p
+    )  # (n, T)
     if not local:
         # one GEMM for the whole chunk: every image against the global grid
         rot_c, ang_c = coarse_orientations(model)
@@ -425,7 +435,11 @@ def _expect_group(
     else:
         # each image against the coarse grid points near its previous pose
         cands = [
-            np.asarray(sampling.local_orientations(previous[idx[i]], grid.healpix_order, 3 * grid.local_sigma_deg))
+            np.asarray(
+                sampling.local_orientations(
+                    previous[idx[i]], grid.healpix_order, 3 * grid.local_sigma_deg
+                )
+            )
             for i in range(n)
         ]
         ang_c, inverse = np.unique(np.round(np.concatenate(cands), 6), axis=0, return_inverse=True)
@@ -439,14 +453,21 @@ def _expect_group(
         for i in range(n):
             rows = candidates[i]
             C = cross_terms(Xs[i : i + 1], cw[i : i + 1, :Mc], refs[rows])[0]  # (T, K)
-            lp = log_likelihood(C, S[i, rows][None, :], 0.0, model.scale_free) + offset_prior[i][:, None]
-            lp += sampling.gaussian_orientation_prior(ang_c[rows], previous[idx[i]], grid.local_sigma_deg)[None, :]
+            lp = (
+                log_likelihood(C, S[i, rows][None, :], 0.0, model.scale_free)
+                + offset_prior[i][:, None]
+            )
+            lp += sampling.gaussian_orientation_prior(
+                ang_c[rows], previous[idx[i]], grid.local_sigma_deg
+            )[None, :]
             logp_per_image.append(lp)
     # significant coarse (translation, orientation) pairs → their children form the fine pass
     pairs = []  # per image: (t index into shifts, row into ang_c) of each refined pair
     for i in range(n):
         lp = logp_per_image[i]  # (T, K)
-        mask = significant_mask(lp.reshape(1, -1), model.adaptive_fraction, model.max_significant).reshape(lp.shape)
+        mask = significant_mask(
+            lp.reshape(1, -1), model.adaptive_fraction, model.max_significant
+        ).reshape(lp.shape)
         k = min(model.min_orientations, lp.shape[1])
         if k > 0:  # the best orientations, each with its best translation
             best_j = np.argpartition(-lp.max(axis=0), k - 1)[:k]
@@ -454,7 +475,9 @@ def _expect_group(
         t_idx, j_idx = np.nonzero(mask)
         pairs.append((t_idx, candidates[i][j_idx]))
     union = np.unique(np.concatenate([j for _, j in pairs]))
-    kids = np.asarray(sampling.oversample_orientations(ang_c[union], grid.healpix_order, grid.oversampling))
+    kids = np.asarray(
+        sampling.oversample_orientations(ang_c[union], grid.healpix_order, grid.oversampling)
+    )
     n_kids = kids.shape[1]  # kids: (U, K, 3)
     ang_table = kids.reshape(-1, 3)
     pos = np.full(ang_c.shape[0], -1)
@@ -465,7 +488,9 @@ def _expect_group(
     M = coords.shape[0]
     noise_rows = np.zeros((n, M))
     bp_rows, bp_vals, bp_wgts = [], [], []  # per image: table rows and their sums
-    sub = np.asarray(sampling.oversample_translations(np.zeros((1, 2)), grid.offset_step_px, grid.oversampling))
+    sub = np.asarray(
+        sampling.oversample_translations(np.zeros((1, 2)), grid.offset_step_px, grid.oversampling)
+    )
     sub = sub.reshape(-1, 2)  # (S, 2) fine offsets around a coarse translation
     sub_phases = np.asarray(sampling.shift_phases(coords, sub, B))  # (S, M)
 
@@ -476,7 +501,9 @@ def _expect_group(
         P = t_idx.size
         shifts_f = shifts[t_idx][:, None, :] + sub[None]  # (P, S, 2)
         krows = pos[j_rows][:, None] * n_kids + np.arange(n_kids)  # (P, K) rows of the table
-        Xs = (X0[i] * phases[t_idx])[:, None, :] * sub_phases  # (P, S, M): phase(t + s) = phase(t)·phase(s)
+        Xs = (X0[i] * phases[t_idx])[
+            :, None, :
+        ] * sub_phases  # (P, S, M): phase(t + s) = phase(t)·phase(s)
         A = refs_table[krows]  # (P, K, M)
         Y = np.conj(Xs) * cw[i]
         lhs = np.concatenate([Y.real, -Y.imag], axis=-1)  # (P, S, 2M)
@@ -488,7 +515,9 @@ def _expect_group(
         logp += offset_log_prior(total, model.sigma_offset_A, p)[:, :, None]
         if local:
             ang_f = ang_table[krows.ravel()]
-            logp += sampling.gaussian_orientation_prior(ang_f, previous[gi], grid.local_sigma_deg).reshape(P, 1, -1)
+            logp += sampling.gaussian_orientation_prior(
+                ang_f, previous[gi], grid.local_sigma_deg
+            ).reshape(P, 1, -1)
         lse = logsumexp(logp)
         W = np.exp(logp - lse)  # (P, S, K) posterior
         pb, sb, kb = np.unravel_index(np.argmax(W), W.shape)
@@ -530,7 +559,9 @@ def _expect_group(
     n_shells = stats.noise_power.shape[1]
     for g in np.unique(groups[idx]):
         rows = groups[idx] == g
-        stats.noise_power[g] += np.bincount(shell, noise_rows[rows].sum(axis=0), minlength=n_shells)[:n_shells]
+        stats.noise_power[g] += np.bincount(
+            shell, noise_rows[rows].sum(axis=0), minlength=n_shells
+        )[:n_shells]
         stats.noise_count[g] += rows.sum() * np.bincount(shell, minlength=n_shells)[:n_shells]
     # sum the per-image rows into the table's orientations (a sparse one-hot product)
     rows = np.concatenate(bp_rows)

@@ -81,7 +81,9 @@ class RefineOptions:
     flatten_solvent: bool = True
     split_every: int = 8
     padding_factor: int = 2
-    reference_on_data_scale: bool = False  # else the first iteration fits the scale (--firstiter_cc)
+    reference_on_data_scale: bool = (
+        False  # else the first iteration fits the scale (--firstiter_cc)
+    )
 
 
 def _estep_task(start, stop, store_path, results_path, prev_iteration, iteration, model):
@@ -247,7 +249,12 @@ def refine3d(
         )
 
         maps_b, fsc_b = mstep.reconstruct_halves(
-            stats.data_acc, stats.weight_acc, b, options.padding_factor, options.tau2_fudge, sym_mats
+            stats.data_acc,
+            stats.weight_acc,
+            b,
+            options.padding_factor,
+            options.tau2_fudge,
+            sym_mats,
         )
         halves = np.stack([mstep.to_full_frame(m, B) for m in maps_b])
         fsc = np.zeros(B // 2 + 1)
@@ -292,7 +299,9 @@ def refine3d(
             b,
             seconds,
         )
-        schedule = advance(schedule, resolution_A, pose_change, offset_change_px, diameter, sigma_offset_A / p)
+        schedule = advance(
+            schedule, resolution_A, pose_change, offset_change_px, diameter, sigma_offset_A / p
+        )
         if final:
             schedule = replace(schedule, converged=True)
             _write_final(
@@ -311,9 +320,15 @@ def refine3d(
             },
         )
         prev_iteration = iteration
-        if stop_after_iteration is not None and iteration >= stop_after_iteration and not schedule.converged:
+        if (
+            stop_after_iteration is not None
+            and iteration >= stop_after_iteration
+            and not schedule.converged
+        ):
             log.info("stopped after iteration %d; resume with --continue", iteration)
-            return RefineResult(out_dir, halves.mean(axis=0), halves, fsc, resolution_A, p, iteration)
+            return RefineResult(
+                out_dir, halves.mean(axis=0), halves, fsc, resolution_A, p, iteration
+            )
 
     final_map = read_map(out_dir / "run_class001.mrc")[0]
     state = json.loads(runfiles.latest_checkpoint(out_dir).read_text())
