@@ -67,7 +67,6 @@ from streamem.core import sampling
 from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn
 from streamem.core.ctf import OpticsParams, ctf_phase_from_frequencies, ctf_rfft, phase_flip
 from streamem.core.masks import soft_sphere
-from streamem.dist.graph import map_chunks, tree_sum
 from streamem.em import mstep, runfiles
 from streamem.em.estep import (
     ChunkResult,
@@ -79,7 +78,7 @@ from streamem.em.estep import (
     ref_power_terms,
     significant_weights,
 )
-from streamem.em.refine import INCREMENT_SHELLS, _broadcast, _compute, _power_task
+from streamem.em.refine import INCREMENT_SHELLS, initial_noise, run_estep
 from streamem.em.statistics import SufficientStatistics
 from streamem.errors import InputError
 from streamem.io.mrc import write_map
@@ -530,18 +529,6 @@ class Class2DResult:
         return plot_gallery(self.class_images, self.fractions, self.resolutions_A, fig=fig)
 
 
-def _estep_task(start, stop, store_path, results_path, prev_iteration, iteration, model):
-    """One chunk's E-step: read, compute, write per-particle results, return statistics."""
-    store = ParticleStore(store_path)
-    chunk = store.read_chunk(start, stop)
-    meta = dict(chunk.metadata)
-    if prev_iteration is not None:
-        meta.update(runfiles.read_results(results_path, prev_iteration, start, stop))
-    stats, result = expectation_2d(chunk.images, meta, model)
-    runfiles.write_results(results_path, iteration, start, result.as_columns())
-    return stats
-
-
 def _initial_images(store: ParticleStore, n_classes: int):
     """The first chunks' images and metadata, at least max(20·K, one chunk) images if held."""
     want = max(20 * n_classes, store.chunk_size)
@@ -578,28 +565,19 @@ def classify2d(
     diameter = options.particle_diameter_A or 0.8 * B * p
     if diameter <= 0:
         raise InputError(None, "--particle-diameter must be positive")
-    n_groups = len(store.optics_groups)
     optics = tuple(optics_params(g) for g in store.optics_groups)
     do_ctf = options.do_ctf and store.has_fields(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"))
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(out_dir, "output folder is not empty")
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "particles.zarr"
-    bounds = store.chunk_bounds()
     mask = soft_sphere(B, min(0.5 * diameter / p, B / 2 - 1), edge_px=max(2.0, 0.05 * B), ndim=2)
     first_images, first_meta = _initial_images(store, K)
     class_images = initial_class_images(
         first_images, first_meta, K, p, optics, mask, options.seed, do_ctf
     )
     del first_images
-    power = _compute(
-        tree_sum(
-            map_chunks(_power_task, bounds, str(store.path), n_groups, name="power"),
-            options.split_every,
-        ),
-        client,
-    )
-    inv_sigma2 = mstep.initial_inv_sigma2(power[0], power[1])
+    inv_sigma2 = initial_noise(store, client, options.split_every)
     sigma_offset_A = max(options.offset_range_px, 1.0) * p / 2
     fractions = np.full(K, 1.0 / K)
     resolutions = np.full(K, 999.0)
@@ -627,19 +605,16 @@ def classify2d(
             scale_free=iteration == 1,
             adaptive_fraction=options.adaptive_fraction,
         )
-        runfiles.create_results_arrays(results_path, iteration, N, store.chunk_size)
-        parts = map_chunks(
-            _estep_task,
-            bounds,
-            str(store.path),
-            str(results_path),
+        stats = run_estep(
+            store,
+            results_path,
             prev_iteration,
             iteration,
-            _broadcast(model, client),
-            name=f"class2d-estep-it{iteration:03d}",
-        )
-        stats = _compute(
-            tree_sum(parts, options.split_every, name=f"class2d-stats-it{iteration:03d}"), client
+            model,
+            client,
+            expectation_2d,
+            options.split_every,
+            name="class2d",
         )
 
         # -- M-step ----------------------------------------------------------------------

@@ -45,15 +45,13 @@ from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.fsc import resolution_at
 from streamem.core.projector import make_projector
 from streamem.core.symmetry import symmetry_matrices
-from streamem.dist.graph import map_chunks, tree_sum
 from streamem.em import mstep, runfiles
 from streamem.em.estep import EStepModel, SearchGrid
 from streamem.em.estep_classes import ClassEStepModel, expectation_classes
 from streamem.em.refine import (
-    _broadcast,
-    _compute,
     _load_reference,
-    _power_task,
+    initial_noise,
+    run_estep,
     solvent_mask_for,
     work_box_for,
 )
@@ -153,18 +151,6 @@ def initial_references(
     return np.stack(out).astype(np.float32)
 
 
-def _estep_task(start, stop, store_path, results_path, prev_iteration, iteration, model):
-    """One chunk's E-step: read, compute, write per-particle results, return statistics."""
-    store = ParticleStore(store_path)
-    chunk = store.read_chunk(start, stop)
-    meta = dict(chunk.metadata)
-    if prev_iteration is not None:
-        meta.update(runfiles.read_results(results_path, prev_iteration, start, stop))
-    stats, result = expectation_classes(chunk.images, meta, model)
-    runfiles.write_results(results_path, iteration, start, result.as_columns())
-    return stats
-
-
 def reconstruct_class(data_acc, weight_acc, work_box, padding_factor, tau2_fudge, sym_mats):
     """One class's map from its two random-half accumulators (2, *grid).
 
@@ -204,7 +190,6 @@ def classify3d(
     K = options.n_classes
     diameter = options.particle_diameter_A or 0.8 * B * p
     sym_mats = symmetry_matrices(options.symmetry)
-    n_groups = len(store.optics_groups)
     optics = tuple(optics_params(g) for g in store.optics_groups)
     do_ctf = options.do_ctf and store.has_fields(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"))
     if options.skip_align and not store.has_fields(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
@@ -214,19 +199,11 @@ def classify3d(
         raise InputError(out_dir, "output folder is not empty")
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "particles.zarr"
-    bounds = store.chunk_bounds()
     mask = solvent_mask_for(B, p, diameter) if options.flatten_solvent else None
     maps = initial_references(
         ref, K, options.ini_high_A, p, mask, options.perturbation, options.seed
     )
-    power = _compute(
-        tree_sum(
-            map_chunks(_power_task, bounds, str(store.path), n_groups, name="power"),
-            options.split_every,
-        ),
-        client,
-    )
-    inv_sigma2 = mstep.initial_inv_sigma2(power[0], power[1])
+    inv_sigma2 = initial_noise(store, client, options.split_every)
     sigma_offset_A = options.offset_range_px * p / 2
     resolution_A = options.ini_high_A
     fractions = np.full(K, 1.0 / K)
@@ -276,19 +253,16 @@ def classify3d(
         )
         with np.errstate(divide="ignore"):
             model = ClassEStepModel(base, np.log(fractions), options.skip_align)
-        runfiles.create_results_arrays(results_path, iteration, store.n_particles, store.chunk_size)
-        parts = map_chunks(
-            _estep_task,
-            bounds,
-            str(store.path),
-            str(results_path),
+        stats = run_estep(
+            store,
+            results_path,
             prev_iteration,
             iteration,
-            _broadcast(model, client),
-            name=f"class3d-estep-it{iteration:03d}",
-        )
-        stats = _compute(
-            tree_sum(parts, options.split_every, name=f"class3d-stats-it{iteration:03d}"), client
+            model,
+            client,
+            expectation_classes,
+            options.split_every,
+            name="class3d",
         )
 
         # -- M-step ----------------------------------------------------------------------

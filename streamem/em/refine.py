@@ -86,16 +86,49 @@ class RefineOptions:
     )
 
 
-def _estep_task(start, stop, store_path, results_path, prev_iteration, iteration, model):
-    """One chunk's E-step: read, compute, write per-particle results, return statistics."""
+def estep_task(
+    start, stop, store_path, results_path, prev_iteration, iteration, model, expectation_fn
+):
+    """One chunk's E-step: read, compute, write per-particle results, return statistics.
+
+    ``expectation_fn(images, metadata, model) -> (statistics, ChunkResult)`` is the
+    engine's E-step (refine3d, class3d or class2d).
+    """
     store = ParticleStore(store_path)
     chunk = store.read_chunk(start, stop)
     meta = dict(chunk.metadata)
     if prev_iteration is not None:
         meta.update(runfiles.read_results(results_path, prev_iteration, start, stop))
-    stats, result = expectation(chunk.images, meta, model)
+    stats, result = expectation_fn(chunk.images, meta, model)
     runfiles.write_results(results_path, iteration, start, result.as_columns())
     return stats
+
+
+def run_estep(
+    store,
+    results_path,
+    prev_iteration,
+    iteration,
+    model,
+    client,
+    expectation_fn,
+    split_every=8,
+    name="estep",
+):
+    """One iteration's graph: the model sent once, one task per chunk, statistics tree-summed."""
+    runfiles.create_results_arrays(results_path, iteration, store.n_particles, store.chunk_size)
+    parts = map_chunks(
+        estep_task,
+        store.chunk_bounds(),
+        str(store.path),
+        str(results_path),
+        prev_iteration,
+        iteration,
+        _broadcast(model, client),
+        expectation_fn,
+        name=f"{name}-it{iteration:03d}",
+    )
+    return _compute(tree_sum(parts, split_every, name=f"{name}-stats-it{iteration:03d}"), client)
 
 
 def _power_task(start, stop, store_path, n_groups):
@@ -103,6 +136,14 @@ def _power_task(start, stop, store_path, n_groups):
     chunk = store.read_chunk(start, stop)
     groups = np.asarray(chunk.metadata["rlnOpticsGroup"], np.int64) - 1
     return mstep.image_power(chunk.images, groups, n_groups)
+
+
+def initial_noise(store, client, split_every: int = 8) -> np.ndarray:
+    """1/σ² (G, B//2+1) from the images' mean power spectra (a pass over the store)."""
+    n_groups = len(store.optics_groups)
+    parts = map_chunks(_power_task, store.chunk_bounds(), str(store.path), n_groups, name="power")
+    power = _compute(tree_sum(parts, split_every), client)
+    return mstep.initial_inv_sigma2(power[0], power[1])
 
 
 def _compute(graph, client):
@@ -154,11 +195,9 @@ def refine3d(
     B, p = store.box_size, store.pixel_size_A
     diameter = options.particle_diameter_A or 0.8 * B * p
     sym_mats = symmetry_matrices(options.symmetry)
-    n_groups = len(store.optics_groups)
     optics = tuple(optics_params(g) for g in store.optics_groups)
     do_ctf = options.do_ctf and store.has_fields(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"))
     results_path = out_dir / "particles.zarr"
-    bounds = store.chunk_bounds()
     mask = solvent_mask_for(B, p, diameter) if options.flatten_solvent else None
 
     checkpoint = runfiles.latest_checkpoint(out_dir) if continue_run else None
@@ -180,14 +219,7 @@ def refine3d(
         out_dir.mkdir(parents=True, exist_ok=True)
         ref = lowpass(ref, options.ini_high_A, p)
         halves = np.stack([ref, ref])
-        power = _compute(
-            tree_sum(
-                map_chunks(_power_task, bounds, str(store.path), n_groups, name="power"),
-                options.split_every,
-            ),
-            client,
-        )
-        inv_sigma2 = mstep.initial_inv_sigma2(power[0], power[1])
+        inv_sigma2 = initial_noise(store, client, options.split_every)
         sigma_offset_A = options.offset_range_px * p / 2
         resolution_A = options.ini_high_A
         schedule = RefineSchedule(
@@ -232,20 +264,15 @@ def refine3d(
             particle_diameter_A=diameter,
             scale_free=iteration == 1 and not options.reference_on_data_scale,
         )
-        runfiles.create_results_arrays(results_path, iteration, store.n_particles, store.chunk_size)
-        model_node = _broadcast(model, client)
-        parts = map_chunks(
-            _estep_task,
-            bounds,
-            str(store.path),
-            str(results_path),
+        stats = run_estep(
+            store,
+            results_path,
             prev_iteration,
             iteration,
-            model_node,
-            name=f"estep-it{iteration:03d}",
-        )
-        stats = _compute(
-            tree_sum(parts, options.split_every, name=f"stats-it{iteration:03d}"), client
+            model,
+            client,
+            expectation,
+            options.split_every,
         )
 
         maps_b, fsc_b = mstep.reconstruct_halves(
