@@ -53,12 +53,14 @@ def client_for(
         finally:
             client.close()
         return
-    # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which returns memory
-    # to the OS after every large temporary: the E-step then spent more time in the
-    # kernel (page faults) than computing (3x slower per chunk in our measurement).
+    # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536. Setting it turns off
+    # glibc's dynamic mmap threshold, so every large temporary is a fresh mmap and the
+    # E-step spent more time in page faults than computing (sys 7.8 s vs user 5.7 s on
+    # one chunk). With both thresholds at 256 MiB: sys 1.4 s, 2.2x faster overall.
     # One BLAS thread per worker: the workers already use every core.
     worker_env = {
         "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+        "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
         "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
