@@ -12,7 +12,8 @@ searches are local with σ = one coarse step over ±3σ (RELION:
 --auto_local_healpix_order 4; refine3d defaults to 3 because a global search at
 coarse order 3, 36,864 orientations, dominated CPU time: ~300 s against ~20 s per
 iteration on a 1,000-particle box-48 test). Once the fine angular step is fine enough for the
-resolution (step ≤ the angle a particle edge moves by one resolution element) or
+resolution (step ≤ the angle that moves the particle's rim by a quarter of the
+resolution) or
 ``max_order`` is reached, the next stall triggers the final iteration, in which
 the two halves are joined; ``max_iterations`` bounds the run.
 """
@@ -57,8 +58,13 @@ class RefineSchedule:
 
 
 def required_angular_step_deg(resolution_A: float, particle_diameter_A: float) -> float:
-    """Angle (deg) that moves a point on the particle's rim by one resolution element."""
-    return math.degrees(resolution_A / (0.5 * particle_diameter_A))
+    """Angle (deg) that moves a point on the particle's rim by a quarter of the resolution.
+
+    RELION stops refining the sampling once the step is below its estimate of the
+    angular accuracy; without that estimate we ask for a step that keeps the rim's
+    sampling error well inside one resolution element (a quarter of it).
+    """
+    return math.degrees(0.25 * resolution_A / (0.5 * particle_diameter_A))
 
 
 def advance(
