@@ -8,7 +8,7 @@ translation steps, or no smaller than the smallest seen) count towards
 MAX_NR_ITER_WO_RESOL_GAIN and MAX_NR_ITER_WO_LARGE_HIDDEN_VARIABLE_CHANGES), the
 angular sampling is halved (HEALPix order + 1) and the translation step too, the
 translation range shrinks to 3σ of the offset prior; from ``local_from_order`` on,
-searches are local with σ = one coarse step over ±3σ (RELION:
+searches are local with σ = 1.5 coarse steps over ±3σ (RELION:
 --auto_local_healpix_order 4; refine3d defaults to 3 because a global search at
 coarse order 3, 36,864 orientations, dominated CPU time: ~300 s against ~20 s per
 iteration on a 1,000-particle box-48 test). Once the fine angular step is fine enough for the
