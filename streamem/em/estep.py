@@ -394,135 +394,187 @@ def _previous_poses(metadata):
     return None if np.isnan(ang).any() else ang
 
 
+def _coarse_pass(X0, cw, ctf2w, coords, phases, offset_prior, model, projector, previous_poses):
+    """Log-posteriors of the coarse samples of each image.
+
+    X0 (n, M) images re-centred on their previous origins; phases (T, M) of the coarse
+    translations; offset_prior (n, T). Global searches score the whole chunk against the
+    HEALPix grid in one GEMM; local searches score each image against the grid points
+    near its previous pose (``previous_poses`` (n, 3)). Returns (angles (U, 3) of the
+    scored orientations, per image the rows into them it scored (K_i,), per image its
+    log-posterior (T, K_i)).
+    """
+    grid, n = model.grid, X0.shape[0]
+    # the coarse pass uses the points within the coarse radius (a prefix: sorted by radius)
+    radius = np.hypot(coords[:, 0], coords[:, 1])
+    Mc = int(np.searchsorted(radius, model.coarse_radius_px, side="right"))
+    Xs = X0[:, None, :Mc] * phases[None, :, :Mc]  # (n, T, Mc)
+    if previous_poses is None:
+        rot_c, ang_c = coarse_orientations(model)
+        refs = project_points(projector, rot_c, coords[:Mc])  # (J, Mc)
+        C = cross_terms(Xs, cw[:, :Mc], refs)  # (n, T, J)
+        S = ref_power_terms(ctf2w[:, :Mc], refs)  # (n, J)
+        logp = log_likelihood(C, S[:, None, :], 0.0, model.scale_free) + offset_prior[:, :, None]
+        return ang_c, [np.arange(ang_c.shape[0])] * n, list(logp)
+    cands = [
+        np.asarray(sampling.local_orientations(prev, grid.healpix_order, 3 * grid.local_sigma_deg))
+        for prev in previous_poses
+    ]
+    ang_c, inverse = np.unique(np.round(np.concatenate(cands), 6), axis=0, return_inverse=True)
+    bounds = np.cumsum([0] + [c.shape[0] for c in cands])
+    candidates = [inverse.ravel()[bounds[i] : bounds[i + 1]] for i in range(n)]
+    rot_c = euler_to_matrix(ang_c[:, 0], ang_c[:, 1], ang_c[:, 2])
+    refs = project_points(projector, rot_c, coords[:Mc])  # (U, Mc)
+    S = ref_power_terms(ctf2w[:, :Mc], refs)  # (n, U)
+    logps = []
+    for i, rows in enumerate(candidates):
+        C = cross_terms(Xs[i : i + 1], cw[i : i + 1, :Mc], refs[rows])[0]  # (T, K)
+        lp = (
+            log_likelihood(C, S[i, rows][None, :], 0.0, model.scale_free) + offset_prior[i][:, None]
+        )
+        prior = sampling.gaussian_orientation_prior(
+            ang_c[rows], previous_poses[i], grid.local_sigma_deg
+        )
+        logps.append(lp + prior[None, :])
+    return ang_c, candidates, logps
+
+
+def _significant_pairs(logp, candidates, model):
+    """The coarse (translation, orientation row) pairs refined in the fine pass, per image.
+
+    Those holding ``adaptive_fraction`` of the posterior (at most ``max_significant``),
+    plus the ``min_orientations`` best orientations with their best translations.
+    """
+    pairs = []
+    for lp, rows in zip(logp, candidates, strict=True):  # lp: (T, K)
+        mask = significant_mask(lp.reshape(1, -1), model.adaptive_fraction, model.max_significant)
+        mask = mask.reshape(lp.shape)
+        k = min(model.min_orientations, lp.shape[1])
+        if k > 0:
+            best_j = np.argpartition(-lp.max(axis=0), k - 1)[:k]
+            mask[lp[:, best_j].argmax(axis=0), best_j] = True
+        t_idx, j_idx = np.nonzero(mask)
+        pairs.append((t_idx, rows[j_idx]))
+    return pairs
+
+
+@dataclass(frozen=True)
+class FineTable:
+    """The children of every refined coarse orientation of a chunk, projected once.
+
+    angles (R, 3), rotations (R, 3, 3), refs (R, M) complex, power (R, M) |refs|²;
+    the children of coarse row j are rows ``position[j]·n_kids + (0 .. n_kids−1)``.
+    """
+
+    angles: np.ndarray
+    rotations: np.ndarray
+    refs: np.ndarray
+    power: np.ndarray
+    position: np.ndarray
+    n_kids: int
+
+    def rows(self, coarse_rows):
+        """(P, n_kids) table rows of the children of coarse rows (P,)."""
+        return self.position[coarse_rows][:, None] * self.n_kids + np.arange(self.n_kids)
+
+
+def _fine_table(ang_c, pairs, grid, projector, coords) -> FineTable:
+    union = np.unique(np.concatenate([j for _, j in pairs]))
+    kids = np.asarray(
+        sampling.oversample_orientations(ang_c[union], grid.healpix_order, grid.oversampling)
+    )
+    angles = kids.reshape(-1, 3)  # kids: (U, K, 3)
+    position = np.full(ang_c.shape[0], -1)
+    position[union] = np.arange(union.size)
+    rotations = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+    refs = project_points(projector, rotations, coords)  # (U·K, M)
+    power = (refs.real**2 + refs.imag**2).astype(np.float32)
+    return FineTable(angles, rotations, refs, power, position, kids.shape[1])
+
+
+def _fine_log_posterior(Xs, cw, ctf2w, norm, A, power, total_px, model, orientation_prior=None):
+    """Log-posterior of the fine samples of one image, a batched GEMM over its pairs.
+
+    Xs (P, S, M) shifted image, A (P, K, M) and power (P, K, M) the children's slices,
+    total_px (P, S, 2) total origins. Returns (P, S, K).
+    """
+    Y = np.conj(Xs) * cw
+    lhs = np.concatenate([Y.real, -Y.imag], axis=-1)  # (P, S, 2M)
+    rhs = np.concatenate([A.real, A.imag], axis=-1).transpose(0, 2, 1)  # (P, 2M, K)
+    C = lhs @ rhs  # (P, S, K)
+    S = 0.5 * (power @ ctf2w)  # (P, K)
+    logp = log_likelihood(C, S[:, None, :], norm, model.scale_free)
+    logp += offset_log_prior(total_px, model.sigma_offset_A, model.pixel_size_A)[:, :, None]
+    if orientation_prior is not None:
+        logp += orientation_prior[:, None, :]
+    return logp
+
+
 def _expect_group(
     idx, prep: PreparedImages, model, projector, coords, shell, groups, previous, stats, r, result
 ):
-    grid = model.grid
-    p = model.pixel_size_A
-    B = model.box_size
+    """E-step of the particles ``idx`` of a chunk that share one reference (``projector``);
+    fills ``result`` and adds to ``stats`` (reconstruction ``r``)."""
+    grid, p, B, M = model.grid, model.pixel_size_A, model.box_size, coords.shape[0]
     X, ctf, inv_s2 = prep.X[idx], prep.ctf[idx], prep.inv_sigma2[idx]
     cw = ctf * inv_s2  # (n, M)
     ctf2w = ctf * cw
     norm = prep.norm[idx]
     prior_px = prep.prior_offset_px[idx]
     n = idx.size
+    local = grid.local_sigma_deg is not None and previous is not None
+    previous_poses = previous[idx] if local else None
 
-    # -- coarse pass --------------------------------------------------------------
     shifts = np.asarray(
         sampling.translation_grid(grid.offset_range_px, grid.offset_step_px)
     )  # (T, 2)
     phases = np.asarray(sampling.shift_phases(coords, shifts, B))  # (T, M)
-    base_phase = np.asarray(sampling.shift_phases(coords, prior_px, B))  # (n, M): previous origin
-    X0 = X * base_phase  # images re-centred on their previous origin
-    local = grid.local_sigma_deg is not None and previous is not None
-    # the coarse pass uses the points within the coarse radius (a prefix: sorted by radius)
-    Mc = int(
-        np.searchsorted(np.hypot(coords[:, 0], coords[:, 1]), model.coarse_radius_px, side="right")
+    X0 = X * np.asarray(
+        sampling.shift_phases(coords, prior_px, B)
+    )  # re-centred on previous origins
+    offset_prior = offset_log_prior(prior_px[:, None, :] + shifts[None], model.sigma_offset_A, p)
+    ang_c, candidates, logp = _coarse_pass(
+        X0, cw, ctf2w, coords, phases, offset_prior, model, projector, previous_poses
     )
-    Xs = X0[:, None, :Mc] * phases[None, :, :Mc]  # (n, T, Mc)
-    offset_prior = offset_log_prior(
-        prior_px[:, None, :] + shifts[None], model.sigma_offset_A, p
-    )  # (n, T)
-    if not local:
-        # one GEMM for the whole chunk: every image against the global grid
-        rot_c, ang_c = coarse_orientations(model)
-        refs = project_points(projector, rot_c, coords[:Mc])  # (J, Mc)
-        C = cross_terms(Xs, cw[:, :Mc], refs)  # (n, T, J)
-        S = ref_power_terms(ctf2w[:, :Mc], refs)  # (n, J)
-        logp = log_likelihood(C, S[:, None, :], 0.0, model.scale_free) + offset_prior[:, :, None]
-        candidates = [np.arange(ang_c.shape[0])] * n
-        logp_per_image = list(logp)
-    else:
-        # each image against the coarse grid points near its previous pose
-        cands = [
-            np.asarray(
-                sampling.local_orientations(
-                    previous[idx[i]], grid.healpix_order, 3 * grid.local_sigma_deg
-                )
-            )
-            for i in range(n)
-        ]
-        ang_c, inverse = np.unique(np.round(np.concatenate(cands), 6), axis=0, return_inverse=True)
-        inverse = inverse.ravel()
-        bounds = np.cumsum([0] + [c.shape[0] for c in cands])
-        candidates = [inverse[bounds[i] : bounds[i + 1]] for i in range(n)]
-        rot_c = euler_to_matrix(ang_c[:, 0], ang_c[:, 1], ang_c[:, 2])
-        refs = project_points(projector, rot_c, coords[:Mc])  # (U, Mc)
-        S = ref_power_terms(ctf2w[:, :Mc], refs)  # (n, U)
-        logp_per_image = []
-        for i in range(n):
-            rows = candidates[i]
-            C = cross_terms(Xs[i : i + 1], cw[i : i + 1, :Mc], refs[rows])[0]  # (T, K)
-            lp = (
-                log_likelihood(C, S[i, rows][None, :], 0.0, model.scale_free)
-                + offset_prior[i][:, None]
-            )
-            lp += sampling.gaussian_orientation_prior(
-                ang_c[rows], previous[idx[i]], grid.local_sigma_deg
-            )[None, :]
-            logp_per_image.append(lp)
-    # significant coarse (translation, orientation) pairs → their children form the fine pass
-    pairs = []  # per image: (t index into shifts, row into ang_c) of each refined pair
-    for i in range(n):
-        lp = logp_per_image[i]  # (T, K)
-        mask = significant_mask(
-            lp.reshape(1, -1), model.adaptive_fraction, model.max_significant
-        ).reshape(lp.shape)
-        k = min(model.min_orientations, lp.shape[1])
-        if k > 0:  # the best orientations, each with its best translation
-            best_j = np.argpartition(-lp.max(axis=0), k - 1)[:k]
-            mask[lp[:, best_j].argmax(axis=0), best_j] = True
-        t_idx, j_idx = np.nonzero(mask)
-        pairs.append((t_idx, candidates[i][j_idx]))
-    union = np.unique(np.concatenate([j for _, j in pairs]))
-    kids = np.asarray(
-        sampling.oversample_orientations(ang_c[union], grid.healpix_order, grid.oversampling)
-    )
-    n_kids = kids.shape[1]  # kids: (U, K, 3)
-    ang_table = kids.reshape(-1, 3)
-    pos = np.full(ang_c.shape[0], -1)
-    pos[union] = np.arange(union.size)
-    rot_table = euler_to_matrix(ang_table[:, 0], ang_table[:, 1], ang_table[:, 2])
-    refs_table = project_points(projector, rot_table, coords)  # (U·K, M)
-    power_table = (refs_table.real**2 + refs_table.imag**2).astype(np.float32)
-    M = coords.shape[0]
-    noise_rows = np.zeros((n, M))
-    bp_rows, bp_vals, bp_wgts = [], [], []  # per image: table rows and their sums
+    pairs = _significant_pairs(logp, candidates, model)
+    table = _fine_table(ang_c, pairs, grid, projector, coords)
     sub = np.asarray(
         sampling.oversample_translations(np.zeros((1, 2)), grid.offset_step_px, grid.oversampling)
     )
     sub = sub.reshape(-1, 2)  # (S, 2) fine offsets around a coarse translation
     sub_phases = np.asarray(sampling.shift_phases(coords, sub, B))  # (S, M)
+    noise_rows = np.zeros((n, M))
+    bp_rows, bp_vals, bp_wgts = [], [], []  # per image: table rows and their sums
 
-    # -- fine pass, image by image: the children of each pair as a batched GEMM ----------
-    for i in range(n):
+    for i in range(n):  # fine pass, image by image
         gi = idx[i]
         t_idx, j_rows = pairs[i]
-        P = t_idx.size
-        shifts_f = shifts[t_idx][:, None, :] + sub[None]  # (P, S, 2)
-        krows = pos[j_rows][:, None] * n_kids + np.arange(n_kids)  # (P, K) rows of the table
+        krows = table.rows(j_rows)  # (P, K)
+        total = prior_px[i] + shifts[t_idx][:, None, :] + sub[None]  # (P, S, 2)
         Xs = (X0[i] * phases[t_idx])[
             :, None, :
-        ] * sub_phases  # (P, S, M): phase(t + s) = phase(t)·phase(s)
-        A = refs_table[krows]  # (P, K, M)
-        Y = np.conj(Xs) * cw[i]
-        lhs = np.concatenate([Y.real, -Y.imag], axis=-1)  # (P, S, 2M)
-        rhs = np.concatenate([A.real, A.imag], axis=-1).transpose(0, 2, 1)  # (P, 2M, K)
-        C = lhs @ rhs  # (P, S, K)
-        S = 0.5 * (power_table[krows] @ ctf2w[i])  # (P, K)
-        total = prior_px[i] + shifts_f  # (P, S, 2)
-        logp = log_likelihood(C, S[:, None, :], norm[i], model.scale_free)
-        logp += offset_log_prior(total, model.sigma_offset_A, p)[:, :, None]
+        ] * sub_phases  # (P, S, M): phase(t+s) = phase(t)·phase(s)
+        orientation_prior = None
         if local:
-            ang_f = ang_table[krows.ravel()]
-            logp += sampling.gaussian_orientation_prior(
-                ang_f, previous[gi], grid.local_sigma_deg
-            ).reshape(P, 1, -1)
-        lse = logsumexp(logp)
-        W = np.exp(logp - lse)  # (P, S, K) posterior
+            orientation_prior = sampling.gaussian_orientation_prior(
+                table.angles[krows.ravel()], previous[gi], grid.local_sigma_deg
+            ).reshape(krows.shape)
+        logp_f = _fine_log_posterior(
+            Xs,
+            cw[i],
+            ctf2w[i],
+            norm[i],
+            table.refs[krows],
+            table.power[krows],
+            total,
+            model,
+            orientation_prior,
+        )
+        lse = logsumexp(logp_f)
+        W = np.exp(logp_f - lse)  # (P, S, K) posterior
         pb, sb, kb = np.unravel_index(np.argmax(W), W.shape)
-        result.rot[gi], result.tilt[gi], result.psi[gi] = ang_table[krows[pb, kb]]
-        best_origin_px = total[pb, sb]  # (dy, dx)
+        best_angles, best_origin_px = table.angles[krows[pb, kb]], total[pb, sb]  # origin (dy, dx)
+        result.rot[gi], result.tilt[gi], result.psi[gi] = best_angles
         result.origin_y_A[gi], result.origin_x_A[gi] = best_origin_px * p
         result.max_prob[gi] = W[pb, sb, kb]
         W, result.n_significant[gi] = significant_weights(W, model.adaptive_fraction)
@@ -530,29 +582,27 @@ def _expect_group(
         result.class_number[gi] = 1
 
         # statistics over the significant samples only: Σ_t W X_t per fine orientation
-        live = W.reshape(P, -1).any(axis=1)
-        Wl, Xl, rows_l = W[live], Xs[live], krows[live]
-        D = (Wl.transpose(0, 2, 1).astype(np.complex64) @ Xl).reshape(-1, M)  # (P'·K, M)
+        live = W.reshape(W.shape[0], -1).any(axis=1)
+        Wl, rows_l = W[live], krows[live].ravel()
+        D = (Wl.transpose(0, 2, 1).astype(np.complex64) @ Xs[live]).reshape(-1, M)  # (P'·K, M)
         w_j = Wl.sum(axis=1).ravel()  # (P'·K,)
-        rows_l = rows_l.ravel()
         on = w_j > 0
         D, w_j, rows_l = D[on], w_j[on], rows_l[on]
         bp_rows.append(rows_l)
         bp_vals.append(D * cw[i])
         bp_wgts.append(w_j[:, None] * ctf2w[i])
-        A_l = refs_table[rows_l]
         noise_rows[i] = (
             (X[i].real ** 2 + X[i].imag ** 2)
-            - 2 * ctf[i] * np.sum((np.conj(D) * A_l).real, axis=0)
-            + ctf[i] ** 2 * (w_j @ power_table[rows_l])
+            - 2 * ctf[i] * np.sum((np.conj(D) * table.refs[rows_l]).real, axis=0)
+            + ctf[i] ** 2 * (w_j @ table.power[rows_l])
         )
         stats.offset_sq_A2 += float(np.sum(W * np.sum((total * p) ** 2, axis=-1)[:, :, None]))
         stats.weight_sum += 1.0
         stats.loglik_sum += float(lse)
         if previous is not None:
-            A_new = euler_to_matrix(*ang_table[krows[pb, kb]])
-            A_old = euler_to_matrix(*previous[gi])
-            stats.pose_change_deg_sum += float(angular_distance_deg(A_new, A_old))
+            stats.pose_change_deg_sum += float(
+                angular_distance_deg(euler_to_matrix(*best_angles), euler_to_matrix(*previous[gi]))
+            )
             stats.offset_change_A_sum += float(np.hypot(*((best_origin_px - prior_px[i]) * p)))
             stats.n_with_previous += 1
     stats.class_weight[0] += n
@@ -572,7 +622,7 @@ def _expect_group(
     insert_points(
         stats.data_acc[r],
         stats.weight_acc[r],
-        rot_table[used],
+        table.rotations[used],
         coords,
         onehot @ np.concatenate(bp_vals).astype(np.complex128),
         onehot @ np.concatenate(bp_wgts).astype(np.float64),
