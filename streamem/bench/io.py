@@ -31,25 +31,12 @@ import numpy as np
 # (RUSAGE_CHILDREN is the max over every child so far). Writing "5" to clear_refs resets
 # the high-water mark after start-up: a child's ru_maxrss can start at the parent's RSS.
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
+from streamem.bench.memory import reset_peak, status_kib
 from streamem.io.importer import import_particles
 
-def status_kib(key):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
 star, out, chunk, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-try:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-except OSError:
-    pass
+reset_peak()
 base_kib = status_kib("VmRSS")
 t0 = time.perf_counter()
 store = import_particles(star, out, chunk_size=chunk or None, progress=False, workers=workers or None)

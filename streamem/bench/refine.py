@@ -17,7 +17,7 @@ from pathlib import Path
 
 _CHILD = """
 import json, sys, time, dask
-from streamem.bench.refine import status_kib, reset_peak
+from streamem.bench.memory import reset_peak, status_kib
 from streamem.simulate.particles import simulate_particles, truth_volume_paths
 from streamem.io.mrc import read_map
 from streamem.core.filters import lowpass
@@ -34,22 +34,6 @@ t0 = time.perf_counter()
 refine3d(store, ref, out + "/run", RefineOptions(max_iterations=4), stop_after_iteration=1)
 print(json.dumps({"n": n, "seconds": time.perf_counter() - t0, "peak_kib": status_kib("VmHWM"), "base_kib": base}))
 """
-
-
-def status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def register_bench(bench_sub) -> None:

@@ -22,25 +22,12 @@ import tempfile
 from pathlib import Path
 
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
+from streamem.bench.memory import reset_peak, status_kib
 from streamem.simulate.particles import simulate_particles
 
-def status_kib(key):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
 out, n, box, px, chunk, workers, order = sys.argv[1:8]
-try:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-except OSError:
-    pass
+reset_peak()
 base_kib = status_kib("VmRSS")
 t0 = time.perf_counter()
 store = simulate_particles(out, int(n), box_size=int(box), pixel_size_A=float(px),
