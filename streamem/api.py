@@ -99,7 +99,9 @@ def demo(
     options = RefineOptions(ini_high_A=30.0, max_iterations=max_iterations)
 
     def go(client):
-        result = refine3d(store, out / "reference_30A.mrc", out / "refine", options, client)
+        result = refine3d(
+            store, out / "reference_30A.mrc", out / "refine", options, client, progress=True
+        )
         _, oracle_fsc, oracle_res = oracle(store, client=client)
         return result, oracle_fsc, oracle_res
 

@@ -90,12 +90,16 @@ def run(args) -> int:
         do_ctf=not args.no_ctf,
     )
     if args.no_cluster:
-        result = refine3d(store, args.ref, args.out, options, None, args.continue_run)
+        result = refine3d(
+            store, args.ref, args.out, options, None, args.continue_run, progress=True
+        )
     else:
         with client_for(
             args.scheduler, args.n_workers, args.threads_per_worker, args.gpu
         ) as client:
-            result = refine3d(store, args.ref, args.out, options, client, args.continue_run)
+            result = refine3d(
+                store, args.ref, args.out, options, client, args.continue_run, progress=True
+            )
     print(f"final resolution {result.resolution_A:.2f} Å after {result.iterations} iterations")
     print(f"map: {result.out_dir / 'run_class001.mrc'}  FSC plot: {result.out_dir / 'run_fsc.png'}")
     return 0

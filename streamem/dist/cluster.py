@@ -36,8 +36,10 @@ def client_for(
     from distributed import Client, LocalCluster
 
     # distributed configures its loggers at import; keep our log readable
-    for noisy in ("distributed", "bokeh", "tornado"):
+    for noisy in ("distributed", "tornado"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bokeh warns about its websocket origin wildcard; the dashboard listens on 127.0.0.1
+    logging.getLogger("bokeh").setLevel(logging.ERROR)
 
     if scheduler:
         try:

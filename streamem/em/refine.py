@@ -114,8 +114,13 @@ def run_estep(
     expectation_fn,
     split_every=8,
     name="estep",
+    progress=False,
 ):
-    """One iteration's graph: the model sent once, one task per chunk, statistics tree-summed."""
+    """One iteration's graph: the model sent once, one task per chunk, statistics tree-summed.
+
+    ``progress`` shows a progress bar over the chunks (text in a terminal, a widget in a
+    notebook).
+    """
     runfiles.create_results_arrays(results_path, iteration, store.n_particles, store.chunk_size)
     parts = map_chunks(
         estep_task,
@@ -128,7 +133,9 @@ def run_estep(
         expectation_fn,
         name=f"{name}-it{iteration:03d}",
     )
-    return _compute(tree_sum(parts, split_every, name=f"{name}-stats-it{iteration:03d}"), client)
+    return _compute(
+        tree_sum(parts, split_every, name=f"{name}-stats-it{iteration:03d}"), client, progress
+    )
 
 
 def _power_task(start, stop, store_path, n_groups):
@@ -146,10 +153,20 @@ def initial_noise(store, client, split_every: int = 8) -> np.ndarray:
     return mstep.initial_inv_sigma2(power[0], power[1])
 
 
-def _compute(graph, client):
+def _compute(graph, client, progress: bool = False):
     if client is None:
+        if progress:
+            from dask.diagnostics import ProgressBar
+
+            with ProgressBar(minimum=2.0):
+                return dask.compute(graph, scheduler="threads")[0]
         return dask.compute(graph, scheduler="threads")[0]
-    return client.compute(graph).result()
+    future = client.compute(graph)
+    if progress:
+        from distributed import progress as show_progress
+
+        show_progress(future, multi=False)
+    return future.result()
 
 
 def _broadcast(model, client):
@@ -178,7 +195,7 @@ def refine3d(
     options: RefineOptions | None = None,
     client=None,
     continue_run: bool = False,
-    progress: bool = True,
+    progress: bool = False,
     stop_after_iteration: int | None = None,
 ) -> RefineResult:
     """RELION's 3D auto-refine: gold-standard halves, regularised likelihood.
@@ -187,6 +204,7 @@ def refine3d(
     (B, B, B) array at the store's pixel size); it is low-passed to ``ini_high_A``.
     out_dir: run folder (created). client: a ``distributed.Client`` or None (threads).
     continue_run: resume from the newest complete iteration in ``out_dir``.
+    progress: a progress bar over each iteration's chunks.
     stop_after_iteration: stop (resumably) once this iteration is complete.
     """
     options = options or RefineOptions()
@@ -273,6 +291,7 @@ def refine3d(
             client,
             expectation,
             options.split_every,
+            progress=progress,
         )
 
         maps_b, fsc_b = mstep.reconstruct_halves(
