@@ -7,7 +7,8 @@ translation steps, or no smaller than the smallest seen) count towards
 ``iters_without_changes``. When both counters reach 1 (RELION's
 MAX_NR_ITER_WO_RESOL_GAIN and MAX_NR_ITER_WO_LARGE_HIDDEN_VARIABLE_CHANGES), the
 angular sampling is halved (HEALPix order + 1) and the translation step too, the
-translation range shrinks to 3σ of the offset prior; from ``local_from_order`` on,
+translation range is halved with it (at most 3σ of the offset prior), so the number
+of translations stays constant; from ``local_from_order`` on,
 searches are local with σ = 1.5 coarse steps over ±3σ (RELION:
 --auto_local_healpix_order 4; refine3d defaults to 3 because a global search at
 coarse order 3, 36,864 orientations, dominated CPU time: ~300 s against ~20 s per
@@ -102,7 +103,8 @@ def advance(
     local = 1.5 * angular_step_deg(order) if order >= s.local_from_order else s.local_sigma_deg
     step = max(s.offset_step_px / 2, 0.5)
     # translations: around the previous origins, ±3σ of the offset prior, at least 2 steps
-    offset_range = s.offset_range_px
+    # halve the range with the step (as RELION), so the number of translations stays put
+    offset_range = max(s.offset_range_px / 2, 2 * step)
     if sigma_offset_px is not None:
         offset_range = min(offset_range, max(3 * sigma_offset_px, 2 * step))
     fine_enough = angular_step_deg(order + s.oversampling) <= required_angular_step_deg(
