@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -154,6 +155,7 @@ def initial_noise(store, client, split_every: int = 8) -> np.ndarray:
 
 
 def _compute(graph, client, progress: bool = False):
+    progress = progress and sys.stdout.isatty()  # bars would flood a log file
     if client is None:
         if progress:
             from dask.diagnostics import ProgressBar
