@@ -17,13 +17,20 @@ Adaptive oversampling (RELION's ``adaptive_fraction``): the coarse pass scores
 the HEALPix grid at ``healpix_order`` × a translation grid; the coarse samples
 holding ``adaptive_fraction`` of each image's posterior mass are refined into
 their children (2³ orientations, 2² translations per parent for oversampling 1)
-and the posterior is computed on those. The fine pass scores the cross product of
-the children of each significant (translation, orientation) pair, as RELION does,
-as one batched GEMM per image ((pairs × 4 translations × 2M) @ (pairs × 2M × 8
-orientations)).
+and the posterior is computed on those. The coarse pass uses only the Fourier
+points within RELION's coarse radius (what one coarse angular step can resolve).
+The fine pass scores the children of each significant (translation, orientation)
+pair, as RELION does, as one batched GEMM per image ((pairs × 4 translations × 2M)
+@ (pairs × 2M × 8 orientations)). Only the samples holding ``adaptive_fraction`` of
+the fine posterior enter the sums (RELION's significant weights).
 
-Local searches (``local_sigma_deg``): orientations within 3σ of the particle's
-previous pose, with a Gaussian prior on the angular distance.
+Local searches (``local_sigma_deg``): the coarse grid points within 3σ of the
+particle's previous pose, with a Gaussian prior on the angular distance, then the
+same fine pass.
+
+The first iteration may fit the reference's grey scale per sample
+(``scale_free``; RELION's --firstiter_cc, kept probabilistic). Precision: images,
+references and the GEMMs in float32; accumulators and noise sums in float64.
 
 Translations are searched around the particle's previous origin; the offset
 prior is a Gaussian on the total origin (Å), centred at 0, as RELION's 3D refine.
