@@ -68,7 +68,7 @@ def demo(
 ) -> dict:
     """Simulate, refine from the truth low-passed to 30 Å, compare with the oracle."""
     from streamem.core.filters import lowpass
-    from streamem.dist.cluster import client_for
+    from streamem.dist.cluster import run_with_client
     from streamem.io.mrc import read_map, write_map
     from streamem.simulate.particles import truth_volume_paths
 
@@ -105,11 +105,7 @@ def demo(
         _, oracle_fsc, oracle_res = oracle(store, client=client)
         return result, oracle_fsc, oracle_res
 
-    if use_cluster:
-        with client_for(n_workers=n_workers) as client:
-            result, oracle_fsc, oracle_res = go(client)
-    else:
-        result, oracle_fsc, oracle_res = go(None)
+    result, oracle_fsc, oracle_res = run_with_client(go, use_cluster, n_workers=n_workers)
     from streamem.em.runfiles import plot_fsc
 
     plot_fsc(

@@ -28,37 +28,38 @@ def _fails(capsys, argv, *words):
         assert w in err[0]
 
 
+def _argv(store_path, ref, out, *extra):
+    return [
+        "refine3d",
+        str(store_path),
+        "--ref",
+        str(ref),
+        "--out",
+        str(out),
+        "--no-cluster",
+        *extra,
+    ]
+
+
+def _map(path, box, voxel_A):
+    write_map(path, np.zeros((box,) * 3, np.float32), voxel_A)
+    return path
+
+
 def test_missing_store(tmp_path, capsys):
     _fails(
         capsys,
-        [
-            "refine3d",
-            str(tmp_path / "none.zarr"),
-            "--ref",
-            "r.mrc",
-            "--out",
-            str(tmp_path / "run"),
-            "--no-cluster",
-        ],
+        _argv(tmp_path / "none.zarr", "r.mrc", tmp_path / "run"),
         "none.zarr",
     )
     assert not (tmp_path / "run").exists()
 
 
 def test_reference_box_mismatch(store, tmp_path, capsys):
-    ref = tmp_path / "ref.mrc"
-    write_map(ref, np.zeros((20, 20, 20), np.float32), 5.0)
+    ref = _map(tmp_path / "ref.mrc", 20, 5.0)
     _fails(
         capsys,
-        [
-            "refine3d",
-            str(store.path),
-            "--ref",
-            str(ref),
-            "--out",
-            str(tmp_path / "run"),
-            "--no-cluster",
-        ],
+        _argv(store.path, ref, tmp_path / "run"),
         "ref.mrc",
         "(16,)",
     )
@@ -66,38 +67,19 @@ def test_reference_box_mismatch(store, tmp_path, capsys):
 
 
 def test_reference_pixel_size_mismatch(store, tmp_path, capsys):
-    ref = tmp_path / "ref.mrc"
-    write_map(ref, np.zeros((16, 16, 16), np.float32), 2.0)
+    ref = _map(tmp_path / "ref.mrc", 16, 2.0)
     _fails(
         capsys,
-        [
-            "refine3d",
-            str(store.path),
-            "--ref",
-            str(ref),
-            "--out",
-            str(tmp_path / "run"),
-            "--no-cluster",
-        ],
+        _argv(store.path, ref, tmp_path / "run"),
         "voxel size",
     )
 
 
 def test_continue_without_a_run(store, tmp_path, capsys):
-    ref = tmp_path / "ref.mrc"
-    write_map(ref, np.zeros((16, 16, 16), np.float32), 5.0)
+    ref = _map(tmp_path / "ref.mrc", 16, 5.0)
     (tmp_path / "run").mkdir()
     _fails(
         capsys,
-        [
-            "refine3d",
-            str(store.path),
-            "--ref",
-            str(ref),
-            "--out",
-            str(tmp_path / "run"),
-            "--continue",
-            "--no-cluster",
-        ],
+        _argv(store.path, ref, tmp_path / "run", "--continue"),
         "nothing to continue",
     )

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from streamem.commands.execution import run_job
 from streamem.errors import InputError
 
 
 def register(sub) -> None:
-    from streamem.commands.refine3d import add_cluster_options
+    from streamem.commands.execution import add_cluster_options
 
     p = sub.add_parser("class3d", help="3D classification into K classes", description=__doc__)
     p.add_argument("store", help="particle store (.zarr)")
@@ -60,7 +61,6 @@ def register(sub) -> None:
 
 
 def run_class3d(args) -> int:
-    from streamem.dist.cluster import client_for
     from streamem.em.classify3d import Class3DOptions, classify3d
     from streamem.io.store import ParticleStore
 
@@ -84,13 +84,7 @@ def run_class3d(args) -> int:
         seed=args.seed,
         do_ctf=not args.no_ctf,
     )
-    if args.no_cluster:
-        result = classify3d(store, args.ref, args.out, options, None)
-    else:
-        with client_for(
-            args.scheduler, args.n_workers, args.threads_per_worker, args.gpu
-        ) as client:
-            result = classify3d(store, args.ref, args.out, options, client)
+    result = run_job(args, lambda client: classify3d(store, args.ref, args.out, options, client))
     for k, (f, r) in enumerate(zip(result.fractions, result.resolutions_A, strict=True)):
         print(f"class {k + 1:3d}  fraction {f:.3f}  resolution {r:6.2f} Å")
     print(f"outputs: {result.out_dir}/run_it{result.iterations:03d}_*")
@@ -99,7 +93,7 @@ def run_class3d(args) -> int:
 
 def register_class2d(sub) -> None:
     """The ``class2d`` parser (RELION's 2D classification)."""
-    from streamem.commands.refine3d import add_cluster_options
+    from streamem.commands.execution import add_cluster_options
 
     p = sub.add_parser(
         "class2d",
@@ -130,7 +124,6 @@ def register_class2d(sub) -> None:
 
 
 def run_class2d(args) -> int:
-    from streamem.dist.cluster import client_for
     from streamem.em.classify2d import Class2DOptions, classify2d
     from streamem.io.store import ParticleStore
 
@@ -148,13 +141,7 @@ def run_class2d(args) -> int:
         do_ctf=not args.no_ctf,
         seed=args.seed,
     )
-    if args.no_cluster:
-        result = classify2d(store, args.out, options, None)
-    else:
-        with client_for(
-            args.scheduler, args.n_workers, args.threads_per_worker, args.gpu
-        ) as client:
-            result = classify2d(store, args.out, options, client)
+    result = run_job(args, lambda client: classify2d(store, args.out, options, client))
     order = sorted(range(len(result.fractions)), key=lambda k: -result.fractions[k])
     for k in order:
         print(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streamem.commands.refine3d import add_cluster_options
+from streamem.commands.execution import add_cluster_options, run_job
 
 
 def register(sub) -> None:
@@ -31,14 +31,18 @@ def run(args) -> int:
 
     store = ParticleStore(args.store)
     check_output(args.out, args.overwrite)
-    volume = reconstruct_map(
-        store,
-        pose_source="truth" if args.truth else ("star" if args.poses else "metadata"),
-        star_path=args.poses,
-        subset=args.subset,
-        symmetry_matrices=symmetry_matrices(args.sym),
-        max_resolution_A=args.maxres,
-        do_ctf=not args.no_ctf,
+    volume = run_job(
+        args,
+        lambda client: reconstruct_map(
+            store,
+            pose_source="truth" if args.truth else ("star" if args.poses else "metadata"),
+            star_path=args.poses,
+            subset=args.subset,
+            symmetry_matrices=symmetry_matrices(args.sym),
+            max_resolution_A=args.maxres,
+            do_ctf=not args.no_ctf,
+            client=client,
+        ),
     )
     write_map(args.out, volume, store.pixel_size_A, overwrite=args.overwrite)
     print(f"wrote {args.out} ({store.box_size}^3, {store.pixel_size_A:.3f} Å/px)")

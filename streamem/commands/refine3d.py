@@ -4,23 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from streamem.commands.execution import add_cluster_options, run_job
 from streamem.errors import InputError
-
-
-def add_cluster_options(p) -> None:
-    """Options shared by every Dask job."""
-    g = p.add_argument_group("execution")
-    g.add_argument("--scheduler", help="address or scheduler file of an existing Dask cluster")
-    g.add_argument(
-        "--n-workers", type=int, default=None, help="local workers (default: one per core)"
-    )
-    g.add_argument("--threads-per-worker", type=int, default=1)
-    g.add_argument(
-        "--gpu", action="store_true", help="run on GPUs with dask-cuda (one worker per GPU)"
-    )
-    g.add_argument(
-        "--no-cluster", action="store_true", help="run in this process on threads (no dashboard)"
-    )
 
 
 def register(sub) -> None:
@@ -68,7 +53,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from streamem.dist.cluster import client_for
     from streamem.em.refine import RefineOptions, refine3d
     from streamem.io.store import ParticleStore
 
@@ -89,17 +73,12 @@ def run(args) -> int:
         max_iterations=args.max_iterations,
         do_ctf=not args.no_ctf,
     )
-    if args.no_cluster:
-        result = refine3d(
-            store, args.ref, args.out, options, None, args.continue_run, progress=True
-        )
-    else:
-        with client_for(
-            args.scheduler, args.n_workers, args.threads_per_worker, args.gpu
-        ) as client:
-            result = refine3d(
-                store, args.ref, args.out, options, client, args.continue_run, progress=True
-            )
+    result = run_job(
+        args,
+        lambda client: refine3d(
+            store, args.ref, args.out, options, client, args.continue_run, progress=True
+        ),
+    )
     print(f"final resolution {result.resolution_A:.2f} Å after {result.iterations} iterations")
     print(f"map: {result.out_dir / 'run_class001.mrc'}  FSC plot: {result.out_dir / 'run_fsc.png'}")
     return 0

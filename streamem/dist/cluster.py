@@ -97,3 +97,11 @@ def client_for(
 def _announce(client) -> None:
     n = len(client.scheduler_info().get("workers", {}))
     log.info("Dask: %d workers, dashboard %s", n, client.dashboard_link)
+
+
+def run_with_client(job, use_cluster: bool = True, **cluster_options):
+    """``job(client)`` on a cluster from :func:`client_for`, or ``job(None)`` (threads)."""
+    if not use_cluster:
+        return job(None)
+    with client_for(**cluster_options) as client:
+        return job(client)
