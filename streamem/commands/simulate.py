@@ -157,14 +157,30 @@ def _volume_spec(args) -> str:
     return args.model or args.phantom or "asym"
 
 
+def _imaging(args) -> dict:
+    """The CTF and microscope options shared by particles and micrographs."""
+    return {
+        "defocus_range_A": parse_range(args.defocus, "--defocus"),
+        "astigmatism_A": args.astigmatism,
+        "voltage_kV": args.voltage,
+        "cs_mm": args.cs,
+        "amplitude_contrast": args.amplitude_contrast,
+        "bfactor_A2": args.bfactor,
+    }
+
+
+def _check_geometry(args) -> None:
+    if args.box < 8 or args.pixel_size <= 0:
+        raise InputError(None, f"bad --box {args.box} or --pixel-size {args.pixel_size}")
+
+
 def run(args) -> int:
     from streamem.simulate.particles import simulate_particles
 
     specs = parse_mix(args.mix) if args.mix else [(_volume_spec(args), 1.0)]
     if args.mix and (args.model or args.phantom):
         raise InputError(None, "give either --mix or --model/--phantom, not both")
-    if args.box < 8 or args.pixel_size <= 0:
-        raise InputError(None, f"bad --box {args.box} or --pixel-size {args.pixel_size}")
+    _check_geometry(args)
     volumes = [resolve_volume(name, args.box, args.pixel_size, args.seed) for name, _ in specs]
     store = simulate_particles(
         args.out,
@@ -181,12 +197,7 @@ def run(args) -> int:
         preferred_fraction=args.preferred_fraction,
         preferred_spread_deg=args.preferred_spread,
         max_shift_A=args.max_shift,
-        defocus_range_A=parse_range(args.defocus, "--defocus"),
-        astigmatism_A=args.astigmatism,
-        voltage_kV=args.voltage,
-        cs_mm=args.cs,
-        amplitude_contrast=args.amplitude_contrast,
-        bfactor_A2=args.bfactor,
+        **_imaging(args),
         chunk_size=args.chunk_size,
         ctf=not args.no_ctf,
         particles_per_micrograph=args.particles_per_micrograph,
@@ -206,8 +217,7 @@ def run(args) -> int:
 def run_micrographs(args) -> int:
     from streamem.simulate.micrographs import simulate_micrographs
 
-    if args.box < 8 or args.pixel_size <= 0:
-        raise InputError(None, f"bad --box {args.box} or --pixel-size {args.pixel_size}")
+    _check_geometry(args)
     volume = resolve_volume(_volume_spec(args), args.box, args.pixel_size, args.seed)
     result = simulate_micrographs(
         args.out,
@@ -219,12 +229,7 @@ def run_micrographs(args) -> int:
         volume=volume,
         snr=args.snr,
         seed=args.seed,
-        defocus_range_A=parse_range(args.defocus, "--defocus"),
-        astigmatism_A=args.astigmatism,
-        voltage_kV=args.voltage,
-        cs_mm=args.cs,
-        amplitude_contrast=args.amplitude_contrast,
-        bfactor_A2=args.bfactor,
+        **_imaging(args),
         carbon_edge=not args.no_carbon,
         ice_blobs=args.ice_blobs,
         particle_diameter_A=args.particle_diameter,
