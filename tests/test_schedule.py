@@ -12,7 +12,9 @@ def test_resolution_gain_keeps_the_sampling():
 
 
 def test_stall_refines_sampling_and_switches_to_local_searches():
-    s = RefineSchedule(healpix_order=2, best_resolution_A=10.0, local_from_order=3, offset_step_px=2.0)
+    s = RefineSchedule(
+        healpix_order=2, best_resolution_A=10.0, local_from_order=3, offset_step_px=2.0
+    )
     s2 = advance(s, 10.2, 1.0, 0.1, 150.0, sigma_offset_px=1.0)  # no gain, small changes
     assert s2.healpix_order == 3
     assert s2.offset_step_px == 1.0
