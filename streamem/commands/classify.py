@@ -54,6 +54,18 @@ def register(sub) -> None:
     p.add_argument("--offset-step", type=float, default=1.0, help="pixels (coarse)")
     p.add_argument("--sym", default="C1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-random-seeds",
+        action="store_true",
+        help="score every particle against every class in the first iteration "
+        "(default: one random class each, as RELION, so the classes start apart)",
+    )
+    p.add_argument(
+        "--perturbation",
+        type=float,
+        default=0.0,
+        help="add seeded low-pass noise of this rms (x the map's) to each class's start",
+    )
     p.add_argument("--no-ctf", action="store_true")
     add_cluster_options(p)
     p.set_defaults(func=run_class3d)
@@ -82,6 +94,8 @@ def run_class3d(args) -> int:
         strict_highres_A=args.strict_highres,
         symmetry=args.sym,
         seed=args.seed,
+        random_seeds=not args.no_random_seeds,
+        perturbation=args.perturbation,
         do_ctf=not args.no_ctf,
     )
     result = run_job(args, lambda client: classify3d(store, args.ref, args.out, options, client))

@@ -53,11 +53,16 @@ class ClassEStepModel:
 
     log_class_prior: (K,) log class fractions (−inf for an empty class is allowed).
     skip_align: poses fixed to the stored ones; posterior over classes only.
+    seed: when not None, each particle is scored against one class only, drawn from
+        its index and this seed (RELION's ``do_generate_seeds`` for the first iteration
+        of a classification from one reference: the K reconstructions then come from
+        disjoint random subsets and the classes start to differ by the data).
     """
 
     base: EStepModel
     log_class_prior: np.ndarray
     skip_align: bool = False
+    seed: int | None = None
 
     @property
     def n_classes(self) -> int:
@@ -73,6 +78,32 @@ def empty_class_statistics(grid_shape, n_optics_groups: int, n_shells: int, n_cl
         noise_count=np.zeros((n_optics_groups, n_shells)),
         class_weight=np.zeros(n_classes),
     )
+
+
+def seeded_classes(particle_index: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+    """A pseudo-random class (0 … K−1) per particle from its index (n,) int64.
+
+    A SplitMix64 hash of (seed, index): the same for any chunking of the store.
+    """
+    with np.errstate(over="ignore"):
+        z = np.asarray(particle_index, np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(n_classes)).astype(np.int64)
+
+
+def _log_class_priors(model: ClassEStepModel, metadata, n: int) -> np.ndarray:
+    """(n, K) log prior over classes per image: the class fractions, or the seeded class."""
+    log_pi = np.broadcast_to(np.asarray(model.log_class_prior, np.float64), (n, model.n_classes))
+    if model.seed is None:
+        return log_pi.copy()
+    if "particle_index" not in metadata:
+        raise ValueError("seeded classes need each particle's index (metadata['particle_index'])")
+    seeded = seeded_classes(metadata["particle_index"], model.n_classes, model.seed)
+    out = np.full((n, model.n_classes), -np.inf)
+    out[np.arange(n), seeded] = 0.0
+    return out
 
 
 def _halves(metadata, n):
@@ -112,12 +143,13 @@ def expectation_classes(
     groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), np.int64) - 1
     halves = _halves(metadata, n)
     previous = _poses(metadata)
+    log_pi = _log_class_priors(model, metadata, n)
     if model.skip_align:
         if previous is None:
             raise ValueError("skip_align needs rlnAngleRot/Tilt/Psi for every particle")
-        noise_rows = _fixed_poses(prep, model, coords, previous, halves, stats, result)
+        noise_rows = _fixed_poses(prep, model, coords, previous, halves, log_pi, stats, result)
     else:
-        noise_rows = _search(prep, model, coords, previous, halves, stats, result)
+        noise_rows = _search(prep, model, coords, previous, halves, log_pi, stats, result)
     n_shells = stats.noise_power.shape[1]
     for g in np.unique(groups):
         rows = groups == g
@@ -128,7 +160,7 @@ def expectation_classes(
     return stats, result
 
 
-def _fixed_poses(prep, model, coords, poses, halves, stats, result):
+def _fixed_poses(prep, model, coords, poses, halves, log_pi, stats, result):
     """Posterior over classes at the stored poses; returns per-image noise rows (n, M)."""
     base = model.base
     B, p = base.box_size, base.pixel_size_A
@@ -142,7 +174,7 @@ def _fixed_poses(prep, model, coords, poses, halves, stats, result):
     A = np.stack([project_points(f, rot, coords) for f in base.projectors])  # (K, n, M)
     C = np.einsum("nm,knm->nk", np.conj(X0) * cw, A).real  # (n, K)
     S = 0.5 * np.einsum("knm,nm->nk", A.real**2 + A.imag**2, ctf2w)  # (n, K)
-    logp = log_likelihood(C, S, prep.norm[:, None], base.scale_free) + model.log_class_prior[None]
+    logp = log_likelihood(C, S, prep.norm[:, None], base.scale_free) + log_pi
     lse = logsumexp(logp, axis=1)
     W = np.exp(logp - lse[:, None])  # (n, K)
     best = W.argmax(axis=1)
@@ -198,7 +230,38 @@ def _coarse_candidates(model, previous, n):
     return euler_to_matrix(ang_c[:, 0], ang_c[:, 1], ang_c[:, 2]), ang_c, member
 
 
-def _search(prep, model, coords, previous, halves, stats, result):
+def _significant_pairs_per_class(lp, n_classes: int, n_orientations: int, base):
+    """One image's coarse (translation, row) pairs to refine, chosen class by class.
+
+    lp: (T, K·J) coarse log-posterior. Within each class (rows k·J … k·J + J − 1) the
+    pairs holding ``adaptive_fraction`` of that class's own mass (at most
+    ``max_significant``) and its ``min_orientations`` best orientations are kept, so
+    every class with a finite prior is compared at the fine resolution. RELION picks
+    the significant samples over all classes together; at the coarse pass's low
+    resolution the classes differ little, and a joint cap filled by one class decides
+    the class at the coarse resolution and locks particles into the first random split.
+    Returns (translation indices, rows), both (P,).
+    """
+    t_all, rows_all = [], []
+    for k in range(n_classes):
+        lp_k = lp[:, k * n_orientations : (k + 1) * n_orientations]
+        if not np.isfinite(lp_k).any():
+            continue
+        mask = significant_mask(
+            lp_k.reshape(1, -1), base.adaptive_fraction, base.max_significant
+        ).reshape(lp_k.shape)
+        m = min(base.min_orientations, n_orientations)
+        if m > 0:
+            best = np.argpartition(-lp_k.max(axis=0), m - 1)[:m]
+            best = best[np.isfinite(lp_k[:, best].max(axis=0))]
+            mask[lp_k[:, best].argmax(axis=0), best] = True
+        t_idx, rows = np.nonzero(mask)
+        t_all.append(t_idx)
+        rows_all.append(rows + k * n_orientations)
+    return np.concatenate(t_all), np.concatenate(rows_all)
+
+
+def _search(prep, model, coords, previous, halves, log_pi, stats, result):
     """Coarse pass over classes × orientations × translations, then the fine pass."""
     base = model.base
     grid = base.grid
@@ -209,7 +272,6 @@ def _search(prep, model, coords, previous, halves, stats, result):
     ctf2w = ctf * cw
     n, M = X.shape
     prior_px = prep.prior_offset_px
-    log_pi = np.asarray(model.log_class_prior, np.float64)
 
     # -- coarse pass: one GEMM, the classes stacked along the orientation axis --------
     shifts = np.asarray(
@@ -232,7 +294,7 @@ def _search(prep, model, coords, previous, halves, stats, result):
     C = cross_terms(Xs, cw[:, :Mc], refs)  # (n, T, K·J)
     S = ref_power_terms(ctf2w[:, :Mc], refs)  # (n, K·J)
     logp = log_likelihood(C, S[:, None, :], 0.0, base.scale_free) + offset_prior[:, :, None]
-    logp += np.repeat(log_pi, J)[None, None, :]
+    logp += np.repeat(log_pi, J, axis=1)[:, None, :]
     if member is not None:  # local searches: only each image's own candidates, Gaussian prior
         ang_prior = np.full((n, J), -np.inf)
         for i in range(n):
@@ -242,16 +304,7 @@ def _search(prep, model, coords, previous, halves, stats, result):
         logp += np.tile(ang_prior, (1, K))[:, None, :]
     pairs = []  # per image: (translation index, coarse row k·J + j)
     for i in range(n):
-        lp = logp[i]  # (T, K·J)
-        mask = significant_mask(
-            lp.reshape(1, -1), base.adaptive_fraction, base.max_significant
-        ).reshape(lp.shape)
-        k = min(base.min_orientations, lp.shape[1])
-        if k > 0:
-            best_rows = np.argpartition(-lp.max(axis=0), k - 1)[:k]
-            best_rows = best_rows[np.isfinite(lp[:, best_rows].max(axis=0))]
-            mask[lp[:, best_rows].argmax(axis=0), best_rows] = True
-        t_idx, rows = np.nonzero(mask)
+        t_idx, rows = _significant_pairs_per_class(logp[i], K, J, base)
         pairs.append((t_idx, rows))
     del C, logp, Xs
 
@@ -295,7 +348,7 @@ def _search(prep, model, coords, previous, halves, stats, result):
         total = prior_px[i] + shifts_f  # (P, S, 2)
         lpf = log_likelihood(Cf, Sf[:, None, :], prep.norm[i], base.scale_free)
         lpf += offset_log_prior(total, base.sigma_offset_A, p)[:, :, None]
-        lpf += log_pi[class_table[krows]][:, None, :]
+        lpf += log_pi[i, class_table[krows]][:, None, :]
         if member is not None:
             ang_f = ang_table[krows.ravel()]
             lpf += sampling.gaussian_orientation_prior(
@@ -309,7 +362,10 @@ def _search(prep, model, coords, previous, halves, stats, result):
         best_origin_px = total[pb, sb]
         result.origin_y_A[i], result.origin_x_A[i] = best_origin_px * p
         result.max_prob[i] = W[pb, sb, kb]
-        result.class_number[i] = class_table[best_row] + 1
+        class_post = np.bincount(
+            class_table[krows].ravel(), weights=W.sum(axis=1).ravel(), minlength=K
+        )
+        result.class_number[i] = int(np.argmax(class_post)) + 1
         W, result.n_significant[i] = significant_weights(W, base.adaptive_fraction)
         result.loglik[i] = lse
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn
 from streamem.core.backprojector import reconstruct, reconstruction_noise_spectrum
+from streamem.core.fourier import radial_average, shell_index
 from streamem.core.fsc import fsc as fourier_shell_correlation
 
 
@@ -66,6 +67,18 @@ def tau2_from_fsc(fsc_halves: np.ndarray, noise_spectrum: np.ndarray) -> np.ndar
     f = np.clip(np.asarray(fsc_halves, np.float64), 0.0, 0.999)
     n = min(len(f), len(noise_spectrum))
     return f[:n] / (1.0 - f[:n]) * np.asarray(noise_spectrum)[:n]
+
+
+def tau2_from_map(volume: np.ndarray) -> np.ndarray:
+    """RELION's data-vs-prior τ²(k) for classification: the map's own power per shell.
+
+    volume: (B, B, B) real map on the data's scale. Returns (B//2 + 1,) float64, the mean
+    |F(k)|² / 2 over shell k of ``rfftn(ifftshift(volume))`` (unnormalised): per complex
+    component, as the noise model's σ² (RELION's ``spectrum * normfft / 2``).
+    """
+    B = volume.shape[0]
+    F = rfftn(ifftshift(np.asarray(volume, np.float64), axes=(0, 1, 2)), axes=(0, 1, 2))
+    return 0.5 * radial_average(F.real**2 + F.imag**2, shell_index(B, 3), B // 2 + 1)
 
 
 def reconstruct_halves(

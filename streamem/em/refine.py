@@ -98,6 +98,7 @@ def estep_task(
     store = ParticleStore(store_path)
     chunk = store.read_chunk(start, stop)
     meta = dict(chunk.metadata)
+    meta["particle_index"] = np.arange(start, stop)  # for seeded classes (class3d)
     if prev_iteration is not None:
         meta.update(runfiles.read_results(results_path, prev_iteration, start, stop))
     stats, result = expectation_fn(chunk.images, meta, model)
