@@ -81,6 +81,36 @@ def tau2_from_map(volume: np.ndarray) -> np.ndarray:
     return 0.5 * radial_average(F.real**2 + F.imag**2, shell_index(B, 3), B // 2 + 1)
 
 
+def data_vs_prior(
+    volume: np.ndarray,
+    weight_acc: np.ndarray,
+    work_box: int,
+    padding_factor: int,
+    tau2_fudge: float,
+    symmetry_matrices: np.ndarray | None,
+) -> np.ndarray:
+    """RELION's per-shell SSNR of a classification map, τ²/σ²_rec (work_box//2 + 1,).
+
+    τ² = tau2_fudge × :func:`tau2_from_map` (volume: the class map, (B, B, B)) and σ²_rec
+    the reconstruction's noise power from its summed weights (weight_acc: one
+    half-cube accumulator); needs no half maps.
+    """
+    noise = reconstruction_noise_spectrum(weight_acc, work_box, padding_factor, symmetry_matrices)
+    tau2 = tau2_fudge * tau2_from_map(volume)[: len(noise)]
+    out = np.zeros(len(noise))
+    ok = noise[: len(tau2)] > 0
+    out[: len(tau2)][ok] = tau2[ok] / noise[: len(tau2)][ok]
+    return out
+
+
+def resolution_from_ssnr(ssnr: np.ndarray, box_size: int, pixel_size_A: float) -> float:
+    """RELION's estimated resolution (Å): the last shell before the SSNR first drops
+    below 1 (from shell 1); 999 when shell 1 already does."""
+    below = np.nonzero(np.asarray(ssnr)[1:] < 1.0)[0]
+    last = int(below[0]) if below.size else len(ssnr) - 1  # shells 1 .. last have SSNR ≥ 1
+    return box_size * pixel_size_A / last if last > 0 else 999.0
+
+
 def reconstruct_halves(
     data_acc: np.ndarray,
     weight_acc: np.ndarray,
