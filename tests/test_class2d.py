@@ -181,8 +181,12 @@ def test_three_volumes_and_junk(mix, run):
         share = np.mean([dominant[k] == v for k in found[sel]])
         assert share >= 0.95, (v, share)
     junk = truth == 0
-    assert np.mean([dominant[k] == 0 for k in found[junk]]) >= 0.9
+    junk_share = np.mean([dominant[k] == 0 for k in found[junk]])
+    assert junk_share >= 0.9
     assert np.isclose(run.fractions.sum(), 1.0)
+    # the job scores itself against the store's truth the same way
+    assert run.truth_accuracy.per_truth[0] == pytest.approx(junk_share)
+    assert (run.out_dir / f"run_it{run.iterations:03d}_truth.star").exists()
 
 
 def test_relion_outputs(mix, run):

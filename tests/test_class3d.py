@@ -71,6 +71,7 @@ def test_skip_align_recovers_the_mix(data, skip_align_run):
     tc = truth["rlnClassNumber"]
     accuracy = _matched_accuracy(tc, result.class_numbers)
     assert accuracy >= 0.90, accuracy
+    assert result.truth_accuracy.accuracy == pytest.approx(accuracy)  # the job's own score
     est = _fractions_by_truth(tc, result.class_numbers, result.fractions)
     assert set(est) == {1, 2}  # each conformation has its own class
     for k in (1, 2):
@@ -84,6 +85,7 @@ def test_relion_outputs(data, skip_align_run):
         "run_it008_class002.mrc",
         "run_it008_model.star",
         "run_it008_data.star",
+        "run_it008_truth.star",
     ):
         assert (out / name).exists(), name
     vol, voxel = read_map(out / "run_it008_class001.mrc")

@@ -101,6 +101,8 @@ def run_class3d(args) -> int:
     result = run_job(args, lambda client: classify3d(store, args.ref, args.out, options, client))
     for k, (f, r) in enumerate(zip(result.fractions, result.resolutions_A, strict=True)):
         print(f"class {k + 1:3d}  fraction {f:.3f}  resolution {r:6.2f} Å")
+    if result.truth_accuracy is not None:
+        print(result.truth_accuracy.summary())
     print(f"outputs: {result.out_dir}/run_it{result.iterations:03d}_*")
     return 0
 
@@ -162,5 +164,7 @@ def run_class2d(args) -> int:
             f"class {k + 1:3d}  fraction {result.fractions[k]:.3f}  "
             f"resolution {result.resolutions_A[k]:6.1f} Å"
         )
+    if result.truth_accuracy is not None:
+        print(result.truth_accuracy.summary())
     print(f"outputs: {result.out_dir}/run_it{result.iterations:03d}_* and run_classes.png")
     return 0

@@ -68,6 +68,7 @@ from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn
 from streamem.core.ctf import OpticsParams, ctf_phase_from_frequencies, ctf_rfft, phase_flip
 from streamem.core.masks import soft_sphere
 from streamem.em import mstep, runfiles
+from streamem.em.class_truth import class_accuracy, truth_classes_of
 from streamem.em.estep import (
     ChunkResult,
     cross_terms,
@@ -522,6 +523,7 @@ class Class2DResult:
     class_numbers: np.ndarray  # (N,) from 1
     pixel_size_A: float
     iterations: int
+    truth_accuracy: object = None  # ClassAccuracy against the simulation's truth, if any
     history: list = field(default_factory=list, repr=False)
     seconds: list = field(default_factory=list, repr=False)
 
@@ -584,6 +586,7 @@ def classify2d(
     radius = float(B // 2 - 1)
     prev_iteration, previous_classes = None, None
     history, seconds = [], []
+    true_classes = truth_classes_of(store)  # simulations: score every iteration
     for iteration in range(1, options.iterations + 1):
         t0 = time.perf_counter()
         with np.errstate(divide="ignore"):
@@ -665,6 +668,9 @@ def classify2d(
             inv_sigma2,
         )  # fmt: skip
         classes = results["rlnClassNumber"]
+        accuracy = class_accuracy(true_classes, classes, K) if true_classes is not None else None
+        if accuracy is not None:
+            write_star(Path(f"{prefix}_truth.star"), {"truth_classes": accuracy.table()})
         changed = (
             float(np.mean(classes != previous_classes)) if previous_classes is not None else 1.0
         )
@@ -681,6 +687,7 @@ def classify2d(
                 "sigma_offset_A": sigma_offset_A,
                 "max_radius_px": radius,
                 "inv_sigma2": inv_sigma2.tolist(),
+                "truth_accuracy": accuracy.accuracy if accuracy is not None else None,
             },
         )
         log.info(
@@ -691,6 +698,8 @@ def classify2d(
             int(radius),
             time.perf_counter() - t0,
         )
+        if accuracy is not None:
+            log.info("%s it %3d  %s", "class2d", iteration, accuracy.summary())
         prev_iteration = iteration
     write_gallery(out_dir / "run_classes.png", class_images, fractions, resolutions)
     return Class2DResult(
@@ -701,6 +710,7 @@ def classify2d(
         class_numbers=np.asarray(previous_classes, np.int64),
         pixel_size_A=p,
         iterations=options.iterations,
+        truth_accuracy=accuracy,
         history=history,
         seconds=seconds,
     )

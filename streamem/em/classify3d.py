@@ -58,6 +58,7 @@ from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.projector import make_projector
 from streamem.core.symmetry import symmetry_matrices
 from streamem.em import mstep, runfiles
+from streamem.em.class_truth import class_accuracy, truth_classes_of
 from streamem.em.estep import EStepModel, SearchGrid
 from streamem.em.estep_classes import ClassEStepModel, expectation_classes
 from streamem.em.refine import (
@@ -126,6 +127,7 @@ class Class3DResult:
     class_numbers: np.ndarray  # (N,) int, from 1
     pixel_size_A: float
     iterations: int
+    truth_accuracy: object = None  # ClassAccuracy against the simulation's truth, if any
     history: list = field(default_factory=list, repr=False)  # fractions per iteration
     seconds: list = field(default_factory=list, repr=False)  # wall time per iteration
 
@@ -250,6 +252,7 @@ def classify3d(
     prev_iteration = None
     previous_classes = None
     history, seconds = [], []
+    true_classes = truth_classes_of(store)  # simulations: score every iteration
     for iteration in range(1, options.iterations + 1):
         t0 = time.perf_counter()
         b, radius = work_box_for(resolution_A, B, p)
@@ -386,6 +389,9 @@ def classify3d(
             ssnr_curves,
         )
         classes = results["rlnClassNumber"]
+        accuracy = class_accuracy(true_classes, classes, K) if true_classes is not None else None
+        if accuracy is not None:
+            write_star(Path(f"{prefix}_truth.star"), {"truth_classes": accuracy.table()})
         changed = (
             float(np.mean(classes != previous_classes)) if previous_classes is not None else 1.0
         )
@@ -401,6 +407,7 @@ def classify3d(
                 "class_maps": names,
                 "sigma_offset_A": sigma_offset_A,
                 "inv_sigma2": inv_sigma2.tolist(),
+                "truth_accuracy": accuracy.accuracy if accuracy is not None else None,
             },
         )
         log.info(
@@ -412,6 +419,8 @@ def classify3d(
             b,
             time.perf_counter() - t0,
         )
+        if accuracy is not None:
+            log.info("%s it %3d  %s", "class3d", iteration, accuracy.summary())
         prev_iteration = iteration
     return Class3DResult(
         out_dir=out_dir,
@@ -421,6 +430,7 @@ def classify3d(
         class_numbers=np.asarray(previous_classes, np.int64),
         pixel_size_A=p,
         iterations=options.iterations,
+        truth_accuracy=accuracy,
         history=history,
         seconds=seconds,
     )
