@@ -157,6 +157,28 @@ def test_alignment_refines_the_poses(data, aligned_run):
     assert refined < 7.5, (refined, before)  # the fine step of order 3
 
 
+def test_continue_gives_the_uninterrupted_run(data):
+    """Stopped after iteration 2 and continued to 3 = three iterations in one go."""
+    root, store, _, reference = data
+    common = dict(n_classes=2, lowres_iterations=1, skip_align=True, ini_high_A=20.0, seed=0)
+    whole = classify3d(store, reference, root / "whole", Class3DOptions(iterations=3, **common))
+    classify3d(store, reference, root / "part", Class3DOptions(iterations=2, **common))
+    resumed = classify3d(
+        store, None, root / "part", Class3DOptions(iterations=3, **common), continue_run=True
+    )
+    assert resumed.iterations == 3 and len(resumed.history) == 3
+    np.testing.assert_array_equal(resumed.class_numbers, whole.class_numbers)
+    np.testing.assert_allclose(resumed.maps, whole.maps, atol=1e-4 * np.abs(whole.maps).max())
+    np.testing.assert_allclose(resumed.fractions, whole.fractions, atol=1e-6)
+
+
+def test_continue_needs_a_run(tmp_path, data):
+    from streamem.errors import InputError
+
+    with pytest.raises(InputError, match="optimiser"):
+        classify3d(data[1], None, tmp_path, Class3DOptions(n_classes=2), continue_run=True)
+
+
 def test_seeded_classes_are_chunk_invariant_and_balanced():
     index = np.arange(10_000)
     classes = seeded_classes(index, 4, seed=7)
@@ -200,3 +222,11 @@ def test_cli_bad_input(data, tmp_path):
         )
         == 2
     )
+
+
+def test_cli_needs_a_reference_unless_continuing(data, tmp_path, capsys):
+    from streamem.cli import main
+
+    assert main(["class3d", str(data[1].path), "--out", str(tmp_path / "o")]) == 2
+    assert "--ref" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -16,7 +16,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("class3d", help="3D classification into K classes", description=__doc__)
     p.add_argument("store", help="particle store (.zarr)")
-    p.add_argument("--ref", required=True, help="starting map (MRC), same box and pixel size")
+    p.add_argument("--ref", help="starting map (MRC), same box and pixel size")
     p.add_argument("--out", required=True, help="run folder (must be new or empty)")
     p.add_argument("--k", type=int, default=4, help="number of classes (default 4)")
     p.add_argument("--iterations", type=int, default=25)
@@ -67,6 +67,12 @@ def register(sub) -> None:
         help="add seeded low-pass noise of this rms (x the map's) to each class's start",
     )
     p.add_argument("--no-ctf", action="store_true")
+    p.add_argument(
+        "--continue",
+        dest="continue_run",
+        action="store_true",
+        help="resume the run in --out after its newest complete iteration",
+    )
     add_cluster_options(p)
     p.set_defaults(func=run_class3d)
     register_class2d(sub)
@@ -77,7 +83,9 @@ def run_class3d(args) -> int:
     from streamem.io.store import ParticleStore
 
     store = ParticleStore(args.store)
-    if not Path(args.ref).exists():
+    if not args.continue_run and args.ref is None:
+        raise InputError(None, "--ref is needed to start a run (only --continue goes without)")
+    if not args.continue_run and not Path(args.ref).exists():
         raise InputError(args.ref, "reference map not found")
     options = Class3DOptions(
         n_classes=args.k,
@@ -98,7 +106,10 @@ def run_class3d(args) -> int:
         perturbation=args.perturbation,
         do_ctf=not args.no_ctf,
     )
-    result = run_job(args, lambda client: classify3d(store, args.ref, args.out, options, client))
+    result = run_job(
+        args,
+        lambda client: classify3d(store, args.ref, args.out, options, client, args.continue_run),
+    )
     for k, (f, r) in enumerate(zip(result.fractions, result.resolutions_A, strict=True)):
         print(f"class {k + 1:3d}  fraction {f:.3f}  resolution {r:6.2f} Å")
     if result.truth_accuracy is not None:

@@ -69,7 +69,7 @@ from streamem.em.refine import (
     work_box_for,
 )
 from streamem.errors import InputError
-from streamem.io.mrc import write_map
+from streamem.io.mrc import read_map, write_map
 from streamem.io.relion import write_star
 from streamem.io.store import ParticleStore, optics_params
 
@@ -213,13 +213,16 @@ def classify3d(
     out_dir: str | Path,
     options: Class3DOptions | None = None,
     client=None,
+    continue_run: bool = False,
 ) -> Class3DResult:
     """RELION's 3D classification: K classes from one reference.
 
     store: particle store; reference: MRC path or (B, B, B) array at the store's pixel
-    size; out_dir: run folder (created, must be empty); client: a
-    ``distributed.Client`` or None (threads). With ``skip_align`` the store must hold
-    poses (rlnAngleRot/Tilt/Psi in its metadata).
+    size (ignored when continuing); out_dir: run folder (created, must be empty unless
+    ``continue_run``); client: a ``distributed.Client`` or None (threads). With
+    ``skip_align`` the store must hold poses (rlnAngleRot/Tilt/Psi in its metadata).
+    continue_run: resume after the newest complete iteration in ``out_dir`` and run up
+    to ``options.iterations`` (RELION's --continue).
     """
     options = options or Class3DOptions()
     store = store if isinstance(store, ParticleStore) else ParticleStore(store)
@@ -232,28 +235,44 @@ def classify3d(
     do_ctf = options.do_ctf and store.has_fields(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"))
     if options.skip_align and not store.has_fields(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
         raise InputError(store.path, "--skip-align needs poses (rlnAngleRot/Tilt/Psi) in the store")
-    ref = _load_reference(reference, B, p)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise InputError(out_dir, "output folder is not empty")
-    out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "particles.zarr"
     mask = solvent_mask_for(B, p, diameter) if options.flatten_solvent else None
-    maps = initial_references(
-        ref, K, options.ini_high_A, p, mask, options.perturbation, options.seed
-    )
-    inv_sigma2 = initial_noise(store, client, options.split_every)
-    sigma_offset_A = options.offset_range_px * p / 2
-    resolution_A = options.ini_high_A
-    fractions = np.full(K, 1.0 / K)
-    resolutions = np.full(K, options.ini_high_A)
+    history, seconds = [], []
+    if continue_run:
+        state = latest_state(out_dir)
+        if len(state["class_maps"]) != K:
+            raise InputError(out_dir, f"the run has {len(state['class_maps'])} classes, not {K}")
+        maps = np.stack([read_map(out_dir / name)[0] for name in state["class_maps"]])
+        inv_sigma2 = np.asarray(state["inv_sigma2"])
+        sigma_offset_A = state["sigma_offset_A"]
+        resolution_A = state["resolution_A"]
+        fractions = np.asarray(state["fractions"])
+        resolutions = np.asarray(state["resolutions_A"])
+        history = list(state["history"])
+        prev_iteration = state["iteration"]
+        previous_classes = runfiles.read_results(results_path, prev_iteration)["rlnClassNumber"]
+        log.info("continuing from iteration %d", prev_iteration)
+    else:
+        ref = _load_reference(reference, B, p)
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise InputError(out_dir, "output folder is not empty (use --continue to resume a run)")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        maps = initial_references(
+            ref, K, options.ini_high_A, p, mask, options.perturbation, options.seed
+        )
+        inv_sigma2 = initial_noise(store, client, options.split_every)
+        sigma_offset_A = options.offset_range_px * p / 2
+        resolution_A = options.ini_high_A
+        fractions = np.full(K, 1.0 / K)
+        resolutions = np.full(K, options.ini_high_A)
+        prev_iteration = None
+        previous_classes = None
     lowres_iterations = (
         options.iterations // 3 if options.lowres_iterations is None else options.lowres_iterations
     )
-    prev_iteration = None
-    previous_classes = None
-    history, seconds = [], []
     true_classes = truth_classes_of(store)  # simulations: score every iteration
-    for iteration in range(1, options.iterations + 1):
+    accuracy = None
+    for iteration in range((prev_iteration or 0) + 1, options.iterations + 1):
         t0 = time.perf_counter()
         b, radius = work_box_for(resolution_A, B, p)
         if iteration <= lowres_iterations:
@@ -408,6 +427,8 @@ def classify3d(
                 "sigma_offset_A": sigma_offset_A,
                 "inv_sigma2": inv_sigma2.tolist(),
                 "truth_accuracy": accuracy.accuracy if accuracy is not None else None,
+                "resolution_A": resolution_A,
+                "history": history,
             },
         )
         log.info(
@@ -429,7 +450,7 @@ def classify3d(
         resolutions_A=resolutions,
         class_numbers=np.asarray(previous_classes, np.int64),
         pixel_size_A=p,
-        iterations=options.iterations,
+        iterations=max(options.iterations, prev_iteration or 0),
         truth_accuracy=accuracy,
         history=history,
         seconds=seconds,
