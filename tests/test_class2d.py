@@ -228,3 +228,18 @@ def test_cli(mix, tmp_path):
     assert (out / "run_classes.png").exists()
     assert main(args) == 2  # the folder is not empty: one clear error
     assert main(["class2d", str(store.path), "--k", "0", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_continue_gives_the_uninterrupted_run(mix):
+    """Stopped after iteration 2 and continued to 3 = three iterations in one go."""
+    root, store, _ = mix
+    common = dict(n_classes=4, psi_step_deg=20, offset_range_px=2, offset_step_px=2)
+    whole = c2.classify2d(store, root / "whole", c2.Class2DOptions(iterations=3, **common))
+    c2.classify2d(store, root / "part", c2.Class2DOptions(iterations=2, **common))
+    resumed = c2.classify2d(
+        store, root / "part", c2.Class2DOptions(iterations=3, **common), continue_run=True
+    )
+    assert resumed.iterations == 3 and len(resumed.history) == 3
+    np.testing.assert_array_equal(resumed.class_numbers, whole.class_numbers)
+    scale = np.abs(whole.class_images).max()
+    np.testing.assert_allclose(resumed.class_images, whole.class_images, atol=1e-4 * scale)

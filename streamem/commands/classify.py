@@ -146,6 +146,12 @@ def register_class2d(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ctf", action="store_true")
+    p.add_argument(
+        "--continue",
+        dest="continue_run",
+        action="store_true",
+        help="resume the run in --out after its newest complete iteration",
+    )
     add_cluster_options(p)
     p.set_defaults(func=run_class2d)
 
@@ -168,7 +174,9 @@ def run_class2d(args) -> int:
         do_ctf=not args.no_ctf,
         seed=args.seed,
     )
-    result = run_job(args, lambda client: classify2d(store, args.out, options, client))
+    result = run_job(
+        args, lambda client: classify2d(store, args.out, options, client, args.continue_run)
+    )
     order = sorted(range(len(result.fractions)), key=lambda k: -result.fractions[k])
     for k in order:
         print(

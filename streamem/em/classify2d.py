@@ -52,7 +52,6 @@ best populated class's resolution shell + 10 (RELION's incr_size).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -82,7 +81,7 @@ from streamem.em.estep import (
 from streamem.em.refine import INCREMENT_SHELLS, initial_noise, run_estep
 from streamem.em.statistics import SufficientStatistics
 from streamem.errors import InputError
-from streamem.io.mrc import write_map
+from streamem.io.mrc import read_map, write_map
 from streamem.io.relion import write_star
 from streamem.io.store import ParticleStore, optics_params
 
@@ -550,12 +549,15 @@ def classify2d(
     out_dir: str | Path,
     options: Class2DOptions | None = None,
     client=None,
+    continue_run: bool = False,
 ) -> Class2DResult:
     """RELION's 2D classification of a particle store into K classes.
 
-    out_dir: run folder (created, must be empty); client: a ``distributed.Client`` or
-    None (threads). Writes per iteration ``run_itNNN_classes.mrcs``, ``_model.star``,
-    ``_data.star``, ``_optimiser.json`` and at the end ``run_classes.png``.
+    out_dir: run folder (created, must be empty unless ``continue_run``); client: a
+    ``distributed.Client`` or None (threads). Writes per iteration
+    ``run_itNNN_classes.mrcs``, ``_model.star``, ``_data.star``, ``_optimiser.json``
+    and at the end ``run_classes.png``. continue_run: resume after the newest complete
+    iteration and run up to ``options.iterations`` (RELION's --continue).
     """
     options = options or Class2DOptions()
     store = store if isinstance(store, ParticleStore) else ParticleStore(store)
@@ -569,25 +571,41 @@ def classify2d(
         raise InputError(None, "--particle-diameter must be positive")
     optics = tuple(optics_params(g) for g in store.optics_groups)
     do_ctf = options.do_ctf and store.has_fields(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"))
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise InputError(out_dir, "output folder is not empty")
-    out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "particles.zarr"
     mask = soft_sphere(B, min(0.5 * diameter / p, B / 2 - 1), edge_px=max(2.0, 0.05 * B), ndim=2)
-    first_images, first_meta = _initial_images(store, K)
-    class_images = initial_class_images(
-        first_images, first_meta, K, p, optics, mask, options.seed, do_ctf
-    )
-    del first_images
-    inv_sigma2 = initial_noise(store, client, options.split_every)
-    sigma_offset_A = max(options.offset_range_px, 1.0) * p / 2
-    fractions = np.full(K, 1.0 / K)
-    resolutions = np.full(K, 999.0)
-    radius = float(B // 2 - 1)
-    prev_iteration, previous_classes = None, None
     history, seconds = [], []
+    if continue_run:
+        state = runfiles.latest_state(out_dir)
+        class_images = np.asarray(read_map(out_dir / state["class_stack"])[0], np.float32)
+        if class_images.shape[0] != K:
+            raise InputError(out_dir, f"the run has {class_images.shape[0]} classes, not {K}")
+        inv_sigma2 = np.asarray(state["inv_sigma2"])
+        sigma_offset_A = state["sigma_offset_A"]
+        fractions = np.asarray(state["fractions"])
+        resolutions = np.asarray(state["resolutions_A"])
+        radius = state["max_radius_px"]
+        history = list(state["history"])
+        prev_iteration = state["iteration"]
+        previous_classes = runfiles.read_results(results_path, prev_iteration)["rlnClassNumber"]
+        log.info("continuing from iteration %d", prev_iteration)
+    else:
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise InputError(out_dir, "output folder is not empty (use --continue to resume a run)")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        first_images, first_meta = _initial_images(store, K)
+        class_images = initial_class_images(
+            first_images, first_meta, K, p, optics, mask, options.seed, do_ctf
+        )
+        del first_images
+        inv_sigma2 = initial_noise(store, client, options.split_every)
+        sigma_offset_A = max(options.offset_range_px, 1.0) * p / 2
+        fractions = np.full(K, 1.0 / K)
+        resolutions = np.full(K, 999.0)
+        radius = float(B // 2 - 1)
+        prev_iteration, previous_classes = None, None
     true_classes = truth_classes_of(store)  # simulations: score every iteration
-    for iteration in range(1, options.iterations + 1):
+    accuracy = None
+    for iteration in range((prev_iteration or 0) + 1, options.iterations + 1):
         t0 = time.perf_counter()
         with np.errstate(divide="ignore"):
             log_pi = np.log(fractions)
@@ -688,6 +706,7 @@ def classify2d(
                 "max_radius_px": radius,
                 "inv_sigma2": inv_sigma2.tolist(),
                 "truth_accuracy": accuracy.accuracy if accuracy is not None else None,
+                "history": history,
             },
         )
         log.info(
@@ -709,7 +728,7 @@ def classify2d(
         resolutions_A=resolutions,
         class_numbers=np.asarray(previous_classes, np.int64),
         pixel_size_A=p,
-        iterations=options.iterations,
+        iterations=max(options.iterations, prev_iteration or 0),
         truth_accuracy=accuracy,
         history=history,
         seconds=seconds,
@@ -777,14 +796,6 @@ def write_gallery(path: Path, class_images, fractions, resolutions_A) -> None:
     fig = plot_gallery(class_images, fractions, resolutions_A)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def latest_state(out_dir) -> dict:
-    """The newest iteration's checkpoint of a class2d run."""
-    path = runfiles.latest_checkpoint(Path(out_dir))
-    if path is None:
-        raise InputError(out_dir, "no run_itNNN_optimiser.json: not a finished class2d run")
-    return json.loads(path.read_text())
 
 
 __all__ = [

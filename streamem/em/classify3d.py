@@ -43,7 +43,6 @@ Decisions (RELION's class3d; where we differ, it is said):
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -239,7 +238,7 @@ def classify3d(
     mask = solvent_mask_for(B, p, diameter) if options.flatten_solvent else None
     history, seconds = [], []
     if continue_run:
-        state = latest_state(out_dir)
+        state = runfiles.latest_state(out_dir)
         if len(state["class_maps"]) != K:
             raise InputError(out_dir, f"the run has {len(state['class_maps'])} classes, not {K}")
         maps = np.stack([read_map(out_dir / name)[0] for name in state["class_maps"]])
@@ -521,11 +520,3 @@ def class_fsc(maps: np.ndarray) -> np.ndarray:
         for j in range(i + 1, K):
             out[i, j] = out[j, i] = fourier_shell_correlation(maps[i], maps[j])
     return out
-
-
-def latest_state(out_dir) -> dict:
-    """The newest iteration's checkpoint of a class3d/class2d run."""
-    path = runfiles.latest_checkpoint(Path(out_dir))
-    if path is None:
-        raise InputError(out_dir, "no run_itNNN_optimiser.json: not a finished classification run")
-    return json.loads(path.read_text())

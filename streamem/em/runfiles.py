@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from streamem.errors import InputError
 from streamem.io.relion import write_star
 from streamem.io.store import ParticleStore
 
@@ -124,6 +125,14 @@ def write_checkpoint(path: Path, state: dict) -> None:
 def latest_checkpoint(out_dir: Path) -> Path | None:
     found = sorted(Path(out_dir).glob("run_it[0-9][0-9][0-9]_optimiser.json"))
     return found[-1] if found else None
+
+
+def latest_state(out_dir) -> dict:
+    """The newest complete iteration's checkpoint of a run (refine3d, class3d, class2d)."""
+    path = latest_checkpoint(Path(out_dir))
+    if path is None:
+        raise InputError(out_dir, "no run_itNNN_optimiser.json: nothing to continue or select")
+    return json.loads(path.read_text())
 
 
 def plot_fsc(
