@@ -70,7 +70,9 @@ def class_accuracy(true_classes, found_classes, n_classes: int) -> ClassAccuracy
 
 
 def truth_classes_of(store) -> np.ndarray | None:
-    """The store's true classes (truth/rlnClassNumber) or None for real data."""
+    """The store's true classes (truth/rlnClassNumber), or None for real data and for
+    a simulation of one volume without junk (nothing to score)."""
     if not store.has_fields(("rlnClassNumber",), group="truth"):
         return None
-    return np.asarray(store.read_field("rlnClassNumber", group="truth"), np.int64)
+    classes = np.asarray(store.read_field("rlnClassNumber", group="truth"), np.int64)
+    return classes if np.unique(classes).size > 1 else None
