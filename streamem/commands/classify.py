@@ -12,7 +12,7 @@ from streamem.errors import InputError
 
 
 def register(sub) -> None:
-    from streamem.commands.execution import add_cluster_options
+    from streamem.commands.execution import add_cluster_options, add_continue_option
 
     p = sub.add_parser("class3d", help="3D classification into K classes", description=__doc__)
     p.add_argument("store", help="particle store (.zarr)")
@@ -67,12 +67,7 @@ def register(sub) -> None:
         help="add seeded low-pass noise of this rms (x the map's) to each class's start",
     )
     p.add_argument("--no-ctf", action="store_true")
-    p.add_argument(
-        "--continue",
-        dest="continue_run",
-        action="store_true",
-        help="resume the run in --out after its newest complete iteration",
-    )
+    add_continue_option(p)
     add_cluster_options(p)
     p.set_defaults(func=run_class3d)
     register_class2d(sub)
@@ -120,7 +115,7 @@ def run_class3d(args) -> int:
 
 def register_class2d(sub) -> None:
     """The ``class2d`` parser (RELION's 2D classification)."""
-    from streamem.commands.execution import add_cluster_options
+    from streamem.commands.execution import add_cluster_options, add_continue_option
 
     p = sub.add_parser(
         "class2d",
@@ -146,12 +141,7 @@ def register_class2d(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ctf", action="store_true")
-    p.add_argument(
-        "--continue",
-        dest="continue_run",
-        action="store_true",
-        help="resume the run in --out after its newest complete iteration",
-    )
+    add_continue_option(p)
     add_cluster_options(p)
     p.set_defaults(func=run_class2d)
 

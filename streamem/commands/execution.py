@@ -31,3 +31,13 @@ def run_job(args, job):
         threads_per_worker=args.threads_per_worker,
         gpu=args.gpu,
     )
+
+
+def add_continue_option(parser) -> None:
+    """``--continue``: resume an iterative job (refine3d, class3d, class2d)."""
+    parser.add_argument(
+        "--continue",
+        dest="continue_run",
+        action="store_true",
+        help="resume the run in --out after its newest complete iteration",
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from streamem.commands.execution import add_cluster_options, run_job
+from streamem.commands.execution import add_cluster_options, add_continue_option, run_job
 from streamem.errors import InputError
 
 
@@ -42,12 +42,7 @@ def register(sub) -> None:
         default=None,
         help="not yet supported; soft sphere from --particle-diameter",
     )
-    p.add_argument(
-        "--continue",
-        dest="continue_run",
-        action="store_true",
-        help="resume from the last complete iteration",
-    )
+    add_continue_option(p)
     add_cluster_options(p)
     p.set_defaults(func=run)
 

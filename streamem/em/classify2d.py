@@ -67,7 +67,7 @@ from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn
 from streamem.core.ctf import OpticsParams, ctf_phase_from_frequencies, ctf_rfft, phase_flip
 from streamem.core.masks import soft_sphere
 from streamem.em import mstep, runfiles
-from streamem.em.class_truth import class_accuracy, truth_classes_of
+from streamem.em.class_truth import truth_classes_of
 from streamem.em.estep import (
     ChunkResult,
     cross_terms,
@@ -686,9 +686,7 @@ def classify2d(
             inv_sigma2,
         )  # fmt: skip
         classes = results["rlnClassNumber"]
-        accuracy = class_accuracy(true_classes, classes, K) if true_classes is not None else None
-        if accuracy is not None:
-            write_star(Path(f"{prefix}_truth.star"), {"truth_classes": accuracy.table()})
+        accuracy = runfiles.score_against_truth(prefix, true_classes, classes, K)
         changed = (
             float(np.mean(classes != previous_classes)) if previous_classes is not None else 1.0
         )

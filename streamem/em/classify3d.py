@@ -57,7 +57,7 @@ from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.projector import make_projector
 from streamem.core.symmetry import symmetry_matrices
 from streamem.em import mstep, runfiles
-from streamem.em.class_truth import class_accuracy, truth_classes_of
+from streamem.em.class_truth import truth_classes_of
 from streamem.em.estep import EStepModel, SearchGrid
 from streamem.em.estep_classes import ClassEStepModel, expectation_classes
 from streamem.em.refine import (
@@ -407,9 +407,7 @@ def classify3d(
             ssnr_curves,
         )
         classes = results["rlnClassNumber"]
-        accuracy = class_accuracy(true_classes, classes, K) if true_classes is not None else None
-        if accuracy is not None:
-            write_star(Path(f"{prefix}_truth.star"), {"truth_classes": accuracy.table()})
+        accuracy = runfiles.score_against_truth(prefix, true_classes, classes, K)
         changed = (
             float(np.mean(classes != previous_classes)) if previous_classes is not None else 1.0
         )

@@ -122,6 +122,18 @@ def write_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def score_against_truth(prefix: Path, true_classes, classes, n_classes: int):
+    """A classification's ClassAccuracy, also written to ``{prefix}_truth.star``;
+    None when the store has no truth to score against."""
+    from streamem.em.class_truth import class_accuracy
+
+    if true_classes is None:
+        return None
+    accuracy = class_accuracy(true_classes, classes, n_classes)
+    write_star(Path(f"{prefix}_truth.star"), {"truth_classes": accuracy.table()})
+    return accuracy
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     found = sorted(Path(out_dir).glob("run_it[0-9][0-9][0-9]_optimiser.json"))
     return found[-1] if found else None
