@@ -262,35 +262,83 @@ def log_likelihood(C, S, norm, scale_free: bool = False):
     return -norm + np.where(C > 0, C * C / (4.0 * S), 0.0)
 
 
+def coarse_log_posterior(C, S, offset_prior, scale_free: bool, row_prior=None):
+    """The coarse pass's log-posterior (n, T, J) float32, built in C's memory.
+
+    C: (n, T, J) float32 cross terms (overwritten unless ``scale_free``); S: (n, J)
+    reference power terms; offset_prior: (n, T) log prior of the translations;
+    row_prior: optional (n, J) log prior per image and orientation row (class
+    fractions, local-search angular prior; −inf excludes a row). Single precision is
+    enough: the coarse pass only ranks samples for the fine pass, and C comes from an
+    SGEMM already; the in-place sums avoid three float64 temporaries of n·T·J.
+    """
+    if scale_free:
+        logp = log_likelihood(C, S[:, None, :], 0.0, True).astype(np.float32)
+        if row_prior is not None:
+            logp += row_prior.astype(np.float32)[:, None, :]
+    else:
+        logp = C
+        bias = S if row_prior is None else S - row_prior
+        logp -= bias.astype(np.float32)[:, None, :]
+    logp += offset_prior.astype(np.float32)[:, :, None]
+    return logp
+
+
 def offset_log_prior(total_shift_px, sigma_offset_A: float, pixel_size_A: float):
     """log N(total offset; 0, σ²) in 2-D, up to a constant. total_shift_px: (..., 2)."""
     s2 = (sigma_offset_A / pixel_size_A) ** 2
     return -np.sum(total_shift_px**2, axis=-1) / (2 * s2)
 
 
-def significant_mask(logp, fraction: float, max_count: int):
+def significant_mask(logp, fraction: float, max_count: int, log_floor: float = 30.0):
     """Per row, the samples holding ``fraction`` of the posterior mass (at least one,
     at most ``max_count``, the most probable first).
 
-    logp: (n, S) log-posterior up to a constant. Returns a bool mask (n, S).
+    logp: (n, S) log-posterior up to a constant. Returns a bool mask (n, S). Samples
+    more than ``log_floor`` below a row's best are never candidates: together they
+    hold under S·e^-30 of the mass, so the result is unchanged and the ranking only
+    sorts the few that matter.
     """
     n, S = logp.shape
-    k = min(max_count, S)
-    p = np.exp(logp - logp.max(axis=1, keepdims=True))
-    total = p.sum(axis=1, keepdims=True)
-    top = (
-        np.argpartition(-p, k - 1, axis=1)[:, :k]
-        if k < S
-        else np.broadcast_to(np.arange(S), (n, S))
-    )
-    top_p = np.take_along_axis(p, top, axis=1)
-    order = np.argsort(-top_p, axis=1)
-    top, top_p = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_p, order, axis=1)
-    before = np.cumsum(top_p, axis=1) - top_p  # mass of the more probable samples
-    keep = before < fraction * total
-    keep[:, 0] = True
     mask = np.zeros((n, S), bool)
-    np.put_along_axis(mask, top, keep, axis=1)
+    for row in range(n):
+        lp = logp[row]
+        top = lp.max()
+        if not np.isfinite(top):
+            mask[row, int(np.argmax(lp))] = True
+            continue
+        cand = np.flatnonzero(lp >= top - log_floor)
+        p = np.exp(lp[cand] - top)
+        k = min(max_count, cand.size)
+        if k < cand.size:
+            part = np.argpartition(-p, k - 1)[:k]
+            cand_k, p_k = cand[part], p[part]
+        else:
+            cand_k, p_k = cand, p
+        order = np.argsort(-p_k, kind="stable")
+        cand_k, p_k = cand_k[order], p_k[order]
+        before = np.cumsum(p_k) - p_k  # mass of the more probable samples
+        keep = before < fraction * p.sum()
+        keep[0] = True
+        mask[row, cand_k[keep]] = True
+    return mask
+
+
+def significant_pair_mask(lp, fraction: float, max_count: int, min_orientations: int):
+    """One image's coarse (translation, orientation) pairs to refine: (T, J) bool.
+
+    lp: (T, J) coarse log-posterior. The pairs holding ``fraction`` of the mass (at
+    most ``max_count``) plus the ``min_orientations`` best orientations, each at its
+    best translation (a guard against a sharp coarse posterior whose best grid point
+    is wrong). Orientations whose every pair is −inf (outside a local search) are
+    never added.
+    """
+    mask = significant_mask(lp.reshape(1, -1), fraction, max_count).reshape(lp.shape)
+    k = min(min_orientations, lp.shape[1])
+    if k > 0:
+        best_j = np.argpartition(-lp.max(axis=0), k - 1)[:k]
+        best_j = best_j[np.isfinite(lp[:, best_j].max(axis=0))]
+        mask[lp[:, best_j].argmax(axis=0), best_j] = True
     return mask
 
 
@@ -421,7 +469,7 @@ def _coarse_pass(X0, cw, ctf2w, coords, phases, offset_prior, model, projector, 
         refs = project_points(projector, rot_c, coords[:Mc])  # (J, Mc)
         C = cross_terms(Xs, cw[:, :Mc], refs)  # (n, T, J)
         S = ref_power_terms(ctf2w[:, :Mc], refs)  # (n, J)
-        logp = log_likelihood(C, S[:, None, :], 0.0, model.scale_free) + offset_prior[:, :, None]
+        logp = coarse_log_posterior(C, S, offset_prior, model.scale_free)
         return ang_c, [np.arange(ang_c.shape[0])] * n, list(logp)
     cands = [
         np.asarray(sampling.local_orientations(prev, grid.healpix_order, 3 * grid.local_sigma_deg))
@@ -454,12 +502,9 @@ def _significant_pairs(logp, candidates, model):
     """
     pairs = []
     for lp, rows in zip(logp, candidates, strict=True):  # lp: (T, K)
-        mask = significant_mask(lp.reshape(1, -1), model.adaptive_fraction, model.max_significant)
-        mask = mask.reshape(lp.shape)
-        k = min(model.min_orientations, lp.shape[1])
-        if k > 0:
-            best_j = np.argpartition(-lp.max(axis=0), k - 1)[:k]
-            mask[lp[:, best_j].argmax(axis=0), best_j] = True
+        mask = significant_pair_mask(
+            lp, model.adaptive_fraction, model.max_significant, model.min_orientations
+        )
         t_idx, j_idx = np.nonzero(mask)
         pairs.append((t_idx, rows[j_idx]))
     return pairs

@@ -34,6 +34,7 @@ from streamem.core.projector import half_cube_shape, padded_radius, project_poin
 from streamem.em.estep import (
     ChunkResult,
     EStepModel,
+    coarse_log_posterior,
     coarse_orientations,
     cross_terms,
     half_plane_points,
@@ -41,7 +42,7 @@ from streamem.em.estep import (
     offset_log_prior,
     prepare_images,
     ref_power_terms,
-    significant_mask,
+    significant_pair_mask,
     significant_weights,
 )
 from streamem.em.statistics import SufficientStatistics
@@ -247,14 +248,9 @@ def _significant_pairs_per_class(lp, n_classes: int, n_orientations: int, base):
         lp_k = lp[:, k * n_orientations : (k + 1) * n_orientations]
         if not np.isfinite(lp_k).any():
             continue
-        mask = significant_mask(
-            lp_k.reshape(1, -1), base.adaptive_fraction, base.max_significant
-        ).reshape(lp_k.shape)
-        m = min(base.min_orientations, n_orientations)
-        if m > 0:
-            best = np.argpartition(-lp_k.max(axis=0), m - 1)[:m]
-            best = best[np.isfinite(lp_k[:, best].max(axis=0))]
-            mask[lp_k[:, best].argmax(axis=0), best] = True
+        mask = significant_pair_mask(
+            lp_k, base.adaptive_fraction, base.max_significant, base.min_orientations
+        )
         t_idx, rows = np.nonzero(mask)
         t_all.append(t_idx)
         rows_all.append(rows + k * n_orientations)
@@ -293,15 +289,15 @@ def _search(prep, model, coords, previous, halves, log_pi, stats, result):
     )  # (K·J, Mc)
     C = cross_terms(Xs, cw[:, :Mc], refs)  # (n, T, K·J)
     S = ref_power_terms(ctf2w[:, :Mc], refs)  # (n, K·J)
-    logp = log_likelihood(C, S[:, None, :], 0.0, base.scale_free) + offset_prior[:, :, None]
-    logp += np.repeat(log_pi, J, axis=1)[:, None, :]
+    row_prior = np.repeat(log_pi, J, axis=1)  # (n, K·J): class fractions or seeded class
     if member is not None:  # local searches: only each image's own candidates, Gaussian prior
         ang_prior = np.full((n, J), -np.inf)
         for i in range(n):
             ang_prior[i, member[i]] = sampling.gaussian_orientation_prior(
                 ang_c[member[i]], previous[i], grid.local_sigma_deg
             )
-        logp += np.tile(ang_prior, (1, K))[:, None, :]
+        row_prior += np.tile(ang_prior, (1, K))
+    logp = coarse_log_posterior(C, S, offset_prior, base.scale_free, row_prior)
     pairs = []  # per image: (translation index, coarse row k·J + j)
     for i in range(n):
         t_idx, rows = _significant_pairs_per_class(logp[i], K, J, base)
