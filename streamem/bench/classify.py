@@ -14,15 +14,15 @@ from pathlib import Path
 
 def register_bench(bench_sub) -> None:
     p = bench_sub.add_parser("classify", help="class3d seconds per iteration for K = 1, 2, 4, 8")
-    p.add_argument("--n-particles", type=int, default=200)
+    p.add_argument("--n-particles", type=int, default=400)
     p.add_argument("--box", type=int, default=32)
-    p.add_argument("--healpix-order", type=int, default=1)
-    p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--healpix-order", type=int, default=2)
+    p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--k", default="1,2,4,8", help="comma-separated class counts")
     p.set_defaults(func=run)
 
 
-def measure(n_particles=200, box=32, healpix_order=1, iterations=2, ks=(1, 2, 4, 8)) -> dict:
+def measure(n_particles=400, box=32, healpix_order=2, iterations=3, ks=(1, 2, 4, 8)) -> dict:
     import numpy as np
 
     from streamem.em.classify3d import Class3DOptions, classify3d
