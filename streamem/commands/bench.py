@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 #: Modules in streamem.bench that provide ``register_bench(bench_subparsers)``.
-BENCH_MODULES = ["estep", "project", "io", "simulate", "refine", "classify", "pick"]
+BENCH_MODULES = ["estep", "project", "io", "simulate", "refine", "classify", "pick", "gpu_core"]
 
 
 def register(sub) -> None:
