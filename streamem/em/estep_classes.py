@@ -5,9 +5,12 @@ translation t): log p = −diff2(i, k, j, t) + log π_k + log prior(t) (+ the lo
 orientation prior). The coarse pass stacks the K classes' central slices along the
 orientation axis, so the class axis rides inside the same GEMM as refine3d's
 (:func:`streamem.em.estep.cross_terms`, :func:`ref_power_terms`): a table row is
-(class, orientation) with row = k·J + j. Significant coarse (translation, row) pairs
-are refined into their children (2³ orientations × 2² translations for oversampling 1)
-exactly as in :mod:`streamem.em.estep`, each child keeping its parent's class.
+(class, orientation) with row = k·J + j. The significant coarse (translation, row)
+pairs are chosen class by class (:func:`_significant_pairs_per_class`), so every class
+meets every particle at the fine resolution, and refined into their children (2³
+orientations × 2² translations for oversampling 1) as in :mod:`streamem.em.estep`,
+each child keeping its parent's class. rlnClassNumber is the class of largest
+marginal posterior (summed over the poses).
 
 Statistics: the K classes' accumulators are stored on the leading axis of
 :class:`SufficientStatistics` as 2K half-cubes, index 2k + (rlnRandomSubset − 1), so
@@ -16,7 +19,8 @@ of its own particles (see :mod:`streamem.em.classify3d`). ``class_weight`` (K,) 
 the class posteriors.
 
 With ``skip_align`` the poses are fixed to the particles' stored ones and the posterior
-is over classes only: one projection per (particle, class).
+is over classes only: one projection per (particle, class). With ``seed`` (the first
+iteration from one reference) each particle meets only its seeded class.
 """
 
 from __future__ import annotations
