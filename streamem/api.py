@@ -4,6 +4,8 @@ import streamem.api as sm
 store = sm.simulate("p.zarr", n_particles=2000, box_size=48, pixel_size_A=3.0)
 result = sm.refine3d(store, "ref.mrc", "run")
 result.plot()
+classes = sm.class3d(store, "ref.mrc", "class3d", sm.Class3DOptions(n_classes=4))
+classes.plot(); classes.truth_accuracy  # on simulated data
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from streamem.em.classify2d import Class2DOptions, Class2DResult
+from streamem.em.classify2d import classify2d as class2d
+from streamem.em.classify3d import Class3DOptions, Class3DResult
+from streamem.em.classify3d import classify3d as class3d
 from streamem.em.refine import RefineOptions, RefineResult, refine3d
+from streamem.em.select import select_particles as select
 from streamem.errors import InputError
 from streamem.simulate.particles import simulate_particles as simulate
 
@@ -24,6 +31,13 @@ __all__ = [
     "RefineOptions",
     "RefineResult",
     "refine3d",
+    "Class2DOptions",
+    "Class2DResult",
+    "class2d",
+    "Class3DOptions",
+    "Class3DResult",
+    "class3d",
+    "select",
     "simulate",
     "oracle",
     "angular_errors_deg",

@@ -230,3 +230,11 @@ def test_cli_needs_a_reference_unless_continuing(data, tmp_path, capsys):
     assert main(["class3d", str(data[1].path), "--out", str(tmp_path / "o")]) == 2
     assert "--ref" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_python_api_exposes_the_classifiers():
+    import streamem.api as sm
+
+    assert sm.class3d is classify3d and sm.Class3DOptions is Class3DOptions
+    assert callable(sm.class2d) and callable(sm.select)
+    assert {"class2d", "class3d", "select"} <= set(sm.__all__)
