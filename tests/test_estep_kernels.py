@@ -76,3 +76,46 @@ def test_statistics_add_is_associative():
     np.testing.assert_allclose(left.data_acc, right.data_acc)
     np.testing.assert_allclose(left.noise_power, right.noise_power)
     assert left.weight_sum == right.weight_sum == 3.0
+
+
+def _coarse_inputs(rng, n=4, T=5, M=60, J=7):
+    X = (rng.standard_normal((n, T, M)) + 1j * rng.standard_normal((n, T, M))).astype(np.complex64)
+    A = (rng.standard_normal((J, M)) + 1j * rng.standard_normal((J, M))).astype(np.complex64)
+    cw = rng.uniform(-1, 1, (n, M)).astype(np.float32)
+    return X, A, cw, -rng.random((n, T)), np.log(rng.random((n, J)))
+
+
+def test_coarse_log_posterior_is_the_sum_of_its_terms():
+    from streamem.em.estep import coarse_log_posterior, log_likelihood
+
+    X, A, cw, offset_prior, row_prior = _coarse_inputs(np.random.default_rng(1))
+    C, S = cross_terms(X, cw, A), ref_power_terms(cw * cw, A)
+    expected = (
+        log_likelihood(C.astype(np.float64), S[:, None, :], 0.0)
+        + offset_prior[:, :, None]
+        + row_prior[:, None, :]
+    )
+    got = coarse_log_posterior(C.copy(), S, offset_prior, False, row_prior)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    scale_free = coarse_log_posterior(C.copy(), S, offset_prior, True)
+    np.testing.assert_allclose(
+        scale_free,
+        log_likelihood(C, S[:, None, :], 0.0, True) + offset_prior[:, :, None],
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.gpu
+def test_coarse_pass_on_cupy_matches_numpy():
+    cp = pytest.importorskip("cupy")
+    from streamem.em.estep import coarse_log_posterior
+
+    X, A, cw, offset_prior, row_prior = _coarse_inputs(np.random.default_rng(2))
+    ref = coarse_log_posterior(cross_terms(X, cw, A), ref_power_terms(cw, A), offset_prior, False)
+    C = cross_terms(cp.asarray(X), cp.asarray(cw), cp.asarray(A))
+    got = coarse_log_posterior(
+        C, ref_power_terms(cp.asarray(cw), cp.asarray(A)), cp.asarray(offset_prior), False
+    )
+    assert isinstance(got, cp.ndarray)
+    np.testing.assert_allclose(got.get(), ref, rtol=1e-5, atol=1e-3)

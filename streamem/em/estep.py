@@ -46,7 +46,7 @@ import scipy.sparse
 from scipy.special import logsumexp
 
 from streamem.core import sampling
-from streamem.core.backend import ifftshift, rfftn
+from streamem.core.backend import ifftshift, rfftn, xp_of
 from streamem.core.backprojector import insert_points
 from streamem.core.ctf import OpticsParams, ctf_from_frequencies
 from streamem.core.euler import angular_distance_deg, euler_to_matrix
@@ -235,17 +235,19 @@ def cross_terms(Xs, cw, refs):
     Xs: (n, T, M) complex shifted images; cw: (n, M) CTF/σ²; refs: (J, M) complex.
     Returns (n, T, J) float32.
     """
+    xp = xp_of(Xs, refs)
     n, T, M = Xs.shape
-    Y = np.conj(Xs) * cw[:, None, :]  # (n, T, M)
-    lhs = np.concatenate([Y.real, -Y.imag], axis=-1).reshape(n * T, 2 * M)
-    rhs = np.concatenate([refs.real, refs.imag], axis=-1)  # (J, 2M)
-    return (lhs.astype(np.float32) @ rhs.astype(np.float32).T).reshape(n, T, -1)
+    Y = xp.conj(Xs) * cw[:, None, :]  # (n, T, M)
+    lhs = xp.concatenate([Y.real, -Y.imag], axis=-1).reshape(n * T, 2 * M)
+    rhs = xp.concatenate([refs.real, refs.imag], axis=-1)  # (J, 2M)
+    return (lhs.astype(xp.float32) @ rhs.astype(xp.float32).T).reshape(n, T, -1)
 
 
 def ref_power_terms(ctf2w, refs):
     """Σ_k c² |A_j|² / 2σ²: (n, M) @ (M, J) → (n, J). ``ctf2w`` = c²/σ²."""
-    power = (refs.real**2 + refs.imag**2).astype(np.float32)
-    return 0.5 * (ctf2w.astype(np.float32) @ power.T)
+    xp = xp_of(ctf2w, refs)
+    power = (refs.real**2 + refs.imag**2).astype(xp.float32)
+    return 0.5 * (ctf2w.astype(xp.float32) @ power.T)
 
 
 def log_likelihood(C, S, norm, scale_free: bool = False):
@@ -258,8 +260,9 @@ def log_likelihood(C, S, norm, scale_free: bool = False):
     """
     if not scale_free:
         return -(norm + S - C)
-    S = np.maximum(S, 1e-30)
-    return -norm + np.where(C > 0, C * C / (4.0 * S), 0.0)
+    xp = xp_of(C, S)
+    S = xp.maximum(S, 1e-30)
+    return -norm + xp.where(C > 0, C * C / (4.0 * S), 0.0)
 
 
 def coarse_log_posterior(C, S, offset_prior, scale_free: bool, row_prior=None):
@@ -272,15 +275,16 @@ def coarse_log_posterior(C, S, offset_prior, scale_free: bool, row_prior=None):
     enough: the coarse pass only ranks samples for the fine pass, and C comes from an
     SGEMM already; the in-place sums avoid three float64 temporaries of n·T·J.
     """
+    xp = xp_of(C, S)
     if scale_free:
-        logp = log_likelihood(C, S[:, None, :], 0.0, True).astype(np.float32)
+        logp = log_likelihood(C, S[:, None, :], 0.0, True).astype(xp.float32)
         if row_prior is not None:
-            logp += row_prior.astype(np.float32)[:, None, :]
+            logp += row_prior.astype(xp.float32)[:, None, :]
     else:
         logp = C
         bias = S if row_prior is None else S - row_prior
-        logp -= bias.astype(np.float32)[:, None, :]
-    logp += offset_prior.astype(np.float32)[:, :, None]
+        logp -= bias.astype(xp.float32)[:, None, :]
+    logp += offset_prior.astype(xp.float32)[:, :, None]
     return logp
 
 
