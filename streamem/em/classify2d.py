@@ -584,7 +584,7 @@ def classify2d(
         fractions = np.asarray(state["fractions"])
         resolutions = np.asarray(state["resolutions_A"])
         radius = state["max_radius_px"]
-        history = list(state["history"])
+        history = list(state.get("history", []))  # runs before 0.1 kept no history
         prev_iteration = state["iteration"]
         previous_classes = runfiles.read_results(results_path, prev_iteration)["rlnClassNumber"]
         log.info("continuing from iteration %d", prev_iteration)

@@ -244,10 +244,10 @@ def classify3d(
         maps = np.stack([read_map(out_dir / name)[0] for name in state["class_maps"]])
         inv_sigma2 = np.asarray(state["inv_sigma2"])
         sigma_offset_A = state["sigma_offset_A"]
-        resolution_A = state["resolution_A"]
+        resolution_A = state.get("resolution_A", float(np.min(state["resolutions_A"])))
         fractions = np.asarray(state["fractions"])
         resolutions = np.asarray(state["resolutions_A"])
-        history = list(state["history"])
+        history = list(state.get("history", []))  # runs before 0.1 kept no history
         prev_iteration = state["iteration"]
         previous_classes = runfiles.read_results(results_path, prev_iteration)["rlnClassNumber"]
         log.info("continuing from iteration %d", prev_iteration)
