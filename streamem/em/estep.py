@@ -42,11 +42,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse
 from scipy.special import logsumexp
 
 from streamem.core import sampling
-from streamem.core.backend import ifftshift, rfftn, xp_of
+from streamem.core.backend import ifftshift, rfftn, to_numpy, xp_of
 from streamem.core.backprojector import insert_points
 from streamem.core.ctf import OpticsParams, ctf_from_frequencies
 from streamem.core.euler import angular_distance_deg, euler_to_matrix
@@ -174,16 +173,19 @@ class PreparedImages:
     prior_offset_px: np.ndarray  # (n, 2) (dy, dx) previous origin in pixels
 
 
-def fourier_data(images, metadata, coords, flat, pixel_size_A, optics, do_ctf=True):
+def fourier_data(images, metadata, coords, flat, pixel_size_A, optics, do_ctf=True, xp=np):
     """Image transforms and CTFs at the given Fourier points.
 
     images: (n, B, B) float32 centred at B//2; coords/flat from :func:`half_plane_points`;
-    optics: one OpticsParams per optics group. Returns (X (n, M) complex64, ctf (n, M)
-    float32, groups (n,) 0-based optics group).
+    optics: one OpticsParams per optics group; xp: the array module of the results
+    (NumPy, or CuPy for a GPU E-step: the images go to the device once, the CTFs are
+    computed on the host). Returns (X (n, M) complex64, ctf (n, M) float32, groups (n,)
+    0-based optics group, on the host).
     """
     n, B = images.shape[0], images.shape[-1]
-    X = rfftn(ifftshift(images, axes=(-2, -1)), axes=(-2, -1)).reshape(n, -1)[:, flat]
-    X = X.astype(np.complex64)
+    images = xp.asarray(images)
+    X = rfftn(ifftshift(images, axes=(-2, -1)), axes=(-2, -1)).reshape(n, -1)[:, xp.asarray(flat)]
+    X = X.astype(xp.complex64)
     groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), dtype=np.int64) - 1
     if groups.min() < 0 or groups.max() >= len(optics):
         raise ValueError("rlnOpticsGroup out of range of the optics groups")
@@ -204,7 +206,7 @@ def fourier_data(images, metadata, coords, flat, pixel_size_A, optics, do_ctf=Tr
             )
     else:
         ctf = np.ones((n, coords.shape[0]), np.float32)
-    return X, ctf, groups
+    return X, xp.asarray(ctf), groups
 
 
 def origins_px(metadata, pixel_size_A: float, n: int) -> np.ndarray:
@@ -220,11 +222,12 @@ def prepare_images(images, metadata, model: EStepModel, coords, flat, shell) -> 
 
     images: (n, B, B) float32, centred at B//2. metadata: RELION labels → (n,) arrays.
     """
+    xp = xp_of(model.projectors[0].data)  # the E-step runs where the references are
     X, ctf, groups = fourier_data(
-        images, metadata, coords, flat, model.pixel_size_A, model.optics, model.do_ctf
+        images, metadata, coords, flat, model.pixel_size_A, model.optics, model.do_ctf, xp
     )
-    inv_s2 = model.inv_sigma2[groups][:, shell].astype(np.float32)
-    norm = 0.5 * np.sum((X.real**2 + X.imag**2) * inv_s2, axis=1, dtype=np.float64)
+    inv_s2 = xp.asarray(model.inv_sigma2[groups][:, shell].astype(np.float32))
+    norm = 0.5 * xp.sum((X.real**2 + X.imag**2) * inv_s2, axis=1, dtype=xp.float64)
     prior = origins_px(metadata, model.pixel_size_A, images.shape[0])
     return PreparedImages(X, ctf, inv_s2, norm, prior)
 
@@ -473,7 +476,7 @@ def _coarse_pass(X0, cw, ctf2w, coords, phases, offset_prior, model, projector, 
         refs = project_points(projector, rot_c, coords[:Mc])  # (J, Mc)
         C = cross_terms(Xs, cw[:, :Mc], refs)  # (n, T, J)
         S = ref_power_terms(ctf2w[:, :Mc], refs)  # (n, J)
-        logp = coarse_log_posterior(C, S, offset_prior, model.scale_free)
+        logp = to_numpy(coarse_log_posterior(C, S, offset_prior, model.scale_free))
         return ang_c, [np.arange(ang_c.shape[0])] * n, list(logp)
     cands = [
         np.asarray(sampling.local_orientations(prev, grid.healpix_order, 3 * grid.local_sigma_deg))
@@ -486,11 +489,12 @@ def _coarse_pass(X0, cw, ctf2w, coords, phases, offset_prior, model, projector, 
     refs = project_points(projector, rot_c, coords[:Mc])  # (U, Mc)
     S = ref_power_terms(ctf2w[:, :Mc], refs)  # (n, U)
     logps = []
+    xp = xp_of(refs)
     for i, rows in enumerate(candidates):
-        C = cross_terms(Xs[i : i + 1], cw[i : i + 1, :Mc], refs[rows])[0]  # (T, K)
-        lp = (
-            log_likelihood(C, S[i, rows][None, :], 0.0, model.scale_free) + offset_prior[i][:, None]
-        )
+        rows_x = xp.asarray(rows)
+        C = cross_terms(Xs[i : i + 1], cw[i : i + 1, :Mc], refs[rows_x])[0]  # (T, K)
+        lp = to_numpy(log_likelihood(C, S[i, rows_x][None, :], 0.0, model.scale_free))
+        lp = lp + to_numpy(offset_prior[i])[:, None]
         prior = sampling.gaussian_orientation_prior(
             ang_c[rows], previous_poses[i], grid.local_sigma_deg
         )
@@ -543,8 +547,8 @@ def _fine_table(ang_c, pairs, grid, projector, coords) -> FineTable:
     position = np.full(ang_c.shape[0], -1)
     position[union] = np.arange(union.size)
     rotations = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
-    refs = project_points(projector, rotations, coords)  # (U·K, M)
-    power = (refs.real**2 + refs.imag**2).astype(np.float32)
+    refs = project_points(projector, rotations, coords)  # (U·K, M), where the reference is
+    power = (refs.real**2 + refs.imag**2).astype(refs.real.dtype)
     return FineTable(angles, rotations, refs, power, position, kids.shape[1])
 
 
@@ -554,13 +558,14 @@ def _fine_log_posterior(Xs, cw, ctf2w, norm, A, power, total_px, model, orientat
     Xs (P, S, M) shifted image, A (P, K, M) and power (P, K, M) the children's slices,
     total_px (P, S, 2) total origins. Returns (P, S, K).
     """
-    Y = np.conj(Xs) * cw
-    lhs = np.concatenate([Y.real, -Y.imag], axis=-1)  # (P, S, 2M)
-    rhs = np.concatenate([A.real, A.imag], axis=-1).transpose(0, 2, 1)  # (P, 2M, K)
+    xp = xp_of(Xs, A)
+    Y = xp.conj(Xs) * cw
+    lhs = xp.concatenate([Y.real, -Y.imag], axis=-1)  # (P, S, 2M)
+    rhs = xp.concatenate([A.real, A.imag], axis=-1).transpose(0, 2, 1)  # (P, 2M, K)
     C = lhs @ rhs  # (P, S, K)
     S = 0.5 * (power @ ctf2w)  # (P, K)
-    logp = log_likelihood(C, S[:, None, :], norm, model.scale_free)
-    logp += offset_log_prior(total_px, model.sigma_offset_A, model.pixel_size_A)[:, :, None]
+    logp = to_numpy(log_likelihood(C, S[:, None, :], norm, model.scale_free))  # small: host
+    logp = logp + offset_log_prior(total_px, model.sigma_offset_A, model.pixel_size_A)[:, :, None]
     if orientation_prior is not None:
         logp += orientation_prior[:, None, :]
     return logp
@@ -570,12 +575,19 @@ def _expect_group(
     idx, prep: PreparedImages, model, projector, coords, shell, groups, previous, stats, r, result
 ):
     """E-step of the particles ``idx`` of a chunk that share one reference (``projector``);
-    fills ``result`` and adds to ``stats`` (reconstruction ``r``)."""
+    fills ``result`` and adds to ``stats`` (reconstruction ``r``).
+
+    The arrays of the size of the data (images, slices, GEMMs, back-projection) live
+    where the reference does (NumPy or CuPy); the small per-image posteriors and the
+    bookkeeping of samples are on the host.
+    """
+    xp = xp_of(projector.data)
     grid, p, B, M = model.grid, model.pixel_size_A, model.box_size, coords.shape[0]
-    X, ctf, inv_s2 = prep.X[idx], prep.ctf[idx], prep.inv_sigma2[idx]
+    idx_x = xp.asarray(idx)
+    X, ctf, inv_s2 = prep.X[idx_x], prep.ctf[idx_x], prep.inv_sigma2[idx_x]
     cw = ctf * inv_s2  # (n, M)
     ctf2w = ctf * cw
-    norm = prep.norm[idx]
+    norm = prep.norm[idx_x]
     prior_px = prep.prior_offset_px[idx]
     n = idx.size
     local = grid.local_sigma_deg is not None and previous is not None
@@ -584,13 +596,13 @@ def _expect_group(
     shifts = np.asarray(
         sampling.translation_grid(grid.offset_range_px, grid.offset_step_px)
     )  # (T, 2)
-    phases = np.asarray(sampling.shift_phases(coords, shifts, B))  # (T, M)
-    X0 = X * np.asarray(
+    phases = xp.asarray(sampling.shift_phases(coords, shifts, B))  # (T, M)
+    X0 = X * xp.asarray(
         sampling.shift_phases(coords, prior_px, B)
     )  # re-centred on previous origins
     offset_prior = offset_log_prior(prior_px[:, None, :] + shifts[None], model.sigma_offset_A, p)
     ang_c, candidates, logp = _coarse_pass(
-        X0, cw, ctf2w, coords, phases, offset_prior, model, projector, previous_poses
+        X0, cw, ctf2w, coords, phases, xp.asarray(offset_prior), model, projector, previous_poses
     )
     pairs = _significant_pairs(logp, candidates, model)
     table = _fine_table(ang_c, pairs, grid, projector, coords)
@@ -598,16 +610,17 @@ def _expect_group(
         sampling.oversample_translations(np.zeros((1, 2)), grid.offset_step_px, grid.oversampling)
     )
     sub = sub.reshape(-1, 2)  # (S, 2) fine offsets around a coarse translation
-    sub_phases = np.asarray(sampling.shift_phases(coords, sub, B))  # (S, M)
-    noise_rows = np.zeros((n, M))
+    sub_phases = xp.asarray(sampling.shift_phases(coords, sub, B))  # (S, M)
+    noise_rows = xp.zeros((n, M))
     bp_rows, bp_vals, bp_wgts = [], [], []  # per image: table rows and their sums
 
     for i in range(n):  # fine pass, image by image
         gi = idx[i]
         t_idx, j_rows = pairs[i]
         krows = table.rows(j_rows)  # (P, K)
+        krows_x = xp.asarray(krows)
         total = prior_px[i] + shifts[t_idx][:, None, :] + sub[None]  # (P, S, 2)
-        Xs = (X0[i] * phases[t_idx])[
+        Xs = (X0[i] * phases[xp.asarray(t_idx)])[
             :, None, :
         ] * sub_phases  # (P, S, M): phase(t+s) = phase(t)·phase(s)
         orientation_prior = None
@@ -620,8 +633,8 @@ def _expect_group(
             cw[i],
             ctf2w[i],
             norm[i],
-            table.refs[krows],
-            table.power[krows],
+            table.refs[krows_x],
+            table.power[krows_x],
             total,
             model,
             orientation_prior,
@@ -640,17 +653,20 @@ def _expect_group(
         # statistics over the significant samples only: Σ_t W X_t per fine orientation
         live = W.reshape(W.shape[0], -1).any(axis=1)
         Wl, rows_l = W[live], krows[live].ravel()
-        D = (Wl.transpose(0, 2, 1).astype(np.complex64) @ Xs[live]).reshape(-1, M)  # (P'·K, M)
         w_j = Wl.sum(axis=1).ravel()  # (P'·K,)
         on = w_j > 0
-        D, w_j, rows_l = D[on], w_j[on], rows_l[on]
+        live_x = xp.asarray(np.flatnonzero(live))
+        D = (xp.asarray(Wl.transpose(0, 2, 1).astype(np.complex64)) @ Xs[live_x]).reshape(-1, M)
+        D, w_j, rows_l = D[xp.asarray(np.flatnonzero(on))], w_j[on], rows_l[on]  # (P'·K, M)
+        rows_x = xp.asarray(rows_l)
+        w_x = xp.asarray(w_j)
         bp_rows.append(rows_l)
         bp_vals.append(D * cw[i])
-        bp_wgts.append(w_j[:, None] * ctf2w[i])
+        bp_wgts.append(w_x[:, None] * ctf2w[i])
         noise_rows[i] = (
             (X[i].real ** 2 + X[i].imag ** 2)
-            - 2 * ctf[i] * np.sum((np.conj(D) * table.refs[rows_l]).real, axis=0)
-            + ctf[i] ** 2 * (w_j @ table.power[rows_l])
+            - 2 * ctf[i] * xp.sum((xp.conj(D) * table.refs[rows_x]).real, axis=0)
+            + ctf[i] ** 2 * (w_x @ table.power[rows_x])
         )
         stats.offset_sq_A2 += float(np.sum(W * np.sum((total * p) ** 2, axis=-1)[:, :, None]))
         stats.weight_sum += 1.0
@@ -663,24 +679,44 @@ def _expect_group(
             stats.n_with_previous += 1
     stats.class_weight[0] += n
     n_shells = stats.noise_power.shape[1]
+    noise_rows = to_numpy(noise_rows)
     for g in np.unique(groups[idx]):
         rows = groups[idx] == g
         stats.noise_power[g] += np.bincount(
             shell, noise_rows[rows].sum(axis=0), minlength=n_shells
         )[:n_shells]
         stats.noise_count[g] += rows.sum() * np.bincount(shell, minlength=n_shells)[:n_shells]
-    # sum the per-image rows into the table's orientations (a sparse one-hot product)
-    rows = np.concatenate(bp_rows)
-    used, inverse = np.unique(rows, return_inverse=True)
-    onehot = scipy.sparse.csr_matrix(
-        (np.ones(rows.size), (inverse.ravel(), np.arange(rows.size))), shape=(used.size, rows.size)
+    # sum the per-image rows into the table's orientations, then back-project once each
+    used, vals, wgts = segment_sums(
+        np.concatenate(bp_rows),
+        xp.concatenate(bp_vals).astype(xp.complex128),
+        xp.concatenate(bp_wgts).astype(xp.float64),
     )
+    # accumulate on the reference's device; the statistics leave the task on the host
+    data_acc, weight_acc = xp.asarray(stats.data_acc[r]), xp.asarray(stats.weight_acc[r])
     insert_points(
-        stats.data_acc[r],
-        stats.weight_acc[r],
-        table.rotations[used],
-        coords,
-        onehot @ np.concatenate(bp_vals).astype(np.complex128),
-        onehot @ np.concatenate(bp_wgts).astype(np.float64),
-        projector.padding_factor,
+        data_acc, weight_acc, table.rotations[used], coords, vals, wgts, projector.padding_factor
     )
+    if xp is not np:
+        stats.data_acc[r] = to_numpy(data_acc)
+        stats.weight_acc[r] = to_numpy(weight_acc)
+
+
+def segment_sums(keys: np.ndarray, *values):
+    """Sum the rows of each array in ``values`` that share a key.
+
+    keys: (R,) int on the host; values: (R, ...) arrays (NumPy or CuPy). Returns
+    (unique keys (U,), then one (U, ...) array of sums per input). Rows are sorted by
+    key and summed segment by segment (a cumulative sum read at the segment ends), so
+    the same code runs on the CPU and the GPU.
+    """
+    order = np.argsort(keys, kind="stable")
+    used, starts = np.unique(keys[order], return_index=True)
+    ends = np.append(starts[1:], keys.size) - 1
+    out = []
+    for v in values:
+        xp = xp_of(v)
+        c = xp.cumsum(v[xp.asarray(order)], axis=0)
+        e = c[xp.asarray(ends)]
+        out.append(xp.concatenate([e[:1], e[1:] - e[:-1]]))
+    return (used, *out)
