@@ -222,7 +222,8 @@ def prepare_images(images, metadata, model: EStepModel, coords, flat, shell) -> 
 
     images: (n, B, B) float32, centred at B//2. metadata: RELION labels → (n,) arrays.
     """
-    xp = xp_of(model.projectors[0].data)  # the E-step runs where the references are
+    projectors = getattr(model, "projectors", None)  # class2d's model holds images instead
+    xp = xp_of(projectors[0].data) if projectors else np  # the E-step runs where they are
     X, ctf, groups = fourier_data(
         images, metadata, coords, flat, model.pixel_size_A, model.optics, model.do_ctf, xp
     )
