@@ -5,7 +5,17 @@ from __future__ import annotations
 import importlib
 
 #: Modules in streamem.bench that provide ``register_bench(bench_subparsers)``.
-BENCH_MODULES = ["estep", "project", "io", "simulate", "refine", "classify", "pick", "gpu_core"]
+BENCH_MODULES = [
+    "estep",
+    "project",
+    "io",
+    "simulate",
+    "refine",
+    "classify",
+    "pick",
+    "gpu_core",
+    "estep_chunk",
+]
 
 
 def register(sub) -> None:

@@ -1,0 +1,153 @@
+"""``streamem bench estep-chunk``: one refine3d E-step chunk on NumPy and on CuPy.
+
+A smooth random map, noisy projections at random poses (no CTF, known truth), and
+the refine3d E-step (:func:`streamem.em.estep.expectation`, scale-free scoring) run
+once with NumPy references and once with CuPy references (after a warm-up), for a
+global search at HEALPix orders 2 and 3 and a local search at order 3. Reported per
+search: seconds on each, the speed-up, the share of particles given the same pose,
+the median angular error against the truth on each, and the largest difference of
+the back-projection accumulators relative to their largest value. Without CuPy only
+the NumPy column is measured.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def register_bench(bench_sub) -> None:
+    p = bench_sub.add_parser(
+        "estep-chunk", help="one refine3d E-step chunk on NumPy vs CuPy", description=__doc__
+    )
+    p.add_argument("--box", type=int, default=64)
+    p.add_argument("--images", type=int, default=256)
+    p.set_defaults(func=run)
+
+
+def _chunk(box: int, n: int, seed: int = 0):
+    from scipy import ndimage
+
+    from streamem.core.euler import euler_to_matrix
+    from streamem.core.masks import soft_sphere
+    from streamem.core.projector import make_projector, project_images
+
+    rng = np.random.default_rng(seed)
+    vol = ndimage.gaussian_filter(rng.standard_normal((box,) * 3), 1.0)
+    vol = (vol * soft_sphere(box, box / 4, edge_px=3.0)).astype(np.float32)
+    angles = np.stack(
+        [
+            rng.uniform(0, 360, n),
+            np.degrees(np.arccos(rng.uniform(-1, 1, n))),
+            rng.uniform(0, 360, n),
+        ],
+        axis=1,
+    )
+    rot = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+    images = project_images(make_projector(vol), rot)
+    images = (images + rng.normal(0, images.std(), images.shape)).astype(np.float32)
+    metadata = {
+        "rlnRandomSubset": np.arange(n) % 2 + 1,
+        "rlnAngleRot": angles[:, 0],
+        "rlnAngleTilt": angles[:, 1],
+        "rlnAnglePsi": angles[:, 2],
+    }
+    return vol, images, metadata, rot
+
+
+def _model(projector, box: int, order: int, local_sigma_deg):
+    from streamem.core.ctf import OpticsParams
+    from streamem.em.estep import EStepModel, SearchGrid
+
+    return EStepModel(
+        projectors=(projector, projector),
+        box_size=box,
+        work_box=box,
+        pixel_size_A=3.0,
+        max_radius_px=box // 4,
+        inv_sigma2=np.ones((1, box // 2 + 1)),
+        optics=(OpticsParams(300.0, 2.7, 0.1),),
+        sigma_offset_A=3.0,
+        grid=SearchGrid(
+            healpix_order=order,
+            offset_range_px=3,
+            offset_step_px=1,
+            local_sigma_deg=local_sigma_deg,
+        ),
+        do_ctf=False,
+        scale_free=True,
+    )
+
+
+def measure(box: int = 64, n_images: int = 256, xp=None, sync=lambda: None) -> list[dict]:
+    """One row per search; the CuPy entries are None when ``xp`` is None."""
+    from streamem.core.euler import angular_distance_deg, euler_to_matrix
+    from streamem.core.projector import make_projector
+    from streamem.em.estep import expectation
+
+    vol, images, metadata, truth = _chunk(box, n_images)
+
+    def error(res):
+        return float(
+            np.median(angular_distance_deg(euler_to_matrix(res.rot, res.tilt, res.psi), truth))
+        )
+
+    rows = []
+    for order, local in ((2, None), (3, None), (3, 8.0)):
+        t0 = time.perf_counter()
+        stats_np, res_np = expectation(
+            images, metadata, _model(make_projector(vol), box, order, local)
+        )
+        row = {
+            "search": f"order {order} " + ("global" if local is None else f"local {local:g}°"),
+            "numpy_s": time.perf_counter() - t0,
+            "error_numpy_deg": error(res_np),
+            "xp_s": None,
+        }
+        if xp is not None:
+            model = _model(make_projector(xp.asarray(vol)), box, order, local)
+            expectation(images[:8], {k: v[:8] for k, v in metadata.items()}, model)  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            stats_x, res_x = expectation(images, metadata, model)
+            sync()
+            same = (
+                (res_np.rot == res_x.rot) & (res_np.tilt == res_x.tilt) & (res_np.psi == res_x.psi)
+            )
+            scale = np.abs(stats_np.data_acc).max()
+            row.update(
+                xp_s=time.perf_counter() - t0,
+                same_pose=float(np.mean(same)),
+                error_xp_deg=error(res_x),
+                acc_rel_diff=float(np.abs(stats_np.data_acc - stats_x.data_acc).max() / scale),
+            )
+        rows.append(row)
+    return rows
+
+
+def run(args) -> int:
+    xp, sync = None, (lambda: None)
+    try:
+        import cupy as cp
+
+        cp.cuda.runtime.getDeviceCount()
+        xp, sync = cp, cp.cuda.Stream.null.synchronize
+    except Exception as exc:  # no CuPy or no GPU: the NumPy column alone
+        print(f"no CuPy GPU ({type(exc).__name__}); measuring NumPy only")
+    rows = measure(args.box, args.images, xp, sync)
+    print(f"box {args.box}, {args.images} images, radius {args.box // 4}")
+    print(
+        f"{'search':20s} {'numpy s':>8s} {'cupy s':>8s} {'speed-up':>8s} {'same pose':>9s} {'err np':>7s} {'err cp':>7s} {'acc diff':>9s}"
+    )
+    for r in rows:
+        if r["xp_s"] is None:
+            print(
+                f"{r['search']:20s} {r['numpy_s']:8.2f} {'-':>8s} {'-':>8s} {'-':>9s} {r['error_numpy_deg']:7.2f}"
+            )
+            continue
+        print(
+            f"{r['search']:20s} {r['numpy_s']:8.2f} {r['xp_s']:8.2f} {r['numpy_s'] / r['xp_s']:8.1f}"
+            f" {r['same_pose']:9.3f} {r['error_numpy_deg']:7.2f} {r['error_xp_deg']:7.2f} {r['acc_rel_diff']:9.1e}"
+        )
+    return 0
