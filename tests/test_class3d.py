@@ -10,6 +10,7 @@ import starfile
 from streamem.core.euler import angular_distance_deg, euler_to_matrix
 from streamem.em.classify3d import Class3DOptions, classify3d
 from streamem.em.estep_classes import _significant_pairs_per_class, seeded_classes
+from streamem.em.mstep import resolution_from_ssnr
 from streamem.io.mrc import read_map
 from streamem.simulate.particles import simulate_particles, truth_volume_paths
 
@@ -99,6 +100,11 @@ def test_relion_outputs(data, skip_align_run):
     np.testing.assert_allclose(classes["rlnClassDistribution"].sum(), 1.0, atol=1e-6)
     np.testing.assert_allclose(classes["rlnClassDistribution"], skip_align_run.fractions, atol=1e-5)
     assert (classes["rlnEstimatedResolution"] >= 2 * PIXEL).all()
+    for k in (1, 2):  # RELION's estimate: where the class's SSNR (data vs prior) drops below 1
+        ssnr = model[f"model_class_{k}"]["rlnSsnrMap"].to_numpy()
+        assert classes["rlnEstimatedResolution"][k - 1] == pytest.approx(
+            resolution_from_ssnr(ssnr, BOX, PIXEL)
+        )
     particles = starfile.read(out / "run_it008_data.star", always_dict=True)["particles"]
     np.testing.assert_array_equal(particles["rlnClassNumber"], skip_align_run.class_numbers)
 
@@ -238,3 +244,59 @@ def test_python_api_exposes_the_classifiers():
     assert sm.class3d is classify3d and sm.Class3DOptions is Class3DOptions
     assert callable(sm.class2d) and callable(sm.select)
     assert {"class2d", "class3d", "select"} <= set(sm.__all__)
+
+
+def test_first_iteration_scores_each_particle_against_its_seeded_class(data):
+    """RELION's random seeds: iteration 1 puts every particle in its drawn class;
+    without them (and with noise-perturbed starts) the classes come from the data."""
+    root, store, _, reference = data
+    common = dict(n_classes=2, iterations=1, skip_align=True, ini_high_A=20.0, seed=4)
+    seeded = classify3d(store, reference, root / "seeded", Class3DOptions(**common))
+    drawn = seeded_classes(np.arange(N), 2, seed=4) + 1
+    np.testing.assert_array_equal(seeded.class_numbers, drawn)
+    unseeded = classify3d(
+        store,
+        reference,
+        root / "unseeded",
+        Class3DOptions(random_seeds=False, perturbation=0.3, **common),
+    )
+    assert np.mean(unseeded.class_numbers == drawn) < 0.9
+
+
+def test_relions_reference_power_tau2_runs_and_differs(data, skip_align_run):
+    root, store, _, reference = data
+    options = Class3DOptions(
+        n_classes=2, iterations=3, lowres_iterations=1, skip_align=True, ini_high_A=20.0,
+        tau2_from="reference", seed=0,
+    )  # fmt: skip
+    result = classify3d(store, reference, root / "tau2_reference", options)
+    assert np.isfinite(result.maps).all() and result.fractions.sum() == pytest.approx(1.0)
+    fsc_run = classify3d(
+        store,
+        reference,
+        root / "tau2_fsc",
+        Class3DOptions(**{**options.__dict__, "tau2_from": "fsc"}),
+    )
+    assert not np.allclose(result.maps, fsc_run.maps, atol=1e-3 * np.abs(fsc_run.maps).max())
+
+
+def test_tau2_from_must_be_known():
+    from streamem.errors import InputError
+
+    with pytest.raises(InputError, match="tau2_from"):
+        Class3DOptions(tau2_from="power")
+
+
+def test_cli_continue_and_seed_options(data, tmp_path):
+    from streamem.cli import main
+
+    _, store, _, _ = data
+    ref = str(truth_volume_paths(store.path)[0])
+    out = str(tmp_path / "run")
+    common = ["class3d", str(store.path), "--k", "2", "--skip-align", "--ini-high", "20"]
+    common += ["--out", out, "--no-cluster", "--lowres-iterations", "1"]
+    assert main(common + ["--ref", ref, "--iterations", "1", "--no-random-seeds"]) == 0
+    first = starfile.read(tmp_path / "run" / "run_it001_data.star", always_dict=True)["particles"]
+    assert np.mean(first["rlnClassNumber"] == seeded_classes(np.arange(N), 2, 0) + 1) < 0.9
+    assert main(common + ["--iterations", "2", "--continue"]) == 0
+    assert (tmp_path / "run" / "run_it002_model.star").exists()

@@ -37,3 +37,21 @@ def test_junk_spread_over_volume_classes_is_wrong():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError):
         class_accuracy(np.ones(3), np.ones(4), 2)
+
+
+class _FakeStore:
+    def __init__(self, classes):
+        self.classes = np.asarray(classes)
+
+    def has_fields(self, labels, group="metadata"):
+        return group == "truth" and self.classes is not None
+
+    def read_field(self, label, group="metadata"):
+        return self.classes
+
+
+def test_true_classes_only_when_there_is_something_to_score():
+    from streamem.em.runfiles import true_classes
+
+    np.testing.assert_array_equal(true_classes(_FakeStore([1, 2, 0])), [1, 2, 0])
+    assert true_classes(_FakeStore([1, 1, 1])) is None  # one volume, no junk

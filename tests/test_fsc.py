@@ -72,3 +72,17 @@ def test_resolution_at_interpolates_the_first_crossing():
     assert resolution_at(np.ones(9), 0.143, 16, 2.0) == pytest.approx(4.0)
     # below already at shell 1: no better than shell 1
     assert resolution_at(np.array([1.0, 0.0, 0.0]), 0.5, 4, 1.0) <= 4.0
+
+
+def test_classification_ssnr_resolution_and_map_power():
+    from streamem.em.mstep import resolution_from_ssnr, tau2_from_map
+
+    ssnr = np.array([9.0, 5.0, 3.0, 2.0, 0.5, 2.0])
+    assert resolution_from_ssnr(ssnr, 32, 2.0) == pytest.approx(32 * 2.0 / 3)
+    assert resolution_from_ssnr(np.array([9.0, 0.5, 2.0]), 32, 2.0) == 999.0
+    assert resolution_from_ssnr(np.full(5, 3.0), 32, 2.0) == pytest.approx(32 * 2.0 / 4)
+    # white noise of variance s²: E|F(k)|² = B³ s² (unnormalised DFT), τ² = half of it
+    B, s = 32, 0.7
+    vol = np.random.default_rng(0).normal(0, s, (B, B, B))
+    tau2 = tau2_from_map(vol)
+    np.testing.assert_allclose(tau2[3:].mean(), B**3 * s**2 / 2, rtol=0.05)

@@ -4,6 +4,7 @@ A classification's classes have no names, so a found class is credited to the tr
 class that makes up most of it (its majority). A particle is counted correct when its
 true class is its found class's majority; the junk of a simulation (true class 0) is
 scored the same way, so junk must end in classes where junk is the majority.
+Reading the truth from a store is :func:`streamem.em.runfiles.true_classes`.
 """
 
 from __future__ import annotations
@@ -67,12 +68,3 @@ def class_accuracy(true_classes, found_classes, n_classes: int) -> ClassAccuracy
         accuracy=float(np.mean(correct)) if correct.size else 0.0,
         per_truth=per_truth,
     )
-
-
-def truth_classes_of(store) -> np.ndarray | None:
-    """The store's true classes (truth/rlnClassNumber), or None for real data and for
-    a simulation of one volume without junk (nothing to score)."""
-    if not store.has_fields(("rlnClassNumber",), group="truth"):
-        return None
-    classes = np.asarray(store.read_field("rlnClassNumber", group="truth"), np.int64)
-    return classes if np.unique(classes).size > 1 else None

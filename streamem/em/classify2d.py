@@ -67,7 +67,6 @@ from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn
 from streamem.core.ctf import OpticsParams, ctf_phase_from_frequencies, ctf_rfft, phase_flip
 from streamem.core.masks import soft_sphere
 from streamem.em import mstep, runfiles
-from streamem.em.class_truth import truth_classes_of
 from streamem.em.estep import (
     ChunkResult,
     cross_terms,
@@ -603,7 +602,7 @@ def classify2d(
         resolutions = np.full(K, 999.0)
         radius = float(B // 2 - 1)
         prev_iteration, previous_classes = None, None
-    true_classes = truth_classes_of(store)  # simulations: score every iteration
+    true_classes = runfiles.true_classes(store)  # simulations: score every iteration
     accuracy = None
     for iteration in range((prev_iteration or 0) + 1, options.iterations + 1):
         t0 = time.perf_counter()

@@ -57,7 +57,6 @@ from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.projector import make_projector
 from streamem.core.symmetry import symmetry_matrices
 from streamem.em import mstep, runfiles
-from streamem.em.class_truth import truth_classes_of
 from streamem.em.estep import EStepModel, SearchGrid
 from streamem.em.estep_classes import ClassEStepModel, expectation_classes
 from streamem.em.refine import (
@@ -269,7 +268,7 @@ def classify3d(
     lowres_iterations = (
         options.iterations // 3 if options.lowres_iterations is None else options.lowres_iterations
     )
-    true_classes = truth_classes_of(store)  # simulations: score every iteration
+    true_classes = runfiles.true_classes(store)  # simulations: score every iteration
     accuracy = None
     for iteration in range((prev_iteration or 0) + 1, options.iterations + 1):
         t0 = time.perf_counter()

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from streamem.em.class_truth import class_accuracy
 from streamem.errors import InputError
 from streamem.io.relion import write_star
 from streamem.io.store import ParticleStore
@@ -122,11 +123,18 @@ def write_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def true_classes(store: ParticleStore) -> np.ndarray | None:
+    """The store's true classes (truth/rlnClassNumber), or None for real data and for
+    a simulation of one volume without junk (nothing to score)."""
+    if not store.has_fields(("rlnClassNumber",), group="truth"):
+        return None
+    classes = np.asarray(store.read_field("rlnClassNumber", group="truth"), np.int64)
+    return classes if np.unique(classes).size > 1 else None
+
+
 def score_against_truth(prefix: Path, true_classes, classes, n_classes: int):
     """A classification's ClassAccuracy, also written to ``{prefix}_truth.star``;
     None when the store has no truth to score against."""
-    from streamem.em.class_truth import class_accuracy
-
     if true_classes is None:
         return None
     accuracy = class_accuracy(true_classes, classes, n_classes)
