@@ -15,6 +15,7 @@ BENCH_MODULES = [
     "pick",
     "gpu_core",
     "estep_chunk",
+    "class3d_accuracy",
 ]
 
 

@@ -51,7 +51,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from streamem.core.backprojector import reconstruct
 from streamem.core.filters import lowpass
 from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.projector import make_projector
@@ -181,27 +180,13 @@ def reconstruct_class(
     """
     if not np.any(weight_acc):
         return np.zeros((work_box,) * 3, np.float32), np.zeros(work_box // 2 + 1)
-    raw = [
-        reconstruct(
-            data_acc[h], weight_acc[h], work_box, padding_factor, None, symmetry_matrices=sym_mats
-        )
-        for h in range(2)
-    ]
-    fsc_halves = np.nan_to_num(fourier_shell_correlation(raw[0], raw[1])[: work_box // 2 + 1])
-    if tau2_prior is None:
-        joined = mstep.reconstruct_joined(
-            data_acc, weight_acc, fsc_halves, work_box, padding_factor, tau2_fudge, sym_mats
-        )
-    else:
-        joined = reconstruct(
-            data_acc[0] + data_acc[1],
-            weight_acc[0] + weight_acc[1],
-            work_box,
-            padding_factor,
-            tau2_prior,
-            symmetry_matrices=sym_mats,
-            tau2_fudge=tau2_fudge,
-        )
+    fsc_halves = mstep.unregularised_half_fsc(
+        data_acc, weight_acc, work_box, padding_factor, sym_mats
+    )
+    joined = mstep.reconstruct_joined(
+        data_acc, weight_acc, fsc_halves, work_box, padding_factor, tau2_fudge, sym_mats,
+        tau2=tau2_prior,
+    )  # fmt: skip
     return joined, fsc_halves
 
 

@@ -126,18 +126,9 @@ def reconstruct_halves(
     regularised reconstruction. Returns (maps (2, b, b, b) float32 in the work
     frame, FSC of the unregularised halves (b//2+1,)).
     """
-    raw = [
-        reconstruct(
-            data_acc[h],
-            weight_acc[h],
-            work_box,
-            padding_factor,
-            None,
-            symmetry_matrices=symmetry_matrices,
-        )
-        for h in range(2)
-    ]
-    fsc_raw = fourier_shell_correlation(raw[0], raw[1])[: work_box // 2 + 1]
+    fsc_raw = unregularised_half_fsc(
+        data_acc, weight_acc, work_box, padding_factor, symmetry_matrices
+    )
     maps = []
     for h in range(2):
         noise = reconstruction_noise_spectrum(
@@ -157,14 +148,34 @@ def reconstruct_halves(
     return np.stack(maps), fsc_raw
 
 
+def unregularised_half_fsc(data_acc, weight_acc, work_box, padding_factor, symmetry_matrices):
+    """FSC (work_box//2 + 1,) between the unregularised maps of two half accumulators
+    (2, *grid); shells where a map has no power give 0."""
+    raw = [
+        reconstruct(
+            data_acc[h],
+            weight_acc[h],
+            work_box,
+            padding_factor,
+            None,
+            symmetry_matrices=symmetry_matrices,
+        )  # fmt: skip
+        for h in range(2)
+    ]
+    return np.nan_to_num(fourier_shell_correlation(raw[0], raw[1])[: work_box // 2 + 1])
+
+
 def reconstruct_joined(
-    data_acc, weight_acc, fsc_halves, work_box, padding_factor, tau2_fudge, symmetry_matrices
-):
-    """The final map from both halves' accumulators, τ² from the full-set FSC 2f/(1+f)."""
-    f = np.clip(np.asarray(fsc_halves), 0, 0.999)
+    data_acc, weight_acc, fsc_halves, work_box, padding_factor, tau2_fudge, symmetry_matrices,
+    tau2=None,
+):  # fmt: skip
+    """The final map from both halves' accumulators, τ² from the full-set FSC 2f/(1+f),
+    or the given ``tau2`` (per shell, e.g. :func:`tau2_from_map`)."""
     data, weight = data_acc[0] + data_acc[1], weight_acc[0] + weight_acc[1]
-    noise = reconstruction_noise_spectrum(weight, work_box, padding_factor, symmetry_matrices)
-    tau2 = tau2_from_fsc(2 * f / (1 + f), noise)
+    if tau2 is None:
+        f = np.clip(np.asarray(fsc_halves), 0, 0.999)
+        noise = reconstruction_noise_spectrum(weight, work_box, padding_factor, symmetry_matrices)
+        tau2 = tau2_from_fsc(2 * f / (1 + f), noise)
     return reconstruct(
         data,
         weight,
