@@ -67,6 +67,7 @@ from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn
 from streamem.core.ctf import OpticsParams, ctf_phase_from_frequencies, ctf_rfft, phase_flip
 from streamem.core.masks import soft_sphere
 from streamem.em import mstep, runfiles
+from streamem.em.class_truth import ClassAccuracy
 from streamem.em.estep import (
     ChunkResult,
     cross_terms,
@@ -521,7 +522,7 @@ class Class2DResult:
     class_numbers: np.ndarray  # (N,) from 1
     pixel_size_A: float
     iterations: int
-    truth_accuracy: object = None  # ClassAccuracy against the simulation's truth, if any
+    truth_accuracy: ClassAccuracy | None = None  # against the simulation's truth, if any
     history: list = field(default_factory=list, repr=False)
     seconds: list = field(default_factory=list, repr=False)
 

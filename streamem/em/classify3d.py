@@ -56,6 +56,7 @@ from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.projector import make_projector
 from streamem.core.symmetry import symmetry_matrices
 from streamem.em import mstep, runfiles
+from streamem.em.class_truth import ClassAccuracy
 from streamem.em.estep import EStepModel, SearchGrid
 from streamem.em.estep_classes import ClassEStepModel, expectation_classes
 from streamem.em.refine import (
@@ -124,7 +125,7 @@ class Class3DResult:
     class_numbers: np.ndarray  # (N,) int, from 1
     pixel_size_A: float
     iterations: int
-    truth_accuracy: object = None  # ClassAccuracy against the simulation's truth, if any
+    truth_accuracy: ClassAccuracy | None = None  # against the simulation's truth, if any
     history: list = field(default_factory=list, repr=False)  # fractions per iteration
     seconds: list = field(default_factory=list, repr=False)  # wall time per iteration
 
