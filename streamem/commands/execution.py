@@ -6,7 +6,18 @@ from __future__ import annotations
 def add_cluster_options(p) -> None:
     """Options shared by every Dask job."""
     g = p.add_argument_group("execution")
-    g.add_argument("--scheduler", help="address or scheduler file of an existing Dask cluster")
+    g.add_argument(
+        "--scheduler",
+        help="an existing Dask cluster: its address (tcp://HOST:PORT, HOST:PORT, tls://...) "
+        "or its scheduler file (waited for if it does not exist yet)",
+    )
+    g.add_argument(
+        "--scheduler-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up on --scheduler after this long: its file, connection and handshake (30)",
+    )
     g.add_argument(
         "--n-workers", type=int, default=None, help="local workers (default: one per core)"
     )
@@ -20,9 +31,16 @@ def add_cluster_options(p) -> None:
 
 
 def run_job(args, job):
-    """``job(client)`` as the execution options ask: threads with --no-cluster, else a cluster."""
-    from streamem.dist.cluster import run_with_client
+    """``job(client)`` as the execution options ask: threads with --no-cluster, else a cluster.
 
+    The options are checked first, so a bad one is refused before any cluster starts.
+    """
+    from streamem.dist.cluster import check_cluster_options, run_with_client
+    from streamem.errors import InputError
+
+    check_cluster_options(args.n_workers, args.threads_per_worker, args.scheduler_timeout)
+    if args.scheduler and args.no_cluster:
+        raise InputError(None, "give --scheduler or --no-cluster, not both")
     return run_with_client(
         job,
         use_cluster=not args.no_cluster,
@@ -30,6 +48,7 @@ def run_job(args, job):
         n_workers=args.n_workers,
         threads_per_worker=args.threads_per_worker,
         gpu=args.gpu,
+        scheduler_timeout_s=args.scheduler_timeout,
     )
 
 
