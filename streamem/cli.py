@@ -2,8 +2,11 @@
 
 Each command module has ``register(subparsers)`` which adds its parser and sets
 ``func`` to a function taking the parsed args and returning an exit code. Bad
-input (:class:`~streamem.errors.InputError`) is printed as one line on stderr
-with exit status 2 and no traceback.
+input (:class:`~streamem.errors.InputError`, and argparse's own errors such as a
+missing option or ``--k abc``) is printed as one line on stderr with exit status 2
+and no traceback. Option values are checked before any work starts: in the options
+dataclasses and, for commands without one, right after parsing
+(:mod:`streamem.validate`).
 """
 
 from __future__ import annotations
@@ -34,8 +37,19 @@ COMMAND_MODULES = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``streamem CMD: error: ...``, exit 2).
+
+    argparse prints the usage before the error; the project's standard for bad input
+    is one line, and ``--help`` still shows the usage. Subparsers inherit the class.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="streamem",
         description="Streaming cryo-EM single-particle analysis on Dask and Zarr.",
     )

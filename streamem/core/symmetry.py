@@ -37,6 +37,8 @@ import re
 
 import numpy as np
 
+from streamem.errors import InputError
+
 _I_AXES = {
     "I2": [(2, (0, 0, 1)), (5, (0.525731114, 0, 0.850650807)), (3, (0, 0.356822076, 0.934172364))],
     "I1": [
@@ -68,14 +70,37 @@ def axis_rotation(axis, angle_deg: float) -> np.ndarray:
     return np.eye(3) + np.sin(t) * K + (1 - np.cos(t)) * (K @ K)
 
 
-def _generators(name: str) -> tuple[str, list]:
-    """Canonical name and generator (fold, axis) list for a group name."""
-    n = name.strip().upper()
+class SymmetryNameError(InputError, ValueError):
+    """An unknown point-group name: an :class:`InputError` naming the option, and a
+    ``ValueError`` for callers that catch that."""
+
+
+#: Largest n of ``Cn`` and ``Dn``: the group closure stops at 120 elements.
+MAX_CYCLIC_ORDER = 120
+
+
+def parse_symmetry(name: str, option: str = "--sym") -> tuple[str, list]:
+    """Canonical name and generator (fold, axis) list of a point-group name.
+
+    Accepted (case-insensitive, as RELION's ``--sym``): ``C1`` .. ``C120``, ``D2`` ..
+    ``D60`` (at most 120 elements), ``T``, ``O``, ``I`` (= ``I2``), ``I1`` .. ``I4``.
+    ``C0`` has no meaning and ``D1`` is refused (it would be a 2-fold about x only, not
+    a dihedral group: write C2). Anything else raises :class:`SymmetryNameError`
+    naming ``option``.
+    """
+    n = str(name).strip().upper()
     m = re.fullmatch(r"([CD])(\d+)", n)
     if m:
         order = int(m.group(2))
-        if order < 1:
-            raise ValueError(f"symmetry order must be >= 1 in {name!r}")
+        lowest = 1 if m.group(1) == "C" else 2
+        highest = MAX_CYCLIC_ORDER if m.group(1) == "C" else MAX_CYCLIC_ORDER // 2
+        if not lowest <= order <= highest:
+            raise SymmetryNameError(
+                None,
+                f"{option}: unknown symmetry group {name!r} "
+                f"({m.group(1)}<n> needs n in {lowest}..{highest})",
+            )
+        n = f"{m.group(1)}{order}"  # C01 -> C1: one cache entry per group
         gens = [(order, (0, 0, 1))]
         if m.group(1) == "D":
             gens.append((2, (1, 0, 0)))
@@ -87,9 +112,16 @@ def _generators(name: str) -> tuple[str, list]:
     if n in ("I", "I1", "I2", "I3", "I4"):
         key = "I2" if n == "I" else n
         return key, _I_AXES[key]
-    raise ValueError(
-        f"unknown symmetry group {name!r} (expected C<n>, D<n>, T, O, I, I1, I2, I3 or I4)"
+    raise SymmetryNameError(
+        None,
+        f"{option}: unknown symmetry group {name!r} "
+        "(expected C<n>, D<n>, T, O, I, I1, I2, I3 or I4)",
     )
+
+
+def _generators(name: str) -> tuple[str, list]:
+    """Canonical name and generator (fold, axis) list for a group name."""
+    return parse_symmetry(name)
 
 
 def symmetry_order(name: str) -> int:

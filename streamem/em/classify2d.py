@@ -62,6 +62,7 @@ import pandas as pd
 from scipy import ndimage
 from scipy.special import logsumexp
 
+from streamem import validate as check
 from streamem.core import sampling
 from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn
 from streamem.core.ctf import OpticsParams, ctf_phase_from_frequencies, ctf_rfft, phase_flip
@@ -109,16 +110,28 @@ class Class2DOptions:
     split_every: int = 8
 
     def __post_init__(self):
-        if self.n_classes < 1:
-            raise InputError(None, f"--k must be >= 1, got {self.n_classes}")
-        if self.iterations < 1:
-            raise InputError(None, f"--iterations must be >= 1, got {self.iterations}")
-        if self.tau2_fudge <= 0:
-            raise InputError(None, f"--tau2-fudge must be positive, got {self.tau2_fudge}")
-        if not 0 < self.psi_step_deg <= 360:
-            raise InputError(None, f"--psi-step must be in (0, 360], got {self.psi_step_deg}")
-        if self.offset_step_px <= 0 or self.offset_range_px < 0:
-            raise InputError(None, "--offset-step must be positive and --offset-range >= 0")
+        # every value checked before any work (streamem.validate); messages name the CLI option
+        check.at_least("--k", self.n_classes, 1)
+        check.at_least("--iterations", self.iterations, 1)
+        if check.number("--psi-step", self.psi_step_deg, "degrees") is not None and not (
+            0 < self.psi_step_deg <= 360
+        ):
+            raise InputError(
+                None, f"--psi-step must be in (0, 360] degrees, got {self.psi_step_deg}"
+            )
+        check.non_negative("--offset-range", self.offset_range_px, "pixels")
+        check.positive("--offset-step", self.offset_step_px, "pixels")
+        check.positive("--tau2-fudge", self.tau2_fudge)
+        check.positive("--particle-diameter", self.particle_diameter_A, "Å")
+        check.fraction("adaptive_fraction", self.adaptive_fraction, open_low=True)
+        check.seed("--seed", self.seed)
+        check.at_least("split_every", self.split_every, 2)  # a tree reduction's fan-in
+
+    def check_box(self, box_size: int, pixel_size_A: float) -> None:
+        """What needs the store: the particle diameter fits in the box."""
+        check.diameter_fits_box(
+            "--particle-diameter", self.particle_diameter_A, box_size, pixel_size_A
+        )
 
     @property
     def psi_deg(self) -> np.ndarray:
@@ -563,6 +576,7 @@ def classify2d(
     store = store if isinstance(store, ParticleStore) else ParticleStore(store)
     out_dir = Path(out_dir)
     B, p, N = store.box_size, store.pixel_size_A, store.n_particles
+    options.check_box(B, p)  # before the run folder is created
     K = options.n_classes
     if K > N:
         raise InputError(store.path, f"--k {K} is more than the {N} particles")

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from streamem import validate as check
 from streamem.core.filters import lowpass
 from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.projector import make_projector
@@ -102,16 +103,33 @@ class Class3DOptions:
     reference_on_data_scale: bool = False
 
     def __post_init__(self):
-        if self.n_classes < 1:
-            raise InputError(None, f"--k must be >= 1, got {self.n_classes}")
-        if self.iterations < 1:
-            raise InputError(None, f"--iterations must be >= 1, got {self.iterations}")
+        # every value checked before any work (streamem.validate); messages name the CLI option
+        check.at_least("--k", self.n_classes, 1)
+        check.at_least("--iterations", self.iterations, 1)
+        check.healpix_order("--healpix-order", self.healpix_order)
+        check.non_negative("--offset-range", self.offset_range_px, "pixels")
+        check.positive("--offset-step", self.offset_step_px, "pixels")
+        check.positive("--local", self.local_sigma_deg, "degrees")
+        check.positive("--tau2-fudge", self.tau2_fudge)
+        check.positive("--particle-diameter", self.particle_diameter_A, "Å")
+        check.positive("--ini-high", self.ini_high_A, "Å")
+        check.positive("--strict-highres", self.strict_highres_A, "Å")
+        check.at_least("--lowres-iterations", self.lowres_iterations, 0)
+        check.symmetry("--sym", self.symmetry)
+        check.non_negative("--perturbation", self.perturbation)
         if self.tau2_from not in ("reference", "fsc"):
             raise InputError(
                 None, f"tau2_from must be 'reference' or 'fsc', got {self.tau2_from!r}"
             )
-        if self.tau2_fudge <= 0:
-            raise InputError(None, f"--tau2-fudge must be positive, got {self.tau2_fudge}")
+        check.seed("--seed", self.seed)
+        check.at_least("padding_factor", self.padding_factor, 1)
+        check.at_least("split_every", self.split_every, 2)  # a tree reduction's fan-in
+
+    def check_box(self, box_size: int, pixel_size_A: float) -> None:
+        """What needs the store: the particle diameter fits in the box."""
+        check.diameter_fits_box(
+            "--particle-diameter", self.particle_diameter_A, box_size, pixel_size_A
+        )
 
 
 @dataclass
@@ -212,6 +230,7 @@ def classify3d(
     store = store if isinstance(store, ParticleStore) else ParticleStore(store)
     out_dir = Path(out_dir)
     B, p = store.box_size, store.pixel_size_A
+    options.check_box(B, p)  # before the run folder is created
     K = options.n_classes
     diameter = options.particle_diameter_A or 0.8 * B * p
     sym_mats = symmetry_matrices(options.symmetry)

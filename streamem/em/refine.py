@@ -21,6 +21,7 @@ from pathlib import Path
 import dask
 import numpy as np
 
+from streamem import validate as check
 from streamem.core.filters import lowpass
 from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.fsc import resolution_at
@@ -68,23 +69,52 @@ class RefineResult:
 
 @dataclass(frozen=True)
 class RefineOptions:
-    particle_diameter_A: float | None = None
-    ini_high_A: float = 30.0
-    symmetry: str = "C1"
-    tau2_fudge: float = 1.0
-    healpix_order: int = 2
-    offset_range_px: float = 6.0
-    offset_step_px: float = 2.0
-    local_from_order: int = 3
-    max_order: int = 5
-    max_iterations: int = 25
+    """Parameters of a refine3d run (RELION option names in brackets).
+
+    Every value is checked on construction (:mod:`streamem.validate`): an impossible
+    one raises :class:`InputError` naming the CLI option, before any work starts.
+    ``max_iterations`` counts the final iteration (halves joined), so it is >= 2.
+    :meth:`check_box` checks what needs the store (the diameter against the box).
+    """
+
+    particle_diameter_A: float | None = None  # --particle_diameter (default 0.8 x box)
+    ini_high_A: float = 30.0  # --ini_high
+    symmetry: str = "C1"  # --sym
+    tau2_fudge: float = 1.0  # --tau2_fudge
+    healpix_order: int = 2  # --healpix_order (coarse)
+    offset_range_px: float = 6.0  # --offset_range
+    offset_step_px: float = 2.0  # --offset_step
+    local_from_order: int = 3  # --auto_local_healpix_order
+    max_order: int = 5  # coarsest order the schedule may reach
+    max_iterations: int = 25  # --iter
     do_ctf: bool = True
     flatten_solvent: bool = True
     split_every: int = 8
-    padding_factor: int = 2
+    padding_factor: int = 2  # --pad
     reference_on_data_scale: bool = (
         False  # else the first iteration fits the scale (--firstiter_cc)
     )
+
+    def __post_init__(self):
+        check.positive("--particle-diameter", self.particle_diameter_A, "Å")
+        check.positive("--ini-high", self.ini_high_A, "Å")
+        check.symmetry("--sym", self.symmetry)
+        check.positive("--tau2-fudge", self.tau2_fudge)
+        check.healpix_order("--healpix-order", self.healpix_order)
+        check.non_negative("--offset-range", self.offset_range_px, "pixels")
+        check.positive("--offset-step", self.offset_step_px, "pixels")
+        check.at_least("--auto-local-healpix-order", self.local_from_order, 0)
+        check.healpix_order("max_order", self.max_order)
+        # one iteration plus the final one with the halves joined
+        check.at_least("--max-iterations", self.max_iterations, 2)
+        check.at_least("split_every", self.split_every, 2)  # a tree reduction's fan-in
+        check.at_least("padding_factor", self.padding_factor, 1)
+
+    def check_box(self, box_size: int, pixel_size_A: float) -> None:
+        """What needs the store: the particle diameter fits in the box."""
+        check.diameter_fits_box(
+            "--particle-diameter", self.particle_diameter_A, box_size, pixel_size_A
+        )
 
 
 def estep_task(
@@ -214,6 +244,7 @@ def refine3d(
     store = store if isinstance(store, ParticleStore) else ParticleStore(store)
     out_dir = Path(out_dir)
     B, p = store.box_size, store.pixel_size_A
+    options.check_box(B, p)  # before the run folder is created
     diameter = options.particle_diameter_A or 0.8 * B * p
     sym_mats = symmetry_matrices(options.symmetry)
     optics = tuple(optics_params(g) for g in store.optics_groups)
