@@ -16,6 +16,10 @@ This is the one place where RELION's file conventions are converted (see
 - Image names count from 1 (``000001@stack.mrcs`` is the first image); we use 0-based
   indices internally. A relative stack path is looked up next to the STAR file first,
   then in the current folder (RELION runs from its project folder).
+- RELION's numeric labels (:data:`INT_LABELS`, :data:`FLOAT_LABELS`: CTF, poses,
+  origins, optics, picking) are read as int64/float64 in every block, optics too; a
+  value that is not a number is refused with the file, the 1-based data row and the
+  label, because starfile would otherwise read the whole column as text.
 - Every other column is kept as it is, unknown ones too.
 
 Export (:func:`export_store`) writes a RELION 3.1 STAR file and MRCS stacks of
@@ -67,6 +71,131 @@ STRING_LABELS = (
     "rlnOriginalParticleName",
 )
 
+#: RELION labels that hold integers (RELION's EMDL_INT and EMDL_BOOL labels we meet).
+INT_LABELS = frozenset(
+    {
+        "rlnOpticsGroup",
+        "rlnRandomSubset",
+        "rlnClassNumber",
+        "rlnGroupNumber",
+        "rlnImageSize",
+        "rlnImageDimensionality",
+        "rlnNrOfSignificantSamples",
+        "rlnNrOfFrames",
+        "rlnHelicalTubeID",
+        "rlnBeamTiltClass",
+        "rlnOriginalImageSize",
+        "rlnCtfDataAreCtfPremultiplied",
+        "rlnMicrographFrameNumber",
+    }
+)
+#: RELION labels that hold real numbers (EMDL_DOUBLE): CTF, poses, optics, picking.
+FLOAT_LABELS = frozenset(
+    {
+        "rlnDefocusU",
+        "rlnDefocusV",
+        "rlnDefocusAngle",
+        "rlnCtfAstigmatism",
+        "rlnPhaseShift",
+        "rlnCtfBfactor",
+        "rlnCtfScalefactor",
+        "rlnCtfMaxResolution",
+        "rlnCtfFigureOfMerit",
+        "rlnVoltage",
+        "rlnSphericalAberration",
+        "rlnAmplitudeContrast",
+        "rlnImagePixelSize",
+        "rlnDetectorPixelSize",
+        "rlnMagnification",
+        "rlnMicrographPixelSize",
+        "rlnMicrographOriginalPixelSize",
+        "rlnBeamTiltX",
+        "rlnBeamTiltY",
+        "rlnAngleRot",
+        "rlnAngleTilt",
+        "rlnAnglePsi",
+        "rlnAngleRotPrior",
+        "rlnAngleTiltPrior",
+        "rlnAnglePsiPrior",
+        "rlnAnglePsiFlipRatio",
+        "rlnOriginX",
+        "rlnOriginY",
+        "rlnOriginZ",
+        "rlnOriginXAngst",
+        "rlnOriginYAngst",
+        "rlnOriginZAngst",
+        "rlnOriginXPrior",
+        "rlnOriginYPrior",
+        "rlnOriginXPriorAngst",
+        "rlnOriginYPriorAngst",
+        "rlnCoordinateX",
+        "rlnCoordinateY",
+        "rlnCoordinateZ",
+        "rlnAutopickFigureOfMerit",
+        "rlnMaxValueProbDistribution",
+        "rlnLogLikeliContribution",
+        "rlnNormCorrection",
+        "rlnParticleSelectZScore",
+        "rlnHelicalTrackLength",
+        "rlnHelicalTrackLengthAngst",
+    }
+)
+
+
+def coerce_numeric_labels(table: pd.DataFrame, path: Path, block: str = "") -> pd.DataFrame:
+    """RELION's numeric labels as numbers: int64 for :data:`INT_LABELS`, float64 for
+    :data:`FLOAT_LABELS`; other columns are returned as they are.
+
+    starfile reads a column with one bad value as text, so ``'abc'`` in rlnDefocusU
+    would otherwise be imported as a text field. A value that is not a number (or, for
+    an integer label, not a whole number) raises InputError naming ``path``, the
+    1-based data row (with its rlnImageName when there is one) and the label.
+    ``block`` names the data block in the message (e.g. ``"data_optics "``).
+    """
+    out = table
+    for label in table.columns:
+        if label in INT_LABELS:
+            kind = int
+        elif label in FLOAT_LABELS:
+            kind = float
+        else:
+            continue
+        values = _numeric_column(table[label], kind)
+        if isinstance(values, int):  # the first bad row
+            row = values
+            raw = table[label].iloc[row]
+            what = "a whole number" if kind is int else "a number"
+            name = ""
+            if "rlnImageName" in table.columns:
+                name = f" ({table['rlnImageName'].iloc[row]})"
+            raise InputError(
+                path, f"{block}row {row + 1}{name}, {label}: {str(raw)!r} is not {what}"
+            )
+        if out is table:
+            out = table.copy()
+        out[label] = values
+    return out
+
+
+def _numeric_column(col: pd.Series, kind: type) -> pd.Series | int:
+    """``col`` as float64 or int64, or the 0-based index of its first bad value."""
+    if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
+        values = col.astype(np.float64)  # the common case: starfile already parsed numbers
+        bad = np.zeros(len(col), dtype=bool)
+    else:
+        text = col.astype(str).str.strip()
+        values = pd.to_numeric(text, errors="coerce").astype(np.float64)
+        # "nan" is a number to RELION's parser (and ours); "abc", "" and "1,5" are not
+        bad = (values.isna() & (text.str.lower() != "nan")).to_numpy()
+    if kind is int:
+        v = values.to_numpy()
+        bad = bad | ~np.isfinite(v) | (v != np.round(v))
+    if bad.any():
+        return int(np.argmax(bad))
+    if kind is int:
+        return values.astype(np.int64)
+    return values
+
 
 # -- reading ---------------------------------------------------------------------------
 
@@ -91,7 +220,10 @@ def read_particles_star(
         blocks = starfile.read(path, always_dict=True, parse_as_string=list(STRING_LABELS))
     except Exception as exc:  # starfile/pandas raise many types on malformed text
         raise InputError(path, f"not a readable STAR file ({type(exc).__name__}: {exc})") from None
-    blocks = {name: _as_frame(block) for name, block in blocks.items()}
+    blocks = {
+        name: coerce_numeric_labels(_as_frame(block), path, _block_prefix(name, "particles"))
+        for name, block in blocks.items()
+    }
 
     if "particles" in blocks:
         particles = blocks["particles"]
@@ -124,6 +256,11 @@ def read_particles_star(
             raise InputError(path, msg)
         log.warning("%s: %s; particles will be processed without CTF correction", path, msg)
     return particles, optics
+
+
+def _block_prefix(name: str, main: str) -> str:
+    """How an error names a block: nothing for the main one, ``data_optics `` for others."""
+    return "" if name in (main, "") else f"data_{name} "
 
 
 def _as_frame(block: Any) -> pd.DataFrame:
@@ -394,7 +531,10 @@ def read_micrographs_star(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]
         blocks = starfile.read(path, always_dict=True, parse_as_string=list(STRING_LABELS))
     except Exception as exc:  # starfile/pandas raise many types on malformed text
         raise InputError(path, f"not a readable STAR file ({type(exc).__name__}: {exc})") from None
-    blocks = {name: _as_frame(block) for name, block in blocks.items()}
+    blocks = {
+        name: coerce_numeric_labels(_as_frame(block), path, _block_prefix(name, "micrographs"))
+        for name, block in blocks.items()
+    }
     if "micrographs" in blocks:
         mics, optics = blocks["micrographs"], blocks.get("optics")
     else:
