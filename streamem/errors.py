@@ -3,6 +3,10 @@
 Every problem with something the user gave us (a file, an option) is raised as
 :class:`InputError` naming the file and the problem. The CLI prints it as one
 line on stderr and exits with status 2, without a traceback.
+
+It is raised inside Dask tasks too (a corrupt store chunk, say): ``__reduce__``
+rebuilds it from ``(path, problem)``, so it crosses a distributed cluster's
+pickling intact and the client re-raises the same one-line error.
 """
 
 from __future__ import annotations
@@ -20,3 +24,7 @@ class InputError(Exception):
 
     def one_line(self) -> str:
         return f"{self.path}: {self.problem}" if self.path else self.problem
+
+    def __reduce__(self):
+        # Exception pickles as cls(*self.args); args holds the joined line, not (path, problem)
+        return (type(self), (self.path, self.problem))

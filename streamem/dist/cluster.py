@@ -120,6 +120,9 @@ def client_for(
 
 
 def _announce(client) -> None:
+    from streamem.dist.quiet import quiet_input_errors
+
+    quiet_input_errors(client)  # bad input in a task: one line, not a worker traceback
     n = len(client.scheduler_info().get("workers", {}))
     log.info("Dask: %d workers, dashboard %s", n, client.dashboard_link)
 

@@ -14,11 +14,28 @@ Field names are RELION's STAR labels without the leading underscore
 so import and export are column copies and every unknown column survives. A
 chunk along N is the unit of work of every Dask job; tasks receive the store's
 *path* and a (start, stop) range, never an open handle.
+
+Reads are checked. Zarr reads a chunk that is not in storage as the array's fill
+value (NaN images, 0 or "" metadata), so a deleted chunk file would become a NaN
+map downstream. Every read goes through :func:`read_checked`, which checks that
+each chunk key covering the range exists (through the zarr store API, so any
+zarr store works; a store that cannot answer is read unchecked), names a chunk
+that fails to decode, and (images) counts non-finite pixels. Each problem is an
+:class:`InputError` of one line: store, array, chunk key, particle range.
+
+Stores created by this version set ``every_chunk_stored`` in their facts: every
+chunk is written even where it equals the fill value (zarr skips those by
+default) and chunks carry a CRC32C checksum, so a missing chunk is an error and
+a flipped byte is caught. One exception: a metadata field with no chunk stored
+at all was declared but never written, and reads as its fill value (so a field
+whose every chunk was deleted goes unnoticed; images never do, NaN being no
+valid pixel). Older version-1 stores stay readable: there a missing chunk of a
+0- or ""-filled field may be legitimate (zarr skipped it) and reads as the fill.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +67,13 @@ class ParticleChunk:
     truth: dict[str, np.ndarray]
 
 
-def _images_codecs():
-    return [zarr.codecs.ZstdCodec(level=3)]
+def _compressors():
+    """zstd, then a CRC32C checksum so corrupt bytes fail to decode instead of reading."""
+    return [zarr.codecs.ZstdCodec(level=3), zarr.codecs.Crc32cCodec()]
+
+
+#: Write chunks equal to the fill value too: a chunk absent from storage is then an error.
+_WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 
 def default_chunk_size(box_size: int, target_bytes: int = 64 * 2**20) -> int:
@@ -88,7 +110,7 @@ def create_store(
         shape=(n_particles, box_size, box_size),
         chunks=(chunk_size, box_size, box_size),
         dtype="float32",
-        compressors=_images_codecs(),
+        compressors=_compressors(),
         fill_value=np.nan,
     )
     all_fields = {"rlnOpticsGroup": np.int32, "rlnRandomSubset": np.int32, **dict(fields)}
@@ -105,6 +127,7 @@ def create_store(
         "chunk_size": chunk_size,
         "optics_groups": [_jsonable(g) for g in optics_groups],
         "provenance": provenance or {},
+        "every_chunk_stored": True,
     }
     return ParticleStore(path)
 
@@ -112,7 +135,14 @@ def create_store(
 def _create_field(grp, label: str, n: int, chunk_size: int, dtype) -> None:
     dt = str if dtype in (str, "str", object) or np.dtype(dtype).kind in "OUS" else np.dtype(dtype)
     fill = "" if dt is str else (0 if np.dtype(dt).kind in "iub" else np.nan)
-    grp.create_array(label, shape=(n,), chunks=(chunk_size,), dtype=dt, fill_value=fill)
+    grp.create_array(
+        label,
+        shape=(n,),
+        chunks=(chunk_size,),
+        dtype=dt,
+        fill_value=fill,
+        compressors=_compressors(),
+    )
 
 
 def _jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,33 +231,91 @@ class ParticleStore:
 
     # -- reading -------------------------------------------------------------------------
     def images(self):
-        """The zarr array of images (lazy)."""
+        """The zarr array of images (lazy, *unchecked*: a missing chunk reads as NaN).
+
+        For inspection only; computations read through :meth:`read_chunk`.
+        """
         return self._root()["images"]
 
     def read_chunk(self, start: int, stop: int, with_truth: bool = False) -> ParticleChunk:
-        """Images and metadata of particles ``[start, stop)`` — the call Dask tasks use."""
+        """Images and metadata of particles ``[start, stop)`` — the call Dask tasks use.
+
+        Checked (see :func:`read_checked`): a missing or corrupt chunk, or a
+        non-finite pixel, raises InputError naming the chunk.
+        """
         root = self._root()
-        images = np.asarray(root["images"][start:stop], dtype=np.float32)
-        meta = {k: _plain(a[start:stop]) for k, a in root["metadata"].arrays()}
-        truth = {}
-        if with_truth and "truth" in root:
-            truth = {k: _plain(a[start:stop]) for k, a in root["truth"].arrays()}
-        return ParticleChunk(start, stop, images, meta, truth)
+        images = self._read(root["images"], "images", start, stop)
+        meta = self._read_group(root, "metadata", start, stop)
+        truth = self._read_group(root, "truth", start, stop) if with_truth else {}
+        return ParticleChunk(start, stop, images.astype(np.float32, copy=False), meta, truth)
 
     def read_field(self, label: str, group: str = "metadata") -> np.ndarray:
-        """A whole 1-D field (small: one value per particle)."""
+        """A whole 1-D field (small: one value per particle), checked."""
         root = self._root()
         try:
-            return _plain(root[group][label][:])
+            arr = root[group][label]
         except KeyError:
             raise InputError(self.path, f"store has no field {group}/{label}") from None
+        return self._read(arr, f"{group}/{label}", 0, self.n_particles)
 
     def read_table(self, group: str = "metadata") -> dict[str, np.ndarray]:
-        """Every field of ``group`` as ``{label: (N,) array}``."""
+        """Every field of ``group`` as ``{label: (N,) array}``, checked."""
+        return self._read_group(self._root(), group, 0, self.n_particles)
+
+    def array_names(self) -> list[str]:
+        """``images`` and every ``metadata/<label>`` and ``truth/<label>`` array."""
         root = self._root()
+        names = ["images"]
+        for sub in ("metadata", "truth"):
+            if sub in root:
+                names += [f"{sub}/{k}" for k, _ in sorted(root[sub].arrays())]
+        return names
+
+    def verify_range(self, start: int, stop: int) -> list[ChunkProblem]:
+        """The problems of every stored chunk (all arrays) that begins in ``[start, stop)``.
+
+        Reads each such chunk whole; what ``streamem info --verify`` runs per task.
+        """
+        root = self._root()
+        problems = []
+        for name in self.array_names():
+            arr = root[name]
+            for key, c0, c1 in chunk_pieces(arr, start, stop):
+                if c0 < start:
+                    continue  # begins in the previous range: that task checks it
+                problem = chunk_problem(
+                    arr, key, c0, c1, self._missing_is_fill(arr), name == "images"
+                )
+                if problem:
+                    problems.append(ChunkProblem(name, key, c0, c1, problem))
+        return problems
+
+    def _missing_is_fill(self, arr) -> bool:
+        """Whether an absent chunk of ``arr`` legitimately reads as its fill value.
+
+        Only in stores written before ``every_chunk_stored``, and only for 0/"" fills:
+        zarr skipped chunks equal to them, while a NaN chunk was never valid data.
+        """
+        if self.facts.get("every_chunk_stored"):
+            return False
+        fill = arr.metadata.fill_value
+        return not (isinstance(fill, float | np.floating) and np.isnan(fill))
+
+    def _read(self, arr, name: str, start: int, stop: int) -> np.ndarray:
+        return read_checked(
+            arr,
+            start,
+            stop,
+            where=f"{name} chunk",
+            store=self.path,
+            missing_is_fill=self._missing_is_fill(arr),
+            finite=name == "images",
+        )
+
+    def _read_group(self, root, group: str, start: int, stop: int) -> dict[str, np.ndarray]:
         if group not in root:
             return {}
-        return {k: _plain(a[:]) for k, a in root[group].arrays()}
+        return {k: self._read(a, f"{group}/{k}", start, stop) for k, a in root[group].arrays()}
 
     # -- writing -------------------------------------------------------------------------
     def write_region(
@@ -243,20 +331,25 @@ class ParticleStore:
         if images is not None:
             images = np.asarray(images, dtype=np.float32)
             n = images.shape[0]
-            root["images"][start : start + n] = images
+            root["images"].with_config(_WRITE_EVERY_CHUNK)[start : start + n] = images
         for sub, values in (("metadata", metadata), ("truth", truth)):
             for label, col in (values or {}).items():
                 col = np.asarray(col)
                 n = max(n, col.shape[0])
-                root[sub][label][start : start + col.shape[0]] = col
+                arr = root[sub][label].with_config(_WRITE_EVERY_CHUNK)
+                arr[start : start + col.shape[0]] = col
         return n
 
     def add_field(self, label: str, dtype, group: str = "metadata") -> None:
-        """Create an empty per-particle field (e.g. poses after a refinement)."""
+        """Create a per-particle field (e.g. poses after a refinement), all fill value."""
         root = self._root("r+")
         grp = root.require_group(group)
         if label not in grp:
             _create_field(grp, label, self.n_particles, self.chunk_size, dtype)
+            # stored as its fill value now: written region by region later, a region not
+            # yet written reads as NaN/0/"", and a chunk absent from storage stays an error
+            arr = grp[label]
+            arr.with_config(_WRITE_EVERY_CHUNK)[:] = arr.metadata.fill_value
 
     def set_facts(self, **updates) -> None:
         root = self._root("r+")
@@ -270,6 +363,164 @@ class ParticleStore:
 
     def __reduce__(self):
         return (ParticleStore, (str(self.path),))
+
+
+# -- checked reading -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkProblem:
+    """A bad stored chunk: ``array`` (``images``, ``metadata/<label>``), its zarr chunk
+    ``key`` (``c/3/0/0``), particles ``[start, stop)`` and the ``problem`` as a phrase
+    (``is missing``, ``is corrupt (...)``, ``holds 12 NaN/Inf pixels``)."""
+
+    array: str
+    key: str
+    start: int
+    stop: int
+    problem: str
+
+    def one_line(self) -> str:
+        return (
+            f"{self.array} chunk {self.key} (particles {self.start}-{self.stop - 1}) {self.problem}"
+        )
+
+
+def chunk_pieces(arr, start: int, stop: int) -> Iterator[tuple[str, int, int]]:
+    """``(key, c0, c1)`` of each stored chunk (or shard) of ``arr`` covering ``[start, stop)``.
+
+    ``key`` is the chunk's storage key relative to the array (``c/3/0/0``), from the
+    array's own chunk key encoding; ``[c0, c1)`` is the chunk's whole extent along
+    axis 0. Arrays are chunked along axis 0 only.
+    """
+    n = arr.shape[0]
+    step = (arr.shards or arr.chunks)[0]  # the unit of storage is the shard when sharded
+    rest = (0,) * (arr.ndim - 1)
+    for i in range(start // step, -(-min(stop, n) // step)):
+        yield arr.metadata.encode_chunk_key((i, *rest)), i * step, min((i + 1) * step, n)
+
+
+def stored_keys(arr, keys: list[str]) -> list[bool | None]:
+    """Whether each chunk key of ``arr`` is in storage (None: the store cannot say)."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def exists_all():
+        return await asyncio.gather(*((arr.store_path / k).exists() for k in keys))
+
+    try:
+        return list(sync(exists_all()))
+    except (NotImplementedError, TypeError, AttributeError):
+        return [None] * len(keys)  # a store without an existence check: read unchecked
+
+
+def never_written(arr) -> bool:
+    """Whether no chunk of ``arr`` is in storage: a field declared but not yet written.
+
+    Such a field reads as its fill value (pre-filling every field at creation would
+    cost a write per chunk per field). False when the store cannot list keys.
+    """
+    from zarr.core.sync import sync
+
+    prefix = f"{arr.store_path.path}/" if arr.store_path.path else ""
+
+    async def first_chunk():
+        async for key in arr.store_path.store.list_prefix(prefix):
+            if key[len(prefix) :] != "zarr.json":
+                return key
+        return None
+
+    try:
+        return sync(first_chunk()) is None
+    except (NotImplementedError, TypeError, AttributeError):
+        return False
+
+
+def _decode_problem(exc: Exception) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    if "checksum" in first.lower():
+        first = "CRC32C checksum mismatch"  # zarr's message prints both checksums as bytes
+    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    verb = "cannot be read" if isinstance(exc, OSError) else "cannot be decoded"
+    return f"is corrupt ({verb}: {detail})"
+
+
+def _nonfinite_problem(values: np.ndarray) -> str | None:
+    if values.dtype.kind not in "fc":
+        return None
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    return f"holds {bad} NaN/Inf pixels" if bad else None
+
+
+def chunk_problem(
+    arr, key: str, c0: int, c1: int, missing_is_fill: bool = False, finite: bool = False
+) -> str | None:
+    """What is wrong with the stored chunk ``key`` (particles ``[c0, c1)``), or None."""
+    if (
+        not missing_is_fill
+        and stored_keys(arr, [key])[0] is False
+        and (finite or not never_written(arr))
+    ):
+        return "is missing"
+    try:
+        values = np.asarray(arr[c0:c1])
+    except MemoryError:
+        raise
+    except Exception as exc:  # codecs raise many types (zstd, crc32c, shape)
+        return _decode_problem(exc)
+    return _nonfinite_problem(values) if finite else None
+
+
+def read_checked(
+    arr,
+    start: int,
+    stop: int,
+    where: str,
+    store: str | Path,
+    missing_is_fill: bool = False,
+    finite: bool = False,
+) -> np.ndarray:
+    """``arr[start:stop]`` (text as ``str`` objects), refusing what zarr would paper over.
+
+    Raises InputError ``STORE: <where> KEY (particles a-b) is missing`` for an absent
+    chunk (unless ``missing_is_fill``), ``... is corrupt (...)`` for one that fails to
+    decode, and, with ``finite`` (images), ``... holds N NaN/Inf pixels``. Without
+    ``finite``, an array with no chunk stored at all is a field declared but never
+    written and reads as its fill value. One existence check for all keys, one zarr
+    read; chunks are examined one by one only on failure.
+    """
+    pieces = list(chunk_pieces(arr, start, stop))
+
+    def fail(key: str, c0: int, c1: int, problem: str):
+        return InputError(store, f"{where} {key} (particles {c0}-{c1 - 1}) {problem}")
+
+    if not missing_is_fill:
+        absent = [
+            piece
+            for piece, present in zip(pieces, stored_keys(arr, [p[0] for p in pieces]), strict=True)
+            if present is False
+        ]
+        # images are never legitimately absent; a metadata field may be declared, unwritten
+        if absent and (finite or not never_written(arr)):
+            raise fail(*absent[0], "is missing")
+    try:
+        values = _plain(arr[start:stop])
+    except MemoryError:
+        raise
+    except Exception as exc:
+        for key, c0, c1 in pieces:  # which chunk?
+            try:
+                arr[max(start, c0) : min(stop, c1)]
+            except Exception as one:
+                raise fail(key, c0, c1, _decode_problem(one)) from None
+        raise fail(pieces[0][0], start, stop, _decode_problem(exc)) from None
+    if finite and _nonfinite_problem(values):
+        for key, c0, c1 in pieces:
+            problem = _nonfinite_problem(values[max(start, c0) - start : min(stop, c1) - start])
+            if problem:
+                raise fail(key, max(start, c0), min(stop, c1), problem)
+    return values
 
 
 def _plain(a) -> np.ndarray:
