@@ -11,7 +11,6 @@ classes.plot(); classes.truth_accuracy  # on simulated data
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ from streamem.em.classify3d import Class3DOptions, Class3DResult
 from streamem.em.classify3d import classify3d as class3d
 from streamem.em.refine import RefineOptions, RefineResult, refine3d
 from streamem.em.select import select_particles as select
-from streamem.errors import InputError
 from streamem.simulate.particles import simulate_particles as simulate
 
 log = logging.getLogger("streamem")
@@ -80,18 +78,39 @@ def demo(
     use_cluster: bool = True,
     overwrite: bool = False,
 ) -> dict:
-    """Simulate, refine from the truth low-passed to 30 Å, compare with the oracle."""
+    """Simulate, refine from the truth low-passed to 30 Å, compare with the oracle.
+
+    ``out_dir`` must be new, or (with ``overwrite``) a folder streamem wrote; the old
+    one is kept aside until the new one is complete (:mod:`streamem.io.atomic`).
+    """
+    from streamem.io.atomic import output_folder_in_place
+
+    out = Path(out_dir)
+    # in place, not under a temporary name: the store records its truth maps' paths
+    with output_folder_in_place(out, overwrite, command="demo"):
+        return _demo_in(
+            out, n_particles, box_size, pixel_size_A, snr, seed, max_iterations, n_workers,
+            use_cluster,
+        )  # fmt: skip
+
+
+def _demo_in(
+    out: Path,
+    n_particles: int,
+    box_size: int,
+    pixel_size_A: float,
+    snr: float,
+    seed: int,
+    max_iterations: int,
+    n_workers: int | None,
+    use_cluster: bool,
+) -> dict:
+    """The demo's work inside its (new, empty) output folder ``out``."""
     from streamem.core.filters import lowpass
     from streamem.dist.cluster import run_with_client
     from streamem.io.mrc import read_map, write_map
     from streamem.simulate.particles import truth_volume_paths
 
-    out = Path(out_dir)
-    if out.exists():
-        if not overwrite:
-            raise InputError(out, "output exists (use --overwrite to replace it)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     log.info(
         "simulating %d particles (box %d, %.2f Å/px, SNR %.3f)",
         n_particles,

@@ -191,7 +191,7 @@ def test_existing_output_is_untouched(tmp_path, capsys, dataset):
 
 def test_overwrite_replaces_existing_output(tmp_path, capsys, dataset):
     out = out_dir(tmp_path) / "p.zarr"
-    out.mkdir()
+    assert run_import(capsys, dataset, out)[0] == 0  # --overwrite replaces only streamem's
     (out / "keep.txt").write_text("old")
     rc, _ = run_import(capsys, dataset, out, "--overwrite")
     assert rc == 0 and not (out / "keep.txt").exists()

@@ -157,7 +157,7 @@ def test_export_stacks_dir_elsewhere_and_images_per_stack(tmp_path):
     assert rc == 0
     exp, _ = read_exported(out)
     assert exp["rlnImageName"].iloc[0] == "000001@../stk/particles_000001.mrcs"
-    assert sorted(p.name for p in (tmp_path / "stk").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "stk").glob("*.mrcs")) == [
         f"particles_00000{k}.mrcs" for k in (1, 2, 3)
     ]
     got = exported_images(out, exp["rlnImageName"])

@@ -365,6 +365,7 @@ def test_cli_mask_create_postprocess_local_resolution(maps, tmp_path, capsys):
     assert main(["postprocess", h1, h2, "--mask", str(mask_path), "--out", str(out)]) == 0
     names = {p.name for p in out.iterdir()}
     assert names == {
+        ".streamem-output",
         "postprocess.mrc",
         "postprocess_masked.mrc",
         "postprocess.star",

@@ -75,8 +75,10 @@ def register(sub) -> None:
 
 def run_class3d(args) -> int:
     from streamem.em.classify3d import Class3DOptions, classify3d
+    from streamem.io.atomic import check_not_input
     from streamem.io.store import ParticleStore
 
+    check_not_input(args.out, [args.store, args.ref])  # before any work: never write into them
     store = ParticleStore(args.store)
     if not args.continue_run and args.ref is None:
         raise InputError(None, "--ref is needed to start a run (only --continue goes without)")
@@ -148,8 +150,10 @@ def register_class2d(sub) -> None:
 
 def run_class2d(args) -> int:
     from streamem.em.classify2d import Class2DOptions, classify2d
+    from streamem.io.atomic import check_not_input
     from streamem.io.store import ParticleStore
 
+    check_not_input(args.out, [args.store])  # before any work: never write into the store
     store = ParticleStore(args.store)
     options = Class2DOptions(
         n_classes=args.k,

@@ -152,7 +152,8 @@ def run(args) -> int:
     from streamem.pick.log import LogPickParams
     from streamem.pick.template import TemplatePickParams, estimate_particle_diameter_A
 
-    check_output(args.out, args.overwrite)
+    given = [*args.micrographs, args.templates, args.reference]
+    check_output(args.out, args.overwrite, inputs=given)
     lowpass = args.lowpass if args.lowpass and args.lowpass > 0 else None
     for name in ("psi_step", "particle_diameter", "min_distance", "angpix_ref"):
         v = getattr(args, name)
@@ -219,6 +220,7 @@ def run(args) -> int:
         workers=args.workers,
         scheduler=args.scheduler,
         seed=args.seed,
+        inputs=given,
     )
     print(f"{result.n_picks} particles on {len(result.summary)} micrographs -> {result.out_dir}")
     return 0

@@ -215,7 +215,7 @@ def run_mask_create(args) -> int:
     from streamem.io.mrc import write_map
     from streamem.post.mask import create_mask, mask_volume_fraction
 
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, [args.map])
     vol, voxel = _read_cubic(args.map)
     if args.soft_edge < 0:
         raise InputError(None, f"--soft-edge must be >= 0, got {args.soft_edge}")
@@ -226,7 +226,7 @@ def run_mask_create(args) -> int:
     mask = create_mask(vol, args.threshold, args.extend, args.soft_edge, args.lowpass, px)
     if not np.any(mask > 0):
         raise InputError(args.map, f"no voxel reaches the threshold {args.threshold}")
-    write_map(args.out, mask, px, overwrite=args.overwrite)
+    write_map(args.out, mask, px, overwrite=args.overwrite, inputs=[args.map])
     print(
         f"wrote {args.out} ({vol.shape[0]}^3, {mask_volume_fraction(mask):.1%} of the box "
         "above 0.5)"
@@ -313,7 +313,8 @@ def run_postprocess(args) -> int:
     from streamem.post.mask import auto_mask
     from streamem.post.postprocess import postprocess
 
-    out_dir = check_output(args.out, args.overwrite)
+    inputs = [args.half1, args.half2, args.mask, args.mtf]
+    out_dir = check_output(args.out, args.overwrite, inputs)
     for name in ("autob_lowres", "autob_highres", "lowpass", "randomize_at_A"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -362,7 +363,7 @@ def run_postprocess(args) -> int:
                 hint = " (give --bfactor, or a lower resolution with --autob-lowres)"
             raise InputError(args.half1, f"{exc}{hint}") from None
 
-    with atomic_output(out_dir, args.overwrite) as tmp:
+    with atomic_output(out_dir, args.overwrite, inputs, "postprocess") as tmp:
         tmp.mkdir(parents=True)
         write_map(tmp / "postprocess.mrc", result.sharpened, px)
         if mask is not None:
@@ -395,7 +396,8 @@ def run_local_resolution(args) -> int:
     from streamem.io.mrc import write_map
     from streamem.post.locres import local_resolution_points
 
-    check_output(args.out, args.overwrite)
+    inputs = [args.half1, args.half2, args.mask]
+    check_output(args.out, args.overwrite, inputs)
     h1, h2, px, v1 = read_half_maps(args.half1, args.half2, args.angpix)
     mask = None
     if args.mask is not None:
@@ -424,7 +426,7 @@ def run_local_resolution(args) -> int:
         raise InputError(args.half1, str(exc)) from None
     if len(lr.points_px) == 0:
         raise InputError(args.mask or args.half1, "no sampling point inside the mask")
-    write_map(args.out, lr.map, px, overwrite=args.overwrite)
+    write_map(args.out, lr.map, px, overwrite=args.overwrite, inputs=inputs)
     d = lr.resolution_A
     print(
         f"{len(d)} windows (sub-box {lr.sub_box} px): local resolution "

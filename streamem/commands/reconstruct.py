@@ -29,8 +29,9 @@ def run(args) -> int:
     from streamem.io.mrc import write_map
     from streamem.io.store import ParticleStore
 
+    inputs = [args.store, args.poses]
+    check_output(args.out, args.overwrite, inputs)
     store = ParticleStore(args.store)
-    check_output(args.out, args.overwrite)
     volume = run_job(
         args,
         lambda client: reconstruct_map(
@@ -44,6 +45,6 @@ def run(args) -> int:
             client=client,
         ),
     )
-    write_map(args.out, volume, store.pixel_size_A, overwrite=args.overwrite)
+    write_map(args.out, volume, store.pixel_size_A, overwrite=args.overwrite, inputs=inputs)
     print(f"wrote {args.out} ({store.box_size}^3, {store.pixel_size_A:.3f} Å/px)")
     return 0

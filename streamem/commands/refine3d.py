@@ -49,8 +49,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from streamem.em.refine import RefineOptions, refine3d
+    from streamem.io.atomic import check_not_input
     from streamem.io.store import ParticleStore
 
+    check_not_input(args.out, [args.store, args.ref])  # before any work: never write into them
     store = ParticleStore(args.store)
     if args.solvent_mask:
         raise InputError(args.solvent_mask, "--solvent-mask is not supported yet")

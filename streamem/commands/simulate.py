@@ -205,6 +205,7 @@ def run(args) -> int:
         progress=True,
         relion_dir=args.relion,
         workers=args.workers,
+        inputs=[name for name, _ in specs if Path(name).exists()],
     )
     print(f"wrote {store.n_particles} particles to {store.path}")
     for path in store.facts["provenance"]["truth_volumes"]:
@@ -218,7 +219,8 @@ def run_micrographs(args) -> int:
     from streamem.simulate.micrographs import simulate_micrographs
 
     _check_geometry(args)
-    volume = resolve_volume(_volume_spec(args), args.box, args.pixel_size, args.seed)
+    spec = _volume_spec(args)
+    volume = resolve_volume(spec, args.box, args.pixel_size, args.seed)
     result = simulate_micrographs(
         args.out,
         n_micrographs=args.n_micrographs,
@@ -235,6 +237,7 @@ def run_micrographs(args) -> int:
         particle_diameter_A=args.particle_diameter,
         overwrite=args.overwrite,
         workers=args.workers,
+        inputs=[spec] if Path(spec).exists() else [],
     )
     print(
         f"wrote {len(result.micrographs)} micrographs with {len(result.truth)} particles "

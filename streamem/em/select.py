@@ -90,7 +90,8 @@ def select_particles(
     meta_fields.update(result_fields)
     truth_fields = {k: a.dtype for k, a in root["truth"].arrays()} if "truth" in root else {}
     n_out = int(keep.sum())
-    with atomic_output(Path(out_path), overwrite) as tmp:
+    inputs = [store.path, run_dir]
+    with atomic_output(Path(out_path), overwrite, inputs, "select") as tmp:
         out = create_store(
             tmp,
             n_particles=n_out,

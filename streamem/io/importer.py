@@ -227,7 +227,7 @@ def import_particles(
     star_path = Path(star_path)
     if chunk_size is not None and chunk_size < 1:
         raise InputError(None, f"--chunk-size must be at least 1 (got {chunk_size})")
-    check_output(out_path, overwrite)
+    check_output(out_path, overwrite, inputs=[star_path])
     particles, optics = read_particles_star(star_path, require_ctf=require_ctf)
     plan = plan_images(particles["rlnImageName"], star_path)
     rows, pixel_A = _store_optics(optics, plan.box_size, plan.header_voxel_A, star_path)
@@ -243,7 +243,8 @@ def import_particles(
         "star_columns": list(particles.columns),
         "streamem_version": __version__,
     }
-    with atomic_output(out_path, overwrite) as tmp:
+    inputs = [star_path, *plan.stacks]  # the output may touch none of them
+    with atomic_output(out_path, overwrite, inputs=inputs, command="import") as tmp:
         store = create_store(
             tmp,
             n_particles=n,

@@ -6,13 +6,15 @@ Maps are ``[z, y, x]`` and images ``[y, x]`` as mrcfile returns them.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import mrcfile
 import numpy as np
 
+from streamem import __version__
 from streamem.errors import InputError
-from streamem.io.atomic import atomic_output
+from streamem.io.atomic import MRC_LABEL, atomic_output
 
 
 def read_map(path: str | Path) -> tuple[np.ndarray, float]:
@@ -37,12 +39,22 @@ def read_map(path: str | Path) -> tuple[np.ndarray, float]:
 
 
 def write_map(
-    path: str | Path, data: np.ndarray, voxel_size_A: float, overwrite: bool = True
+    path: str | Path,
+    data: np.ndarray,
+    voxel_size_A: float,
+    overwrite: bool = True,
+    inputs: Iterable[str | Path | None] = (),
 ) -> Path:
-    """Write a float32 MRC map (or a stack for a ``.mrcs`` path), atomically."""
+    """Write a float32 MRC map (or a stack for a ``.mrcs`` path), atomically.
+
+    The header carries the label ``written by streamem VERSION`` after mrcfile's own,
+    which is how ``--overwrite`` knows the file is streamem's
+    (:mod:`streamem.io.atomic`). ``inputs``: paths the command reads; ``path`` must
+    not be one of them.
+    """
     path = Path(path)
     data = np.ascontiguousarray(np.asarray(data, dtype=np.float32))
-    with atomic_output(path, overwrite=overwrite) as tmp:
+    with atomic_output(path, overwrite=overwrite, inputs=inputs) as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(data)
             if path.suffix == ".mrcs" or data.ndim == 2:
@@ -50,7 +62,15 @@ def write_map(
             mrc.voxel_size = voxel_size_A
             mrc.header.origin = (0.0, 0.0, 0.0)
             mrc.update_header_stats()
+            _add_label(mrc.header, f"{MRC_LABEL} {__version__}")
     return path
+
+
+def _add_label(header, text: str) -> None:
+    """Append one 80-character label to an MRC header (10 at most: the last is reused)."""
+    k = min(int(header.nlabl), 9)
+    header.label[k] = text.encode("ascii", "replace")[:80].ljust(80)
+    header.nlabl = k + 1
 
 
 def open_stack_mmap(path: str | Path):

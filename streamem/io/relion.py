@@ -433,8 +433,11 @@ def export_store(
     if stacks_dir is None:
         stacks_dir = star_path.with_name(f"{star_path.stem}_stacks")
     stacks_dir = Path(stacks_dir)
-    check_output(star_path, overwrite)
-    check_output(stacks_dir, overwrite)
+    inputs = [store.path]
+    check_output(star_path, overwrite, inputs)
+    check_output(stacks_dir, overwrite, inputs)
+    if star_path.resolve().is_relative_to(stacks_dir.resolve()):
+        raise InputError(star_path, f"the STAR file may not lie inside --stacks-dir {stacks_dir}")
     n = store.n_particles
     per_stack = max(1, int(images_per_stack or store.chunk_size))
     bounds = [(s, min(s + per_stack, n)) for s in range(0, n, per_stack)]
@@ -455,8 +458,8 @@ def export_store(
         particles.insert(0, "rlnImageName", names)
     optics = _optics_table(store)
 
-    with atomic_output(star_path, overwrite) as tmp_star:
-        with atomic_output(stacks_dir, overwrite) as tmp_dir:
+    with atomic_output(star_path, overwrite, inputs, "export") as tmp_star:
+        with atomic_output(stacks_dir, overwrite, inputs, "export") as tmp_dir:
             tmp_dir.mkdir(parents=True)
             tasks = [
                 dask.delayed(_write_stack, pure=True)(

@@ -258,7 +258,7 @@ def extract_particles(
     from streamem.io.threads import run_threaded
 
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[micrographs_star, coords])
     if box_size < 4 or box_size % 2:
         raise InputError(None, f"--box must be an even number of pixels >= 4, got {box_size}")
     if not bin_factor >= 1:
@@ -323,7 +323,8 @@ def extract_particles(
         "seed": seed,
     }
     mic_paths = mics["rlnMicrographPath"].to_numpy()
-    with atomic_output(out, overwrite) as tmp:
+    inputs = [star, coords, *files.values(), *mic_paths]
+    with atomic_output(out, overwrite, inputs, "extract") as tmp:
         store = create_store(
             tmp,
             n,

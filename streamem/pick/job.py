@@ -324,20 +324,24 @@ def pick_micrographs(
     workers: int | None = None,
     scheduler: str | None = None,
     seed: int = 0,
+    inputs: Sequence[str | Path | None] = (),
 ) -> PickResult:
     """Pick every micrograph (one Dask task each) and write the outputs (module docstring).
 
     ``templates`` (n, B, B) at the micrographs' pixel size are needed for template
     picking (``TemplatePickParams``), not for LoG. ``scheduler``: a Dask scheduler
     address or file (the output folder must then be visible to the workers); default:
-    dask's threaded scheduler with ``workers`` threads.
+    dask's threaded scheduler with ``workers`` threads. ``inputs``: other paths the
+    command read (STAR file, templates); the output may touch neither them nor the
+    micrographs.
     """
     from streamem.io.atomic import atomic_output, check_output
     from streamem.io.relion import write_star
     from streamem.io.threads import run_threaded
 
     out_dir = Path(out_dir)
-    check_output(out_dir, overwrite)
+    inputs = [*inputs, *(m.path for m in micrographs)]
+    check_output(out_dir, overwrite, inputs)
     if not micrographs:
         raise InputError(None, "no micrographs to pick")
     bank = None
@@ -348,7 +352,7 @@ def pick_micrographs(
         if len(pixels) > 1:
             raise InputError(None, f"micrographs have different pixel sizes {sorted(pixels)}")
         bank = prepare_templates(np.asarray(templates, dtype=np.float32))
-    with atomic_output(out_dir, overwrite) as tmp:
+    with atomic_output(out_dir, overwrite, inputs, "pick") as tmp:
         tmp.mkdir(parents=True)
         shared = dask.delayed(bank, name=f"pick-templates-{dask.base.tokenize(templates)}")
         tasks = [

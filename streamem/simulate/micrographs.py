@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -313,12 +314,14 @@ def simulate_micrographs(
     particle_diameter_A: float | None = None,
     overwrite: bool = False,
     workers: int | None = None,
+    inputs: Sequence[str | Path] = (),
 ) -> MicrographSet:
     """Write ``n_micrographs`` simulated micrographs and their truth into ``out_dir``.
 
     ``volume`` ((B, B, B) map, ``B = box_size``) or the built-in ``phantom``. The
     minimum distance between particle centres is ``particle_diameter_A`` (default:
     the volume's diameter). See the module docstring for the image model and files.
+    ``inputs``: the file the volume was read from (the output may not touch it).
     """
     out_dir = Path(out_dir)
     params = MicrographSimParams(
@@ -339,7 +342,7 @@ def simulate_micrographs(
         ice_blobs=int(ice_blobs),
         particle_diameter_A=particle_diameter_A,
     )
-    check_output(out_dir, overwrite)
+    check_output(out_dir, overwrite, inputs)
     if volume is None:
         from streamem.simulate.phantoms import phantom as make_phantom
 
@@ -357,7 +360,7 @@ def simulate_micrographs(
         (f"mic_{m + 1:0{width}d}.mrc", f"mic_{m + 1:0{width}d}_coords.star")
         for m in range(params.n_micrographs)
     ]
-    with atomic_output(out_dir, overwrite) as tmp:
+    with atomic_output(out_dir, overwrite, inputs, "simulate-micrographs") as tmp:
         tmp.mkdir(parents=True)
         shared = dask.delayed(projector, name=f"micrograph-volume-{dask.base.tokenize(volume)}")
         tasks = [

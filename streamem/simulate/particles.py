@@ -63,7 +63,7 @@ from streamem.core.backend import irfftn, rfftn
 from streamem.core.ctf import OpticsParams, ctf_rfft
 from streamem.core.euler import euler_to_matrix
 from streamem.errors import InputError
-from streamem.io.atomic import atomic_output, check_output
+from streamem.io.atomic import atomic_output, check_not_input, check_output
 from streamem.io.mrc import write_map
 from streamem.io.store import ParticleStore, create_store, default_chunk_size
 from streamem.simulate.projection import RealSpaceProjector, shift_phases
@@ -465,6 +465,7 @@ def simulate_particles(
     progress: bool = False,
     relion_dir: str | Path | None = None,
     workers: int | None = None,
+    inputs: Sequence[str | Path] = (),
 ) -> ParticleStore:
     """Simulate ``n_particles`` images into a new store at ``out_path``; returns the store.
 
@@ -474,7 +475,8 @@ def simulate_particles(
     ``mix``: one fraction per volume (normalised; default equal). See the module
     docstring for the image formation and what is stored. ``relion_dir``: also write
     ``relion_dir/particles.star`` and its MRCS stacks (RELION 3.1). ``workers``:
-    threads (default: all cores) unless a distributed client is active.
+    threads (default: all cores) unless a distributed client is active. ``inputs``:
+    files the volumes were read from (no output may touch them).
     """
     out_path = Path(out_path)
     if volumes is None:
@@ -517,11 +519,14 @@ def simulate_particles(
         volume_names=names,
     )
     truth_paths = _truth_names(out_path, len(volumes))
-    check_output(out_path, overwrite)
+    inputs = list(inputs)
+    check_output(out_path, overwrite, inputs)
     for p in truth_paths:
-        check_output(p, overwrite)
+        check_output(p, overwrite, inputs)
     if relion_dir is not None:
-        check_output(Path(relion_dir) / "particles.star", overwrite)
+        check_not_input(relion_dir, inputs)
+        check_output(Path(relion_dir) / "particles.star", overwrite, inputs)
+        check_output(Path(relion_dir) / "particles_stacks", overwrite, inputs)
 
     projectors = [RealSpaceProjector(v, order=params.interpolation_order) for v in volumes]
     s_var = signal_variance(params, projectors)
@@ -545,7 +550,7 @@ def simulate_particles(
         fields.update(CTF_META)
         if params.bfactor_A2:
             fields["rlnCtfBfactor"] = np.float64
-    with atomic_output(out_path, overwrite) as tmp:
+    with atomic_output(out_path, overwrite, inputs, "simulate") as tmp:
         store = create_store(
             tmp,
             n_particles=params.n_particles,
@@ -568,7 +573,7 @@ def simulate_particles(
         )  # fmt: skip
         _compute(tasks, workers, progress)
         for path, vol in zip(truth_paths, volumes, strict=True):
-            write_map(path, vol, params.pixel_size_A, overwrite=overwrite)
+            write_map(path, vol, params.pixel_size_A, overwrite=overwrite, inputs=inputs)
     store = ParticleStore(out_path)
     if relion_dir is not None:
         from streamem.io.relion import export_store
