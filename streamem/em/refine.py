@@ -158,7 +158,7 @@ def run_estep(
         estep_task,
         store.chunk_bounds(),
         str(store.path),
-        str(results_path),
+        str(Path(results_path).absolute()),  # a worker's working folder is not ours
         prev_iteration,
         iteration,
         _broadcast(model, client),

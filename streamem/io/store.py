@@ -159,7 +159,8 @@ class ParticleStore:
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        # absolute: tasks receive this path, and a worker's working folder is not ours
+        self.path = Path(path).absolute()
         if not self.path.exists():
             raise InputError(self.path, "particle store not found")
         try:

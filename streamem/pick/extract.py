@@ -346,7 +346,13 @@ def extract_particles(
                 groups_in.append((str(mic_paths[k]), xs[sel], ys[sel]))
             tasks.append(
                 dask.delayed(_extract_chunk, pure=True)(
-                    str(tmp), start, groups_in, box_size, out_box, bg_radius, invert_contrast
+                    str(tmp.absolute()),
+                    start,
+                    groups_in,
+                    box_size,
+                    out_box,
+                    bg_radius,
+                    invert_contrast,
                 )
             )
         if scheduler:

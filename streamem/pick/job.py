@@ -357,7 +357,7 @@ def pick_micrographs(
         shared = dask.delayed(bank, name=f"pick-templates-{dask.base.tokenize(templates)}")
         tasks = [
             dask.delayed(_pick_one, pure=True)(
-                m, shared, params, str(tmp), write_fom_maps, i == 0, seed + i
+                m, shared, params, str(tmp.absolute()), write_fom_maps, i == 0, seed + i
             )
             for i, m in enumerate(micrographs)
         ]
