@@ -31,7 +31,8 @@ MAX_HEALPIX_ORDER = 7
 
 
 def _fail(option: str, problem: str, value) -> None:
-    raise InputError(None, f"{option} {problem}, got {value!r}")
+    shown = f"{value:g}" if isinstance(value, float) else repr(value)  # -50.0 -> -50
+    raise InputError(None, f"{option} {problem}, got {shown}")
 
 
 def _unit(unit: str) -> str:

@@ -79,11 +79,7 @@ def run_class3d(args) -> int:
     from streamem.io.store import ParticleStore
 
     check_not_input(args.out, [args.store, args.ref])  # before any work: never write into them
-    store = ParticleStore(args.store)
-    if not args.continue_run and args.ref is None:
-        raise InputError(None, "--ref is needed to start a run (only --continue goes without)")
-    if not args.continue_run and not Path(args.ref).exists():
-        raise InputError(args.ref, "reference map not found")
+    # the options first (no file read), then the inputs, then the options against them
     options = Class3DOptions(
         n_classes=args.k,
         iterations=args.iterations,
@@ -103,6 +99,12 @@ def run_class3d(args) -> int:
         perturbation=args.perturbation,
         do_ctf=not args.no_ctf,
     )
+    store = ParticleStore(args.store)
+    if not args.continue_run and args.ref is None:
+        raise InputError(None, "--ref is needed to start a run (only --continue goes without)")
+    if not args.continue_run and not Path(args.ref).exists():
+        raise InputError(args.ref, "reference map not found")
+    options.check_box(store.box_size, store.pixel_size_A)
     result = run_job(
         args,
         lambda client: classify3d(store, args.ref, args.out, options, client, args.continue_run),
@@ -154,7 +156,6 @@ def run_class2d(args) -> int:
     from streamem.io.store import ParticleStore
 
     check_not_input(args.out, [args.store])  # before any work: never write into the store
-    store = ParticleStore(args.store)
     options = Class2DOptions(
         n_classes=args.k,
         iterations=args.iterations,
@@ -168,6 +169,8 @@ def run_class2d(args) -> int:
         do_ctf=not args.no_ctf,
         seed=args.seed,
     )
+    store = ParticleStore(args.store)
+    options.check_box(store.box_size, store.pixel_size_A)
     result = run_job(
         args, lambda client: classify2d(store, args.out, options, client, args.continue_run)
     )

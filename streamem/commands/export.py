@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from streamem import validate as check
 from streamem.io.relion import export_store
 from streamem.io.store import ParticleStore
 
@@ -28,7 +29,14 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def check_options(args) -> None:
+    """Every numeric option, before any file is read (InputError naming the option)."""
+    check.at_least("--images-per-stack", args.images_per_stack, 1)
+    check.at_least("--workers", args.workers, 1)
+
+
 def run(args) -> int:
+    check_options(args)
     t0 = time.perf_counter()
     store = ParticleStore(args.store)
     star = export_store(

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 
+from streamem import validate as check
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -50,12 +52,29 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def check_options(args) -> None:
+    """Every numeric option, before any file is read (InputError naming the option).
+
+    ``--box``: an even number of pixels >= 4 (the Fourier crop and the centre need it
+    even); ``--bin`` >= 1 (Fourier cropping only shrinks), and the binned box stays even.
+    """
     from streamem.errors import InputError
+
+    if check.at_least("--box", args.box, 4) % 2:
+        raise InputError(None, f"--box must be an even number of pixels >= 4, got {args.box}")
+    if check.number("--bin", args.bin) < 1:
+        raise InputError(None, f"--bin must be >= 1, got {args.bin}")
+    check.positive("--bg-radius", args.bg_radius, "output pixels")
+    check.positive("--angpix", args.angpix, "Å")
+    check.at_least("--chunk-size", args.chunk_size, 1)
+    check.seed("--seed", args.seed)
+    check.at_least("--workers", args.workers, 1)
+
+
+def run(args) -> int:
     from streamem.pick.extract import extract_particles
 
-    if args.chunk_size is not None and args.chunk_size < 1:
-        raise InputError(None, f"--chunk-size must be >= 1, got {args.chunk_size}")
+    check_options(args)
     r = extract_particles(
         args.micrographs,
         args.coords,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from streamem import validate as check
 from streamem.io.importer import import_particles
 
 
@@ -30,7 +31,15 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def check_options(args) -> None:
+    """Every numeric option, before any file is read (InputError naming the option)."""
+    check.at_least("--chunk-size", args.chunk_size, 1)
+    check.seed("--seed", args.seed)
+    check.at_least("--workers", args.workers, 1)
+
+
 def run(args) -> int:
+    check_options(args)
     t0 = time.perf_counter()
     store = import_particles(
         args.star,

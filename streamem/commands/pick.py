@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from streamem import validate as check
 from streamem.errors import InputError
 
 log = logging.getLogger("streamem")
@@ -142,6 +143,42 @@ def _scale(text: str) -> float | None:
     return v
 
 
+def check_options(args) -> None:
+    """Every option value, before any micrograph is read (InputError naming the option).
+
+    ``--lowpass 0`` means no filter; ``--threshold`` may be any finite number (a FOM or
+    robust sigmas); ``--max-background-structure 0`` switches that test off.
+    """
+    check.positive("--angpix", args.angpix, "Å")
+    check.positive("--angpix-ref", args.angpix_ref, "Å")
+    check.non_negative("--lowpass", args.lowpass, "Å")
+    check.positive("--particle-diameter", args.particle_diameter, "Å")
+    if check.number("--psi-step", args.psi_step) is not None and not 0 < args.psi_step <= 360:
+        raise InputError(None, f"--psi-step must be in (0, 360] degrees, got {args.psi_step}")
+    check.healpix_order("--healpix-order", args.healpix_order)
+    check.symmetry("--sym", args.sym)
+    check.number("--threshold", args.threshold)
+    check.positive("--min-distance", args.min_distance, "Å")
+    check.non_negative("--skip-side", args.skip_side, "pixels")
+    _scale(args.template_scale)
+    check.positive("--max-stddev-noise", args.max_stddev_noise)
+    check.non_negative("--max-background-structure", args.max_background_structure)
+    check.positive("--log-diameter-min", args.log_diameter_min, "Å")
+    check.positive("--log-diameter-max", args.log_diameter_max, "Å")
+    if (
+        args.log_diameter_min is not None
+        and args.log_diameter_max is not None
+        and args.log_diameter_min > args.log_diameter_max
+    ):
+        raise InputError(
+            None,
+            f"--log-diameter-min ({args.log_diameter_min:g} Å) is larger than "
+            f"--log-diameter-max ({args.log_diameter_max:g} Å)",
+        )
+    check.at_least("--workers", args.workers, 1)
+    check.seed("--seed", args.seed)
+
+
 def _threshold(args) -> dict:
     return {} if args.threshold is None else {"threshold": args.threshold}
 
@@ -152,6 +189,7 @@ def run(args) -> int:
     from streamem.pick.log import LogPickParams
     from streamem.pick.template import TemplatePickParams, estimate_particle_diameter_A
 
+    check_options(args)
     given = [*args.micrographs, args.templates, args.reference]
     check_output(args.out, args.overwrite, inputs=given)
     lowpass = args.lowpass if args.lowpass and args.lowpass > 0 else None

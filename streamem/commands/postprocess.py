@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from streamem import validate as check
 from streamem.errors import InputError
 
 MASK_HELP = "make a soft solvent mask from a map (as relion_mask_create)"
@@ -207,6 +208,46 @@ def read_mtf(path: str, micrograph_pixel_size_A: float):
     return Mtf.from_relion(f, v, micrograph_pixel_size_A)
 
 
+# -- option checks: every value before any map is read (InputError naming the option) --
+
+
+def check_mask_create_options(args) -> None:
+    """``--extend`` may be negative (it shrinks the region); the rest are widths and sizes."""
+    check.number("--threshold", args.threshold)
+    check.number("--extend", args.extend, "pixels")
+    check.non_negative("--soft-edge", args.soft_edge, "pixels")
+    check.positive("--lowpass", args.lowpass, "Å")
+    check.positive("--angpix", args.angpix, "Å")
+
+
+def check_postprocess_options(args) -> None:
+    """Resolutions positive, the Guinier range ordered, ``--randomize-at-fsc`` in (0, 1]."""
+    check.number("--bfactor", args.bfactor, "Å^2")  # any sign: negative sharpens
+    check.positive("--autob-lowres", args.autob_lowres, "Å")
+    check.positive("--autob-highres", args.autob_highres, "Å")
+    check.finer_than("--autob-highres", args.autob_highres, "--autob-lowres", args.autob_lowres)
+    check.positive("--mtf-angpix", args.mtf_angpix, "Å")
+    check.positive("--angpix", args.angpix, "Å")
+    check.positive("--lowpass", args.lowpass, "Å")
+    check.fraction("--randomize-at-fsc", args.randomize_at_fsc, open_low=True)
+    check.positive("--randomize-at-A", args.randomize_at_A, "Å")
+    check.seed("--seed", args.seed)
+
+
+def check_local_resolution_options(args) -> None:
+    """Grid spacing, window and resolutions: all positive lengths in Å."""
+    for option, value in (
+        ("--sampling", args.sampling),
+        ("--maskrad", args.maskrad),
+        ("--edgewidth", args.edgewidth),
+        ("--randomize-at", args.randomize_at),
+        ("--minres", args.minres),
+        ("--angpix", args.angpix),
+    ):
+        check.positive(option, value, "Å")
+    check.seed("--seed", args.seed)
+
+
 # -- mask-create ----------------------------------------------------------------------
 
 
@@ -215,6 +256,7 @@ def run_mask_create(args) -> int:
     from streamem.io.mrc import write_map
     from streamem.post.mask import create_mask, mask_volume_fraction
 
+    check_mask_create_options(args)
     check_output(args.out, args.overwrite, [args.map])
     vol, voxel = _read_cubic(args.map)
     if args.soft_edge < 0:
@@ -313,6 +355,7 @@ def run_postprocess(args) -> int:
     from streamem.post.mask import auto_mask
     from streamem.post.postprocess import postprocess
 
+    check_postprocess_options(args)
     inputs = [args.half1, args.half2, args.mask, args.mtf]
     out_dir = check_output(args.out, args.overwrite, inputs)
     for name in ("autob_lowres", "autob_highres", "lowpass", "randomize_at_A"):
@@ -396,6 +439,7 @@ def run_local_resolution(args) -> int:
     from streamem.io.mrc import write_map
     from streamem.post.locres import local_resolution_points
 
+    check_local_resolution_options(args)
     inputs = [args.half1, args.half2, args.mask]
     check_output(args.out, args.overwrite, inputs)
     h1, h2, px, v1 = read_half_maps(args.half1, args.half2, args.angpix)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from streamem import validate as check
 from streamem.commands.execution import add_cluster_options, run_job
 
 
@@ -22,7 +23,14 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def check_options(args) -> None:
+    """Every option value, before any file is read (InputError naming the option)."""
+    check.symmetry("--sym", args.sym)
+    check.positive("--maxres", args.maxres, "Å")
+
+
 def run(args) -> int:
+    check_options(args)
     from streamem.core.symmetry import symmetry_matrices
     from streamem.em.backproject_job import reconstruct_map
     from streamem.io.atomic import check_output

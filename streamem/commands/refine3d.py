@@ -53,11 +53,9 @@ def run(args) -> int:
     from streamem.io.store import ParticleStore
 
     check_not_input(args.out, [args.store, args.ref])  # before any work: never write into them
-    store = ParticleStore(args.store)
     if args.solvent_mask:
         raise InputError(args.solvent_mask, "--solvent-mask is not supported yet")
-    if not Path(args.ref).exists():
-        raise InputError(args.ref, "reference map not found")
+    # options first (no file touched), then the inputs, then the options against the store
     options = RefineOptions(
         particle_diameter_A=args.particle_diameter,
         ini_high_A=args.ini_high,
@@ -70,6 +68,10 @@ def run(args) -> int:
         max_iterations=args.max_iterations,
         do_ctf=not args.no_ctf,
     )
+    store = ParticleStore(args.store)
+    if not Path(args.ref).exists():
+        raise InputError(args.ref, "reference map not found")
+    options.check_box(store.box_size, store.pixel_size_A)
     result = run_job(
         args,
         lambda client: refine3d(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from streamem import validate as check
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -26,18 +28,34 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from streamem.em.select import select_particles
+def parse_classes(text: str | None) -> list[int] | None:
+    """``"1,4,7"`` -> [1, 4, 7] (class numbers from 1); None or "" -> None (all classes)."""
     from streamem.errors import InputError
 
-    classes = None
-    if args.classes:
-        try:
-            classes = [int(c) for c in args.classes.split(",") if c.strip()]
-        except ValueError:
-            raise InputError(
-                None, f"--classes must be comma-separated integers, got {args.classes!r}"
-            ) from None
+    if not text:
+        return None
+    try:
+        classes = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise InputError(
+            None, f"--classes must be comma-separated integers, got {text!r}"
+        ) from None
+    if not classes or min(classes) < 1:
+        raise InputError(None, f"--classes must be class numbers >= 1, got {text!r}")
+    return classes
+
+
+def check_options(args) -> None:
+    """Every numeric option, before any file is read (InputError naming the option)."""
+    check.at_least("--min-size", args.min_size, 0)
+    check.positive("--max-resolution", args.max_resolution, "Å")
+
+
+def run(args) -> int:
+    from streamem.em.select import select_particles
+
+    check_options(args)
+    classes = parse_classes(args.classes)
     out = select_particles(
         args.store, args.run, args.out, classes, args.min_size, args.max_resolution, args.overwrite
     )

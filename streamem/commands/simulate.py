@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from streamem import validate as check
 from streamem.errors import InputError
 
 MODEL_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz")
@@ -170,8 +171,42 @@ def _imaging(args) -> dict:
 
 
 def _check_geometry(args) -> None:
-    if args.box < 8 or args.pixel_size <= 0:
-        raise InputError(None, f"bad --box {args.box} or --pixel-size {args.pixel_size}")
+    """The options shared by both simulations, before any volume is read (InputError
+    naming the option)."""
+    check.at_least("--box", args.box, 8)  # smaller boxes leave no room for a particle
+    check.positive("--pixel-size", args.pixel_size, "Å")
+    check.positive("--snr", args.snr)
+    check.seed("--seed", args.seed)
+    lo, _ = parse_range(args.defocus, "--defocus")
+    check.non_negative("--defocus", lo, "Å, underfocus")
+    check.non_negative("--astigmatism", args.astigmatism, "Å")
+    check.positive("--voltage", args.voltage, "kV")
+    check.non_negative("--cs", args.cs, "mm")
+    check.fraction("--amplitude-contrast", args.amplitude_contrast, open_high=True)
+    # the envelope exp(-B k^2 / 4): a negative B would amplify the noise-free signal
+    check.non_negative("--bfactor", args.bfactor, "Å^2")
+    check.at_least("--workers", args.workers, 1)
+
+
+def _check_particle_options(args) -> None:
+    """``simulate``'s own options (InputError naming the option)."""
+    check.at_least("--n-particles", args.n_particles, 1)
+    check.fraction("--junk", args.junk)
+    check.fraction("--preferred-fraction", args.preferred_fraction)
+    check.non_negative("--preferred-spread", args.preferred_spread, "degrees")
+    check.non_negative("--max-shift", args.max_shift, "Å")
+    check.at_least("--chunk-size", args.chunk_size, 1)
+    check.at_least("--particles-per-micrograph", args.particles_per_micrograph, 1)
+
+
+def _check_micrograph_options(args) -> None:
+    """``simulate-micrographs``' own options (InputError naming the option)."""
+    check.at_least("--n-micrographs", args.n_micrographs, 1)
+    if check.at_least("--size", args.size, 1) < args.box:
+        raise InputError(None, f"--size {args.size} px is smaller than --box {args.box}")
+    check.at_least("--particles", args.particles, 0)
+    check.positive("--particle-diameter", args.particle_diameter, "Å")
+    check.at_least("--ice-blobs", args.ice_blobs, 0)
 
 
 def run(args) -> int:
@@ -181,6 +216,7 @@ def run(args) -> int:
     if args.mix and (args.model or args.phantom):
         raise InputError(None, "give either --mix or --model/--phantom, not both")
     _check_geometry(args)
+    _check_particle_options(args)
     volumes = [resolve_volume(name, args.box, args.pixel_size, args.seed) for name, _ in specs]
     store = simulate_particles(
         args.out,
@@ -219,6 +255,7 @@ def run_micrographs(args) -> int:
     from streamem.simulate.micrographs import simulate_micrographs
 
     _check_geometry(args)
+    _check_micrograph_options(args)
     spec = _volume_spec(args)
     volume = resolve_volume(spec, args.box, args.pixel_size, args.seed)
     result = simulate_micrographs(
