@@ -274,7 +274,7 @@ def connect_scheduler(scheduler: str, timeout_s: float = DEFAULT_SCHEDULER_TIMEO
     remaining_s = max(deadline - time.monotonic(), 2.0)
     try:
         with dask.config.set({"distributed.comm.timeouts.connect": remaining_s}):
-            return Client(address, timeout=remaining_s, security=security, set_as_default=False)
+            return Client(address, timeout=remaining_s, security=security)
     except (OSError, TimeoutError, ImportError, ValueError) as exc:
         raise InputError(where, f"cannot connect to the Dask scheduler ({_reason(exc)})") from None
 
