@@ -173,7 +173,7 @@ def check_options(args) -> None:
         raise InputError(
             None,
             f"--log-diameter-min ({args.log_diameter_min:g} Å) is larger than "
-            f"--log-diameter-max ({args.log_diameter_max:g} Å)",
+            f"--log-diameter-max ({args.log_diameter_max:g} Å): need min <= max",
         )
     check.at_least("--workers", args.workers, 1)
     check.seed("--seed", args.seed)
