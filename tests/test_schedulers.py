@@ -5,7 +5,7 @@ counts give one line on stderr and exit 2 within the ``--scheduler-timeout`` dea
 (plus a few seconds), and write nothing. A real ``dask scheduler`` + ``dask worker``
 (subprocesses on 127.0.0.1) runs ``reconstruct --truth``: through a scheduler file
 that appears 2 s after the job started, and with relative paths while the worker
-runs in another working folder.
+runs in another working folder (reconstruct, then export and import on that cluster).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import pytest
 
 from streamem.cli import main
 from streamem.io.mrc import read_map
+from streamem.io.store import ParticleStore
 
 DASK = str(Path(sys.executable).with_name("dask"))
 
@@ -233,9 +234,15 @@ def test_relative_paths_mean_the_client_folder_not_the_worker_folder(
         wait_for_workers(f)
         monkeypatch.chdir(here)
         rc = main(reconstruct(Path("data/s.zarr"), Path("out/m.mrc"), "--scheduler", str(f)))
+        # import and export run their chunk tasks on the cluster too
+        rc_export = main(["export", "data/s.zarr", "out/p.star", "--scheduler", str(f)])
+        rc_import = main(["import", "out/p.star", "out/back.zarr", "--scheduler", str(f)])
     finally:
         stop(*procs)
-    assert rc == 0, capsys.readouterr().err
+    assert (rc, rc_export, rc_import) == (0, 0, 0), capsys.readouterr().err
+    assert not (elsewhere / "out").exists()
+    back = ParticleStore(here / "out" / "back.zarr").read_chunk(0, 40).images
+    np.testing.assert_array_equal(back, ParticleStore(store).read_chunk(0, 40).images)
     assert (here / "out" / "m.mrc").is_file()
     assert not (elsewhere / "out").exists()
     got, _ = read_map(here / "out" / "m.mrc")

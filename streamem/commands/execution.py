@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-def add_cluster_options(p) -> None:
-    """Options shared by every Dask job."""
-    g = p.add_argument_group("execution")
+
+def _add_scheduler_arguments(g) -> None:
     g.add_argument(
         "--scheduler",
         help="an existing Dask cluster: its address (tcp://HOST:PORT, HOST:PORT, tls://...) "
@@ -18,6 +19,31 @@ def add_cluster_options(p) -> None:
         metavar="SECONDS",
         help="give up on --scheduler after this long: its file, connection and handshake (30)",
     )
+
+
+def add_scheduler_options(p) -> None:
+    """``--scheduler``/``--scheduler-timeout`` for jobs that run on local threads by default
+    (import, export): with ``--scheduler`` their tasks run on that cluster instead."""
+    _add_scheduler_arguments(p.add_argument_group("execution"))
+
+
+@contextmanager
+def scheduler_client(args) -> Iterator:
+    """A client on ``args.scheduler`` (checked, within ``--scheduler-timeout``), or None."""
+    if not args.scheduler:
+        yield None
+        return
+    from streamem.dist.cluster import check_cluster_options, client_for
+
+    check_cluster_options(None, None, args.scheduler_timeout)
+    with client_for(args.scheduler, scheduler_timeout_s=args.scheduler_timeout) as client:
+        yield client
+
+
+def add_cluster_options(p) -> None:
+    """Options shared by every Dask job."""
+    g = p.add_argument_group("execution")
+    _add_scheduler_arguments(g)
     g.add_argument(
         "--n-workers", type=int, default=None, help="local workers (default: one per core)"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from streamem import validate as check
+from streamem.commands.execution import add_scheduler_options, scheduler_client
 from streamem.io.relion import export_store
 from streamem.io.store import ParticleStore
 
@@ -26,6 +27,7 @@ def register(sub) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("-j", "--workers", type=int, default=None, help="I/O threads (default <= 4)")
+    add_scheduler_options(p)
     p.set_defaults(func=run)
 
 
@@ -39,14 +41,16 @@ def run(args) -> int:
     check_options(args)
     t0 = time.perf_counter()
     store = ParticleStore(args.store)
-    star = export_store(
-        args.store,
-        args.out,
-        stacks_dir=args.stacks_dir,
-        overwrite=args.overwrite,
-        images_per_stack=args.images_per_stack,
-        workers=args.workers,
-    )
+    with scheduler_client(args) as client:
+        star = export_store(
+            args.store,
+            args.out,
+            stacks_dir=args.stacks_dir,
+            overwrite=args.overwrite,
+            images_per_stack=args.images_per_stack,
+            workers=args.workers,
+            client=client,
+        )
     seconds = time.perf_counter() - t0
     mb = store.n_particles * store.box_size**2 * 4 / 1e6
     print(

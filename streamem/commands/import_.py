@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from streamem import validate as check
+from streamem.commands.execution import add_scheduler_options, scheduler_client
 from streamem.io.importer import import_particles
 
 
@@ -28,6 +29,7 @@ def register(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for rlnRandomSubset when absent")
     p.add_argument("-j", "--workers", type=int, default=None, help="I/O threads (default <= 4)")
+    add_scheduler_options(p)
     p.set_defaults(func=run)
 
 
@@ -41,15 +43,17 @@ def check_options(args) -> None:
 def run(args) -> int:
     check_options(args)
     t0 = time.perf_counter()
-    store = import_particles(
-        args.star,
-        args.out,
-        chunk_size=args.chunk_size,
-        overwrite=args.overwrite,
-        require_ctf=args.require_ctf,
-        seed=args.seed,
-        workers=args.workers,
-    )
+    with scheduler_client(args) as client:
+        store = import_particles(
+            args.star,
+            args.out,
+            chunk_size=args.chunk_size,
+            overwrite=args.overwrite,
+            require_ctf=args.require_ctf,
+            seed=args.seed,
+            workers=args.workers,
+            client=client,
+        )
     seconds = time.perf_counter() - t0
     mb = store.n_particles * store.box_size**2 * 4 / 1e6
     print(

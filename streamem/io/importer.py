@@ -217,12 +217,15 @@ def import_particles(
     progress: bool = True,
     seed: int = 0,
     workers: int | None = None,
+    client=None,
 ) -> ParticleStore:
     """Import a RELION particle STAR file and its stacks into a new store at ``out_path``.
 
     ``chunk_size`` particles per store chunk (default: ~64 MiB of images);
-    ``workers`` threads (default: up to 4). Raises InputError, before writing
-    anything, on any problem with the inputs or the output path.
+    ``workers`` threads (default: up to 4), or the chunk tasks run on ``client``'s
+    cluster (a ``distributed.Client``; its workers must see the stacks and the output).
+    Raises InputError, before writing anything, on any problem with the inputs or the
+    output path.
     """
     star_path = Path(star_path)
     if chunk_size is not None and chunk_size < 1:
@@ -262,7 +265,7 @@ def import_particles(
             used, local = np.unique(ids, return_inverse=True)
             tasks.append(
                 dask.delayed(_import_chunk, pure=True)(
-                    str(tmp),
+                    str(Path(tmp).absolute()),  # workers have their own working folder
                     start,
                     [plan.stacks[k] for k in used],
                     local.astype(np.int64),
@@ -271,7 +274,10 @@ def import_particles(
                     dask_key_name=f"import-chunk-{start}",
                 )
             )
-        run_threaded(tasks, workers, callbacks=[_Progress(len(tasks), progress)])
+        if client is None:
+            run_threaded(tasks, workers, callbacks=[_Progress(len(tasks), progress)])
+        else:
+            client.gather(client.compute(tasks))
     return ParticleStore(out_path)
 
 

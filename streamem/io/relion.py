@@ -419,6 +419,7 @@ def export_store(
     overwrite: bool = False,
     images_per_stack: int | None = None,
     workers: int | None = None,
+    client=None,
 ) -> Path:
     """Write a store as a RELION 3.1 STAR file plus MRCS stacks; returns ``star_path``.
 
@@ -463,11 +464,18 @@ def export_store(
             tmp_dir.mkdir(parents=True)
             tasks = [
                 dask.delayed(_write_stack, pure=True)(
-                    str(store.path), start, stop, str(tmp_dir / stack), store.pixel_size_A
+                    str(store.path),
+                    start,
+                    stop,
+                    str(Path(tmp_dir, stack).absolute()),  # workers have their own folder
+                    store.pixel_size_A,
                 )
                 for (start, stop), stack in zip(bounds, stack_names, strict=True)
             ]
-            run_threaded(tasks, workers)
+            if client is None:
+                run_threaded(tasks, workers)
+            else:  # a distributed.Client: its workers must see the store and the output
+                client.gather(client.compute(tasks))
         # the stacks are in place before the STAR file that names them
         write_star(tmp_star, {"optics": optics, "particles": particles})
     return star_path
