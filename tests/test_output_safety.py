@@ -334,3 +334,13 @@ def test_stale_old_copy_is_put_back_when_its_output_is_missing(tmp_path):
     assert sorted(p.name for p in cleaned) == sorted([old.name, partial.name])
     assert (out / "a.txt").read_text() == "the only copy"
     assert not partial.exists() and alive.exists()
+
+
+def test_simulate_out_is_its_model_map(tmp_path, capsys):
+    model = tmp_path / "model.mrc"
+    write_user_map(model, box=16)
+    before = tree_hashes(model)
+    argv = ["simulate", model, "--model", model, "--box", "16", "--n-particles", "8"]
+    rc, lines = cli(capsys, *argv, "--pixel-size", "1.5", "--overwrite")
+    assert_refused(rc, lines, model, "is the input")
+    assert tree_hashes(model) == before and temporaries(tmp_path) == []

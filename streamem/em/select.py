@@ -90,7 +90,9 @@ def select_particles(
     meta_fields.update(result_fields)
     truth_fields = {k: a.dtype for k, a in root["truth"].arrays()} if "truth" in root else {}
     n_out = int(keep.sum())
-    inputs = [store.path, run_dir]
+    # the run's files that were read (the new store may go inside the run folder)
+    model_star = Path(run_dir) / f"run_it{iteration:03d}_model.star"
+    inputs = [store.path, results_path, model_star, runfiles.latest_checkpoint(Path(run_dir))]
     with atomic_output(Path(out_path), overwrite, inputs, "select") as tmp:
         out = create_store(
             tmp,

@@ -6,6 +6,9 @@ starts and writes them through :func:`atomic_output`:
 - **No output touches an input.** An output path that equals, contains or lies inside
   a path the command reads (``inputs=``, compared after ``Path.resolve()``, and with
   ``os.path.samefile`` where both exist) is refused, with or without ``--overwrite``.
+  Commands pass what they read: files (STAR, stacks, maps, micrographs) and the
+  folders they read as a whole (particle stores); an output may sit next to an input
+  file, never inside a store.
 - **Only streamem's outputs are replaced.** ``--overwrite`` replaces an existing path
   only if streamem wrote it (:func:`written_by_streamem`), by this rule:
 

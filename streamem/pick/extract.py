@@ -323,7 +323,9 @@ def extract_particles(
         "seed": seed,
     }
     mic_paths = mics["rlnMicrographPath"].to_numpy()
-    inputs = [star, coords, *files.values(), *mic_paths]
+    # the files read, not the coordinate folder: the store may be written next to them
+    index = [coords] if Path(coords).is_file() else []
+    inputs = [star, *index, *files.values(), *mic_paths]
     with atomic_output(out, overwrite, inputs, "extract") as tmp:
         store = create_store(
             tmp,
