@@ -22,6 +22,7 @@ import pytest
 from _relion_data import make_dataset
 
 from streamem.cli import main
+from streamem.errors import InputError
 from streamem.io.atomic import (
     MARKER_FILE,
     STAR_MARK,
@@ -344,3 +345,25 @@ def test_simulate_out_is_its_model_map(tmp_path, capsys):
     rc, lines = cli(capsys, *argv, "--pixel-size", "1.5", "--overwrite")
     assert_refused(rc, lines, model, "is the input")
     assert tree_hashes(model) == before and temporaries(tmp_path) == []
+
+
+def test_in_place_output_folder_keeps_the_old_one_until_done(tmp_path, monkeypatch):
+    """demo's folder: the old output comes back if the new run fails."""
+    from streamem.io.atomic import output_folder_in_place
+
+    out = tmp_path / "demo"
+    with output_folder_in_place(out, command="demo"):
+        (out / "result.txt").write_text("first")
+    with pytest.raises(RuntimeError), output_folder_in_place(out, True, command="demo"):
+        assert not (out / "result.txt").exists()  # a fresh folder; the old one aside
+        raise RuntimeError("the job failed")
+    assert (out / "result.txt").read_text() == "first"
+    with output_folder_in_place(out, True, command="demo"):
+        (out / "result.txt").write_text("second")
+    assert (out / "result.txt").read_text() == "second" and temporaries(tmp_path) == []
+    (tmp_path / "user").mkdir()
+    monkeypatch.chdir(tmp_path / "user")  # "." is the folder, with the same rules
+    with pytest.raises(InputError, match="not written by streamem"):
+        with output_folder_in_place(".", True):
+            pass
+    assert (tmp_path / "user").is_dir() and temporaries(tmp_path) == []

@@ -277,7 +277,7 @@ def atomic_output(
     worked, it is replaced only with ``overwrite`` and only if streamem wrote it.
     """
     inputs = list(inputs)
-    path = check_output(path, overwrite, inputs)
+    path = _named(check_output(path, overwrite, inputs))
     path.absolute().parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(path)
     token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -289,6 +289,15 @@ def atomic_output(
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _named(path: Path) -> Path:
+    """``path`` with a last component to name temporaries after (``.`` -> the folder)."""
+    if path.name in ("", ".", ".."):
+        path = Path(os.path.abspath(path))
+        if not path.name:
+            raise InputError(path, "the filesystem root cannot be an output")
+    return path
 
 
 def _move_into_place(tmp: Path, path: Path, overwrite: bool, token: str) -> None:
@@ -339,7 +348,7 @@ def output_folder_in_place(
     (streamem's, with ``overwrite``) is renamed aside first and deleted only when the
     job succeeds; on failure the new folder is removed and the old one put back.
     """
-    path = check_output(path, overwrite, list(inputs))
+    path = _named(check_output(path, overwrite, list(inputs)))
     path.absolute().parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(path)
     token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
