@@ -16,6 +16,7 @@ BENCH_MODULES = [
     "gpu_core",
     "estep_chunk",
     "class3d_accuracy",
+    "refine_memory",
 ]
 
 

@@ -13,6 +13,7 @@ from streamem.errors import InputError
 
 def register(sub) -> None:
     from streamem.commands.execution import add_cluster_options, add_continue_option
+    from streamem.commands.refine3d import add_memory_option
 
     p = sub.add_parser("class3d", help="3D classification into K classes", description=__doc__)
     p.add_argument("store", help="particle store (.zarr)")
@@ -68,12 +69,14 @@ def register(sub) -> None:
     )
     p.add_argument("--no-ctf", action="store_true")
     add_continue_option(p)
+    add_memory_option(p)
     add_cluster_options(p)
     p.set_defaults(func=run_class3d)
     register_class2d(sub)
 
 
 def run_class3d(args) -> int:
+    from streamem.commands.refine3d import memory_per_worker
     from streamem.em.classify3d import Class3DOptions, classify3d
     from streamem.io.atomic import check_not_input
     from streamem.io.store import ParticleStore
@@ -98,6 +101,7 @@ def run_class3d(args) -> int:
         random_seeds=not args.no_random_seeds,
         perturbation=args.perturbation,
         do_ctf=not args.no_ctf,
+        memory_per_worker_bytes=memory_per_worker(args),
     )
     store = ParticleStore(args.store)
     if not args.continue_run and args.ref is None:
@@ -120,6 +124,7 @@ def run_class3d(args) -> int:
 def register_class2d(sub) -> None:
     """The ``class2d`` parser (RELION's 2D classification)."""
     from streamem.commands.execution import add_cluster_options, add_continue_option
+    from streamem.commands.refine3d import add_memory_option
 
     p = sub.add_parser(
         "class2d",
@@ -146,11 +151,13 @@ def register_class2d(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ctf", action="store_true")
     add_continue_option(p)
+    add_memory_option(p)
     add_cluster_options(p)
     p.set_defaults(func=run_class2d)
 
 
 def run_class2d(args) -> int:
+    from streamem.commands.refine3d import memory_per_worker
     from streamem.em.classify2d import Class2DOptions, classify2d
     from streamem.io.atomic import check_not_input
     from streamem.io.store import ParticleStore
@@ -167,6 +174,7 @@ def run_class2d(args) -> int:
         ctf_intact_first_peak=args.ctf_intact_first_peak,
         center_classes=args.center_classes,
         do_ctf=not args.no_ctf,
+        memory_per_worker_bytes=memory_per_worker(args),
         seed=args.seed,
     )
     store = ParticleStore(args.store)

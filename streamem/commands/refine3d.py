@@ -43,8 +43,28 @@ def register(sub) -> None:
         help="not yet supported; soft sphere from --particle-diameter",
     )
     add_continue_option(p)
+    add_memory_option(p)
     add_cluster_options(p)
     p.set_defaults(func=run)
+
+
+def add_memory_option(p) -> None:
+    """``--memory-per-worker``: the E-step's memory budget (refine3d, class3d, class2d)."""
+    p.add_argument(
+        "--memory-per-worker",
+        default=None,
+        metavar="SIZE",
+        help="memory each worker may use (e.g. 4GiB); the E-step sizes its sub-batches "
+        "to it over the worker's threads (default: the Dask worker's memory limit, or "
+        "the available memory with --no-cluster)",
+    )
+
+
+def memory_per_worker(args) -> int | None:
+    """``--memory-per-worker`` in bytes (None when not given); InputError if not a size."""
+    from streamem.em.memory import parse_bytes
+
+    return None if args.memory_per_worker is None else parse_bytes(args.memory_per_worker)
 
 
 def run(args) -> int:
@@ -67,6 +87,7 @@ def run(args) -> int:
         local_from_order=args.auto_local_healpix_order,
         max_iterations=args.max_iterations,
         do_ctf=not args.no_ctf,
+        memory_per_worker_bytes=memory_per_worker(args),
     )
     store = ParticleStore(args.store)
     if not Path(args.ref).exists():

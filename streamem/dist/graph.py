@@ -16,9 +16,12 @@ from dask.delayed import Delayed
 
 
 def _sum_many(*parts):
-    total = parts[0]
-    for p in parts[1:]:
-        total = operator.add(total, p)
+    """parts[0] + parts[1] + ... in order, adding in place into the first sum (a new
+    object: the inputs are Dask's stored results and stay untouched) where the type
+    allows it, so a node holds its inputs and one total, not a new total per input."""
+    total = operator.add(parts[0], parts[1])
+    for p in parts[2:]:
+        total = operator.iadd(total, p)
     return total
 
 
@@ -27,6 +30,8 @@ def tree_sum(parts: Sequence[Delayed], split_every: int = 8, name: str = "reduce
 
     Order is preserved (left to right), so the result does not depend on timing.
     """
+    if split_every < 2:
+        raise ValueError(f"split_every must be at least 2 (got {split_every})")
     if not parts:
         raise ValueError("nothing to reduce")
     level = list(parts)
@@ -43,6 +48,13 @@ def tree_sum(parts: Sequence[Delayed], split_every: int = 8, name: str = "reduce
         ]
         depth += 1
     return level[0]
+
+
+def split_every_for(item_bytes: int, split_every: int = 8, node_bytes: int = 512 * 2**20) -> int:
+    """Inputs per reduction node for items of ``item_bytes``: ``split_every``, lowered
+    (to at least 2) so that a node's inputs fit ``node_bytes`` (512 MiB: at box 128 a
+    refine3d statistics object is 200 MB, and a node holds its inputs and a total)."""
+    return int(max(2, min(split_every, node_bytes // max(1, item_bytes))))
 
 
 def map_chunks(

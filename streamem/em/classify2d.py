@@ -67,7 +67,7 @@ from streamem.core import sampling
 from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn
 from streamem.core.ctf import OpticsParams, ctf_phase_from_frequencies, ctf_rfft, phase_flip
 from streamem.core.masks import soft_sphere
-from streamem.em import mstep, runfiles
+from streamem.em import memory, mstep, runfiles
 from streamem.em.class_truth import ClassAccuracy
 from streamem.em.estep import (
     ChunkResult,
@@ -88,8 +88,6 @@ from streamem.io.store import ParticleStore, optics_params
 
 log = logging.getLogger("streamem")
 
-MAX_BATCH_ELEMENTS = 2e7  # images × translations × points per E-step batch (memory bound)
-
 
 @dataclass(frozen=True)
 class Class2DOptions:
@@ -108,6 +106,7 @@ class Class2DOptions:
     adaptive_fraction: float = 0.999
     seed: int = 0
     split_every: int = 8
+    memory_per_worker_bytes: int | None = None  # --memory-per-worker: E-step budget (em.memory)
 
     def __post_init__(self):
         # every value checked before any work (streamem.validate); messages name the CLI option
@@ -166,6 +165,7 @@ class Class2DModel:
     ctf_intact_first_peak: bool = False
     scale_free: bool = False
     adaptive_fraction: float = 0.999
+    memory_per_worker_bytes: int | None = None  # E-step budget (streamem.em.memory)
 
     @property
     def n_classes(self) -> int:
@@ -320,6 +320,27 @@ def empty_statistics(n_classes: int, n_points: int, n_groups: int, n_shells: int
     )
 
 
+def class2d_batch_size(model: Class2DModel, n_images: int, n_points: int, n_refs: int, T: int):
+    """Images per sub-batch of class2d's E-step for this task's memory budget
+    (:mod:`streamem.em.memory`); InputError when one image does not fit."""
+    thread_bytes = memory.thread_memory_bytes(model.memory_per_worker_bytes)
+    resident = n_images * model.box_size**2 * 4 + memory.class2d_fixed_bytes(n_points, n_refs)
+    resident += model.class_images.nbytes
+    budget = memory.workspace_budget_bytes(thread_bytes, resident)
+    what = f"class2d, box {model.box_size}, {n_points} Fourier points, {n_refs} references"
+    if budget <= 0:
+        raise InputError(
+            None,
+            f"{what}: the references, sums and images of one task need "
+            f"~{resident / 2**20:.0f} MiB but a thread has {thread_bytes / 2**20:.0f} MiB "
+            "(half of it may be used); give more memory per worker (--memory-per-worker), "
+            "fewer threads per worker, fewer classes or a smaller box",
+        )
+    return memory.images_per_batch(
+        lambda k: memory.class2d_stage_bytes(n_points, n_refs, T, k), n_images, budget, what
+    )
+
+
 def expectation_2d(
     images: np.ndarray, metadata: dict[str, np.ndarray], model: Class2DModel
 ) -> tuple[SufficientStatistics, ChunkResult]:
@@ -356,7 +377,7 @@ def expectation_2d(
     data_J = np.zeros((K * P, M), np.complex128)
     weight_J = np.zeros((K * P, M))
     noise_rows = np.zeros((n, M))
-    batch = max(1, int(MAX_BATCH_ELEMENTS // max(T * M, 1)))
+    batch = class2d_batch_size(model, n, M, K * P, T)
     for b0 in range(0, n, batch):
         sl = slice(b0, min(n, b0 + batch))
         nb = sl.stop - sl.start
@@ -639,6 +660,7 @@ def classify2d(
             ctf_intact_first_peak=options.ctf_intact_first_peak,
             scale_free=iteration == 1,
             adaptive_fraction=options.adaptive_fraction,
+            memory_per_worker_bytes=options.memory_per_worker_bytes,
         )
         stats = run_estep(
             store,

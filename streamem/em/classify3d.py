@@ -101,6 +101,7 @@ class Class3DOptions:
     padding_factor: int = 2
     split_every: int = 8
     reference_on_data_scale: bool = False
+    memory_per_worker_bytes: int | None = None  # --memory-per-worker: E-step budget (em.memory)
 
     def __post_init__(self):
         # every value checked before any work (streamem.validate); messages name the CLI option
@@ -310,6 +311,7 @@ def classify3d(
             grid=grid,
             do_ctf=do_ctf,
             particle_diameter_A=diameter,
+            memory_per_worker_bytes=options.memory_per_worker_bytes,
             scale_free=iteration == 1 and not options.reference_on_data_scale,
         )
         with np.errstate(divide="ignore"):

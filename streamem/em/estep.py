@@ -39,7 +39,7 @@ The stored origin is the shift that centres the particle (CONVENTIONS.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from scipy.special import logsumexp
@@ -50,7 +50,10 @@ from streamem.core.backprojector import insert_points
 from streamem.core.ctf import OpticsParams, ctf_from_frequencies
 from streamem.core.euler import angular_distance_deg, euler_to_matrix
 from streamem.core.projector import FourierVolume, half_cube_shape, padded_radius, project_points
+from streamem.em import memory
+from streamem.em.memory import EStepShape
 from streamem.em.statistics import SufficientStatistics
+from streamem.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,9 @@ class EStepModel:
     min_orientations: coarse orientations always refined per image (the best ones);
         guards against a sharp coarse posterior whose best grid point is wrong
     particle_diameter_A: sets the coarse pass's resolution (default 0.8 of the box)
+    memory_per_worker_bytes: the E-step's memory budget comes from this over the
+        worker's threads (default: the Dask worker's memory limit; see
+        :mod:`streamem.em.memory`)
     """
 
     projectors: tuple[FourierVolume, ...]
@@ -117,6 +123,7 @@ class EStepModel:
     min_orientations: int = 4
     scale_free: bool = False
     particle_diameter_A: float | None = None
+    memory_per_worker_bytes: int | None = None
     coarse: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -379,6 +386,10 @@ class ChunkResult:
     loglik: np.ndarray
     class_number: np.ndarray
 
+    def view(self, sl: slice) -> ChunkResult:
+        """The results of particles ``sl`` (views: writing to them fills this one)."""
+        return ChunkResult(*(getattr(self, f.name)[sl] for f in fields(self)))
+
     def as_columns(self) -> dict[str, np.ndarray]:
         return {
             "rlnAngleRot": self.rot,
@@ -402,6 +413,19 @@ def coarse_orientations(model: EStepModel):
     return model.coarse[key]
 
 
+def coarse_references(model, projector, rotations, coords):
+    """(J, Mc) slices of the global coarse grid, projected once per model and projector.
+
+    Cached in the model (one per worker and iteration, shared by its tasks and
+    sub-batches): at box 128 the grid's slices are ~10 MB, and re-projecting them per
+    sub-batch would cost as much as a small sub-batch's GEMM.
+    """
+    key = ("refs", id(projector), coords.shape[0])
+    if key not in model.coarse:
+        model.coarse[key] = project_points(projector, rotations, coords)
+    return model.coarse[key]
+
+
 def expectation(
     images: np.ndarray,
     metadata: dict[str, np.ndarray],
@@ -412,11 +436,14 @@ def expectation(
 
     images: (n, B, B) float32. metadata: RELION labels → (n,). ``reconstruction_index``
     (n,) picks the projector/accumulator of each particle (refine3d: half − 1); by
-    default rlnRandomSubset − 1.
+    default rlnRandomSubset − 1. The chunk is worked through in sub-batches of images
+    sized to the task's memory budget (:func:`batch_size`); every image's posterior is
+    the same whatever the sub-batch, only the accumulators' summation order changes.
+    The statistics are returned compacted to single precision
+    (:meth:`SufficientStatistics.compact`).
     """
     n, B = images.shape[0], model.box_size
     coords, flat, shell = half_plane_points(B, model.max_radius_px)
-    prepared = prepare_images(images, metadata, model, coords, flat, shell)
     if reconstruction_index is None:
         reconstruction_index = np.asarray(metadata["rlnRandomSubset"], dtype=np.int64) - 1
     R = len(model.projectors)
@@ -427,24 +454,113 @@ def expectation(
     result = ChunkResult(*(np.zeros(n) for _ in range(9)))
     groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), np.int64) - 1
     previous = _previous_poses(metadata)
-    for r in range(R):
-        idx = np.flatnonzero(reconstruction_index == r)
-        if idx.size == 0:
-            continue
-        _expect_group(
-            idx,
-            prepared,
-            model,
-            model.projectors[r],
-            coords,
-            shell,
-            groups,
-            previous,
-            stats,
-            r,
-            result,
+    shape = estep_shape(model, coords, previous)
+    batch, bp_budget = batch_size(model, shape, n, stats.data_acc.size)
+    for b0 in range(0, n, batch):
+        sl = slice(b0, min(n, b0 + batch))
+        prepared = prepare_images(
+            images[sl], slice_metadata(metadata, sl, n), model, coords, flat, shell
         )
-    return stats, result
+        part = result.view(sl)
+        for r in range(R):
+            idx = np.flatnonzero(reconstruction_index[sl] == r)
+            if idx.size == 0:
+                continue
+            _expect_group(
+                idx,
+                prepared,
+                model,
+                model.projectors[r],
+                coords,
+                shell,
+                groups[sl],
+                None if previous is None else previous[sl],
+                stats,
+                r,
+                part,
+                bp_budget,
+            )
+        del prepared
+    return stats.compact(), result
+
+
+def slice_metadata(metadata: dict, sl: slice, n: int) -> dict:
+    """The (n,) columns of ``metadata`` cut to ``sl`` (other entries unchanged)."""
+    return {
+        k: v[sl] if isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == n else v
+        for k, v in metadata.items()
+    }
+
+
+def estep_shape(model: EStepModel, coords, previous, n_classes: int = 1) -> EStepShape:
+    """The sizes that set this E-step's memory (:class:`streamem.em.memory.EStepShape`).
+
+    coords: (M, 2) the work radius's Fourier points; previous: (n, 3) previous poses or
+    None (local searches need them).
+    """
+    grid = model.grid
+    radius = np.hypot(coords[:, 0], coords[:, 1])
+    Mc = int(np.searchsorted(radius, model.coarse_radius_px, side="right"))
+    n_psi = sampling.psi_angles(grid.healpix_order).size
+    total = 12 * 4**grid.healpix_order * n_psi  # C1 grid: bounds any union of candidates
+    local = grid.local_sigma_deg is not None and previous is not None
+    if local:
+        # HEALPix pixels have equal areas: one pose's candidates stand for all (+ margin)
+        count = sampling.local_orientations(
+            previous[0], grid.healpix_order, 3 * grid.local_sigma_deg
+        ).shape[0]
+        J = min(total, int(1.25 * count) + 8)
+    else:
+        J = coarse_orientations(model)[1].shape[0]
+        total = J
+    T = sampling.translation_grid(grid.offset_range_px, grid.offset_step_px).shape[0]
+    return EStepShape(
+        box_size=model.box_size,
+        n_points=coords.shape[0],
+        n_coarse_points=Mc,
+        n_orientations=J,
+        n_orientations_total=total,
+        n_translations=T,
+        n_classes=n_classes,
+        n_pairs=model.max_significant + model.min_orientations,
+        n_kids=2 ** (3 * grid.oversampling),
+        n_subshifts=4**grid.oversampling,
+        local=local,
+        scale_free=model.scale_free,
+    )
+
+
+def batch_size(
+    model: EStepModel, shape: EStepShape, n_images: int, accumulator_voxels: int
+) -> tuple[int, int]:
+    """(images per sub-batch, back-projection buffer bytes) for this task's budget.
+
+    accumulator_voxels: voxels of all the task's accumulators together. Raises
+    InputError when one image does not fit.
+    """
+    thread_bytes = memory.thread_memory_bytes(model.memory_per_worker_bytes)
+    resident = memory.resident_bytes(n_images, shape.box_size, accumulator_voxels, 1)
+    resident += _model_bytes(model)
+    budget = memory.workspace_budget_bytes(thread_bytes, resident)
+    what = f"box {shape.box_size}, {shape.n_points} Fourier points, {shape.n_orientations} orientations"
+    if budget <= 0:
+        raise InputError(
+            None,
+            f"{what}: the model, accumulators and images of one task need "
+            f"~{resident / 2**20:.0f} MiB but a thread has {thread_bytes / 2**20:.0f} MiB "
+            f"(half of it may be used); give more memory per worker (--memory-per-worker), "
+            "fewer threads per worker, or a smaller box",
+        )
+    bp = memory.bp_buffer_bytes(shape, budget)
+    n = memory.images_per_batch(
+        lambda k: memory.estep_stage_bytes(shape, k), n_images, budget, what
+    )
+    return n, bp
+
+
+def _model_bytes(model) -> int:
+    """Bytes of the scattered model's projectors (shared by the worker's threads)."""
+    return int(sum(getattr(p.data, "nbytes", 0) for p in getattr(model, "projectors", ())))
 
 
 def _previous_poses(metadata):
@@ -474,7 +590,7 @@ def _coarse_pass(X0, cw, ctf2w, coords, phases, offset_prior, model, projector, 
     Xs = X0[:, None, :Mc] * phases[None, :, :Mc]  # (n, T, Mc)
     if previous_poses is None:
         rot_c, ang_c = coarse_orientations(model)
-        refs = project_points(projector, rot_c, coords[:Mc])  # (J, Mc)
+        refs = coarse_references(model, projector, rot_c, coords[:Mc])  # (J, Mc)
         C = cross_terms(Xs, cw[:, :Mc], refs)  # (n, T, J)
         S = ref_power_terms(ctf2w[:, :Mc], refs)  # (n, J)
         logp = to_numpy(coarse_log_posterior(C, S, offset_prior, model.scale_free))
@@ -573,14 +689,27 @@ def _fine_log_posterior(Xs, cw, ctf2w, norm, A, power, total_px, model, orientat
 
 
 def _expect_group(
-    idx, prep: PreparedImages, model, projector, coords, shell, groups, previous, stats, r, result
+    idx,
+    prep: PreparedImages,
+    model,
+    projector,
+    coords,
+    shell,
+    groups,
+    previous,
+    stats,
+    r,
+    result,
+    bp_budget_bytes: int | None = None,
 ):
-    """E-step of the particles ``idx`` of a chunk that share one reference (``projector``);
-    fills ``result`` and adds to ``stats`` (reconstruction ``r``).
+    """E-step of the particles ``idx`` of a sub-batch that share one reference
+    (``projector``); fills ``result`` and adds to ``stats`` (reconstruction ``r``).
 
     The arrays of the size of the data (images, slices, GEMMs, back-projection) live
     where the reference does (NumPy or CuPy); the small per-image posteriors and the
-    bookkeeping of samples are on the host.
+    bookkeeping of samples are on the host. Back-projection rows are buffered and
+    flushed into the accumulators whenever they exceed ``bp_budget_bytes`` (None: once
+    at the end).
     """
     xp = xp_of(projector.data)
     grid, p, B, M = model.grid, model.pixel_size_A, model.box_size, coords.shape[0]
@@ -606,6 +735,7 @@ def _expect_group(
         X0, cw, ctf2w, coords, phases, xp.asarray(offset_prior), model, projector, previous_poses
     )
     pairs = _significant_pairs(logp, candidates, model)
+    del logp, candidates  # (n, T, J): the largest array of the coarse pass
     table = _fine_table(ang_c, pairs, grid, projector, coords)
     sub = np.asarray(
         sampling.oversample_translations(np.zeros((1, 2)), grid.offset_step_px, grid.oversampling)
@@ -614,6 +744,29 @@ def _expect_group(
     sub_phases = xp.asarray(sampling.shift_phases(coords, sub, B))  # (S, M)
     noise_rows = xp.zeros((n, M))
     bp_rows, bp_vals, bp_wgts = [], [], []  # per image: table rows and their sums
+    bp_bytes = 0
+    # accumulate on the reference's device; the statistics leave the task on the host
+    data_acc, weight_acc = xp.asarray(stats.data_acc[r]), xp.asarray(stats.weight_acc[r])
+
+    def flush():
+        """Sum the buffered rows per table orientation, then back-project once each."""
+        if not bp_rows:
+            return
+        used, vals, wgts = segment_sums(
+            np.concatenate(bp_rows),
+            xp.concatenate(bp_vals).astype(xp.complex128),
+            xp.concatenate(bp_wgts).astype(xp.float64),
+        )
+        bp_rows.clear(), bp_vals.clear(), bp_wgts.clear()
+        insert_points(
+            data_acc,
+            weight_acc,
+            table.rotations[used],
+            coords,
+            vals,
+            wgts,
+            projector.padding_factor,
+        )
 
     for i in range(n):  # fine pass, image by image
         gi = idx[i]
@@ -664,6 +817,10 @@ def _expect_group(
         bp_rows.append(rows_l)
         bp_vals.append(D * cw[i])
         bp_wgts.append(w_x[:, None] * ctf2w[i])
+        bp_bytes += rows_l.size * M * 16
+        if bp_budget_bytes is not None and bp_bytes > bp_budget_bytes:
+            flush()
+            bp_bytes = 0
         noise_rows[i] = (
             (X[i].real ** 2 + X[i].imag ** 2)
             - 2 * ctf[i] * xp.sum((xp.conj(D) * table.refs[rows_x]).real, axis=0)
@@ -687,17 +844,7 @@ def _expect_group(
             shell, noise_rows[rows].sum(axis=0), minlength=n_shells
         )[:n_shells]
         stats.noise_count[g] += rows.sum() * np.bincount(shell, minlength=n_shells)[:n_shells]
-    # sum the per-image rows into the table's orientations, then back-project once each
-    used, vals, wgts = segment_sums(
-        np.concatenate(bp_rows),
-        xp.concatenate(bp_vals).astype(xp.complex128),
-        xp.concatenate(bp_wgts).astype(xp.float64),
-    )
-    # accumulate on the reference's device; the statistics leave the task on the host
-    data_acc, weight_acc = xp.asarray(stats.data_acc[r]), xp.asarray(stats.weight_acc[r])
-    insert_points(
-        data_acc, weight_acc, table.rotations[used], coords, vals, wgts, projector.padding_factor
-    )
+    flush()
     if xp is not np:
         stats.data_acc[r] = to_numpy(data_acc)
         stats.weight_acc[r] = to_numpy(weight_acc)

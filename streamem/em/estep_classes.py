@@ -25,7 +25,7 @@ iteration from one reference) each particle meets only its seeded class.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse
@@ -38,9 +38,12 @@ from streamem.core.projector import half_cube_shape, padded_radius, project_poin
 from streamem.em.estep import (
     ChunkResult,
     EStepModel,
+    batch_size,
     coarse_log_posterior,
     coarse_orientations,
+    coarse_references,
     cross_terms,
+    estep_shape,
     half_plane_points,
     log_likelihood,
     offset_log_prior,
@@ -48,6 +51,7 @@ from streamem.em.estep import (
     ref_power_terms,
     significant_pair_mask,
     significant_weights,
+    slice_metadata,
 )
 from streamem.em.statistics import SufficientStatistics
 
@@ -138,7 +142,6 @@ def expectation_classes(
     base = model.base
     n, B = images.shape[0], base.box_size
     coords, flat, shell = half_plane_points(B, base.max_radius_px)
-    prep = prepare_images(images, metadata, base, coords, flat, shell)
     K = model.n_classes
     grid_shape = half_cube_shape(
         padded_radius(base.max_radius_px, base.projectors[0].padding_factor)
@@ -149,20 +152,32 @@ def expectation_classes(
     halves = _halves(metadata, n)
     previous = _poses(metadata)
     log_pi = _log_class_priors(model, metadata, n)
-    if model.skip_align:
-        if previous is None:
-            raise ValueError("skip_align needs rlnAngleRot/Tilt/Psi for every particle")
-        noise_rows = _fixed_poses(prep, model, coords, previous, halves, log_pi, stats, result)
-    else:
-        noise_rows = _search(prep, model, coords, previous, halves, log_pi, stats, result)
+    if model.skip_align and previous is None:
+        raise ValueError("skip_align needs rlnAngleRot/Tilt/Psi for every particle")
+    shape = estep_shape(base, coords, previous, K)
+    if model.skip_align:  # one slice per (particle, class): (K, n, M) and a few (n, M)
+        shape = replace(shape, n_orientations=1, n_orientations_total=1, n_translations=1)
+    batch, bp_budget = batch_size(base, shape, n, stats.data_acc.size)
     n_shells = stats.noise_power.shape[1]
-    for g in np.unique(groups):
-        rows = groups == g
-        stats.noise_power[g] += np.bincount(
-            shell, noise_rows[rows].sum(axis=0), minlength=n_shells
-        )[:n_shells]
-        stats.noise_count[g] += rows.sum() * np.bincount(shell, minlength=n_shells)[:n_shells]
-    return stats, result
+    for b0 in range(0, n, batch):
+        sl = slice(b0, min(n, b0 + batch))
+        prep = prepare_images(
+            images[sl], slice_metadata(metadata, sl, n), base, coords, flat, shell
+        )
+        prev = None if previous is None else previous[sl]
+        args = (prep, model, coords, prev, halves[sl], log_pi[sl], stats, result.view(sl))
+        if model.skip_align:
+            noise_rows = _fixed_poses(*args)
+        else:
+            noise_rows = _search(*args, bp_budget)
+        for g in np.unique(groups[sl]):
+            rows = groups[sl] == g
+            stats.noise_power[g] += np.bincount(
+                shell, noise_rows[rows].sum(axis=0), minlength=n_shells
+            )[:n_shells]
+            stats.noise_count[g] += rows.sum() * np.bincount(shell, minlength=n_shells)[:n_shells]
+        del prep, noise_rows
+    return stats.compact(), result
 
 
 def _fixed_poses(prep, model, coords, poses, halves, log_pi, stats, result):
@@ -261,8 +276,11 @@ def _significant_pairs_per_class(lp, n_classes: int, n_orientations: int, base):
     return np.concatenate(t_all), np.concatenate(rows_all)
 
 
-def _search(prep, model, coords, previous, halves, log_pi, stats, result):
-    """Coarse pass over classes × orientations × translations, then the fine pass."""
+def _search(prep, model, coords, previous, halves, log_pi, stats, result, bp_budget_bytes=None):
+    """Coarse pass over classes × orientations × translations, then the fine pass.
+
+    Back-projection rows are buffered and flushed into the accumulators whenever they
+    exceed ``bp_budget_bytes`` (None: once at the end)."""
     base = model.base
     grid = base.grid
     p, B = base.pixel_size_A, base.box_size
@@ -288,9 +306,13 @@ def _search(prep, model, coords, previous, halves, log_pi, stats, result):
     )  # (n, T)
     rot_c, ang_c, member = _coarse_candidates(model, previous, n)
     J = ang_c.shape[0]
-    refs = np.concatenate(
-        [project_points(f, rot_c, coords[:Mc]) for f in base.projectors]
-    )  # (K·J, Mc)
+    if member is None:  # the global grid's slices: projected once per model (cached)
+        refs = np.concatenate(
+            [coarse_references(base, f, rot_c, coords[:Mc]) for f in base.projectors]
+        )
+    else:
+        refs = np.concatenate([project_points(f, rot_c, coords[:Mc]) for f in base.projectors])
+    # refs: (K·J, Mc)
     C = cross_terms(Xs, cw[:, :Mc], refs)  # (n, T, K·J)
     S = ref_power_terms(ctf2w[:, :Mc], refs)  # (n, K·J)
     row_prior = np.repeat(log_pi, J, axis=1)  # (n, K·J): class fractions or seeded class
@@ -330,6 +352,35 @@ def _search(prep, model, coords, previous, halves, log_pi, stats, result):
     sub = sub.reshape(-1, 2)
     noise_rows = np.zeros((n, M))
     bp_keys, bp_vals, bp_wgts = [], [], []
+    bp_bytes = 0
+
+    def flush():
+        """Sum the buffered rows per (table row, half) and insert per (class, half)."""
+        if not bp_keys:
+            return
+        keys = np.concatenate(bp_keys)
+        used, inverse = np.unique(keys, return_inverse=True)
+        onehot = scipy.sparse.csr_matrix(
+            (np.ones(keys.size), (inverse.ravel(), np.arange(keys.size))),
+            shape=(used.size, keys.size),
+        )
+        vals = onehot @ np.concatenate(bp_vals).astype(np.complex128)
+        wgts = onehot @ np.concatenate(bp_wgts).astype(np.float64)
+        bp_keys.clear(), bp_vals.clear(), bp_wgts.clear()
+        table_rows, half_of = used // 2, used % 2
+        for c in range(K):
+            for h in (0, 1):
+                sel = (class_table[table_rows] == c) & (half_of == h)
+                if sel.any():
+                    insert_points(
+                        stats.data_acc[2 * c + h],
+                        stats.weight_acc[2 * c + h],
+                        rot_table[table_rows[sel]],
+                        coords,
+                        vals[sel],
+                        wgts[sel],
+                        base.projectors[c].padding_factor,
+                    )
 
     # -- fine pass, image by image (as refine3d), each child row carrying its class ------
     for i in range(n):
@@ -379,6 +430,10 @@ def _search(prep, model, coords, previous, halves, log_pi, stats, result):
         bp_keys.append(2 * rows_l + halves[i])
         bp_vals.append(D * cw[i])
         bp_wgts.append(w_j[:, None] * ctf2w[i])
+        bp_bytes += rows_l.size * M * 16
+        if bp_budget_bytes is not None and bp_bytes > bp_budget_bytes:
+            flush()
+            bp_bytes = 0
         A_l = refs_table[rows_l]
         noise_rows[i] = (
             (X[i].real ** 2 + X[i].imag ** 2)
@@ -396,26 +451,5 @@ def _search(prep, model, coords, previous, halves, log_pi, stats, result):
             stats.offset_change_A_sum += float(np.hypot(*((best_origin_px - prior_px[i]) * p)))
             stats.n_with_previous += 1
 
-    # sum the per-image rows into (table row, half) and insert per (class, half)
-    keys = np.concatenate(bp_keys)
-    used, inverse = np.unique(keys, return_inverse=True)
-    onehot = scipy.sparse.csr_matrix(
-        (np.ones(keys.size), (inverse.ravel(), np.arange(keys.size))), shape=(used.size, keys.size)
-    )
-    vals = onehot @ np.concatenate(bp_vals).astype(np.complex128)
-    wgts = onehot @ np.concatenate(bp_wgts).astype(np.float64)
-    table_rows, half_of = used // 2, used % 2
-    for c in range(K):
-        for h in (0, 1):
-            sel = (class_table[table_rows] == c) & (half_of == h)
-            if sel.any():
-                insert_points(
-                    stats.data_acc[2 * c + h],
-                    stats.weight_acc[2 * c + h],
-                    rot_table[table_rows[sel]],
-                    coords,
-                    vals[sel],
-                    wgts[sel],
-                    base.projectors[c].padding_factor,
-                )
+    flush()
     return noise_rows

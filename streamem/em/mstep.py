@@ -14,6 +14,15 @@ regularised map is Σ CTF·X/σ² / (W + 1/(fudge·τ²)), a Wiener filter. Unli
 which uses the previous iteration's FSC, the FSC of this iteration's unregularised
 half maps is used (one extra reconstruction, no special first iteration). The noise model is σ²(k) = ⟨|X − CTF·A|²⟩/2 per optics group and shell
 (per complex component), and the offset prior σ² = ⟨|origin|²⟩/2 (2-D).
+
+Where it runs and what it holds: on the client (the driver), after the tree
+reduction hands it one :class:`~streamem.em.statistics.SufficientStatistics` with
+single-precision accumulators (refine3d at box 128: 2 × 66 MB data + 2 × 33 MB
+weights). Each reconstruction takes a double-precision copy of one accumulator at a
+time (:func:`_double`), so the M-step holds the reduced statistics plus one half's
+double copy and the reconstruction's padded-grid FFT temporaries (~0.5 GB at box
+128, bench refine-memory), never both halves in double precision at once — except
+the final join, which needs their sum (one double cube more).
 """
 
 from __future__ import annotations
@@ -24,6 +33,13 @@ from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn
 from streamem.core.backprojector import reconstruct, reconstruction_noise_spectrum
 from streamem.core.fourier import radial_average, shell_index
 from streamem.core.fsc import fsc as fourier_shell_correlation
+
+
+def _double(acc: np.ndarray) -> np.ndarray:
+    """An accumulator in double precision (complex128/float64) for the reconstruction;
+    the reduction hands single-precision sums (no copy if already double)."""
+    dtype = np.complex128 if np.iscomplexobj(acc) else np.float64
+    return np.asarray(acc, dtype=dtype)
 
 
 def _crop_or_pad_rfft(F: np.ndarray, n_out: int) -> np.ndarray:
@@ -95,7 +111,9 @@ def data_vs_prior(
     the reconstruction's noise power from its summed weights (weight_acc: one
     half-cube accumulator); needs no half maps.
     """
-    noise = reconstruction_noise_spectrum(weight_acc, work_box, padding_factor, symmetry_matrices)
+    noise = reconstruction_noise_spectrum(
+        _double(weight_acc), work_box, padding_factor, symmetry_matrices
+    )
     tau2 = tau2_fudge * tau2_from_map(volume)[: len(noise)]
     out = np.zeros(len(noise))
     ok = noise[: len(tau2)] > 0
@@ -131,13 +149,12 @@ def reconstruct_halves(
     )
     maps = []
     for h in range(2):
-        noise = reconstruction_noise_spectrum(
-            weight_acc[h], work_box, padding_factor, symmetry_matrices
-        )
+        weight = _double(weight_acc[h])
+        noise = reconstruction_noise_spectrum(weight, work_box, padding_factor, symmetry_matrices)
         maps.append(
             reconstruct(
-                data_acc[h],
-                weight_acc[h],
+                _double(data_acc[h]),
+                weight,
                 work_box,
                 padding_factor,
                 tau2_from_fsc(fsc_raw, noise),
@@ -153,8 +170,8 @@ def unregularised_half_fsc(data_acc, weight_acc, work_box, padding_factor, symme
     (2, *grid); shells where a map has no power give 0."""
     raw = [
         reconstruct(
-            data_acc[h],
-            weight_acc[h],
+            _double(data_acc[h]),
+            _double(weight_acc[h]),
             work_box,
             padding_factor,
             None,
@@ -171,7 +188,8 @@ def reconstruct_joined(
 ):  # fmt: skip
     """The final map from both halves' accumulators, τ² from the full-set FSC 2f/(1+f),
     or the given ``tau2`` (per shell, e.g. :func:`tau2_from_map`)."""
-    data, weight = data_acc[0] + data_acc[1], weight_acc[0] + weight_acc[1]
+    data = _double(data_acc[0]) + data_acc[1]
+    weight = _double(weight_acc[0]) + weight_acc[1]
     if tau2 is None:
         f = np.clip(np.asarray(fsc_halves), 0, 0.999)
         noise = reconstruction_noise_spectrum(weight, work_box, padding_factor, symmetry_matrices)

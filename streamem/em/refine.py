@@ -26,11 +26,12 @@ from streamem.core.filters import lowpass
 from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.fsc import resolution_at
 from streamem.core.masks import soft_sphere
-from streamem.core.projector import make_projector
+from streamem.core.projector import half_cube_shape, make_projector, padded_radius
 from streamem.core.symmetry import symmetry_matrices
-from streamem.dist.graph import map_chunks, tree_sum
-from streamem.em import mstep, runfiles
-from streamem.em.estep import EStepModel, SearchGrid, expectation
+from streamem.dist.graph import map_chunks, split_every_for, tree_sum
+from streamem.em import memory, mstep, runfiles, runfolder
+from streamem.em.estep import EStepModel, SearchGrid, expectation, half_plane_points
+from streamem.em.memory import EStepShape
 from streamem.em.schedule import RefineSchedule, advance
 from streamem.errors import InputError
 from streamem.io.mrc import read_map, write_map
@@ -91,6 +92,7 @@ class RefineOptions:
     flatten_solvent: bool = True
     split_every: int = 8
     padding_factor: int = 2  # --pad
+    memory_per_worker_bytes: int | None = None  # --memory-per-worker: E-step budget (em.memory)
     reference_on_data_scale: bool = (
         False  # else the first iteration fits the scale (--firstiter_cc)
     )
@@ -151,7 +153,11 @@ def run_estep(
     """One iteration's graph: the model sent once, one task per chunk, statistics tree-summed.
 
     ``progress`` shows a progress bar over the chunks (text in a terminal, a widget in a
-    notebook).
+    notebook). Each task bounds its own memory (:mod:`streamem.em.memory`); the tree's
+    ``split_every`` is lowered for big statistics (:func:`split_every_for`). A worker
+    killed for memory anyway (``KilledWorker``) stops the run with one line naming the
+    iteration: the last complete iteration's checkpoint is untouched, so ``--continue``
+    resumes from it.
     """
     runfiles.create_results_arrays(results_path, iteration, store.n_particles, store.chunk_size)
     parts = map_chunks(
@@ -165,9 +171,95 @@ def run_estep(
         expectation_fn,
         name=f"{name}-it{iteration:03d}",
     )
-    return _compute(
-        tree_sum(parts, split_every, name=f"{name}-stats-it{iteration:03d}"), client, progress
+    split_every = split_every_for(statistics_bytes(model), split_every)
+    graph = tree_sum(parts, split_every, name=f"{name}-stats-it{iteration:03d}")
+    try:
+        return _compute(graph, client, progress)
+    except Exception as exc:
+        if type(exc).__name__ != "KilledWorker":
+            raise
+        raise InputError(
+            None,
+            f"iteration {iteration}: a Dask worker died repeatedly while running it "
+            f"(usually out of memory: give more memory per worker with --memory-per-worker "
+            "or fewer threads per worker); "
+            + (
+                f"resume after iteration {prev_iteration} with --continue"
+                if prev_iteration
+                else "no iteration is complete yet: rerun without --continue"
+            ),
+        ) from None
+
+
+def check_estep_memory(store, options, client) -> None:
+    """Refuse, before iteration 1, a run whose final iteration cannot fit one image.
+
+    The final iteration is the largest (full box, both halves' accumulators): its
+    model, accumulators and chunk of images, plus one image's E-step at the first
+    iteration's global grid, must fit the budget of the smallest worker's thread
+    (:mod:`streamem.em.memory`). Raises InputError (one line) with the estimate.
+    """
+    B = store.box_size
+    radius = float(B // 2 - 1)
+    coords, _, _ = half_plane_points(B, radius)
+    voxels = math.prod(half_cube_shape(padded_radius(radius, options.padding_factor)))
+    thread_bytes = min(_thread_memory(client, options.memory_per_worker_bytes))
+    n_psi = 360.0 / (60.0 / 2**options.healpix_order)
+    J = int(12 * 4**options.healpix_order * n_psi)
+    shape = EStepShape(
+        box_size=B,
+        n_points=coords.shape[0],
+        n_coarse_points=coords.shape[0],
+        n_orientations=J,
+        n_orientations_total=J,
+        n_translations=int((2 * options.offset_range_px / options.offset_step_px + 1) ** 2),
     )
+    resident = memory.resident_bytes(store.chunk_size, B, 2 * voxels, 1) + 2 * 8 * voxels
+    budget = memory.workspace_budget_bytes(thread_bytes, resident)
+    one = memory.peak_bytes(memory.estep_stage_bytes(shape, 1))
+    if budget < one:
+        raise InputError(
+            None,
+            f"box {B}: the final iteration needs ~{(resident + one) / 2**20:.0f} MiB per "
+            f"thread (accumulators, model and a chunk of {store.chunk_size} images "
+            f"~{resident / 2**20:.0f} MiB, one image's E-step ~{one / 2**20:.0f} MiB) but a "
+            f"thread has {thread_bytes / 2**20:.0f} MiB, of which half may be used; give "
+            "more memory per worker (--memory-per-worker), fewer threads per worker, or a "
+            "smaller box",
+        )
+
+
+def _thread_memory(client, memory_per_worker_bytes) -> list[int]:
+    """Memory per thread of each worker (the threaded scheduler: of this process)."""
+    if client is None:
+        return [memory.thread_memory_bytes(memory_per_worker_bytes)]
+    workers = client.scheduler_info().get("workers", {}).values()
+    out = [
+        int((memory_per_worker_bytes or w.get("memory_limit") or 0) // max(1, w.get("nthreads", 1)))
+        for w in workers
+    ]
+    out = [x for x in out if x > 0]
+    return out or [memory.thread_memory_bytes(memory_per_worker_bytes)]
+
+
+def statistics_bytes(model) -> int:
+    """Bytes of one task's returned statistics (single-precision accumulators).
+
+    refine3d: two half cubes; class3d (``model.base``): two per class; class2d: one
+    (M,) row per class.
+    """
+    base = getattr(model, "base", model)
+    projectors = getattr(base, "projectors", None)
+    if projectors:
+        n_acc = 2 * len(projectors) if base is not model else 2
+        voxels = math.prod(
+            half_cube_shape(padded_radius(base.max_radius_px, projectors[0].padding_factor))
+        )
+        return 12 * n_acc * voxels
+    class_images = getattr(model, "class_images", None)
+    if class_images is not None:
+        return 12 * class_images.size
+    return 0
 
 
 def _power_task(start, stop, store_path, n_groups):
@@ -239,12 +331,26 @@ def refine3d(
     continue_run: resume from the newest complete iteration in ``out_dir``.
     progress: a progress bar over each iteration's chunks.
     stop_after_iteration: stop (resumably) once this iteration is complete.
+    The job holds ``out_dir`` (:func:`streamem.em.runfolder.claim`): one job at a time,
+    continued only on the same store with the same options, restartable when it died
+    before its first checkpoint.
     """
     options = options or RefineOptions()
     store = store if isinstance(store, ParticleStore) else ParticleStore(store)
-    out_dir = Path(out_dir)
+    options.check_box(store.box_size, store.pixel_size_A)  # before the run folder is created
+    ref = None if continue_run else _load_reference(reference, store.box_size, store.pixel_size_A)
+    with runfolder.claim(out_dir, "refine3d", store, options, continue_run, STATE_KEYS) as run:
+        return _refine3d(store, ref, run, options, client, progress, stop_after_iteration)
+
+
+#: What a refine3d checkpoint must hold to be resumed from (runfiles.read_checkpoint).
+STATE_KEYS = ("schedule", "inv_sigma2", "sigma_offset_A", "resolution_A", "half_maps", "fsc")
+
+
+def _refine3d(store, ref, run, options, client, progress, stop_after_iteration) -> RefineResult:
+    """refine3d's loop in a claimed run folder (``run.state``: the checkpoint to resume)."""
+    out_dir = run.out_dir
     B, p = store.box_size, store.pixel_size_A
-    options.check_box(B, p)  # before the run folder is created
     diameter = options.particle_diameter_A or 0.8 * B * p
     sym_mats = symmetry_matrices(options.symmetry)
     optics = tuple(optics_params(g) for g in store.optics_groups)
@@ -252,11 +358,8 @@ def refine3d(
     results_path = out_dir / "particles.zarr"
     mask = solvent_mask_for(B, p, diameter) if options.flatten_solvent else None
 
-    checkpoint = runfiles.latest_checkpoint(out_dir) if continue_run else None
-    if continue_run and checkpoint is None:
-        raise InputError(out_dir, "nothing to continue: no run_itNNN_optimiser.json")
-    if checkpoint is not None:
-        state = json.loads(checkpoint.read_text())
+    state = run.state
+    if state is not None:
         schedule = RefineSchedule.from_json(state["schedule"])
         inv_sigma2 = np.asarray(state["inv_sigma2"])
         sigma_offset_A = state["sigma_offset_A"]
@@ -265,10 +368,6 @@ def refine3d(
         prev_iteration = state["iteration"]
         log.info("continuing from iteration %d", prev_iteration)
     else:
-        ref = _load_reference(reference, B, p)
-        if out_dir.exists() and any(out_dir.iterdir()):
-            raise InputError(out_dir, "output folder is not empty (use --continue to resume a run)")
-        out_dir.mkdir(parents=True, exist_ok=True)
         ref = lowpass(ref, options.ini_high_A, p)
         halves = np.stack([ref, ref])
         inv_sigma2 = initial_noise(store, client, options.split_every)
@@ -284,6 +383,7 @@ def refine3d(
         )
         prev_iteration = None
 
+    check_estep_memory(store, options, client)  # refuse before iteration 1 (one line)
     while not schedule.converged:
         iteration = schedule.iteration + 1
         t0 = time.perf_counter()
@@ -314,6 +414,7 @@ def refine3d(
             grid=grid,
             do_ctf=do_ctf,
             particle_diameter_A=diameter,
+            memory_per_worker_bytes=options.memory_per_worker_bytes,
             scale_free=iteration == 1 and not options.reference_on_data_scale,
         )
         stats = run_estep(
@@ -397,6 +498,7 @@ def refine3d(
                 "resolution_A": resolution_A,
                 "half_maps": half_names,
                 "fsc": fsc.tolist(),
+                "run": run.record,  # store and options, checked by --continue
             },
         )
         prev_iteration = iteration
@@ -411,7 +513,7 @@ def refine3d(
             )
 
     final_map = read_map(out_dir / "run_class001.mrc")[0]
-    state = json.loads(runfiles.latest_checkpoint(out_dir).read_text())
+    state = runfiles.latest_state(out_dir, STATE_KEYS)
     return RefineResult(
         out_dir=out_dir,
         map=final_map,
