@@ -84,5 +84,8 @@ def add_continue_option(parser) -> None:
         "--continue",
         dest="continue_run",
         action="store_true",
-        help="resume the run in --out after its newest complete iteration",
+        help="resume the run in --out after its newest complete iteration (an unreadable "
+        "newest checkpoint falls back to the one before). The same store and options are "
+        "needed; safe to change: --max-iterations/--iterations and the execution options "
+        "(the first iteration's --seed/--no-random-seeds/--perturbation are ignored)",
     )

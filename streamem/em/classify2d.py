@@ -67,7 +67,7 @@ from streamem.core import sampling
 from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn
 from streamem.core.ctf import OpticsParams, ctf_phase_from_frequencies, ctf_rfft, phase_flip
 from streamem.core.masks import soft_sphere
-from streamem.em import memory, mstep, runfiles
+from streamem.em import memory, mstep, runfiles, runfolder
 from streamem.em.class_truth import ClassAccuracy
 from streamem.em.estep import (
     ChunkResult,
@@ -591,26 +591,48 @@ def classify2d(
     ``distributed.Client`` or None (threads). Writes per iteration
     ``run_itNNN_classes.mrcs``, ``_model.star``, ``_data.star``, ``_optimiser.json``
     and at the end ``run_classes.png``. continue_run: resume after the newest complete
-    iteration and run up to ``options.iterations`` (RELION's --continue).
+    iteration and run up to ``options.iterations`` (RELION's --continue). The job holds
+    ``out_dir`` (:func:`streamem.em.runfolder.claim`): one job at a time, continued only
+    on the same store with the same options, restartable when it died before its first
+    checkpoint.
     """
     options = options or Class2DOptions()
     store = store if isinstance(store, ParticleStore) else ParticleStore(store)
-    out_dir = Path(out_dir)
-    B, p, N = store.box_size, store.pixel_size_A, store.n_particles
-    options.check_box(B, p)  # before the run folder is created
-    K = options.n_classes
-    if K > N:
-        raise InputError(store.path, f"--k {K} is more than the {N} particles")
-    diameter = options.particle_diameter_A or 0.8 * B * p
-    if diameter <= 0:
+    options.check_box(store.box_size, store.pixel_size_A)  # before the run folder is created
+    if options.n_classes > store.n_particles:
+        raise InputError(
+            store.path, f"--k {options.n_classes} is more than the {store.n_particles} particles"
+        )
+    if options.particle_diameter_A is not None and options.particle_diameter_A <= 0:
         raise InputError(None, "--particle-diameter must be positive")
+    with runfolder.claim(out_dir, "class2d", store, options, continue_run, STATE_KEYS) as run:
+        return _classify2d(store, run, options, client)
+
+
+#: What a class2d checkpoint must hold to be resumed from (runfiles.read_checkpoint).
+STATE_KEYS = (
+    "class_stack",
+    "inv_sigma2",
+    "sigma_offset_A",
+    "fractions",
+    "resolutions_A",
+    "max_radius_px",
+)
+
+
+def _classify2d(store, run, options, client) -> Class2DResult:
+    """class2d's loop in a claimed run folder (``run.state``: the checkpoint to resume)."""
+    out_dir = run.out_dir
+    B, p, N = store.box_size, store.pixel_size_A, store.n_particles
+    K = options.n_classes
+    diameter = options.particle_diameter_A or 0.8 * B * p
     optics = tuple(optics_params(g) for g in store.optics_groups)
     do_ctf = options.do_ctf and store.has_fields(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"))
     results_path = out_dir / "particles.zarr"
     mask = soft_sphere(B, min(0.5 * diameter / p, B / 2 - 1), edge_px=max(2.0, 0.05 * B), ndim=2)
     history, seconds = [], []
-    if continue_run:
-        state = runfiles.latest_state(out_dir)
+    state = run.state
+    if state is not None:
         class_images = np.asarray(read_map(out_dir / state["class_stack"])[0], np.float32)
         if class_images.shape[0] != K:
             raise InputError(out_dir, f"the run has {class_images.shape[0]} classes, not {K}")
@@ -624,9 +646,6 @@ def classify2d(
         previous_classes = runfiles.read_results(results_path, prev_iteration)["rlnClassNumber"]
         log.info("continuing from iteration %d", prev_iteration)
     else:
-        if out_dir.exists() and any(out_dir.iterdir()):
-            raise InputError(out_dir, "output folder is not empty (use --continue to resume a run)")
-        out_dir.mkdir(parents=True, exist_ok=True)
         first_images, first_meta = _initial_images(store, K)
         class_images = initial_class_images(
             first_images, first_meta, K, p, optics, mask, options.seed, do_ctf
@@ -741,6 +760,7 @@ def classify2d(
                 "inv_sigma2": inv_sigma2.tolist(),
                 "truth_accuracy": accuracy.accuracy if accuracy is not None else None,
                 "history": history,
+                "run": run.record,  # store and options, checked by --continue
             },
         )
         log.info(

@@ -56,7 +56,7 @@ from streamem.core.filters import lowpass
 from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.projector import make_projector
 from streamem.core.symmetry import symmetry_matrices
-from streamem.em import mstep, runfiles
+from streamem.em import mstep, runfiles, runfolder
 from streamem.em.class_truth import ClassAccuracy
 from streamem.em.estep import EStepModel, SearchGrid
 from streamem.em.estep_classes import ClassEStepModel, expectation_classes
@@ -225,25 +225,39 @@ def classify3d(
     ``continue_run``); client: a ``distributed.Client`` or None (threads). With
     ``skip_align`` the store must hold poses (rlnAngleRot/Tilt/Psi in its metadata).
     continue_run: resume after the newest complete iteration in ``out_dir`` and run up
-    to ``options.iterations`` (RELION's --continue).
+    to ``options.iterations`` (RELION's --continue). The job holds ``out_dir``
+    (:func:`streamem.em.runfolder.claim`): one job at a time, continued only on the
+    same store with the same options, restartable when it died before its first
+    checkpoint.
     """
     options = options or Class3DOptions()
     store = store if isinstance(store, ParticleStore) else ParticleStore(store)
-    out_dir = Path(out_dir)
+    options.check_box(store.box_size, store.pixel_size_A)  # before the run folder is created
+    if options.skip_align and not store.has_fields(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
+        raise InputError(store.path, "--skip-align needs poses (rlnAngleRot/Tilt/Psi) in the store")
+    ref = None if continue_run else _load_reference(reference, store.box_size, store.pixel_size_A)
+    with runfolder.claim(out_dir, "class3d", store, options, continue_run, STATE_KEYS) as run:
+        return _classify3d(store, ref, run, options, client)
+
+
+#: What a class3d checkpoint must hold to be resumed from (runfiles.read_checkpoint).
+STATE_KEYS = ("class_maps", "inv_sigma2", "sigma_offset_A", "fractions", "resolutions_A")
+
+
+def _classify3d(store, ref, run, options, client) -> Class3DResult:
+    """class3d's loop in a claimed run folder (``run.state``: the checkpoint to resume)."""
+    out_dir = run.out_dir
     B, p = store.box_size, store.pixel_size_A
-    options.check_box(B, p)  # before the run folder is created
     K = options.n_classes
     diameter = options.particle_diameter_A or 0.8 * B * p
     sym_mats = symmetry_matrices(options.symmetry)
     optics = tuple(optics_params(g) for g in store.optics_groups)
     do_ctf = options.do_ctf and store.has_fields(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"))
-    if options.skip_align and not store.has_fields(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
-        raise InputError(store.path, "--skip-align needs poses (rlnAngleRot/Tilt/Psi) in the store")
     results_path = out_dir / "particles.zarr"
     mask = solvent_mask_for(B, p, diameter) if options.flatten_solvent else None
     history, seconds = [], []
-    if continue_run:
-        state = runfiles.latest_state(out_dir)
+    state = run.state
+    if state is not None:
         if len(state["class_maps"]) != K:
             raise InputError(out_dir, f"the run has {len(state['class_maps'])} classes, not {K}")
         maps = np.stack([read_map(out_dir / name)[0] for name in state["class_maps"]])
@@ -257,10 +271,6 @@ def classify3d(
         previous_classes = runfiles.read_results(results_path, prev_iteration)["rlnClassNumber"]
         log.info("continuing from iteration %d", prev_iteration)
     else:
-        ref = _load_reference(reference, B, p)
-        if out_dir.exists() and any(out_dir.iterdir()):
-            raise InputError(out_dir, "output folder is not empty (use --continue to resume a run)")
-        out_dir.mkdir(parents=True, exist_ok=True)
         maps = initial_references(
             ref, K, options.ini_high_A, p, mask, options.perturbation, options.seed
         )
@@ -432,6 +442,7 @@ def classify3d(
                 "truth_accuracy": accuracy.accuracy if accuracy is not None else None,
                 "resolution_A": resolution_A,
                 "history": history,
+                "run": run.record,  # store and options, checked by --continue
             },
         )
         log.info(

@@ -10,7 +10,6 @@ RELION's names. Without a client the same graph runs on Dask's threaded schedule
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys

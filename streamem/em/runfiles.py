@@ -9,6 +9,7 @@ complete (``--continue`` resumes from the newest one). Per-particle results live
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from streamem.em.class_truth import class_accuracy
 from streamem.errors import InputError
 from streamem.io.relion import write_star
 from streamem.io.store import ParticleStore
+
+log = logging.getLogger("streamem")
 
 RESULT_FIELDS = {
     "rlnAngleRot": np.float64,
@@ -117,10 +120,31 @@ def write_model_star(
 
 
 def write_checkpoint(path: Path, state: dict) -> None:
-    """Atomically write the JSON that marks an iteration complete."""
+    """Atomically and durably write the JSON that marks an iteration complete.
+
+    Written as ``NAME.partial``, flushed and fsynced, renamed over ``NAME``, then the
+    folder is fsynced: after a crash or power loss the checkpoint is either the old one
+    or the complete new one, and the maps it names (written before it) are on disk.
+    """
+    path = Path(path)
     tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(state, indent=1))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(state, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (the directory entry, not only the data)."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and platforms) cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def true_classes(store: ParticleStore) -> np.ndarray | None:
@@ -142,17 +166,96 @@ def score_against_truth(prefix: Path, true_classes, classes, n_classes: int):
     return accuracy
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted(Path(out_dir).glob("run_it[0-9][0-9][0-9]_optimiser.json"))
-    return found[-1] if found else None
+CHECKPOINT_GLOB = "run_it[0-9][0-9][0-9]_optimiser.json"
+# keys whose values name files of the run folder that a resumed run reads
+MAP_KEYS = ("half_maps", "class_maps", "class_stack")
 
 
-def latest_state(out_dir) -> dict:
-    """The newest complete iteration's checkpoint of a run (refine3d, class3d, class2d)."""
-    path = latest_checkpoint(Path(out_dir))
-    if path is None:
+def checkpoints(out_dir: Path) -> list[Path]:
+    """Every ``run_itNNN_optimiser.json`` of a run folder, oldest first."""
+    return sorted(Path(out_dir).glob(CHECKPOINT_GLOB))
+
+
+def read_checkpoint(path: Path, required: tuple[str, ...] = ("iteration",)) -> dict:
+    """One checkpoint's state, or ValueError saying why it cannot be resumed from.
+
+    Unusable: empty, truncated or invalid JSON, not an object, a ``required`` key
+    missing, a map it names (``MAP_KEYS``) missing, or its iteration's per-particle
+    results (``particles.zarr/itNNN``) missing.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"unreadable ({type(exc).__name__})") from None
+    if not text.strip():
+        raise ValueError("empty")
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON (truncated?): {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(state, dict):
+        raise ValueError("not a JSON object")
+    missing = [k for k in ("iteration", *required) if k not in state]
+    if missing:
+        raise ValueError(f"no {', '.join(dict.fromkeys(missing))}")
+    for key in MAP_KEYS:
+        names = state.get(key)
+        for name in [names] if isinstance(names, str) else names or []:
+            if not (path.parent / name).is_file():
+                raise ValueError(f"the map it names, {name}, is missing")
+    results = path.parent / "particles.zarr" / f"it{int(state['iteration']):03d}"
+    if not results.is_dir():
+        raise ValueError(
+            f"its per-particle results {results.parent.name}/{results.name} are missing"
+        )
+    return state
+
+
+def newest_readable(
+    out_dir: Path, required: tuple[str, ...] = ("iteration",), warn: bool = True
+) -> tuple[Path, dict] | None:
+    """(path, state) of the newest checkpoint that can be resumed from, or None.
+
+    An unusable newer one (a crash while it was written, a disk that filled up) is
+    skipped with a warning naming it: the run goes on from the one before, whose
+    iteration is then simply run again.
+    """
+    for path in reversed(checkpoints(out_dir)):
+        try:
+            return path, read_checkpoint(path, required)
+        except ValueError as problem:
+            if warn:
+                log.warning("%s: %s; using the previous checkpoint", path, problem)
+    return None
+
+
+def latest_checkpoint(out_dir: Path, required: tuple[str, ...] = ("iteration",)) -> Path | None:
+    """The newest usable ``run_itNNN_optimiser.json`` (see :func:`newest_readable`)."""
+    found = newest_readable(out_dir, required)
+    return found[0] if found else None
+
+
+def latest_state(out_dir, required: tuple[str, ...] = ("iteration",), warn: bool = True) -> dict:
+    """The newest complete iteration's checkpoint of a run (refine3d, class3d, class2d).
+
+    The one place where checkpoints are read: unusable newer ones are skipped with a
+    warning (:func:`newest_readable`); InputError if none is usable.
+    """
+    found = newest_readable(Path(out_dir), required, warn)
+    if found is not None:
+        return found[1]
+    names = checkpoints(Path(out_dir))
+    if not names:
         raise InputError(out_dir, "no run_itNNN_optimiser.json: nothing to continue or select")
-    return json.loads(path.read_text())
+    try:
+        read_checkpoint(names[-1], required)
+        problem = "it changed while being read"  # another process wrote it meanwhile
+    except ValueError as exc:
+        problem = str(exc)
+    raise InputError(
+        out_dir, f"no usable run_itNNN_optimiser.json (the newest, {names[-1].name}: {problem})"
+    )
 
 
 def plot_fsc(
