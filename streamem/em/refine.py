@@ -359,7 +359,9 @@ def _refine3d(store, ref, run, options, client, progress, stop_after_iteration) 
 
     state = run.state
     if state is not None:
-        schedule = RefineSchedule.from_json(state["schedule"])
+        schedule = with_max_iterations(
+            RefineSchedule.from_json(state["schedule"]), options.max_iterations
+        )
         inv_sigma2 = np.asarray(state["inv_sigma2"])
         sigma_offset_A = state["sigma_offset_A"]
         halves = np.stack([read_map(out_dir / f)[0] for f in state["half_maps"]])
@@ -545,6 +547,19 @@ def _write_final(out_dir, prefix, stats, b, options, sym_mats, fsc, resolution_A
         src = Path(f"{prefix}_{suffix}")
         (out_dir / f"run_{suffix}").write_bytes(src.read_bytes())
     runfiles.plot_fsc(out_dir / "run_fsc.png", {"gold-standard": fsc}, B, p, resolution_A)
+
+
+def with_max_iterations(schedule: RefineSchedule, max_iterations: int) -> RefineSchedule:
+    """A resumed schedule bounded by ``--max-iterations`` as given now (it may change
+    on ``--continue``). A run already at or past its final iteration is left as it is:
+    the halves are about to be, or were, joined."""
+    if schedule.final_iteration or schedule.converged:
+        return schedule
+    return replace(
+        schedule,
+        max_iterations=max_iterations,
+        final_iteration=schedule.iteration + 1 >= max_iterations,  # as advance() decides
+    )
 
 
 def _load_reference(reference, box_size: int, pixel_size_A: float) -> np.ndarray:
