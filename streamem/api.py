@@ -77,21 +77,26 @@ def demo(
     n_workers: int | None = None,
     use_cluster: bool = True,
     overwrite: bool = False,
+    client=None,
 ) -> dict:
     """Simulate, refine from the truth low-passed to 30 Å, compare with the oracle.
 
     ``out_dir`` must be new, or (with ``overwrite``) a folder streamem wrote; the old
     one is kept aside until the new one is complete (:mod:`streamem.io.atomic`).
+    Every step runs on ``client``'s cluster (a ``distributed.Client``); without one, on
+    a new local cluster of ``n_workers`` workers, or on threads here if not
+    ``use_cluster``.
     """
+    from streamem.dist.cluster import run_with_client
     from streamem.io.atomic import output_folder_in_place
 
     out = Path(out_dir)
+    args = (out, n_particles, box_size, pixel_size_A, snr, seed, max_iterations)
     # in place, not under a temporary name: the store records its truth maps' paths
     with output_folder_in_place(out, overwrite, command="demo"):
-        return _demo_in(
-            out, n_particles, box_size, pixel_size_A, snr, seed, max_iterations, n_workers,
-            use_cluster,
-        )  # fmt: skip
+        if client is not None or not use_cluster:
+            return _demo_in(*args, client)
+        return run_with_client(lambda c: _demo_in(*args, c), n_workers=n_workers)
 
 
 def _demo_in(
@@ -102,12 +107,11 @@ def _demo_in(
     snr: float,
     seed: int,
     max_iterations: int,
-    n_workers: int | None,
-    use_cluster: bool,
+    client,
 ) -> dict:
-    """The demo's work inside its (new, empty) output folder ``out``."""
+    """The demo's work inside its (new, empty) output folder ``out``, on ``client``
+    (a ``distributed.Client``) or, if None, on threads here."""
     from streamem.core.filters import lowpass
-    from streamem.dist.cluster import run_with_client
     from streamem.io.mrc import read_map, write_map
     from streamem.simulate.particles import truth_volume_paths
 
@@ -125,20 +129,17 @@ def _demo_in(
         pixel_size_A=pixel_size_A,
         snr=snr,
         seed=seed,
+        client=client,
     )
     truth, _ = read_map(truth_volume_paths(store.path)[0])
     reference = lowpass(truth, 30.0, pixel_size_A)
     write_map(out / "reference_30A.mrc", reference, pixel_size_A)
     options = RefineOptions(ini_high_A=30.0, max_iterations=max_iterations)
 
-    def go(client):
-        result = refine3d(
-            store, out / "reference_30A.mrc", out / "refine", options, client, progress=True
-        )
-        _, oracle_fsc, oracle_res = oracle(store, client=client)
-        return result, oracle_fsc, oracle_res
-
-    result, oracle_fsc, oracle_res = run_with_client(go, use_cluster, n_workers=n_workers)
+    result = refine3d(
+        store, out / "reference_30A.mrc", out / "refine", options, client, progress=True
+    )
+    _, oracle_fsc, oracle_res = oracle(store, client=client)
     from streamem.em.runfiles import plot_fsc
 
     plot_fsc(

@@ -6,6 +6,9 @@ counts give one line on stderr and exit 2 within the ``--scheduler-timeout`` dea
 (subprocesses on 127.0.0.1) runs ``reconstruct --truth``: through a scheduler file
 that appears 2 s after the job started, and with relative paths while the worker
 runs in another working folder (reconstruct, then export and import on that cluster).
+simulate, simulate-micrographs, pick, extract and info --verify run on such a cluster
+with the results of a threaded run; each command's --scheduler-timeout bounds a silent
+peer; demo refuses an unreachable scheduler before creating its folder.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import starfile
 
 from streamem.cli import main
 from streamem.io.mrc import read_map
@@ -248,3 +253,99 @@ def test_relative_paths_mean_the_client_folder_not_the_worker_folder(
     got, _ = read_map(here / "out" / "m.mrc")
     want, _ = read_map(expected)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * float(np.abs(want).max()))
+
+
+# -- every command that runs Dask work, on a real cluster -------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A scheduler file of a real ``dask scheduler`` + one ``dask worker`` whose working
+    folder is elsewhere (relative task paths would resolve there)."""
+    root = tmp_path_factory.mktemp("cluster")
+    f, elsewhere = root / "scheduler.json", root / "elsewhere"
+    elsewhere.mkdir()
+    procs = [start_scheduler(f, elsewhere)]
+    try:
+        procs.append(start_worker(f, elsewhere))
+        wait_for_workers(f)
+        yield f
+    finally:
+        stop(*procs)
+    assert list(elsewhere.iterdir()) == []  # nothing was written in the worker's folder
+
+
+def test_simulate_on_the_cluster_equals_threads(capsys, store, tmp_path, monkeypatch, cluster):
+    monkeypatch.chdir(tmp_path)
+    argv = ["simulate", "c.zarr", "--n-particles", "40", "--box", "16", "--chunk-size", "20"]
+    assert main([*argv, "--seed", "1", "--scheduler", str(cluster)]) == 0, capsys.readouterr()
+    got, want = ParticleStore(tmp_path / "c.zarr"), ParticleStore(store)
+    np.testing.assert_array_equal(got.read_chunk(0, 40).images, want.read_chunk(0, 40).images)
+    for field in ("rlnAngleRot", "rlnClassNumber"):
+        np.testing.assert_array_equal(
+            got.read_field(field, "truth"), want.read_field(field, "truth")
+        )
+
+
+def test_micrographs_pick_and_extract_on_the_cluster_equal_threads(
+    capsys, tmp_path, monkeypatch, cluster
+):
+    """simulate-micrographs, pick (LoG) and extract: relative paths, on the cluster and on
+    threads, give the same files."""
+    monkeypatch.chdir(tmp_path)
+    sim = ["simulate-micrographs", "--n-micrographs", "2", "--size", "200", "--box", "32"]
+    sim += ["--pixel-size", "6", "--particles", "12", "--seed", "4"]
+    pick = ["--log", "--log-diameter-min", "80", "--log-diameter-max", "160"]
+    for name, where in (("threads", []), ("cluster", ["--scheduler", str(cluster)])):
+        assert main([*sim, f"{name}/mics", *where]) == 0, capsys.readouterr().err
+        star = f"{name}/mics/micrographs.star"
+        assert main(["pick", star, "--out", f"{name}/picks", *pick, *where]) == 0
+        assert (
+            main(["extract", star, f"{name}/picks", f"{name}/p.zarr", "--box", "32", *where]) == 0
+        )
+    for mic in ("mic_001.mrc", "mic_002.mrc"):
+        a, _ = read_map(tmp_path / "threads" / "mics" / mic)
+        b, _ = read_map(tmp_path / "cluster" / "mics" / mic)
+        np.testing.assert_array_equal(a, b)
+        coords = mic.replace(".mrc", "_autopick.star")
+        a, b = (starfile.read(tmp_path / n / "picks" / coords) for n in ("threads", "cluster"))
+        pd.testing.assert_frame_equal(a, b)
+    a, b = (ParticleStore(tmp_path / n / "p.zarr") for n in ("threads", "cluster"))
+    assert a.n_particles == b.n_particles > 0
+    np.testing.assert_array_equal(
+        a.read_chunk(0, a.n_particles).images, b.read_chunk(0, b.n_particles).images
+    )
+
+
+def test_info_verify_on_the_cluster(capsys, store, cluster):
+    assert main(["info", str(store), "--verify", "--scheduler", str(cluster)]) == 0
+    assert "verify: all good" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["simulate", "simulate-micrographs", "pick", "extract"])
+def test_the_deadline_applies_to_every_command(capsys, tmp_path, silent_peer, command):
+    out, sim = tmp_path / "out", tmp_path / "sim"
+    if command in ("pick", "extract"):  # one micrograph with its coordinates
+        mics = ["simulate-micrographs", str(sim), "--n-micrographs", "1", "--size", "64"]
+        assert main([*mics, "--box", "16", "--particles", "2"]) == 0
+        capsys.readouterr()
+    star, coords = str(sim / "micrographs.star"), str(sim / "coordinates.star")
+    argv = {
+        "simulate": ["simulate", str(out), "--n-particles", "8", "--box", "16"],
+        "simulate-micrographs": ["simulate-micrographs", str(out), "--size", "64", "--box", "16"],
+        "pick": ["pick", star, "--out", str(out), "--log", "--log-diameter-min", "20"]
+        + ["--log-diameter-max", "40"],
+        "extract": ["extract", star, coords, str(out), "--box", "8"],
+    }[command]
+    scheduler = f"tcp://127.0.0.1:{silent_peer}"
+    argv += ["--scheduler", scheduler, "--scheduler-timeout", "2"]
+    line = fails_in_one_line(capsys, argv, out, within_s=2 + 5)
+    assert f"--scheduler {scheduler}" in line and "no Dask handshake within 2 s" in line
+
+
+def test_demo_with_an_unreachable_scheduler_fails_at_once(capsys, tmp_path):
+    out = tmp_path / "demo"
+    line = fails_in_one_line(
+        capsys, ["demo", "--out", str(out), "--scheduler", "tcp://127.0.0.1:1"], out, within_s=10
+    )
+    assert "--scheduler tcp://127.0.0.1:1" in line and "connection refused" in line

@@ -1,9 +1,10 @@
 """``streamem demo``: the main job on built-in data, end to end, with nothing to download.
 
 Simulates particles of the built-in asymmetric phantom (CTF, shifts, noise), starts
-from the truth low-passed to 30 Å, runs 3D auto-refine on a local Dask cluster, and
-compares the gold-standard resolution with the oracle (half maps reconstructed from
-the true poses) and the refined poses with the true ones.
+from the truth low-passed to 30 Å, runs 3D auto-refine on a local Dask cluster (or on
+``--scheduler``'s; ``--no-cluster``: threads), and compares the gold-standard
+resolution with the oracle (half maps reconstructed from the true poses) and the
+refined poses with the true ones.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+
+from streamem.commands.execution import add_cluster_options, run_job
 
 log = logging.getLogger("streamem")
 
@@ -28,31 +31,31 @@ def register(sub) -> None:
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-iterations", type=int, default=10)
-    p.add_argument("--n-workers", type=int, default=None)
-    p.add_argument(
-        "--no-cluster",
-        action="store_true",
-        help="threads in this process instead of a LocalCluster",
-    )
     p.add_argument("--overwrite", action="store_true")
+    add_cluster_options(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from streamem.api import demo
+    from streamem.io.atomic import check_output
 
     t0 = time.perf_counter()
-    report = demo(
-        args.out,
-        n_particles=args.n_particles,
-        box_size=args.box,
-        pixel_size_A=args.pixel_size,
-        snr=args.snr,
-        seed=args.seed,
-        max_iterations=args.max_iterations,
-        n_workers=args.n_workers,
-        use_cluster=not args.no_cluster,
-        overwrite=args.overwrite,
+    check_output(args.out, args.overwrite)  # before a cluster starts
+    report = run_job(
+        args,
+        lambda client: demo(
+            args.out,
+            n_particles=args.n_particles,
+            box_size=args.box,
+            pixel_size_A=args.pixel_size,
+            snr=args.snr,
+            seed=args.seed,
+            max_iterations=args.max_iterations,
+            use_cluster=not args.no_cluster,
+            overwrite=args.overwrite,
+            client=client,
+        ),
     )
     out = Path(args.out)
     print()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 from streamem import validate as check
+from streamem.commands.execution import add_scheduler_options, scheduler_client
 
 
 def register(sub) -> None:
@@ -47,8 +48,8 @@ def register(sub) -> None:
     p.add_argument("--chunk-size", type=int, default=None, help="particles per store chunk")
     p.add_argument("--seed", type=int, default=0, help="seed of the random half sets (0)")
     p.add_argument("--workers", type=int, default=None, help="threads (default: a few)")
-    p.add_argument("--scheduler", default=None, help="Dask scheduler address or file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    add_scheduler_options(p)
     p.set_defaults(func=run)
 
 
@@ -75,21 +76,22 @@ def run(args) -> int:
     from streamem.pick.extract import extract_particles
 
     check_options(args)
-    r = extract_particles(
-        args.micrographs,
-        args.coords,
-        args.out,
-        args.box,
-        args.bin,
-        args.invert_contrast,
-        args.bg_radius,
-        args.overwrite,
-        args.seed,
-        args.chunk_size,
-        args.workers,
-        args.angpix,
-        args.scheduler,
-    )
+    with scheduler_client(args) as client:
+        r = extract_particles(
+            args.micrographs,
+            args.coords,
+            args.out,
+            args.box,
+            args.bin,
+            args.invert_contrast,
+            args.bg_radius,
+            args.overwrite,
+            args.seed,
+            args.chunk_size,
+            args.workers,
+            args.angpix,
+            client,
+        )
     print(
         f"{r.n_particles} particles -> {r.store_path} "
         f"({r.n_skipped_edge} skipped: box crosses the micrograph edge)"

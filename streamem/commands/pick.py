@@ -17,6 +17,7 @@ import argparse
 import logging
 
 from streamem import validate as check
+from streamem.commands.execution import add_scheduler_options, scheduler_client
 from streamem.errors import InputError
 
 log = logging.getLogger("streamem")
@@ -123,9 +124,9 @@ def register(sub) -> None:
     p.add_argument("--log-diameter-max", type=float, default=None, help="LoG: largest diameter A")
     p.add_argument("--write-fom-maps", action="store_true", help="write FOM maps (MRC)")
     p.add_argument("--workers", type=int, default=None, help="threads (default: a few)")
-    p.add_argument("--scheduler", default=None, help="Dask scheduler address or file")
     p.add_argument("--seed", type=int, default=0, help="seed for the noise padding (0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_scheduler_options(p)
     p.set_defaults(func=run)
 
 
@@ -248,17 +249,18 @@ def run(args) -> int:
                 f"particle diameter {diameter:.1f} A does not fit in the "
                 f"{templates.shape[-1]} px templates",
             )
-    result = pick_micrographs(
-        mics,
-        args.out,
-        params,
-        templates,
-        write_fom_maps=args.write_fom_maps,
-        overwrite=args.overwrite,
-        workers=args.workers,
-        scheduler=args.scheduler,
-        seed=args.seed,
-        inputs=given,
-    )
+    with scheduler_client(args) as client:
+        result = pick_micrographs(
+            mics,
+            args.out,
+            params,
+            templates,
+            write_fom_maps=args.write_fom_maps,
+            overwrite=args.overwrite,
+            workers=args.workers,
+            client=client,
+            seed=args.seed,
+            inputs=given,
+        )
     print(f"{result.n_picks} particles on {len(result.summary)} micrographs -> {result.out_dir}")
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from streamem import validate as check
+from streamem.commands.execution import add_scheduler_options, scheduler_client
 from streamem.errors import InputError
 
 MODEL_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz")
@@ -100,6 +101,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bfactor", type=float, default=0.0, help="CTF B-factor envelope, A^2 (0)")
     p.add_argument("--workers", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    add_scheduler_options(p)
 
 
 def register(sub) -> None:
@@ -218,31 +220,33 @@ def run(args) -> int:
     _check_geometry(args)
     _check_particle_options(args)
     volumes = [resolve_volume(name, args.box, args.pixel_size, args.seed) for name, _ in specs]
-    store = simulate_particles(
-        args.out,
-        n_particles=args.n_particles,
-        box_size=args.box,
-        pixel_size_A=args.pixel_size,
-        snr=args.snr,
-        seed=args.seed,
-        volumes=volumes,
-        volume_names=[name for name, _ in specs],
-        mix=[f for _, f in specs],
-        junk_fraction=args.junk,
-        orientation="preferred" if args.preferred_orientation else "uniform",
-        preferred_fraction=args.preferred_fraction,
-        preferred_spread_deg=args.preferred_spread,
-        max_shift_A=args.max_shift,
-        **_imaging(args),
-        chunk_size=args.chunk_size,
-        ctf=not args.no_ctf,
-        particles_per_micrograph=args.particles_per_micrograph,
-        overwrite=args.overwrite,
-        progress=True,
-        relion_dir=args.relion,
-        workers=args.workers,
-        inputs=[name for name, _ in specs if Path(name).exists()],
-    )
+    with scheduler_client(args) as client:
+        store = simulate_particles(
+            args.out,
+            n_particles=args.n_particles,
+            box_size=args.box,
+            pixel_size_A=args.pixel_size,
+            snr=args.snr,
+            seed=args.seed,
+            volumes=volumes,
+            volume_names=[name for name, _ in specs],
+            mix=[f for _, f in specs],
+            junk_fraction=args.junk,
+            orientation="preferred" if args.preferred_orientation else "uniform",
+            preferred_fraction=args.preferred_fraction,
+            preferred_spread_deg=args.preferred_spread,
+            max_shift_A=args.max_shift,
+            **_imaging(args),
+            chunk_size=args.chunk_size,
+            ctf=not args.no_ctf,
+            particles_per_micrograph=args.particles_per_micrograph,
+            overwrite=args.overwrite,
+            progress=True,
+            relion_dir=args.relion,
+            workers=args.workers,
+            inputs=[name for name, _ in specs if Path(name).exists()],
+            client=client,
+        )
     print(f"wrote {store.n_particles} particles to {store.path}")
     for path in store.facts["provenance"]["truth_volumes"]:
         print(f"truth volume {path}")
@@ -258,24 +262,26 @@ def run_micrographs(args) -> int:
     _check_micrograph_options(args)
     spec = _volume_spec(args)
     volume = resolve_volume(spec, args.box, args.pixel_size, args.seed)
-    result = simulate_micrographs(
-        args.out,
-        n_micrographs=args.n_micrographs,
-        size_px=args.size,
-        pixel_size_A=args.pixel_size,
-        particles_per_micrograph=args.particles,
-        box_size=args.box,
-        volume=volume,
-        snr=args.snr,
-        seed=args.seed,
-        **_imaging(args),
-        carbon_edge=not args.no_carbon,
-        ice_blobs=args.ice_blobs,
-        particle_diameter_A=args.particle_diameter,
-        overwrite=args.overwrite,
-        workers=args.workers,
-        inputs=[spec] if Path(spec).exists() else [],
-    )
+    with scheduler_client(args) as client:
+        result = simulate_micrographs(
+            args.out,
+            n_micrographs=args.n_micrographs,
+            size_px=args.size,
+            pixel_size_A=args.pixel_size,
+            particles_per_micrograph=args.particles,
+            box_size=args.box,
+            volume=volume,
+            snr=args.snr,
+            seed=args.seed,
+            **_imaging(args),
+            carbon_edge=not args.no_carbon,
+            ice_blobs=args.ice_blobs,
+            particle_diameter_A=args.particle_diameter,
+            overwrite=args.overwrite,
+            workers=args.workers,
+            inputs=[spec] if Path(spec).exists() else [],
+            client=client,
+        )
     print(
         f"wrote {len(result.micrographs)} micrographs with {len(result.truth)} particles "
         f"to {result.out_dir} (micrographs.star, coordinates.star, truth_particles.star)"

@@ -38,7 +38,7 @@ from streamem.io.atomic import atomic_output, check_output
 from streamem.io.mrc import open_stack_mmap
 from streamem.io.relion import parse_image_names, read_particles_star
 from streamem.io.store import ParticleStore, create_store, default_chunk_size
-from streamem.io.threads import run_threaded
+from streamem.io.threads import run_tasks
 
 MRC_HEADER_BYTES = 1024
 
@@ -274,10 +274,8 @@ def import_particles(
                     dask_key_name=f"import-chunk-{start}",
                 )
             )
-        if client is None:
-            run_threaded(tasks, workers, callbacks=[_Progress(len(tasks), progress)])
-        else:
-            client.gather(client.compute(tasks))
+        callbacks = [_Progress(len(tasks), progress)] if client is None else []
+        run_tasks(tasks, client, workers, callbacks)
     return ParticleStore(out_path)
 
 

@@ -50,7 +50,7 @@ import starfile
 from streamem.errors import InputError
 from streamem.io.atomic import atomic_output, check_output
 from streamem.io.store import CTF_FIELDS, ParticleStore
-from streamem.io.threads import run_threaded
+from streamem.io.threads import run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -472,10 +472,8 @@ def export_store(
                 )
                 for (start, stop), stack in zip(bounds, stack_names, strict=True)
             ]
-            if client is None:
-                run_threaded(tasks, workers)
-            else:  # a distributed.Client: its workers must see the store and the output
-                client.gather(client.compute(tasks))
+            # on a client's cluster, its workers must see the store and the output
+            run_tasks(tasks, client, workers)
         # the stacks are in place before the STAR file that names them
         write_star(tmp_star, {"optics": optics, "particles": particles})
     return star_path

@@ -1,8 +1,9 @@
-"""A bounded thread pool for I/O-bound Dask jobs (import, export).
+"""A bounded thread pool for I/O-bound Dask jobs (import, export, simulate, pick, extract).
 
 Reading MRCS stacks and writing Zarr chunks release the GIL (file I/O, zstd), so
 dask's threaded scheduler with a few workers is enough, and memory stays at about
-``workers`` x one chunk.
+``workers`` x one chunk. With ``--scheduler`` the same tasks run on that cluster
+(:func:`run_tasks`).
 """
 
 from __future__ import annotations
@@ -36,3 +37,12 @@ def run_threaded(tasks: Sequence, workers: int | None = None, callbacks: Sequenc
             return list(dask.compute(*tasks, scheduler="threads", pool=pool, num_workers=workers))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_tasks(tasks: Sequence, client=None, workers: int | None = None, callbacks=()) -> list:
+    """The results of delayed ``tasks``: on ``client``'s cluster (a ``distributed.Client``,
+    whose workers must see the files the tasks name: give them absolute paths), or else
+    on ``workers`` threads here (:func:`run_threaded`, with its dask ``callbacks``)."""
+    if client is None:
+        return run_threaded(tasks, workers, callbacks=callbacks)
+    return client.gather(client.compute(list(tasks)))

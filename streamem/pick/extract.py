@@ -242,20 +242,22 @@ def extract_particles(
     chunk_size: int | None = None,
     workers: int | None = None,
     angpix: float | None = None,
-    scheduler: str | None = None,
+    client=None,
 ) -> ExtractResult:
     """Extract particles of the micrographs of a STAR file into a new particle store.
 
     ``box_size``: window in micrograph pixels (even); ``bin_factor``: output box
     ``box / bin`` (even); ``bg_radius_px``: in output pixels (default RELION's
     ``0.375 · out_box``). Bad input raises :class:`InputError` before anything is
-    written; the store appears only when complete.
+    written; the store appears only when complete. The chunk tasks run on ``client``'s
+    cluster (a ``distributed.Client``; its workers must see the micrographs and ``out``'s
+    folder), else on ``workers`` threads.
     """
     from streamem.io.atomic import atomic_output, check_output
     from streamem.io.mrc import stack_shape
     from streamem.io.relion import read_coordinates_star, read_micrographs_star
     from streamem.io.store import create_store, default_chunk_size
-    from streamem.io.threads import run_threaded
+    from streamem.io.threads import run_tasks
 
     out = Path(out)
     check_output(out, overwrite, inputs=[micrographs_star, coords])
@@ -357,13 +359,7 @@ def extract_particles(
                     invert_contrast,
                 )
             )
-        if scheduler:
-            from streamem.dist.cluster import client_for
-
-            with client_for(scheduler) as client:
-                client.gather(client.compute(tasks))
-        else:
-            run_threaded(tasks, workers)
+        run_tasks(tasks, client, workers)
     log.info("extracted %d particles (%d skipped at the edges) -> %s", n, n_skipped, out)
     return ExtractResult(out, n, n_skipped, per_mic)
 

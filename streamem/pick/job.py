@@ -322,22 +322,22 @@ def pick_micrographs(
     write_fom_maps: bool = False,
     overwrite: bool = False,
     workers: int | None = None,
-    scheduler: str | None = None,
+    client=None,
     seed: int = 0,
     inputs: Sequence[str | Path | None] = (),
 ) -> PickResult:
     """Pick every micrograph (one Dask task each) and write the outputs (module docstring).
 
     ``templates`` (n, B, B) at the micrographs' pixel size are needed for template
-    picking (``TemplatePickParams``), not for LoG. ``scheduler``: a Dask scheduler
-    address or file (the output folder must then be visible to the workers); default:
-    dask's threaded scheduler with ``workers`` threads. ``inputs``: other paths the
+    picking (``TemplatePickParams``), not for LoG. ``client``: a ``distributed.Client``
+    whose cluster runs the tasks (the output folder must then be visible to its
+    workers); default: dask's threaded scheduler with ``workers`` threads. ``inputs``: other paths the
     command read (STAR file, templates); the output may touch neither them nor the
     micrographs.
     """
     from streamem.io.atomic import atomic_output, check_output
     from streamem.io.relion import write_star
-    from streamem.io.threads import run_threaded
+    from streamem.io.threads import run_tasks
 
     out_dir = Path(out_dir)
     inputs = [*inputs, *(m.path for m in micrographs)]
@@ -361,13 +361,7 @@ def pick_micrographs(
             )
             for i, m in enumerate(micrographs)
         ]
-        if scheduler:
-            from streamem.dist.cluster import client_for
-
-            with client_for(scheduler) as client:
-                rows = client.gather(client.compute(tasks))
-        else:
-            rows = run_threaded(tasks, workers)
+        rows = run_tasks(tasks, client, workers)
         summary = pd.DataFrame(rows)
         write_star(
             tmp / "autopick.star",

@@ -59,6 +59,7 @@ from streamem.core.euler import euler_to_matrix
 from streamem.errors import InputError
 from streamem.io.atomic import atomic_output, check_output
 from streamem.io.mrc import write_map
+from streamem.io.threads import run_tasks
 from streamem.simulate.projection import RealSpaceProjector, shift_phases
 
 CARBON_THICKNESS_A = 100.0
@@ -315,6 +316,7 @@ def simulate_micrographs(
     overwrite: bool = False,
     workers: int | None = None,
     inputs: Sequence[str | Path] = (),
+    client=None,
 ) -> MicrographSet:
     """Write ``n_micrographs`` simulated micrographs and their truth into ``out_dir``.
 
@@ -322,6 +324,8 @@ def simulate_micrographs(
     minimum distance between particle centres is ``particle_diameter_A`` (default:
     the volume's diameter). See the module docstring for the image model and files.
     ``inputs``: the file the volume was read from (the output may not touch it).
+    One task per micrograph, on ``client``'s cluster (a ``distributed.Client``; its
+    workers must see ``out_dir``'s folder), else on ``workers`` threads.
     """
     out_dir = Path(out_dir)
     params = MicrographSimParams(
@@ -363,13 +367,12 @@ def simulate_micrographs(
     with atomic_output(out_dir, overwrite, inputs, "simulate-micrographs") as tmp:
         tmp.mkdir(parents=True)
         shared = dask.delayed(projector, name=f"micrograph-volume-{dask.base.tokenize(volume)}")
+        folder = str(tmp.absolute())  # workers have their own working folder
         tasks = [
-            dask.delayed(_one, pure=True)(m, str(tmp), names[m], params, shared, sigma, diam_px)
+            dask.delayed(_one, pure=True)(m, folder, names[m], params, shared, sigma, diam_px)
             for m in range(params.n_micrographs)
         ]
-        from streamem.io.threads import run_threaded
-
-        results = run_threaded(tasks, workers)
+        results = run_tasks(tasks, client, workers)
         _write_tables(tmp, params, names, results, volume, diam_px, sigma)
     truth = starfile.read(out_dir / "truth_particles.star")
     if isinstance(truth, dict):

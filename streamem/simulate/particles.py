@@ -40,8 +40,8 @@ in the ``truth`` group. Truth volumes go next to the store as
 their absolute paths are in the store's provenance (``truth_volumes``), see
 :func:`truth_volume_paths`.
 
-The job is one Dask task per store chunk (threaded scheduler unless a
-distributed client is active); a task simulates its particles in batches,
+The job is one Dask task per store chunk (on threads here, or on a
+distributed client's cluster); a task simulates its particles in batches,
 writes its region and returns a count, so memory is about workers x one chunk
 whatever N.
 """
@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ from streamem.errors import InputError
 from streamem.io.atomic import atomic_output, check_not_input, check_output
 from streamem.io.mrc import write_map
 from streamem.io.store import ParticleStore, create_store, default_chunk_size
+from streamem.io.threads import run_tasks
 from streamem.simulate.projection import RealSpaceProjector, shift_phases
 
 log = logging.getLogger(__name__)
@@ -466,6 +468,7 @@ def simulate_particles(
     relion_dir: str | Path | None = None,
     workers: int | None = None,
     inputs: Sequence[str | Path] = (),
+    client=None,
 ) -> ParticleStore:
     """Simulate ``n_particles`` images into a new store at ``out_path``; returns the store.
 
@@ -474,8 +477,9 @@ def simulate_particles(
     e.g. ``["asym", "asym-B"]`` for two classes).
     ``mix``: one fraction per volume (normalised; default equal). See the module
     docstring for the image formation and what is stored. ``relion_dir``: also write
-    ``relion_dir/particles.star`` and its MRCS stacks (RELION 3.1). ``workers``:
-    threads (default: all cores) unless a distributed client is active. ``inputs``:
+    ``relion_dir/particles.star`` and its MRCS stacks (RELION 3.1). The chunk tasks
+    run on ``client``'s cluster (a ``distributed.Client``; its workers must see the
+    output's folder), else on ``workers`` threads (default: all cores). ``inputs``:
     files the volumes were read from (no output may touch them).
     """
     out_path = Path(out_path)
@@ -568,17 +572,20 @@ def simulate_particles(
         from streamem.dist.graph import map_chunks
 
         tasks = map_chunks(
-            simulate_chunk, store.chunk_bounds(), str(tmp), params, shared, noise_sigma,
+            simulate_chunk, store.chunk_bounds(), str(store.path), params, shared, noise_sigma,
             name="simulate",
         )  # fmt: skip
-        _compute(tasks, workers, progress)
+        callbacks = [_Progress(len(tasks))] if progress and client is None else []
+        run_tasks(tasks, client, workers or os.cpu_count() or 1, callbacks)
         for path, vol in zip(truth_paths, volumes, strict=True):
             write_map(path, vol, params.pixel_size_A, overwrite=overwrite, inputs=inputs)
     store = ParticleStore(out_path)
     if relion_dir is not None:
         from streamem.io.relion import export_store
 
-        export_store(out_path, Path(relion_dir) / "particles.star", overwrite=overwrite)
+        export_store(
+            out_path, Path(relion_dir) / "particles.star", overwrite=overwrite, client=client
+        )
     return store
 
 
@@ -603,25 +610,6 @@ def _jsonable(d):
     if isinstance(d, np.generic):
         return d.item()
     return d
-
-
-def _compute(tasks, workers: int | None, progress: bool) -> None:
-    """Run the chunk tasks: on an active distributed client if there is one, else threads."""
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
-        client = None
-    if client is not None:
-        dask.compute(*tasks)
-        return
-    from streamem.io.threads import run_threaded
-
-    callbacks = [_Progress(len(tasks))] if progress else []
-    import os
-
-    run_threaded(tasks, workers or os.cpu_count() or 1, callbacks=callbacks)
 
 
 class _Progress(Callback):
