@@ -215,3 +215,33 @@ def test_split_every_is_lowered_for_big_statistics():
     assert split_every_for(10 * 2**20) == 8
     assert split_every_for(200 * 10**6) == 2  # refine3d at box 128
     assert split_every_for(2 * 2**30) == 2
+
+
+def test_a_worker_killed_mid_iteration_stops_the_run_with_one_line(tmp_path):
+    """A task that kills its worker process (as the kernel's OOM killer would) gives
+    distributed's KilledWorker; run_estep turns it into one line naming the iteration."""
+    import os
+
+    import dask
+
+    from streamem.dist.cluster import client_for
+    from streamem.em import runfiles
+    from streamem.em.refine import run_estep
+
+    store = simulate_particles(tmp_path / "p.zarr", 8, box_size=16, pixel_size_A=4.0, seed=1)
+    runfiles.create_results_arrays(tmp_path / "particles.zarr", 3, 8, store.chunk_size)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with client_for(n_workers=1) as client:
+            with pytest.raises(InputError) as err:
+                run_estep(
+                    store,
+                    tmp_path / "particles.zarr",
+                    3,
+                    4,
+                    {"small": "model"},
+                    client,
+                    lambda images, metadata, model: os._exit(1),
+                )
+    line = err.value.one_line()
+    assert "iteration 4" in line and "--continue" in line and "after iteration 3" in line
+    assert "\n" not in line

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tempfile
 import threading
@@ -50,7 +51,86 @@ def register_bench(bench_sub) -> None:
     )
     p.add_argument("--out", default=None, help="keep the run here (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
+    p.add_argument(
+        "--allocator",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead: one E-step chunk of N images at full box in a child process per "
+        "glibc malloc setting (the workers', glibc's defaults, MALLOC_ARENA_MAX=2): peak "
+        "RSS and seconds",
+    )
     p.set_defaults(func=run)
+
+
+#: The malloc settings compared by ``--allocator`` (environment of the child process).
+ALLOCATOR_SETTINGS = {
+    "thresholds 256 MiB (before)": {
+        "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+        "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
+    },
+    "glibc defaults": {},
+    "Dask nanny default (trim 64 KiB)": {"MALLOC_TRIM_THRESHOLD_": "65536"},
+    "MALLOC_ARENA_MAX=2": {"MALLOC_ARENA_MAX": "2"},
+    "thresholds 32 MiB": {
+        "MALLOC_TRIM_THRESHOLD_": str(32 * 2**20),
+        "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    },
+}
+
+_CHUNK_CHILD = """
+import json, sys, time
+import numpy as np
+from streamem.bench.memory import reset_peak, status_kib
+from streamem.core.projector import make_projector
+from streamem.em import mstep
+from streamem.em.estep import EStepModel, SearchGrid, expectation
+from streamem.io.mrc import read_map
+from streamem.io.store import ParticleStore, optics_params
+from streamem.simulate.particles import truth_volume_paths
+store = ParticleStore(sys.argv[1]); n = int(sys.argv[2]); diameter = float(sys.argv[3])
+B, p = store.box_size, store.pixel_size_A
+truth = read_map(truth_volume_paths(store.path)[0])[0]
+chunk = store.read_chunk(0, n)
+power = mstep.image_power(chunk.images, np.zeros(n, int), 1)
+radius = B // 2 - 1
+proj = make_projector(truth, 2, max_radius_px=radius)
+model = EStepModel(projectors=(proj, proj), box_size=B, work_box=B, pixel_size_A=p,
+    max_radius_px=radius, inv_sigma2=mstep.initial_inv_sigma2(power[0], power[1]),
+    optics=tuple(optics_params(g) for g in store.optics_groups), sigma_offset_A=3 * p,
+    grid=SearchGrid(healpix_order=2), particle_diameter_A=diameter, scale_free=True)
+reset_peak()
+t0 = time.perf_counter()
+for _ in range(2):  # twice: memory glibc kept from the first shows in the second's RSS
+    expectation(chunk.images, dict(chunk.metadata), model)
+print(json.dumps({"seconds": (time.perf_counter() - t0) / 2, "peak_kib": status_kib("VmHWM"),
+    "end_kib": status_kib("VmRSS")}))
+"""
+
+
+def measure_allocators(store_path: str, n_images: int, diameter_A: float) -> dict:
+    """Peak RSS and seconds of one E-step chunk per malloc setting (child processes)."""
+    import subprocess
+    import sys
+
+    out = {}
+    for name, extra in ALLOCATOR_SETTINGS.items():
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("MALLOC_")  # only the setting under test
+        }
+        env.update(extra, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        done = subprocess.run(
+            [sys.executable, "-c", _CHUNK_CHILD, store_path, str(n_images), str(diameter_A)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-2000:])
+        out[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
 
 
 class RssSampler(threading.Thread):
@@ -128,7 +208,11 @@ class _Lines(logging.Handler):
                     "seconds": float(m.group(4)),
                 }
             )
-            self.sampler.iteration = int(m.group(1)) + 1
+            done = int(m.group(1))
+            self.sampler.iteration = done + 1
+            peaks = self.sampler.peaks.get(done, {})  # printed as it goes: runs are long
+            cells = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(peaks.items()))
+            print(f"[refine-memory] it {done} peak RSS: {cells}", flush=True)
 
 
 def install_memory_counter(dask_worker=None, dask_scheduler=None) -> None:
@@ -181,7 +265,6 @@ def refine_and_measure(args, workdir: Path) -> dict:
     from streamem.core.filters import lowpass
     from streamem.core.fsc import fsc, resolution_at
     from streamem.dist.cluster import client_for
-    from streamem.em.memory import parse_bytes
     from streamem.em.refine import RefineOptions, refine3d
     from streamem.io.mrc import read_map
     from streamem.io.store import ParticleStore
@@ -196,7 +279,11 @@ def refine_and_measure(args, workdir: Path) -> dict:
     truth = read_map(truth_volume_paths(store.path)[0])[0]
     p = store.pixel_size_A
     reference = lowpass(truth, 30.0, p)
-    memory = parse_bytes(args.memory_per_worker) if args.memory_per_worker else None
+    memory = None
+    if args.memory_per_worker:
+        from streamem.em.memory import parse_bytes
+
+        memory = parse_bytes(args.memory_per_worker)
     options = RefineOptions(
         particle_diameter_A=args.particle_diameter, max_iterations=args.max_iterations
     )
@@ -297,6 +384,22 @@ def print_report(r: dict) -> None:
 
 
 def run(args) -> int:
+    if args.allocator:
+        with tempfile.TemporaryDirectory(prefix="streamem-allocator-") as tmp:
+            path = args.store
+            if not (path and Path(path).exists()):
+                path = str(simulate_store(Path(path or Path(tmp) / "p.zarr"), args).path)
+            rows = measure_allocators(path, args.allocator, args.particle_diameter)
+        print(f"one E-step chunk of {args.allocator} images, full box (mean of 2 calls)")
+        print(f"{'malloc setting':<34} {'s':>7} {'peak RSS MiB':>13} {'RSS after MiB':>14}")
+        for name, r in rows.items():
+            print(
+                f"{name:<34} {r['seconds']:>7.1f} {r['peak_kib'] / 1024:>13.0f} "
+                f"{r['end_kib'] / 1024:>14.0f}"
+            )
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0
     with tempfile.TemporaryDirectory(prefix="streamem-refine-memory-") as tmp:
         report = refine_and_measure(args, Path(tmp))
     print_report(report)
