@@ -336,8 +336,9 @@ def class2d_batch_size(model: Class2DModel, n_images: int, n_points: int, n_refs
             "(half of it may be used); give more memory per worker (--memory-per-worker), "
             "fewer threads per worker, fewer classes or a smaller box",
         )
+    limit = memory.workspace_budget_bytes(thread_bytes, resident, capped=False)
     return memory.images_per_batch(
-        lambda k: memory.class2d_stage_bytes(n_points, n_refs, T, k), n_images, budget, what
+        lambda k: memory.class2d_stage_bytes(n_points, n_refs, T, k), n_images, budget, what, limit
     )
 
 

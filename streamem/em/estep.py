@@ -552,8 +552,9 @@ def batch_size(
             "fewer threads per worker, or a smaller box",
         )
     bp = memory.bp_buffer_bytes(shape, budget)
+    limit = memory.workspace_budget_bytes(thread_bytes, resident, capped=False)
     n = memory.images_per_batch(
-        lambda k: memory.estep_stage_bytes(shape, k), n_images, budget, what
+        lambda k: memory.estep_stage_bytes(shape, k), n_images, budget, what, limit
     )
     return n, bp
 

@@ -162,13 +162,19 @@ def peak_bytes(stage_bytes: dict[str, int]) -> int:
     return max(stage_bytes.values())
 
 
-def images_per_batch(stage_fn, n_images: int, budget_bytes: int, what: str) -> int:
+def images_per_batch(
+    stage_fn, n_images: int, budget_bytes: int, what: str, limit_bytes: int | None = None
+) -> int:
     """The largest sub-batch (1 … n_images) whose peak ``stage_fn(n)`` fits the budget.
 
-    stage_fn(n) → {stage: bytes}; its peak grows with n. Raises InputError when even one
-    image does not fit, naming the estimate and what to change.
+    stage_fn(n) → {stage: bytes}; its peak grows with n. ``limit_bytes`` is the
+    uncapped budget (without ``MAX_WORKSPACE_BYTES``): one image above the cap but within
+    it runs alone. Raises InputError when even one image does not fit, naming the
+    estimate and what to change.
     """
     one = peak_bytes(stage_fn(1))
+    if one > budget_bytes and limit_bytes is not None and one <= limit_bytes:
+        return 1
     if one > budget_bytes:
         raise InputError(
             None,
@@ -226,10 +232,12 @@ def local_threads() -> int:
     return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
 
 
-def workspace_budget_bytes(thread_bytes: int, resident: int) -> int:
+def workspace_budget_bytes(thread_bytes: int, resident: int, capped: bool = True) -> int:
     """E-step workspace of a task: a share of its thread's memory less what is resident,
-    at most ``MAX_WORKSPACE_BYTES`` (may be ≤ 0: then nothing fits)."""
-    return int(min(MAX_WORKSPACE_BYTES, WORKSPACE_FRACTION * thread_bytes - resident))
+    at most ``MAX_WORKSPACE_BYTES`` unless ``capped`` is False (may be ≤ 0: then nothing
+    fits)."""
+    limit = int(WORKSPACE_FRACTION * thread_bytes - resident)
+    return min(MAX_WORKSPACE_BYTES, limit) if capped else limit
 
 
 def resident_bytes(

@@ -203,18 +203,22 @@ def check_estep_memory(store, options, client) -> None:
     coords, _, _ = half_plane_points(B, radius)
     voxels = math.prod(half_cube_shape(padded_radius(radius, options.padding_factor)))
     thread_bytes = min(_thread_memory(client, options.memory_per_worker_bytes))
-    n_psi = 360.0 / (60.0 / 2**options.healpix_order)
-    J = int(12 * 4**options.healpix_order * n_psi)
+    step_deg = 60.0 / 2**options.healpix_order
+    J = int(12 * 4**options.healpix_order * 360.0 / step_deg)
+    # the coarse pass's radius (EStepModel.coarse_radius_px) at the first order
+    diameter_A = options.particle_diameter_A or 0.8 * B * store.pixel_size_A
+    coarse_px = B * store.pixel_size_A / (step_deg / 360.0 * math.pi * diameter_A / 1.2)
+    Mc = int(np.searchsorted(np.hypot(coords[:, 0], coords[:, 1]), coarse_px, side="right"))
     shape = EStepShape(
         box_size=B,
         n_points=coords.shape[0],
-        n_coarse_points=coords.shape[0],
+        n_coarse_points=Mc,
         n_orientations=J,
         n_orientations_total=J,
         n_translations=int((2 * options.offset_range_px / options.offset_step_px + 1) ** 2),
     )
     resident = memory.resident_bytes(store.chunk_size, B, 2 * voxels, 1) + 2 * 8 * voxels
-    budget = memory.workspace_budget_bytes(thread_bytes, resident)
+    budget = memory.workspace_budget_bytes(thread_bytes, resident, capped=False)
     one = memory.peak_bytes(memory.estep_stage_bytes(shape, 1))
     if budget < one:
         raise InputError(
