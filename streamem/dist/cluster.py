@@ -80,14 +80,22 @@ def client_for(
         finally:
             client.close()
         return
-    # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536. Setting it turns off
-    # glibc's dynamic mmap threshold, so every large temporary is a fresh mmap and the
-    # E-step spent more time in page faults than computing (sys 7.8 s vs user 5.7 s on
-    # one chunk). With both thresholds at 256 MiB: sys 1.4 s, 2.2x faster overall.
+    # glibc's malloc thresholds for the workers (streamem bench refine-memory --allocator:
+    # one refine3d E-step chunk of 128 images at box 128, full radius, child processes,
+    # mean of 2 calls; a shared 2-core machine, so seconds are within ~20%):
+    #   Dask nanny default (trim 64 KiB: fixes the mmap threshold at 128 KiB, every large
+    #   temporary a fresh mmap, page faults)      39.6 s  peak 774 MiB, kept after 205 MiB
+    #   both thresholds 256 MiB (our earlier choice) 14.8 s  peak 942 MiB, kept 374 MiB
+    #   glibc defaults (dynamic mmap threshold)      17.1 s  peak 794 MiB, kept 226 MiB
+    #   MALLOC_ARENA_MAX=2                           14.4 s  peak 793 MiB, kept 226 MiB
+    #   both thresholds 32 MiB                       12.1 s  peak 805 MiB, kept 236 MiB
+    # Since the E-step works in bounded sub-batches (streamem.em.memory), its big
+    # temporaries are tens of MiB: 32 MiB thresholds reuse them from the heap (no page
+    # faults) and hand larger ones (accumulators, chunk images) back to the system.
     # One BLAS thread per worker: the workers already use every core.
     worker_env = {
-        "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
-        "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
+        "MALLOC_TRIM_THRESHOLD_": str(32 * 2**20),
+        "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
         "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
