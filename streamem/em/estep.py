@@ -32,6 +32,14 @@ The first iteration may fit the reference's grey scale per sample
 (``scale_free``; RELION's --firstiter_cc, kept probabilistic). Precision: images,
 references and the GEMMs in float32; accumulators and noise sums in float64.
 
+Memory: :func:`expectation` works through its chunk in sub-batches of images sized so
+that every stage (prepare, coarse pass, significance, fine pass, back-projection)
+stays within the task's budget (:mod:`streamem.em.memory`: the worker's memory over
+its threads, at most ``MAX_WORKSPACE_BYTES``); the global grid's coarse slices are
+projected once per model and worker, and back-projection rows are flushed into the
+accumulators whenever their buffer fills. Sub-batching leaves every image's
+posterior unchanged; only the order of the accumulators' sums changes.
+
 Translations are searched around the particle's previous origin; the offset
 prior is a Gaussian on the total origin (Å), centred at 0, as RELION's 3D refine.
 The stored origin is the shift that centres the particle (CONVENTIONS.md).
