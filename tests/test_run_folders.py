@@ -196,6 +196,20 @@ def test_run_killed_in_iteration_1_restarts_in_place(data, tmp_path, capsys):
     assert not runlock.lock_path(out).exists()
 
 
+def test_run_named_files_of_a_folder_streamem_did_not_create_are_never_cleared(
+    data, tmp_path, capsys
+):
+    """A user's folder holding files that look like a run's (a RELION ``run_data.star``)
+    but no streamem marker: a fresh start refuses and leaves every byte as it was."""
+    store, ref, _ = data
+    out = tmp_path / "relion_run"
+    out.mkdir()
+    (out / "run_data.star").write_text("data_particles\n")
+    (out / "run_it001_model.star").write_text("data_model_general\n")
+    _refused(capsys, _refine(store, ref, out), out, "not empty")
+    assert (out / "run_data.star").read_text() == "data_particles\n"
+
+
 def test_class2d_continue_checks_options(data, tmp_path, capsys, caplog):
     """class2d: a changed --k is refused by name; the start-only --seed is ignored."""
     store, _, _ = data

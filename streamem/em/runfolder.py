@@ -49,7 +49,7 @@ import numpy as np
 
 from streamem.em import runfiles
 from streamem.errors import InputError
-from streamem.io import runlock
+from streamem.io import atomic, runlock
 from streamem.io.store import ParticleStore
 
 log = logging.getLogger("streamem")
@@ -120,7 +120,7 @@ _RUN_NAME = (
 _RUN_FILE = re.compile(
     rf"^(?:{_RUN_NAME}|run_it\d{{3}}_optimiser\.json\.partial"
     rf"|\.(?:{_RUN_NAME})\.(?:partial|old)-\d+(?:-[0-9a-f]+)?"
-    rf"|{re.escape(runlock.LOCK_NAME)})$"
+    rf"|{re.escape(runlock.LOCK_NAME)}|{re.escape(atomic.MARKER_FILE)})$"
 )
 
 
@@ -239,9 +239,16 @@ def check_fresh(out_dir: Path) -> list[Path]:
     if not out_dir.is_dir():
         raise InputError(out_dir, "exists and is not a folder")
     entries = sorted(out_dir.iterdir())
-    if any(not is_run_file(e.name) for e in entries) or runfiles.checkpoints(out_dir):
+    # only a folder streamem created for a run (its marker) may be cleared: a user's
+    # files that merely look like run files (a RELION run_data.star) are never removed
+    run_files = [e for e in entries if e.name not in (runlock.LOCK_NAME, atomic.MARKER_FILE)]
+    if (
+        any(not is_run_file(e.name) for e in entries)
+        or runfiles.checkpoints(out_dir)
+        or (run_files and not atomic.written_by_streamem(out_dir))
+    ):
         raise InputError(out_dir, "output folder is not empty (use --continue to resume a run)")
-    return [e for e in entries if e.name != runlock.LOCK_NAME]
+    return run_files
 
 
 def resumable_state(out_dir: Path, required: tuple[str, ...], warn: bool = True) -> dict:
@@ -320,6 +327,7 @@ def claim(
                     " ".join(p.name for p in unfinished),
                 )
                 _clear(unfinished)
+            (out_dir / atomic.MARKER_FILE).write_text(atomic.marker_text(job))
     except BaseException:
         lock.release(remove=created)
         raise
