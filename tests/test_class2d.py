@@ -12,7 +12,7 @@ from streamem.core.euler import euler_to_matrix
 from streamem.core.masks import soft_sphere
 from streamem.core.projector import make_projector, project_images
 from streamem.em import classify2d as c2
-from streamem.em.estep import half_plane_points
+from streamem.em.fourier_points import half_plane_points
 from streamem.em.mstep import image_power, initial_inv_sigma2
 from streamem.io.mrc import read_map
 from streamem.io.store import optics_params

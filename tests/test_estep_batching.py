@@ -20,15 +20,9 @@ from streamem.cli import main
 from streamem.core.projector import make_projector
 from streamem.em import memory, mstep
 from streamem.em.classify2d import Class2DModel, class2d_batch_size, expectation_2d
-from streamem.em.estep import (
-    EStepModel,
-    SearchGrid,
-    batch_size,
-    estep_shape,
-    expectation,
-    half_plane_points,
-)
+from streamem.em.estep import EStepModel, SearchGrid, batch_size, estep_shape, expectation
 from streamem.em.estep_classes import ClassEStepModel, expectation_classes
+from streamem.em.fourier_points import half_plane_points
 from streamem.errors import InputError
 from streamem.io.mrc import read_map, write_map
 from streamem.io.store import optics_params

@@ -10,7 +10,8 @@ from test_projector import smooth_volume
 from streamem.core.ctf import OpticsParams
 from streamem.core.euler import matrix_to_euler
 from streamem.core.projector import make_projector, project_images
-from streamem.em.estep import EStepModel, SearchGrid, expectation, segment_sums
+from streamem.em.estep import EStepModel, SearchGrid, expectation
+from streamem.em.kernels import segment_sums
 
 BOX, N = 32, 60
 

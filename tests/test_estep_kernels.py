@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
-from streamem.em.estep import cross_terms, half_plane_points, ref_power_terms, significant_mask
+from streamem.em.fourier_points import half_plane_points
+from streamem.em.kernels import cross_terms, ref_power_terms
 from streamem.em.mstep import to_full_frame, to_work_frame
+from streamem.em.significance import significant_mask
 from streamem.em.statistics import SufficientStatistics
 
 
@@ -86,7 +88,7 @@ def _coarse_inputs(rng, n=4, T=5, M=60, J=7):
 
 
 def test_coarse_log_posterior_is_the_sum_of_its_terms():
-    from streamem.em.estep import coarse_log_posterior, log_likelihood
+    from streamem.em.kernels import coarse_log_posterior, log_likelihood
 
     X, A, cw, offset_prior, row_prior = _coarse_inputs(np.random.default_rng(1))
     C, S = cross_terms(X, cw, A), ref_power_terms(cw * cw, A)
@@ -109,7 +111,7 @@ def test_coarse_log_posterior_is_the_sum_of_its_terms():
 @pytest.mark.gpu
 def test_coarse_pass_on_cupy_matches_numpy():
     cp = pytest.importorskip("cupy")
-    from streamem.em.estep import coarse_log_posterior
+    from streamem.em.kernels import coarse_log_posterior
 
     X, A, cw, offset_prior, row_prior = _coarse_inputs(np.random.default_rng(2))
     ref = coarse_log_posterior(cross_terms(X, cw, A), ref_power_terms(cw, A), offset_prior, False)

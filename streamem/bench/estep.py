@@ -57,12 +57,8 @@ def measure(
     """Rates of one run; ``xp`` is NumPy or CuPy (``sync`` waits for the device)."""
     from streamem.core import sampling
     from streamem.core.projector import make_projector, project_points
-    from streamem.em.estep import (
-        coarse_log_posterior,
-        cross_terms,
-        half_plane_points,
-        ref_power_terms,
-    )
+    from streamem.em.fourier_points import half_plane_points
+    from streamem.em.kernels import coarse_log_posterior, cross_terms, ref_power_terms
 
     rng = np.random.default_rng(0)
     coords, _, _ = half_plane_points(box, radius)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from streamem.core.backend import to_numpy
 from streamem.core.backprojector import insert_points, reconstruct
 from streamem.core.euler import euler_to_matrix
 from streamem.core.projector import half_cube_shape, padded_radius
 from streamem.core.sampling import shift_phases
+from streamem.dist.device import device_namespace
 from streamem.dist.graph import map_chunks, tree_sum
-from streamem.em.estep import fourier_data, half_plane_points, origins_px
+from streamem.em.fourier_points import fourier_data, half_plane_points, origins_px
 from streamem.errors import InputError
 from streamem.io.store import ParticleStore, optics_params
 
@@ -34,31 +36,45 @@ class Accumulators:
 
 
 def backproject_chunk(
-    images, metadata, poses, pixel_size_A, optics, max_radius_px, padding_factor=2, do_ctf=True
+    images,
+    metadata,
+    poses,
+    pixel_size_A,
+    optics,
+    max_radius_px,
+    padding_factor=2,
+    do_ctf=True,
+    xp=np,
 ) -> Accumulators:
-    """Back-project a chunk at known poses. poses: RELION labels → (n,) arrays."""
+    """Back-project a chunk at known poses. poses: RELION labels → (n,) arrays.
+
+    xp: the namespace the work runs in (CuPy on a GPU worker); the accumulators
+    come back as NumPy arrays.
+    """
     n, B = images.shape[0], images.shape[-1]
     coords, flat, _ = half_plane_points(B, max_radius_px)
-    X, ctf, _ = fourier_data(images, metadata, coords, flat, pixel_size_A, optics, do_ctf)
-    X = X * np.asarray(shift_phases(coords, origins_px(poses, pixel_size_A, n), B))
+    X, ctf, _ = fourier_data(images, metadata, coords, flat, pixel_size_A, optics, do_ctf, xp)
+    ctf = xp.asarray(ctf)
+    X = X * xp.asarray(shift_phases(coords, origins_px(poses, pixel_size_A, n), B))
     rot = euler_to_matrix(poses["rlnAngleRot"], poses["rlnAngleTilt"], poses["rlnAnglePsi"])
     shape = half_cube_shape(padded_radius(max_radius_px, padding_factor))
-    data = np.zeros((2, *shape), np.complex128)
-    weight = np.zeros((2, *shape), np.float64)
+    data = xp.zeros((2, *shape), dtype=xp.complex128)
+    weight = xp.zeros((2, *shape), dtype=xp.float64)
     subset = np.asarray(metadata.get("rlnRandomSubset", np.ones(n)), np.int64)
     for h in (1, 2):
-        sel = subset == h
-        if sel.any():
+        sel = np.flatnonzero(subset == h)
+        if sel.size:
+            on = xp.asarray(sel)
             insert_points(
                 data[h - 1],
                 weight[h - 1],
                 rot[sel],
                 coords,
-                X[sel] * ctf[sel],
-                ctf[sel] ** 2,
+                X[on] * ctf[on],
+                ctf[on] ** 2,
                 padding_factor,
             )
-    return Accumulators(data, weight)
+    return Accumulators(to_numpy(data), to_numpy(weight))
 
 
 def _task(start, stop, store_path, pose_source, max_radius_px, padding_factor, do_ctf, star_poses):
@@ -80,6 +96,7 @@ def _task(start, stop, store_path, pose_source, max_radius_px, padding_factor, d
         max_radius_px,
         padding_factor,
         do_ctf,
+        device_namespace() or np,  # CuPy on a GPU worker (--gpu)
     )
 
 

@@ -67,7 +67,7 @@ from streamem.core.ctf import OpticsParams, ctf_rfft, phase_flip
 from streamem.core.masks import soft_sphere
 from streamem.em import mstep, runfiles, runfolder
 from streamem.em.class_truth import ClassAccuracy
-from streamem.em.estep import half_plane_points
+from streamem.em.fourier_points import half_plane_points
 from streamem.em.inplane import (  # class2d's E-step (moved; names kept importable here)
     Class2DModel,
     class2d_batch_size,

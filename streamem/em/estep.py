@@ -47,20 +47,36 @@ The stored origin is the shift that centres the particle (CONVENTIONS.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.special import logsumexp
 
 from streamem.core import sampling
-from streamem.core.backend import ifftshift, rfftn, to_numpy, xp_of
+from streamem.core.backend import to_numpy, xp_of
 from streamem.core.backprojector import insert_points
-from streamem.core.ctf import OpticsParams, ctf_from_frequencies
+from streamem.core.ctf import OpticsParams
 from streamem.core.euler import angular_distance_deg, euler_to_matrix
 from streamem.core.projector import FourierVolume, half_cube_shape, padded_radius, project_points
 from streamem.em import memory
+from streamem.em.fine_pass import fine_log_posterior, fine_table
+from streamem.em.fourier_points import (
+    PreparedImages,
+    half_plane_points,
+    prepare_images,
+    slice_metadata,
+)
+from streamem.em.kernels import (
+    coarse_log_posterior,
+    cross_terms,
+    log_likelihood,
+    offset_log_prior,
+    ref_power_terms,
+    segment_sums,
+)
 from streamem.em.memory import EStepShape
-from streamem.em.statistics import SufficientStatistics
+from streamem.em.significance import significant_pair_mask, significant_weights
+from streamem.em.statistics import ChunkResult, SufficientStatistics
 from streamem.errors import InputError
 
 
@@ -154,264 +170,6 @@ class EStepModel:
         )
 
 
-def half_plane_points(box_size: int, max_radius_px: float):
-    """Independent Fourier points of a real image within a radius, DC excluded.
-
-    Returns (coords (M, 2) float (ky, kx) in Fourier pixels, flat (M,) int index into
-    the (B, B//2+1) rfft grid, shell (M,) int radius). Points with kx = 0 and
-    ky < 0 are the complex conjugates of ky > 0 and are left out.
-    """
-    B = box_size
-    r = int(np.floor(max_radius_px))
-    ky = np.arange(-r, r + 1)
-    kx = np.arange(0, r + 1)
-    KY, KX = np.meshgrid(ky, kx, indexing="ij")
-    rad = np.sqrt(KY**2 + KX**2)
-    keep = (rad <= max_radius_px) & ((KX > 0) | (KY > 0)) & (np.abs(KY) < B / 2 + 0.5 * (B % 2))
-    keep &= KX <= B // 2
-    KY, KX, rad = KY[keep], KX[keep], rad[keep]
-    order = np.argsort(rad, kind="stable")
-    KY, KX, rad = KY[order], KX[order], rad[order]
-    flat = (KY % B) * (B // 2 + 1) + KX
-    coords = np.stack([KY, KX], axis=1).astype(np.float64)
-    return coords, flat.astype(np.int64), np.rint(rad).astype(np.int64)
-
-
-@dataclass(frozen=True)
-class PreparedImages:
-    """Fourier data of a set of images restricted to the current points (all (n, M))."""
-
-    X: np.ndarray  # complex64 image transforms
-    ctf: np.ndarray  # float32 CTF
-    inv_sigma2: np.ndarray  # float32 1/σ²
-    norm: np.ndarray  # (n,) float64 Σ|X|²/2σ²
-    prior_offset_px: np.ndarray  # (n, 2) (dy, dx) previous origin in pixels
-
-
-def fourier_data(images, metadata, coords, flat, pixel_size_A, optics, do_ctf=True, xp=np):
-    """Image transforms and CTFs at the given Fourier points.
-
-    images: (n, B, B) float32 centred at B//2; coords/flat from :func:`half_plane_points`;
-    optics: one OpticsParams per optics group; xp: the array module of the results
-    (NumPy, or CuPy for a GPU E-step: the images go to the device once, the CTFs are
-    computed on the host). Returns (X (n, M) complex64, ctf (n, M) float32, groups (n,)
-    0-based optics group, on the host).
-    """
-    n, B = images.shape[0], images.shape[-1]
-    images = xp.asarray(images)
-    X = rfftn(ifftshift(images, axes=(-2, -1)), axes=(-2, -1)).reshape(n, -1)[:, xp.asarray(flat)]
-    X = X.astype(xp.complex64)
-    groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), dtype=np.int64) - 1
-    if groups.min() < 0 or groups.max() >= len(optics):
-        raise ValueError("rlnOpticsGroup out of range of the optics groups")
-    if do_ctf and "rlnDefocusU" in metadata:
-        freq = 1.0 / (B * pixel_size_A)
-        ctf = np.empty((n, coords.shape[0]), np.float32)
-        for g in np.unique(groups):
-            sel = groups == g
-            ctf[sel] = ctf_from_frequencies(
-                coords[:, 0] * freq,
-                coords[:, 1] * freq,
-                metadata["rlnDefocusU"][sel],
-                metadata["rlnDefocusV"][sel],
-                metadata["rlnDefocusAngle"][sel],
-                optics[g],
-                metadata.get("rlnPhaseShift", np.zeros(n))[sel],
-                metadata.get("rlnCtfBfactor", np.zeros(n))[sel],
-            )
-    else:
-        ctf = np.ones((n, coords.shape[0]), np.float32)
-    return X, xp.asarray(ctf), groups
-
-
-def origins_px(metadata, pixel_size_A: float, n: int) -> np.ndarray:
-    """(n, 2) (dy, dx) stored origins in pixels (zeros where absent)."""
-    if "rlnOriginYAngst" not in metadata:
-        return np.zeros((n, 2))
-    o = np.stack([metadata["rlnOriginYAngst"], metadata["rlnOriginXAngst"]], axis=1)
-    return np.nan_to_num(o.astype(np.float64)) / pixel_size_A
-
-
-def prepare_images(images, metadata, model: EStepModel, coords, flat, shell) -> PreparedImages:
-    """Fourier transform, CTF and noise weights of a chunk's images.
-
-    images: (n, B, B) float32, centred at B//2. metadata: RELION labels → (n,) arrays.
-    """
-    projectors = getattr(model, "projectors", None)  # class2d's model holds images instead
-    xp = xp_of(projectors[0].data) if projectors else np  # the E-step runs where they are
-    X, ctf, groups = fourier_data(
-        images, metadata, coords, flat, model.pixel_size_A, model.optics, model.do_ctf, xp
-    )
-    inv_s2 = xp.asarray(model.inv_sigma2[groups][:, shell].astype(np.float32))
-    norm = 0.5 * xp.sum((X.real**2 + X.imag**2) * inv_s2, axis=1, dtype=xp.float64)
-    prior = origins_px(metadata, model.pixel_size_A, images.shape[0])
-    return PreparedImages(X, ctf, inv_s2, norm, prior)
-
-
-def cross_terms(Xs, cw, refs):
-    """Re Σ_k conj(Xs) · cw · A as one real GEMM.
-
-    Xs: (n, T, M) complex shifted images; cw: (n, M) CTF/σ²; refs: (J, M) complex.
-    Returns (n, T, J) float32.
-    """
-    xp = xp_of(Xs, refs)
-    n, T, M = Xs.shape
-    Y = xp.conj(Xs) * cw[:, None, :]  # (n, T, M)
-    lhs = xp.concatenate([Y.real, -Y.imag], axis=-1).reshape(n * T, 2 * M)
-    rhs = xp.concatenate([refs.real, refs.imag], axis=-1)  # (J, 2M)
-    return (lhs.astype(xp.float32) @ rhs.astype(xp.float32).T).reshape(n, T, -1)
-
-
-def ref_power_terms(ctf2w, refs):
-    """Σ_k c² |A_j|² / 2σ²: (n, M) @ (M, J) → (n, J). ``ctf2w`` = c²/σ²."""
-    xp = xp_of(ctf2w, refs)
-    power = (refs.real**2 + refs.imag**2).astype(xp.float32)
-    return 0.5 * (ctf2w.astype(xp.float32) @ power.T)
-
-
-def log_likelihood(C, S, norm, scale_free: bool = False):
-    """−diff2 from the GEMM terms (module docstring): −(norm + S − C).
-
-    With ``scale_free`` the reference's scale a is optimised per sample,
-    diff2 = norm + a²S − aC, minimal at a = C/2S: log-likelihood −norm + C²/4S for
-    C > 0 (else a = 0). Used for the first iteration, when the starting map is not on
-    the data's greyscale (RELION's --firstiter_cc, kept probabilistic).
-    """
-    if not scale_free:
-        return -(norm + S - C)
-    xp = xp_of(C, S)
-    S = xp.maximum(S, 1e-30)
-    return -norm + xp.where(C > 0, C * C / (4.0 * S), 0.0)
-
-
-def coarse_log_posterior(C, S, offset_prior, scale_free: bool, row_prior=None):
-    """The coarse pass's log-posterior (n, T, J) float32, built in C's memory.
-
-    C: (n, T, J) float32 cross terms (overwritten unless ``scale_free``); S: (n, J)
-    reference power terms; offset_prior: (n, T) log prior of the translations;
-    row_prior: optional (n, J) log prior per image and orientation row (class
-    fractions, local-search angular prior; −inf excludes a row). Single precision is
-    enough: the coarse pass only ranks samples for the fine pass, and C comes from an
-    SGEMM already; the in-place sums avoid three float64 temporaries of n·T·J.
-    """
-    xp = xp_of(C, S)
-    if scale_free:
-        logp = log_likelihood(C, S[:, None, :], 0.0, True).astype(xp.float32)
-        if row_prior is not None:
-            logp += row_prior.astype(xp.float32)[:, None, :]
-    else:
-        logp = C
-        bias = S if row_prior is None else S - row_prior
-        logp -= bias.astype(xp.float32)[:, None, :]
-    logp += offset_prior.astype(xp.float32)[:, :, None]
-    return logp
-
-
-def offset_log_prior(total_shift_px, sigma_offset_A: float, pixel_size_A: float):
-    """log N(total offset; 0, σ²) in 2-D, up to a constant. total_shift_px: (..., 2)."""
-    s2 = (sigma_offset_A / pixel_size_A) ** 2
-    return -np.sum(total_shift_px**2, axis=-1) / (2 * s2)
-
-
-def significant_mask(logp, fraction: float, max_count: int, log_floor: float = 30.0):
-    """Per row, the samples holding ``fraction`` of the posterior mass (at least one,
-    at most ``max_count``, the most probable first).
-
-    logp: (n, S) log-posterior up to a constant. Returns a bool mask (n, S). Samples
-    more than ``log_floor`` below a row's best are never candidates: together they
-    hold under S·e^-30 of the mass, so the result is unchanged and the ranking only
-    sorts the few that matter.
-    """
-    n, S = logp.shape
-    mask = np.zeros((n, S), bool)
-    for row in range(n):
-        lp = logp[row]
-        top = lp.max()
-        if not np.isfinite(top):
-            mask[row, int(np.argmax(lp))] = True
-            continue
-        cand = np.flatnonzero(lp >= top - log_floor)
-        p = np.exp(lp[cand] - top)
-        k = min(max_count, cand.size)
-        if k < cand.size:
-            part = np.argpartition(-p, k - 1)[:k]
-            cand_k, p_k = cand[part], p[part]
-        else:
-            cand_k, p_k = cand, p
-        order = np.argsort(-p_k, kind="stable")
-        cand_k, p_k = cand_k[order], p_k[order]
-        before = np.cumsum(p_k) - p_k  # mass of the more probable samples
-        keep = before < fraction * p.sum()
-        keep[0] = True
-        mask[row, cand_k[keep]] = True
-    return mask
-
-
-def significant_pair_mask(lp, fraction: float, max_count: int, min_orientations: int):
-    """One image's coarse (translation, orientation) pairs to refine: (T, J) bool.
-
-    lp: (T, J) coarse log-posterior. The pairs holding ``fraction`` of the mass (at
-    most ``max_count``) plus the ``min_orientations`` best orientations, each at its
-    best translation (a guard against a sharp coarse posterior whose best grid point
-    is wrong). Orientations whose every pair is −inf (outside a local search) are
-    never added.
-    """
-    mask = significant_mask(lp.reshape(1, -1), fraction, max_count).reshape(lp.shape)
-    k = min(min_orientations, lp.shape[1])
-    if k > 0:
-        best_j = np.argpartition(-lp.max(axis=0), k - 1)[:k]
-        best_j = best_j[np.isfinite(lp[:, best_j].max(axis=0))]
-        mask[lp[:, best_j].argmax(axis=0), best_j] = True
-    return mask
-
-
-def significant_weights(W, fraction: float):
-    """Keep the largest posterior weights that hold ``fraction`` of the mass (renormalised).
-
-    As RELION's ``storeWeightedSums``, only these samples enter the sums. Returns
-    (weights of W's shape, number of significant samples).
-    """
-    flat = W.ravel()
-    order = np.argsort(flat)[::-1]
-    cum = np.cumsum(flat[order])
-    count = int(min(np.searchsorted(cum, fraction * cum[-1]) + 1, flat.size))
-    kept = np.zeros_like(flat)
-    kept[order[:count]] = flat[order[:count]] / cum[count - 1]
-    return kept.reshape(W.shape), count
-
-
-@dataclass
-class ChunkResult:
-    """Per-particle results of a chunk (all (n,) arrays, RELION units)."""
-
-    rot: np.ndarray
-    tilt: np.ndarray
-    psi: np.ndarray
-    origin_x_A: np.ndarray
-    origin_y_A: np.ndarray
-    max_prob: np.ndarray
-    n_significant: np.ndarray
-    loglik: np.ndarray
-    class_number: np.ndarray
-
-    def view(self, sl: slice) -> ChunkResult:
-        """The results of particles ``sl`` (views: writing to them fills this one)."""
-        return ChunkResult(*(getattr(self, f.name)[sl] for f in fields(self)))
-
-    def as_columns(self) -> dict[str, np.ndarray]:
-        return {
-            "rlnAngleRot": self.rot,
-            "rlnAngleTilt": self.tilt,
-            "rlnAnglePsi": self.psi,
-            "rlnOriginXAngst": self.origin_x_A,
-            "rlnOriginYAngst": self.origin_y_A,
-            "rlnMaxValueProbDistribution": self.max_prob,
-            "rlnNrOfSignificantSamples": self.n_significant,
-            "rlnLogLikeliContribution": self.loglik,
-            "rlnClassNumber": self.class_number,
-        }
-
-
 def coarse_orientations(model: EStepModel):
     """(rotations (J,3,3), angles (J,3)) of the global coarse grid, cached per model."""
     key = ("coarse", model.grid.healpix_order, model.grid.symmetry)
@@ -490,14 +248,6 @@ def expectation(
             )
         del prepared
     return stats.compact(), result
-
-
-def slice_metadata(metadata: dict, sl: slice, n: int) -> dict:
-    """The (n,) columns of ``metadata`` cut to ``sl`` (other entries unchanged)."""
-    return {
-        k: v[sl] if isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == n else v
-        for k, v in metadata.items()
-    }
 
 
 def estep_shape(model: EStepModel, coords, previous, n_classes: int = 1) -> EStepShape:
@@ -644,59 +394,6 @@ def _significant_pairs(logp, candidates, model):
     return pairs
 
 
-@dataclass(frozen=True)
-class FineTable:
-    """The children of every refined coarse orientation of a chunk, projected once.
-
-    angles (R, 3), rotations (R, 3, 3), refs (R, M) complex, power (R, M) |refs|²;
-    the children of coarse row j are rows ``position[j]·n_kids + (0 .. n_kids−1)``.
-    """
-
-    angles: np.ndarray
-    rotations: np.ndarray
-    refs: np.ndarray
-    power: np.ndarray
-    position: np.ndarray
-    n_kids: int
-
-    def rows(self, coarse_rows):
-        """(P, n_kids) table rows of the children of coarse rows (P,)."""
-        return self.position[coarse_rows][:, None] * self.n_kids + np.arange(self.n_kids)
-
-
-def _fine_table(ang_c, pairs, grid, projector, coords) -> FineTable:
-    union = np.unique(np.concatenate([j for _, j in pairs]))
-    kids = np.asarray(
-        sampling.oversample_orientations(ang_c[union], grid.healpix_order, grid.oversampling)
-    )
-    angles = kids.reshape(-1, 3)  # kids: (U, K, 3)
-    position = np.full(ang_c.shape[0], -1)
-    position[union] = np.arange(union.size)
-    rotations = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
-    refs = project_points(projector, rotations, coords)  # (U·K, M), where the reference is
-    power = (refs.real**2 + refs.imag**2).astype(refs.real.dtype)
-    return FineTable(angles, rotations, refs, power, position, kids.shape[1])
-
-
-def _fine_log_posterior(Xs, cw, ctf2w, norm, A, power, total_px, model, orientation_prior=None):
-    """Log-posterior of the fine samples of one image, a batched GEMM over its pairs.
-
-    Xs (P, S, M) shifted image, A (P, K, M) and power (P, K, M) the children's slices,
-    total_px (P, S, 2) total origins. Returns (P, S, K).
-    """
-    xp = xp_of(Xs, A)
-    Y = xp.conj(Xs) * cw
-    lhs = xp.concatenate([Y.real, -Y.imag], axis=-1)  # (P, S, 2M)
-    rhs = xp.concatenate([A.real, A.imag], axis=-1).transpose(0, 2, 1)  # (P, 2M, K)
-    C = lhs @ rhs  # (P, S, K)
-    S = 0.5 * (power @ ctf2w)  # (P, K)
-    logp = to_numpy(log_likelihood(C, S[:, None, :], norm, model.scale_free))  # small: host
-    logp = logp + offset_log_prior(total_px, model.sigma_offset_A, model.pixel_size_A)[:, :, None]
-    if orientation_prior is not None:
-        logp += orientation_prior[:, None, :]
-    return logp
-
-
 def _expect_group(
     idx,
     prep: PreparedImages,
@@ -745,7 +442,7 @@ def _expect_group(
     )
     pairs = _significant_pairs(logp, candidates, model)
     del logp, candidates  # (n, T, J): the largest array of the coarse pass
-    table = _fine_table(ang_c, pairs, grid, projector, coords)
+    table = fine_table(ang_c, pairs, grid, projector, coords)
     sub = np.asarray(
         sampling.oversample_translations(np.zeros((1, 2)), grid.offset_step_px, grid.oversampling)
     )
@@ -791,7 +488,7 @@ def _expect_group(
             orientation_prior = sampling.gaussian_orientation_prior(
                 table.angles[krows.ravel()], previous[gi], grid.local_sigma_deg
             ).reshape(krows.shape)
-        logp_f = _fine_log_posterior(
+        logp_f = fine_log_posterior(
             Xs,
             cw[i],
             ctf2w[i],
@@ -857,23 +554,3 @@ def _expect_group(
     if xp is not np:
         stats.data_acc[r] = to_numpy(data_acc)
         stats.weight_acc[r] = to_numpy(weight_acc)
-
-
-def segment_sums(keys: np.ndarray, *values):
-    """Sum the rows of each array in ``values`` that share a key.
-
-    keys: (R,) int on the host; values: (R, ...) arrays (NumPy or CuPy). Returns
-    (unique keys (U,), then one (U, ...) array of sums per input). Rows are sorted by
-    key and summed segment by segment (a cumulative sum read at the segment ends), so
-    the same code runs on the CPU and the GPU.
-    """
-    order = np.argsort(keys, kind="stable")
-    used, starts = np.unique(keys[order], return_index=True)
-    ends = np.append(starts[1:], keys.size) - 1
-    out = []
-    for v in values:
-        xp = xp_of(v)
-        c = xp.cumsum(v[xp.asarray(order)], axis=0)
-        e = c[xp.asarray(ends)]
-        out.append(xp.concatenate([e[:1], e[1:] - e[:-1]]))
-    return (used, *out)

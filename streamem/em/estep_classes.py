@@ -36,24 +36,22 @@ from streamem.core.backprojector import insert_points
 from streamem.core.euler import angular_distance_deg, euler_to_matrix
 from streamem.core.projector import half_cube_shape, padded_radius, project_points
 from streamem.em.estep import (
-    ChunkResult,
     EStepModel,
     batch_size,
-    coarse_log_posterior,
     coarse_orientations,
     coarse_references,
-    cross_terms,
     estep_shape,
-    half_plane_points,
+)
+from streamem.em.fourier_points import half_plane_points, prepare_images, slice_metadata
+from streamem.em.kernels import (
+    coarse_log_posterior,
+    cross_terms,
     log_likelihood,
     offset_log_prior,
-    prepare_images,
     ref_power_terms,
-    significant_pair_mask,
-    significant_weights,
-    slice_metadata,
 )
-from streamem.em.statistics import SufficientStatistics
+from streamem.em.significance import significant_pair_mask, significant_weights
+from streamem.em.statistics import ChunkResult, SufficientStatistics
 
 
 @dataclass(frozen=True)

@@ -38,17 +38,10 @@ from streamem.core import sampling
 from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn
 from streamem.core.ctf import OpticsParams, ctf_phase_from_frequencies
 from streamem.em import memory
-from streamem.em.estep import (
-    ChunkResult,
-    cross_terms,
-    half_plane_points,
-    log_likelihood,
-    offset_log_prior,
-    prepare_images,
-    ref_power_terms,
-    significant_weights,
-)
-from streamem.em.statistics import SufficientStatistics
+from streamem.em.fourier_points import half_plane_points, prepare_images
+from streamem.em.kernels import cross_terms, log_likelihood, offset_log_prior, ref_power_terms
+from streamem.em.significance import significant_weights
+from streamem.em.statistics import ChunkResult, SufficientStatistics
 from streamem.errors import InputError
 
 

@@ -29,7 +29,8 @@ from streamem.core.projector import half_cube_shape, make_projector, padded_radi
 from streamem.core.symmetry import symmetry_matrices
 from streamem.dist.graph import map_chunks, split_every_for, tree_sum
 from streamem.em import memory, mstep, runfiles, runfolder
-from streamem.em.estep import EStepModel, SearchGrid, expectation, half_plane_points
+from streamem.em.estep import EStepModel, SearchGrid, expectation
+from streamem.em.fourier_points import half_plane_points
 from streamem.em.memory import EStepShape
 from streamem.em.schedule import RefineSchedule, advance
 from streamem.errors import InputError

@@ -16,7 +16,7 @@ tests/test_estep_batching.py); the M-step works in double precision on its copy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -101,3 +101,35 @@ class SufficientStatistics:
             n_with_previous=self.n_with_previous + other.n_with_previous,
             class_weight=self.class_weight + other.class_weight,
         )
+
+
+@dataclass
+class ChunkResult:
+    """Per-particle results of a chunk (all (n,) arrays, RELION units)."""
+
+    rot: np.ndarray
+    tilt: np.ndarray
+    psi: np.ndarray
+    origin_x_A: np.ndarray
+    origin_y_A: np.ndarray
+    max_prob: np.ndarray
+    n_significant: np.ndarray
+    loglik: np.ndarray
+    class_number: np.ndarray
+
+    def view(self, sl: slice) -> ChunkResult:
+        """The results of particles ``sl`` (views: writing to them fills this one)."""
+        return ChunkResult(*(getattr(self, f.name)[sl] for f in fields(self)))
+
+    def as_columns(self) -> dict[str, np.ndarray]:
+        return {
+            "rlnAngleRot": self.rot,
+            "rlnAngleTilt": self.tilt,
+            "rlnAnglePsi": self.psi,
+            "rlnOriginXAngst": self.origin_x_A,
+            "rlnOriginYAngst": self.origin_y_A,
+            "rlnMaxValueProbDistribution": self.max_prob,
+            "rlnNrOfSignificantSamples": self.n_significant,
+            "rlnLogLikeliContribution": self.loglik,
+            "rlnClassNumber": self.class_number,
+        }

@@ -1,0 +1,123 @@
+"""The Fourier points an E-step works on, and a chunk's images at them (no I/O, no Dask).
+
+As in RELION, the points are those of the half-plane within the current resolution
+radius (each independent complex value of a real image once, DC excluded), sorted by
+radius so that any smaller radius (the coarse pass's) is a prefix. Images are Fourier
+transformed where the model's arrays live (NumPy or a device namespace); CTFs are
+computed on the host and moved once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from streamem.core.backend import ifftshift, rfftn, xp_of
+from streamem.core.ctf import ctf_from_frequencies
+
+if TYPE_CHECKING:
+    from streamem.em.estep import EStepModel
+
+
+def half_plane_points(box_size: int, max_radius_px: float):
+    """Independent Fourier points of a real image within a radius, DC excluded.
+
+    Returns (coords (M, 2) float (ky, kx) in Fourier pixels, flat (M,) int index into
+    the (B, B//2+1) rfft grid, shell (M,) int radius). Points with kx = 0 and
+    ky < 0 are the complex conjugates of ky > 0 and are left out.
+    """
+    B = box_size
+    r = int(np.floor(max_radius_px))
+    ky = np.arange(-r, r + 1)
+    kx = np.arange(0, r + 1)
+    KY, KX = np.meshgrid(ky, kx, indexing="ij")
+    rad = np.sqrt(KY**2 + KX**2)
+    keep = (rad <= max_radius_px) & ((KX > 0) | (KY > 0)) & (np.abs(KY) < B / 2 + 0.5 * (B % 2))
+    keep &= KX <= B // 2
+    KY, KX, rad = KY[keep], KX[keep], rad[keep]
+    order = np.argsort(rad, kind="stable")
+    KY, KX, rad = KY[order], KX[order], rad[order]
+    flat = (KY % B) * (B // 2 + 1) + KX
+    coords = np.stack([KY, KX], axis=1).astype(np.float64)
+    return coords, flat.astype(np.int64), np.rint(rad).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class PreparedImages:
+    """Fourier data of a set of images restricted to the current points (all (n, M))."""
+
+    X: np.ndarray  # complex64 image transforms
+    ctf: np.ndarray  # float32 CTF
+    inv_sigma2: np.ndarray  # float32 1/σ²
+    norm: np.ndarray  # (n,) float64 Σ|X|²/2σ²
+    prior_offset_px: np.ndarray  # (n, 2) (dy, dx) previous origin in pixels
+
+
+def fourier_data(images, metadata, coords, flat, pixel_size_A, optics, do_ctf=True, xp=np):
+    """Image transforms and CTFs at the given Fourier points.
+
+    images: (n, B, B) float32 centred at B//2; coords/flat from :func:`half_plane_points`;
+    optics: one OpticsParams per optics group; xp: the array module of the results
+    (NumPy, or CuPy for a GPU E-step: the images go to the device once, the CTFs are
+    computed on the host). Returns (X (n, M) complex64, ctf (n, M) float32, groups (n,)
+    0-based optics group, on the host).
+    """
+    n, B = images.shape[0], images.shape[-1]
+    images = xp.asarray(images)
+    X = rfftn(ifftshift(images, axes=(-2, -1)), axes=(-2, -1)).reshape(n, -1)[:, xp.asarray(flat)]
+    X = X.astype(xp.complex64)
+    groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), dtype=np.int64) - 1
+    if groups.min() < 0 or groups.max() >= len(optics):
+        raise ValueError("rlnOpticsGroup out of range of the optics groups")
+    if do_ctf and "rlnDefocusU" in metadata:
+        freq = 1.0 / (B * pixel_size_A)
+        ctf = np.empty((n, coords.shape[0]), np.float32)
+        for g in np.unique(groups):
+            sel = groups == g
+            ctf[sel] = ctf_from_frequencies(
+                coords[:, 0] * freq,
+                coords[:, 1] * freq,
+                metadata["rlnDefocusU"][sel],
+                metadata["rlnDefocusV"][sel],
+                metadata["rlnDefocusAngle"][sel],
+                optics[g],
+                metadata.get("rlnPhaseShift", np.zeros(n))[sel],
+                metadata.get("rlnCtfBfactor", np.zeros(n))[sel],
+            )
+    else:
+        ctf = np.ones((n, coords.shape[0]), np.float32)
+    return X, xp.asarray(ctf), groups
+
+
+def origins_px(metadata, pixel_size_A: float, n: int) -> np.ndarray:
+    """(n, 2) (dy, dx) stored origins in pixels (zeros where absent)."""
+    if "rlnOriginYAngst" not in metadata:
+        return np.zeros((n, 2))
+    o = np.stack([metadata["rlnOriginYAngst"], metadata["rlnOriginXAngst"]], axis=1)
+    return np.nan_to_num(o.astype(np.float64)) / pixel_size_A
+
+
+def prepare_images(images, metadata, model: EStepModel, coords, flat, shell) -> PreparedImages:
+    """Fourier transform, CTF and noise weights of a chunk's images.
+
+    images: (n, B, B) float32, centred at B//2. metadata: RELION labels → (n,) arrays.
+    """
+    projectors = getattr(model, "projectors", None)  # class2d's model holds images instead
+    xp = xp_of(projectors[0].data) if projectors else np  # the E-step runs where they are
+    X, ctf, groups = fourier_data(
+        images, metadata, coords, flat, model.pixel_size_A, model.optics, model.do_ctf, xp
+    )
+    inv_s2 = xp.asarray(model.inv_sigma2[groups][:, shell].astype(np.float32))
+    norm = 0.5 * xp.sum((X.real**2 + X.imag**2) * inv_s2, axis=1, dtype=xp.float64)
+    prior = origins_px(metadata, model.pixel_size_A, images.shape[0])
+    return PreparedImages(X, ctf, inv_s2, norm, prior)
+
+
+def slice_metadata(metadata: dict, sl: slice, n: int) -> dict:
+    """The (n,) columns of ``metadata`` cut to ``sl`` (other entries unchanged)."""
+    return {
+        k: v[sl] if isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == n else v
+        for k, v in metadata.items()
+    }

@@ -1,0 +1,78 @@
+"""Which samples matter: RELION's significant samples (coarse pairs refined in the fine
+pass) and significant weights (fine samples that enter the sums).
+
+The coarse pass's selection runs on the host over each image's (translations ×
+orientations) posterior; the fine pass's significant weights run row by row on the
+device (:func:`streamem.em.kernels.significant_weights_rows`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def significant_mask(logp, fraction: float, max_count: int, log_floor: float = 30.0):
+    """Per row, the samples holding ``fraction`` of the posterior mass (at least one,
+    at most ``max_count``, the most probable first).
+
+    logp: (n, S) log-posterior up to a constant. Returns a bool mask (n, S). Samples
+    more than ``log_floor`` below a row's best are never candidates: together they
+    hold under S·e^-30 of the mass, so the result is unchanged and the ranking only
+    sorts the few that matter.
+    """
+    n, S = logp.shape
+    mask = np.zeros((n, S), bool)
+    for row in range(n):
+        lp = logp[row]
+        top = lp.max()
+        if not np.isfinite(top):
+            mask[row, int(np.argmax(lp))] = True
+            continue
+        cand = np.flatnonzero(lp >= top - log_floor)
+        p = np.exp(lp[cand] - top)
+        k = min(max_count, cand.size)
+        if k < cand.size:
+            part = np.argpartition(-p, k - 1)[:k]
+            cand_k, p_k = cand[part], p[part]
+        else:
+            cand_k, p_k = cand, p
+        order = np.argsort(-p_k, kind="stable")
+        cand_k, p_k = cand_k[order], p_k[order]
+        before = np.cumsum(p_k) - p_k  # mass of the more probable samples
+        keep = before < fraction * p.sum()
+        keep[0] = True
+        mask[row, cand_k[keep]] = True
+    return mask
+
+
+def significant_pair_mask(lp, fraction: float, max_count: int, min_orientations: int):
+    """One image's coarse (translation, orientation) pairs to refine: (T, J) bool.
+
+    lp: (T, J) coarse log-posterior. The pairs holding ``fraction`` of the mass (at
+    most ``max_count``) plus the ``min_orientations`` best orientations, each at its
+    best translation (a guard against a sharp coarse posterior whose best grid point
+    is wrong). Orientations whose every pair is −inf (outside a local search) are
+    never added.
+    """
+    mask = significant_mask(lp.reshape(1, -1), fraction, max_count).reshape(lp.shape)
+    k = min(min_orientations, lp.shape[1])
+    if k > 0:
+        best_j = np.argpartition(-lp.max(axis=0), k - 1)[:k]
+        best_j = best_j[np.isfinite(lp[:, best_j].max(axis=0))]
+        mask[lp[:, best_j].argmax(axis=0), best_j] = True
+    return mask
+
+
+def significant_weights(W, fraction: float):
+    """Keep the largest posterior weights that hold ``fraction`` of the mass (renormalised).
+
+    As RELION's ``storeWeightedSums``, only these samples enter the sums. Returns
+    (weights of W's shape, number of significant samples).
+    """
+    flat = W.ravel()
+    order = np.argsort(flat)[::-1]
+    cum = np.cumsum(flat[order])
+    count = int(min(np.searchsorted(cum, fraction * cum[-1]) + 1, flat.size))
+    kept = np.zeros_like(flat)
+    kept[order[:count]] = flat[order[:count]] / cum[count - 1]
+    return kept.reshape(W.shape), count
