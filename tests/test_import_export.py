@@ -14,7 +14,8 @@ from _relion_data import image_of, make_dataset
 
 from streamem.cli import main
 from streamem.io.importer import balanced_subsets, import_particles
-from streamem.io.relion import export_store, parse_image_names, read_particles_star, write_star
+from streamem.io.relion import parse_image_names, read_particles_star, write_star
+from streamem.io.relion_export import export_store
 from streamem.io.store import ParticleStore, create_store
 
 
@@ -202,7 +203,7 @@ def test_export_of_simulated_store_has_no_truth_and_new_names(tmp_path):
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     star, _, _ = make_dataset(tmp_path / "proj", n_particles=10)
     import_particles(star, tmp_path / "p.zarr", chunk_size=3, progress=False)
-    import streamem.io.relion as relion
+    import streamem.io.relion_export as relion
 
     real = relion._write_stack
 

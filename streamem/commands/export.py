@@ -11,7 +11,7 @@ import time
 
 from streamem import validate as check
 from streamem.commands.execution import add_scheduler_options, scheduler_client
-from streamem.io.relion import export_store
+from streamem.io.relion_export import export_store
 from streamem.io.store import ParticleStore
 
 

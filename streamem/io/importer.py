@@ -20,13 +20,11 @@ halves of equal size (±1).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dask
-import mrcfile
 import numpy as np
 import pandas as pd
 from dask.callbacks import Callback
@@ -35,7 +33,7 @@ from mrcfile.utils import data_dtype_from_header
 from streamem import __version__
 from streamem.errors import InputError
 from streamem.io.atomic import atomic_output, check_output
-from streamem.io.mrc import open_stack_mmap
+from streamem.io.mrc import open_mrc, open_stack_mmap
 from streamem.io.relion import parse_image_names, read_particles_star
 from streamem.io.store import ParticleStore, create_store, default_chunk_size
 from streamem.io.threads import run_tasks
@@ -58,20 +56,19 @@ def read_stack_header(path: str | Path) -> StackHeader:
     """Read and check an MRC(S) header; raises InputError if missing, corrupt or truncated.
 
     The expected size is 1024 + extended header + nx·ny·nz·bytes per pixel; a file
-    shorter than that is truncated.
+    shorter than that is truncated. A header without ID string or machine stamp is
+    read with one warning (:func:`streamem.io.mrc.open_mrc`); an unknown mode is refused.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "image stack not found")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with mrcfile.open(path, mode="r", header_only=True, permissive=False) as mrc:
-                h = mrc.header
-                nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
-                itemsize = data_dtype_from_header(h).itemsize
-                extended = int(h.nsymbt)
-                voxel = float(mrc.voxel_size.x)
+        with open_mrc(path, header_only=True) as mrc:
+            h = mrc.header
+            nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
+            itemsize = data_dtype_from_header(h).itemsize  # ValueError for an unknown mode
+            extended = int(h.nsymbt)
+            voxel = float(mrc.voxel_size.x)
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(path, f"not a readable MRC stack ({exc})") from None
     expected = MRC_HEADER_BYTES + extended + nx * ny * nz * itemsize
@@ -295,7 +292,7 @@ def _import_chunk(
     n = len(indices)
     images = np.empty((n, box, box), dtype=np.float32)
     for k, stack in enumerate(stacks):
-        mrc = open_stack_mmap(stack)
+        mrc = open_stack_mmap(stack, warn=False)  # the plan warned once per stack
         try:
             data = mrc.data if mrc.data.ndim == 3 else mrc.data[None]
             for row in np.flatnonzero(local_ids == k):  # one image at a time: no extra copy

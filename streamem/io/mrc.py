@@ -1,10 +1,20 @@
 """MRC maps and stacks through ``mrcfile``: voxel size in the header, origin 0, mode 2.
 
 Maps are ``[z, y, x]`` and images ``[y, x]`` as mrcfile returns them.
+
+Reading is as tolerant as RELION's and no more. Stacks written by older IMOD, EMAN2
+or SPIDER conversions often lack the ``MAP `` ID string (bytes 209-212) or have a zero
+machine stamp (bytes 213-216); RELION and cryoDRGN read them, and so do we, through
+mrcfile's permissive mode, with one warning line naming the file (byte order is then
+mrcfile's guess, native; a wrong guess shows up as a size that disagrees with the
+header and is refused). Everything else mrcfile complains about is refused with one
+line: an unknown mode, a data block shorter than the header's nx·ny·nz says, a header
+that cannot be parsed.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +26,47 @@ from streamem import __version__
 from streamem.errors import InputError
 from streamem.io.atomic import MRC_LABEL, atomic_output
 
+log = logging.getLogger(__name__)
+
+#: mrcfile's complaints that legitimate files from other packages trigger (read anyway).
+TOLERATED_PROBLEMS = ("Map ID string not found", "Unrecognised machine stamp")
+#: mrcfile warnings that never made a file unreadable (a few bytes of padding at the end).
+_HARMLESS = ("larger than expected",)
+
+
+def open_mrc(path: str | Path, *, mmap: bool = False, header_only: bool = False, warn: bool = True):
+    """Open an MRC file with mrcfile, strictly, or permissively for the tolerated problems.
+
+    Returns the mrcfile object (the caller closes it). A file without the ID string
+    or machine stamp is opened in permissive mode with one warning naming it (unless
+    ``warn`` is False: a task re-opening a file already checked). Raises ValueError
+    (mrcfile's message) for any other problem, and for a permissive open that still
+    has one (an unknown mode, a short data block).
+    """
+    opener = mrcfile.mmap if mmap else mrcfile.open
+    kwargs = {"mode": "r"} if mmap else {"mode": "r", "header_only": header_only}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return opener(path, permissive=False, **kwargs)
+    except ValueError as exc:
+        if not any(t in str(exc) for t in TOLERATED_PROBLEMS):
+            raise
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mrc = opener(path, permissive=True, **kwargs)
+    messages = [str(w.message) for w in caught]
+    fatal = [m for m in messages if not any(t in m for t in (*TOLERATED_PROBLEMS, *_HARMLESS))]
+    if not fatal and not header_only and mrc.data is None:
+        fatal = ["no data block"]
+    if fatal:
+        mrc.close()
+        raise ValueError(fatal[0])
+    if warn:
+        tolerated = [m.split(" - ")[0] for m in messages if any(t in m for t in TOLERATED_PROBLEMS)]
+        log.warning("%s: %s; read anyway (as RELION does)", path, "; ".join(tolerated))
+    return mrc
+
 
 def read_map(path: str | Path) -> tuple[np.ndarray, float]:
     """Read an MRC map or image; returns (float32 array, voxel size in Å).
@@ -26,11 +77,9 @@ def read_map(path: str | Path) -> tuple[np.ndarray, float]:
     if not path.exists():
         raise InputError(path, "file not found")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with mrcfile.open(path, permissive=False, mode="r") as mrc:
-                data = np.asarray(mrc.data, dtype=np.float32).copy()
-                voxel = float(mrc.voxel_size.x)
+        with open_mrc(path) as mrc:
+            data = np.asarray(mrc.data, dtype=np.float32).copy()
+            voxel = float(mrc.voxel_size.x)
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(path, f"not a readable MRC file ({exc})") from None
     if not np.all(np.isfinite(data)):
@@ -73,18 +122,18 @@ def _add_label(header, text: str) -> None:
     header.nlabl = k + 1
 
 
-def open_stack_mmap(path: str | Path):
+def open_stack_mmap(path: str | Path, warn: bool = True):
     """Memory-map an MRC(S) stack; returns the mrcfile object (caller closes).
 
-    Raises InputError if the file is missing or shorter than its header says.
+    Raises InputError if the file is missing or shorter than its header says. A stack
+    without ID string or machine stamp is read with a warning (see :func:`open_mrc`;
+    ``warn=False`` in tasks that re-open a stack the plan has checked).
     """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "image stack not found")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mrc = mrcfile.mmap(path, mode="r", permissive=False)
+        mrc = open_mrc(path, mmap=True, warn=warn)
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(path, f"truncated or corrupt MRC stack ({exc})") from None
     if mrc.data is None:

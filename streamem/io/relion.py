@@ -1,18 +1,13 @@
-"""The RELION adapter: STAR files and ``NNNNNN@stack.mrcs`` names in, STAR + MRCS out.
+"""The RELION adapter: STAR tables and ``NNNNNN@stack.mrcs`` names, read and written.
 
 This is the one place where RELION's file conventions are converted (see
 ``shared/CONVENTIONS.md``):
 
 - RELION 3.1+ particle files have ``data_optics`` and ``data_particles``; particles
   refer to their optics row by ``rlnOpticsGroup``.
-- RELION 3.0 files have a single ``data_`` block with the optics on every row. On
-  reading we build one optics group per distinct (``rlnVoltage``,
-  ``rlnSphericalAberration``, ``rlnAmplitudeContrast``, pixel size), where the pixel
-  size is ``rlnImagePixelSize`` or ``rlnDetectorPixelSize`` [µm] · 1e4 /
-  ``rlnMagnification`` [Å], exactly as ``relion_convert_star`` does. Origins
-  ``rlnOriginX/Y/Z`` in pixels become ``rlnOriginX/Y/ZAngst`` in Å (same sign: origin_Å
-  = origin_px · pixel_size_A), and the per-particle optics columns move to the optics
-  table.
+- RELION 3.0 files have a single ``data_`` block with the optics on every row; they
+  are converted to 3.1 as RELION does, and RELION's defaults fill missing optics
+  values (:mod:`streamem.io.relion_optics`, which cites RELION's source for each rule).
 - Image names count from 1 (``000001@stack.mrcs`` is the first image); we use 0-based
   indices internally. A relative stack path is looked up next to the STAR file first,
   then in the current folder (RELION runs from its project folder).
@@ -22,42 +17,31 @@ This is the one place where RELION's file conventions are converted (see
   label, because starfile would otherwise read the whole column as text.
 - Every other column is kept as it is, unknown ones too.
 
-Export (:func:`export_store`) writes a RELION 3.1 STAR file and MRCS stacks of
-``images_per_stack`` consecutive particles each (default: the store's chunk size, so a
-stack is written by one task from one chunk, with bounded memory). Stacks are float32
-(mode 2) with the pixel size in the header and go to ``<star stem>_stacks/`` unless
-``stacks_dir`` is given; ``rlnImageName`` points at them relative to the STAR file's
-folder, and the name the particle had before (when the store knows it) is kept as
-``rlnImageOriginalName`` unless that column already exists. Floats are written with
-the shortest text that reads back to the same number, so a round trip
-STAR -> store -> STAR keeps every value. Ground truth fields are not exported.
+Writing a store out as STAR + MRCS stacks is :mod:`streamem.io.relion_export`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import dask
-import mrcfile
 import numpy as np
 import pandas as pd
 import starfile
 
 from streamem.errors import InputError
-from streamem.io.atomic import atomic_output, check_output
-from streamem.io.store import CTF_FIELDS, ParticleStore
-from streamem.io.threads import run_tasks
+from streamem.io.relion_optics import (
+    OPTICS_CTF_LABELS,
+    PIXEL_LABELS_30,
+    apply_optics_rules,
+    convert_relion30,
+)
+from streamem.io.store import CTF_FIELDS
 
 log = logging.getLogger(__name__)
 
-#: Optics labels that RELION 3.0 keeps on every particle row and 3.1 moves to data_optics.
-OPTICS_CTF_LABELS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
-#: RELION 3.0 pixel-size labels (dropped from particles, folded into rlnImagePixelSize).
-PIXEL_LABELS_30 = ("rlnImagePixelSize", "rlnDetectorPixelSize", "rlnMagnification")
 #: Labels that hold text even when every value looks like a number.
 STRING_LABELS = (
     "rlnImageName",
@@ -111,6 +95,10 @@ FLOAT_LABELS = frozenset(
         "rlnMicrographOriginalPixelSize",
         "rlnBeamTiltX",
         "rlnBeamTiltY",
+        "rlnMagMat00",
+        "rlnMagMat01",
+        "rlnMagMat10",
+        "rlnMagMat11",
         "rlnAngleRot",
         "rlnAngleTilt",
         "rlnAnglePsi",
@@ -244,9 +232,11 @@ def read_particles_star(
     particles = particles.reset_index(drop=True)
 
     if optics is None:
-        particles, optics = _convert_relion30(particles, path)
+        particles, optics = convert_relion30(particles, path)
     else:
         particles, optics = _check_optics31(particles, optics.reset_index(drop=True), path)
+    has_defocus = all(c in particles.columns for c in CTF_FIELDS)
+    optics = apply_optics_rules(optics, path, has_defocus)
 
     missing = [c for c in CTF_FIELDS if c not in particles.columns]
     missing += [c for c in OPTICS_CTF_LABELS if c not in optics.columns]
@@ -285,59 +275,6 @@ def _check_optics31(
     if unknown:
         raise InputError(path, f"rlnOpticsGroup {sorted(unknown)[0]} is not in data_optics")
     return particles, optics
-
-
-def _convert_relion30(particles: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """RELION 3.0 -> 3.1: optics groups from the per-particle optics, origins px -> Å."""
-    cols = particles.columns
-    if "rlnImagePixelSize" in cols:
-        pixel_A = particles["rlnImagePixelSize"].astype(float)
-    elif "rlnDetectorPixelSize" in cols and "rlnMagnification" in cols:
-        # detector pixel in µm, magnification dimensionless: 1 µm = 1e4 Å
-        pixel_A = (
-            particles["rlnDetectorPixelSize"].astype(float)
-            * 1e4
-            / particles["rlnMagnification"].astype(float)
-        )
-    else:
-        pixel_A = None
-
-    keys = pd.DataFrame({c: particles[c] for c in OPTICS_CTF_LABELS if c in cols})
-    if pixel_A is not None:
-        keys["rlnImagePixelSize"] = pixel_A
-    if keys.shape[1]:
-        group = keys.groupby(list(keys.columns), sort=False, dropna=False).ngroup() + 1
-        optics = keys.assign(rlnOpticsGroup=group).drop_duplicates("rlnOpticsGroup")
-    else:
-        group = pd.Series(1, index=particles.index)
-        optics = pd.DataFrame({"rlnOpticsGroup": [1]})
-    groups = optics["rlnOpticsGroup"].astype(np.int64).to_numpy()
-    optics = pd.DataFrame(
-        {
-            "rlnOpticsGroupName": [f"opticsGroup{g}" for g in groups],
-            "rlnOpticsGroup": groups,
-            **{c: optics[c].to_numpy() for c in optics.columns if c != "rlnOpticsGroup"},
-            "rlnImageDimensionality": 2,
-        }
-    )
-
-    out = particles.copy()
-    for axis in "XYZ":
-        px = f"rlnOrigin{axis}"
-        if px not in out.columns:
-            continue
-        if pixel_A is None:
-            raise InputError(
-                path,
-                f"RELION 3.0 {px} is in pixels but there is no pixel size "
-                "(rlnDetectorPixelSize and rlnMagnification) to convert it to Å",
-            )
-        # origin_Å = origin_px · pixel size; the sign is the same in 3.0 and 3.1
-        out[px] = out[px].astype(float) * pixel_A
-        out = out.rename(columns={px: f"{px}Angst"})
-    out = out.drop(columns=[c for c in (*OPTICS_CTF_LABELS, *PIXEL_LABELS_30) if c in cols])
-    out["rlnOpticsGroup"] = group.astype(np.int64).to_numpy()
-    return out, optics
 
 
 def parse_image_names(
@@ -410,111 +347,6 @@ def write_star(path: str | Path, blocks: dict[str, pd.DataFrame | dict[str, Any]
                 k: str(v) if isinstance(v, float | np.floating) else v for k, v in block.items()
             }
     starfile.write(out, path)
-
-
-def export_store(
-    store_path: str | Path,
-    star_path: str | Path,
-    stacks_dir: str | Path | None = None,
-    overwrite: bool = False,
-    images_per_stack: int | None = None,
-    workers: int | None = None,
-    client=None,
-) -> Path:
-    """Write a store as a RELION 3.1 STAR file plus MRCS stacks; returns ``star_path``.
-
-    Stacks go to ``stacks_dir`` (default ``<star stem>_stacks`` next to the STAR file),
-    ``images_per_stack`` consecutive particles each (default: the store's chunk size).
-    Stacks are written by a threaded Dask job, one stack per task, so memory stays at
-    about ``workers`` stacks. Both outputs are written under temporary names and
-    renamed when complete.
-    """
-    store = ParticleStore(store_path)
-    star_path = Path(star_path)
-    if stacks_dir is None:
-        stacks_dir = star_path.with_name(f"{star_path.stem}_stacks")
-    stacks_dir = Path(stacks_dir)
-    inputs = [store.path]
-    check_output(star_path, overwrite, inputs)
-    check_output(stacks_dir, overwrite, inputs)
-    if star_path.resolve().is_relative_to(stacks_dir.resolve()):
-        raise InputError(star_path, f"the STAR file may not lie inside --stacks-dir {stacks_dir}")
-    n = store.n_particles
-    per_stack = max(1, int(images_per_stack or store.chunk_size))
-    bounds = [(s, min(s + per_stack, n)) for s in range(0, n, per_stack)]
-    width = max(6, len(str(len(bounds))))
-    stack_names = [f"particles_{k + 1:0{width}d}.mrcs" for k in range(len(bounds))]
-
-    particles = _particles_table(store)
-    stacks_rel = _relative_to(stacks_dir.absolute(), star_path.absolute().parent)
-    names = np.empty(n, dtype=object)
-    for (start, stop), stack in zip(bounds, stack_names, strict=True):
-        names[start:stop] = [f"{i:06d}@{stacks_rel}/{stack}" for i in range(1, stop - start + 1)]
-    if "rlnImageName" in particles.columns and "rlnImageOriginalName" not in particles.columns:
-        pos = list(particles.columns).index("rlnImageName") + 1
-        particles.insert(pos, "rlnImageOriginalName", particles["rlnImageName"])
-    if "rlnImageName" in particles.columns:
-        particles["rlnImageName"] = names
-    else:
-        particles.insert(0, "rlnImageName", names)
-    optics = _optics_table(store)
-
-    with atomic_output(star_path, overwrite, inputs, "export") as tmp_star:
-        with atomic_output(stacks_dir, overwrite, inputs, "export") as tmp_dir:
-            tmp_dir.mkdir(parents=True)
-            tasks = [
-                dask.delayed(_write_stack, pure=True)(
-                    str(store.path),
-                    start,
-                    stop,
-                    str(Path(tmp_dir, stack).absolute()),  # workers have their own folder
-                    store.pixel_size_A,
-                )
-                for (start, stop), stack in zip(bounds, stack_names, strict=True)
-            ]
-            # on a client's cluster, its workers must see the store and the output
-            run_tasks(tasks, client, workers)
-        # the stacks are in place before the STAR file that names them
-        write_star(tmp_star, {"optics": optics, "particles": particles})
-    return star_path
-
-
-def _relative_to(target: Path, base: Path) -> str:
-    try:
-        return Path(os.path.relpath(target, base)).as_posix()
-    except ValueError:  # different drives on Windows
-        return target.as_posix()
-
-
-def _particles_table(store: ParticleStore) -> pd.DataFrame:
-    """Metadata fields as a table, in the column order of the source STAR file."""
-    table = store.read_table("metadata")
-    first = [c for c in store.facts.get("provenance", {}).get("star_columns", []) if c in table]
-    order = first + sorted(c for c in table if c not in first)
-    return pd.DataFrame({c: table[c] for c in order})
-
-
-def _optics_table(store: ParticleStore) -> pd.DataFrame:
-    rows = store.optics_groups or [{"rlnOpticsGroup": 1}]
-    optics = pd.DataFrame(rows)
-    optics["rlnOpticsGroup"] = optics["rlnOpticsGroup"].astype(np.int64)
-    if "rlnImagePixelSize" not in optics.columns:
-        optics["rlnImagePixelSize"] = store.pixel_size_A
-    optics["rlnImageSize"] = store.box_size
-    optics["rlnImageDimensionality"] = 2
-    return optics
-
-
-def _write_stack(store_path: str, start: int, stop: int, out: str, pixel_size_A: float) -> int:
-    """Task: particles [start, stop) of a store -> one float32 MRCS stack. Returns bytes."""
-    images = ParticleStore(store_path).read_chunk(start, stop).images
-    with mrcfile.new(out, overwrite=False) as mrc:
-        mrc.set_data(np.ascontiguousarray(images, dtype=np.float32))
-        mrc.set_image_stack()
-        mrc.voxel_size = pixel_size_A
-        mrc.header.origin = (0.0, 0.0, 0.0)
-        mrc.update_header_stats()
-    return int(images.nbytes)
 
 
 # -- micrographs and coordinates (pick, extract) ----------------------------------------

@@ -581,7 +581,7 @@ def simulate_particles(
             write_map(path, vol, params.pixel_size_A, overwrite=overwrite, inputs=inputs)
     store = ParticleStore(out_path)
     if relion_dir is not None:
-        from streamem.io.relion import export_store
+        from streamem.io.relion_export import export_store
 
         export_store(
             out_path, Path(relion_dir) / "particles.star", overwrite=overwrite, client=client
