@@ -1,4 +1,12 @@
-"""Execution options shared by every Dask job's command, and running a job with them."""
+"""Execution options shared by every Dask job's command, and running a job with them.
+
+``--gpu`` (refine3d, class3d, class2d, reconstruct, demo, pick): a dask-cuda cluster,
+one worker per visible GPU, each computing with CuPy (:mod:`streamem.dist.cluster`,
+:mod:`streamem.dist.device`); with ``--scheduler``, that cluster's workers compute
+with CuPy; with ``--no-cluster``, this process's threads do. What ``--gpu`` needs
+(CuPy, dask-cuda, a visible GPU) is checked first, by :func:`check_execution`, so a
+missing piece is one line and exit 2 before any output exists.
+"""
 
 from __future__ import annotations
 
@@ -27,16 +35,43 @@ def add_scheduler_options(p) -> None:
     _add_scheduler_arguments(p.add_argument_group("execution"))
 
 
+def add_gpu_option(p) -> None:
+    """``--gpu`` for jobs that run on local threads by default (pick); see the module."""
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="compute on GPUs with CuPy: a dask-cuda cluster (one worker per GPU), or "
+        "the GPU workers of --scheduler",
+    )
+
+
+def check_execution(args) -> None:
+    """Refuse execution options that cannot work here (InputError, one line).
+
+    Call it before any output is created; :func:`run_job` and
+    :func:`scheduler_client` call it too. ``--gpu`` needs CuPy and a visible GPU
+    here, and dask-cuda unless the tasks run on threads (``--no-cluster``) or on an
+    existing cluster (``--scheduler``, whose workers are checked when it is reached).
+    """
+    from streamem.dist.cluster import check_gpu
+
+    if getattr(args, "gpu", False) and not getattr(args, "scheduler", None):
+        check_gpu(need_dask_cuda=not getattr(args, "no_cluster", False))
+
+
 @contextmanager
 def scheduler_client(args) -> Iterator:
-    """A client on ``args.scheduler`` (checked, within ``--scheduler-timeout``), or None."""
-    if not args.scheduler:
-        yield None
-        return
+    """A client on ``args.scheduler`` (checked, within ``--scheduler-timeout``), a local
+    GPU cluster with ``--gpu`` (commands with :func:`add_gpu_option`), or None (threads)."""
     from streamem.dist.cluster import check_cluster_options, client_for
 
+    check_execution(args)
+    gpu = getattr(args, "gpu", False)
+    if not args.scheduler and not gpu:
+        yield None
+        return
     check_cluster_options(None, None, args.scheduler_timeout)
-    with client_for(args.scheduler, scheduler_timeout_s=args.scheduler_timeout) as client:
+    with client_for(args.scheduler, gpu=gpu, scheduler_timeout_s=args.scheduler_timeout) as client:
         yield client
 
 
@@ -49,7 +84,10 @@ def add_cluster_options(p) -> None:
     )
     g.add_argument("--threads-per-worker", type=int, default=1)
     g.add_argument(
-        "--gpu", action="store_true", help="run on GPUs with dask-cuda (one worker per GPU)"
+        "--gpu",
+        action="store_true",
+        help="compute on GPUs with CuPy: a dask-cuda cluster, one worker per visible GPU "
+        "(CUDA_VISIBLE_DEVICES); with --no-cluster, this process's GPU",
     )
     g.add_argument(
         "--no-cluster", action="store_true", help="run in this process on threads (no dashboard)"
@@ -67,6 +105,7 @@ def run_job(args, job):
     check_cluster_options(args.n_workers, args.threads_per_worker, args.scheduler_timeout)
     if args.scheduler and args.no_cluster:
         raise InputError(None, "give --scheduler or --no-cluster, not both")
+    check_execution(args)
     return run_with_client(
         job,
         use_cluster=not args.no_cluster,

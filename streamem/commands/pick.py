@@ -17,7 +17,12 @@ import argparse
 import logging
 
 from streamem import validate as check
-from streamem.commands.execution import add_scheduler_options, scheduler_client
+from streamem.commands.execution import (
+    add_gpu_option,
+    add_scheduler_options,
+    check_execution,
+    scheduler_client,
+)
 from streamem.errors import InputError
 
 log = logging.getLogger("streamem")
@@ -127,6 +132,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for the noise padding (0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     add_scheduler_options(p)
+    add_gpu_option(p)
     p.set_defaults(func=run)
 
 
@@ -191,6 +197,7 @@ def run(args) -> int:
     from streamem.pick.template import TemplatePickParams, estimate_particle_diameter_A
 
     check_options(args)
+    check_execution(args)  # --gpu without CuPy or a GPU: refused before any output
     given = [*args.micrographs, args.templates, args.reference]
     check_output(args.out, args.overwrite, inputs=given)
     lowpass = args.lowpass if args.lowpass and args.lowpass > 0 else None

@@ -19,6 +19,22 @@ with no timeout, so a peer that accepts and never answers hangs the client for a
 long as the kernel keeps the socket open. So the connection is first probed under
 an overall ``asyncio.wait_for`` deadline (a refused connection fails at once), and
 only then handed to ``Client``.
+
+GPUs (``gpu=True``): a ``dask_cuda.LocalCUDACluster`` with one worker process per
+visible GPU (``CUDA_VISIBLE_DEVICES`` chooses them), its scheduler and dashboard on
+127.0.0.1 like the CPU cluster's (dask-cuda would otherwise take Dask's default
+``:8787`` on every interface). Every GPU worker gets a
+:class:`streamem.dist.device.DevicePlugin`, which is how a task knows it computes with
+CuPy (:func:`streamem.dist.device.model_on_device`). Device memory: when ``rmm``
+imports (the ``[gpu]`` extra installs ``rmm-cu12``), each worker starts an RMM pool
+of 80% of its GPU and CuPy allocates from it (``rmm_allocator_external_lib_list``):
+the pool is made once per worker, so the E-step's many short-lived temporaries of
+changing sizes cost no ``cudaMalloc``, and dask-cuda's device-memory accounting sees
+what CuPy holds. Without ``rmm``, CuPy's own memory pool (its default allocator) does
+the same caching per process, so nothing is set; 20% of the GPU stays outside the
+RMM pool for cuBLAS/cuFFT workspaces, which do not allocate through CuPy.
+``--gpu`` without CuPy, without dask-cuda or with no visible GPU is refused with one
+line before anything starts (:func:`check_gpu`).
 """
 
 from __future__ import annotations
@@ -74,6 +90,8 @@ def client_for(
     check_cluster_options(n_workers, threads_per_worker, scheduler_timeout_s)
     if scheduler:
         client = connect_scheduler(scheduler, scheduler_timeout_s)
+        if gpu:  # the cluster's workers must have GPUs and CuPy (dask cuda worker)
+            _register_device(client, where=f"--scheduler {scheduler}")
         _announce(client)
         try:
             yield client
@@ -102,13 +120,12 @@ def client_for(
     }
     dask.config.set({"distributed.nanny.pre-spawn-environ": worker_env})
     if gpu:
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError:
-            raise InputError(
-                None, "--gpu needs dask-cuda and cupy: pip install -e '.[gpu]'"
-            ) from None
-        cluster = LocalCUDACluster(rmm_pool_size="80%", threads_per_worker=threads_per_worker)
+        check_gpu()
+        from dask_cuda import LocalCUDACluster
+
+        cluster = LocalCUDACluster(
+            **gpu_cluster_options(threads_per_worker, memory_limit, _importable("rmm"))
+        )
     else:
         cluster = LocalCluster(
             n_workers=n_workers,
@@ -118,9 +135,15 @@ def client_for(
             memory_limit=memory_limit,
             silence_logs=logging.WARNING,
         )
-    client = Client(cluster)
-    _announce(client)
     try:
+        client = Client(cluster)
+    except BaseException:
+        cluster.close()
+        raise
+    try:
+        if gpu:
+            _register_device(client, where=None)
+        _announce(client)
         yield client
     finally:
         client.close()
@@ -136,11 +159,113 @@ def _announce(client) -> None:
 
 
 def run_with_client(job, use_cluster: bool = True, **cluster_options):
-    """``job(client)`` on a cluster from :func:`client_for`, or ``job(None)`` (threads)."""
+    """``job(client)`` on a cluster from :func:`client_for`, or ``job(None)`` (threads).
+
+    With ``gpu=True`` and no cluster, the threaded scheduler's tasks compute with CuPy
+    (:func:`streamem.dist.device.use_device`); dask-cuda is not needed then.
+    """
     if not use_cluster:
-        return job(None)
+        from streamem.dist.device import use_device
+
+        gpu = cluster_options.get("gpu", False)
+        if gpu:
+            check_gpu(need_dask_cuda=False)
+        with use_device("cupy" if gpu else None):
+            return job(None)
     with client_for(**cluster_options) as client:
         return job(client)
+
+
+# -- GPUs --------------------------------------------------------------------------------
+
+#: How to get what ``--gpu`` needs.
+GPU_INSTALL = 'pip install "streamem[gpu]"'
+#: Share of each GPU's memory in the RMM pool (the rest: cuBLAS/cuFFT workspaces).
+RMM_POOL_FRACTION = 0.8
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a None entry in sys.modules, a broken package
+        return False
+
+
+def gpu_problem(need_dask_cuda: bool = True) -> str | None:
+    """What ``--gpu`` lacks on this machine, as one line (None when all is there).
+
+    Checks, in order: CuPy imports; ``cupy.cuda.runtime.getDeviceCount()`` is at
+    least 1 (no driver or no visible device raises, or gives 0); dask-cuda imports
+    (for a GPU cluster). A machine without a GPU is told so, not to install more.
+    """
+    import os
+
+    try:
+        import cupy
+    except ImportError:
+        return f"--gpu needs CuPy, which is not installed: {GPU_INSTALL}"
+    try:
+        n_gpus = int(cupy.cuda.runtime.getDeviceCount())
+        reason = "no CUDA device"
+    except Exception as exc:  # CUDARuntimeError without a driver, or a broken install
+        n_gpus, reason = 0, _reason(exc)
+    if n_gpus < 1:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = "" if visible is None else f", CUDA_VISIBLE_DEVICES={visible!r}"
+        return (
+            f"--gpu found no visible GPU ({reason}{shown}): run without --gpu, or where "
+            "an NVIDIA GPU and its driver are visible"
+        )
+    if need_dask_cuda:
+        try:
+            import dask_cuda  # noqa: F401
+        except ImportError:
+            return f"--gpu needs dask-cuda, which is not installed: {GPU_INSTALL}"
+    return None
+
+
+def check_gpu(need_dask_cuda: bool = True) -> None:
+    """InputError (one line, :func:`gpu_problem`) unless ``--gpu`` can run here."""
+    problem = gpu_problem(need_dask_cuda)
+    if problem is not None:
+        raise InputError(None, problem)
+
+
+def gpu_cluster_options(
+    threads_per_worker: int = 1, memory_limit: str | None = "auto", rmm_available: bool = False
+) -> dict:
+    """Keyword arguments of ``dask_cuda.LocalCUDACluster`` (module docstring).
+
+    One worker per visible GPU (``n_workers`` left to dask-cuda, which counts
+    ``CUDA_VISIBLE_DEVICES``); scheduler and dashboard on 127.0.0.1 (a free port);
+    with ``rmm_available`` an RMM pool behind CuPy's allocator, else CuPy's own pool.
+    """
+    options = {
+        "host": "127.0.0.1",
+        "dashboard_address": "127.0.0.1:0",
+        "threads_per_worker": threads_per_worker,
+        "memory_limit": memory_limit,
+        "silence_logs": logging.WARNING,
+    }
+    if rmm_available:
+        options["rmm_pool_size"] = RMM_POOL_FRACTION
+        options["rmm_allocator_external_lib_list"] = ["cupy"]
+    return options
+
+
+def _register_device(client, where: str | None) -> None:
+    """Register the CuPy :class:`~streamem.dist.device.DevicePlugin` on every worker."""
+    from streamem.dist.device import DevicePlugin
+
+    try:
+        client.register_plugin(DevicePlugin("cupy"))
+    except ImportError:
+        client.close()
+        raise InputError(
+            where, f"--gpu: the cluster's workers cannot import CuPy ({GPU_INSTALL} there)"
+        ) from None
 
 
 # -- options and schedulers --------------------------------------------------------------

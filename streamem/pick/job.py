@@ -22,7 +22,13 @@ Outputs in ``out_dir`` (written under a temporary name and renamed when complete
 - ``<stem>_picks.png`` for the first micrograph: its low-passed image with the picks.
 
 Tasks get paths and small parameter objects; the templates go to the workers once
-(one shared Dask key).
+(one shared Dask key). Devices: the picking kernels (:mod:`streamem.pick.template`,
+:mod:`streamem.pick.log`) follow their arrays' namespace. On a GPU worker (``--gpu``:
+:mod:`streamem.dist.device`) each task moves its micrograph to the device and takes
+the worker's device copy of the template bank (converted once per worker); picks and
+figure-of-merit maps come back to NumPy before they are written. The tasks run through
+:func:`streamem.io.threads.run_tasks`, the one helper of the I/O jobs: dask's threaded
+scheduler here, or the ``client``'s cluster (``--scheduler``, ``--gpu``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import dask
 import numpy as np
 import pandas as pd
 
+from streamem.core.backend import to_numpy
+from streamem.dist.device import device_namespace, model_on_device
 from streamem.errors import InputError
 from streamem.pick.log import LogPickParams, pick_log
 from streamem.pick.peaks import Picks
@@ -278,6 +286,12 @@ def _pick_one(
     image, _ = read_map(mic.path)
     if image.ndim != 2:
         raise InputError(mic.path, f"a micrograph must be one 2-D image, got shape {image.shape}")
+    # on a GPU worker the micrograph and the template bank go to the device here (the bank
+    # once per worker); the kernels follow their arrays' namespace and return NumPy picks
+    xp = device_namespace()
+    if xp is not None:
+        image = xp.asarray(image)
+        bank = model_on_device(bank)
     if isinstance(params, LogPickParams):
         picks, fom, prepared = pick_log(image, mic.pixel_size_A, params, seed)
         scale_used, diameter = np.nan, 0.5 * (params.diameter_min_A + params.diameter_max_A)
@@ -295,7 +309,7 @@ def _pick_one(
     g = prepared.grid
     if write_fom:
         h, w = (int(round(n * g.scale)) for n in image.shape)
-        write_map(out / f"{mic.stem}_fom.mrc", np.asarray(fom)[:h, :w], g.work_pixel_A)
+        write_map(out / f"{mic.stem}_fom.mrc", to_numpy(fom)[:h, :w], g.work_pixel_A)
     if plot:
         plot_picks(
             out / f"{mic.stem}_picks.png",
