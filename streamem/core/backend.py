@@ -60,8 +60,9 @@ def is_numpy_namespace(xp) -> bool:
     return xp is np
 
 
-def has_fancy_setitem(xp) -> bool:
-    """Whether ``x[int_array] = v`` and ``ufunc.at`` work (NumPy, CuPy; not the standard)."""
+def has_numpy_api(xp) -> bool:
+    """NumPy or CuPy: the NumPy API beyond the standard (fancy assignment, ``ufunc.at``,
+    in-place ops that cast, ``.view``, ``.flags``), used for the fast paths."""
     return xp is np or xp.__name__ == "cupy"
 
 
@@ -102,6 +103,13 @@ def astype(x, dtype, copy: bool = True):
     if is_numpy_array(x) or is_cupy_array(x):
         return x.astype(dtype, copy=copy)
     return xp_of(x).astype(x, dtype, copy=copy)
+
+
+def copy(x):
+    """A copy of ``x`` (``x.copy()`` is not in the standard; ``asarray(copy=)`` not in CuPy 13)."""
+    if is_numpy_array(x) or is_cupy_array(x):
+        return x.copy()
+    return xp_of(x).asarray(x, copy=True)
 
 
 def is_complex(x) -> bool:
@@ -192,7 +200,7 @@ def take_rows(x, index):
     """``x[index]`` along axis 0 for an integer ``index`` of any shape ->
     ``index.shape + x.shape[1:]`` (standard ``take`` wants 1-D indices)."""
     xp = xp_of(x)
-    if has_fancy_setitem(xp):
+    if has_numpy_api(xp):
         return x[index]
     flat = xp.take(x, xp.reshape(index, (-1,)), axis=0)
     return xp.reshape(flat, tuple(index.shape) + tuple(x.shape[1:]))
@@ -218,7 +226,7 @@ def bincount(index, weights=None, minlength: int = 0):
     ``searchsorted`` give the segment sums without writing by index.
     """
     xp = xp_of(index, weights)
-    if has_fancy_setitem(xp):
+    if has_numpy_api(xp):
         return xp.bincount(xp.reshape(index, (-1,)), weights=weights, minlength=minlength)
     flat_index = xp.reshape(index, (-1,))
     n = int(xp.max(flat_index)) + 1 if flat_index.shape[0] else 0
@@ -263,7 +271,7 @@ def scatter_unique(index, values, size: int):
     length ``size`` -> ``batch + (size,)`` (``out[..., index] = values``, not in the standard)."""
     xp = xp_of(values)
     batch = tuple(values.shape[:-1])
-    if has_fancy_setitem(xp):
+    if has_numpy_api(xp):
         out = xp.zeros(batch + (size,), dtype=values.dtype)
         out[..., index] = values
         return out

@@ -49,7 +49,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamem.core.backend import fftshift, irfftn, rfftn, xp_of
+from streamem.core.backend import (
+    add_at,
+    asarray_like,
+    astype,
+    bincount,
+    conj,
+    copy,
+    fftshift,
+    flatnonzero,
+    has_numpy_api,
+    imag,
+    irfftn,
+    make_complex,
+    real,
+    rfftn,
+    take_rows,
+    to_numpy,
+    xp_of,
+)
 from streamem.core.projector import (
     BLOCK_POINTS,
     _separable,
@@ -77,25 +95,6 @@ def empty_accumulators(
     return xp.zeros(shape, dtype=xp.complex128), xp.zeros(shape, dtype=xp.float64)
 
 
-def _scatter_add(acc_flat, index, values) -> None:
-    """``acc_flat[index] += values`` with repeated indices summed, in place.
-
-    NumPy >= 2 has a fast ``ufunc.at`` for 1-D operands of matching dtype (measured
-    ~15 ns per element, ~5x faster than ``bincount`` into a fresh array at box 128);
-    CuPy's ``add.at`` uses atomic adds.
-    """
-    xp = xp_of(acc_flat)
-    # 1-D operands: NumPy's fast ufunc.at path needs them (2-D is ~7x slower).
-    index = index.reshape(-1)
-    values = values.reshape(-1)
-    try:
-        xp.add.at(acc_flat, index, values)
-    except (AttributeError, NotImplementedError):  # older CuPy
-        import cupyx
-
-        cupyx.scatter_add(acc_flat, index, values)
-
-
 def insert_points(
     data_acc,
     weight_acc,
@@ -120,15 +119,18 @@ def insert_points(
 
     Points beyond the accumulators' radius, and the redundant ``kx = 0, ky < 0``
     half column, are skipped. The adjoint of
-    :func:`streamem.core.projector.project_points` on the kept points.
+    :func:`streamem.core.projector.project_points` on the kept points. Runs in the
+    namespace of the accumulators (the other inputs are moved there); scatter-adds
+    go through :func:`streamem.core.backend.add_at` (in place on NumPy and CuPy; on
+    other namespaces the accumulators are rewritten once at the end).
     """
     xp = xp_of(data_acc)
-    rotations = xp.asarray(rotations, dtype=xp.float64)
+    rotations = asarray_like(rotations, data_acc, xp.float64)
     if rotations.ndim == 2:
-        rotations = rotations[None]
-    coords = xp.asarray(coords, dtype=xp.float64)
-    values = xp.asarray(values)
-    weights = xp.asarray(weights, dtype=xp.float64)
+        rotations = rotations[None, ...]
+    coords = asarray_like(coords, data_acc, xp.float64)
+    values = asarray_like(values, data_acc)
+    weights = asarray_like(weights, data_acc, xp.float64)
     n = rotations.shape[0]
     M = coords.shape[0]
     values = xp.broadcast_to(values, (n, M))
@@ -136,28 +138,35 @@ def insert_points(
     R = radius_of_half_cube(data_acc.shape)
     if data_acc.shape != weight_acc.shape or data_acc.shape != half_cube_shape(R):
         raise ValueError(f"accumulator shapes {data_acc.shape}, {weight_acc.shape} do not match")
-    if not (data_acc.flags.c_contiguous and weight_acc.flags.c_contiguous):
+    native = has_numpy_api(xp)
+    if native and not (data_acc.flags.c_contiguous and weight_acc.flags.c_contiguous):
         # the flat views below would silently be copies
         raise ValueError("accumulators must be C-contiguous arrays")
     r2 = xp.sum(coords * coords, axis=1) * padding_factor**2
     keep = (r2 <= R * R + 1e-6) & ~((coords[:, 1] == 0) & (coords[:, 0] < 0))
-    keep_idx = xp.flatnonzero(keep)
+    keep_idx = flatnonzero(keep)
     if keep_idx.shape[0] == 0 or n == 0:
         return
-    sub = coords[keep_idx]
+    sub = take_rows(coords, keep_idx)
     Mi = sub.shape[0]
-    data_re = data_acc.reshape(-1).view(xp.float64)[0::2]  # strided views, no copies
-    data_im = data_acc.reshape(-1).view(xp.float64)[1::2]
-    weight_f = weight_acc.reshape(-1)
+    if native:
+        data_re = data_acc.reshape(-1).view(xp.float64)[0::2]  # strided views, no copies
+        data_im = data_acc.reshape(-1).view(xp.float64)[1::2]
+        weight_f = weight_acc.reshape(-1)
+    else:  # no views in the standard: flat copies, written back below
+        data_re = astype(real(xp.reshape(data_acc, (-1,))), xp.float64)
+        data_im = astype(imag(xp.reshape(data_acc, (-1,))), xp.float64)
+        weight_f = astype(xp.reshape(weight_acc, (-1,)), xp.float64)
     offsets = corner_offsets(R)
     nb = max(1, block_points // Mi)
     for s in range(0, n, nb):
-        x, y, z = slice_components(rotations[s : s + nb], sub, padding_factor)
+        e = min(s + nb, n)
+        x, y, z = slice_components(rotations[s:e, ...], sub, padding_factor)
         base, fx, fy, fz, flip = trilinear_setup(x, y, z, R)
-        v = values[s : s + nb][:, keep_idx]
-        w = weights[s : s + nb][:, keep_idx]
-        v_re = v.real.astype(xp.float64)
-        v_im = xp.where(flip, -v.imag, v.imag).astype(xp.float64)  # conj for Friedel mates
+        v = xp.take(values[s:e, ...], keep_idx, axis=1)
+        w = xp.take(weights[s:e, ...], keep_idx, axis=1)
+        v_re = astype(real(v), xp.float64)
+        v_im = astype(xp.where(flip, -imag(v), imag(v)), xp.float64)  # conj for Friedel mates
         gx = (1 - fx, fx)
         gy = (1 - fy, fy)
         gz = (1 - fz, fz)
@@ -165,9 +174,14 @@ def insert_points(
             # corner k has bits (z, y, x) = (k >> 2, k >> 1, k) & 1
             t = gz[(k >> 2) & 1] * gy[(k >> 1) & 1] * gx[k & 1]
             idx = base + off
-            _scatter_add(data_re, idx, t * v_re)
-            _scatter_add(data_im, idx, t * v_im)
-            _scatter_add(weight_f, idx, t * w)
+            data_re = add_at(data_re, idx, t * v_re)
+            data_im = add_at(data_im, idx, t * v_im)
+            weight_f = add_at(weight_f, idx, t * w)
+    if not native:
+        data_acc[...] = astype(
+            xp.reshape(make_complex(data_re, data_im), data_acc.shape), data_acc.dtype
+        )
+        weight_acc[...] = astype(xp.reshape(weight_f, weight_acc.shape), weight_acc.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -178,13 +192,13 @@ def enforce_hermitian(data, weight):
     """Sum the ``x = 0`` plane with its Friedel mates (new arrays; RELION's
     ``enforceHermitianSymmetry``)."""
     xp = xp_of(data)
-    data = data.copy()
-    weight = weight.copy()
+    data = copy(data)
+    weight = copy(weight)
     p = data[:, :, 0]
     w = weight[:, :, 0]
     # In the centred layout index i <-> -i is D - 1 - i: a flip of both axes.
-    data[:, :, 0] = p + xp.conj(p[::-1, ::-1])
-    weight[:, :, 0] = w + w[::-1, ::-1]
+    data[:, :, 0] = p + conj(xp.flip(p, axis=(0, 1)))
+    weight[:, :, 0] = w + xp.flip(w, axis=(0, 1))
     return data, weight
 
 
@@ -195,10 +209,9 @@ def _half_cube_points(R: int, xp, radius: float):
     H = R + 2
     f = xp.arange(D, dtype=xp.float64) - c
     x = xp.arange(H, dtype=xp.float64)
-    zz, yy, xx = xp.meshgrid(f, f, x, indexing="ij")
-    r2 = (zz * zz + yy * yy + xx * xx).reshape(-1)
-    idx = xp.flatnonzero(r2 <= radius * radius + 1e-6)
-    pts = xp.stack([xx.reshape(-1)[idx], yy.reshape(-1)[idx], zz.reshape(-1)[idx]], axis=1)
+    zz, yy, xx = (xp.reshape(g, (-1,)) for g in xp.meshgrid(f, f, x, indexing="ij"))
+    idx = flatnonzero(zz * zz + yy * yy + xx * xx <= radius * radius + 1e-6)
+    pts = xp.stack([xp.take(xx, idx), xp.take(yy, idx), xp.take(zz, idx)], axis=1)
     return idx, pts
 
 
@@ -209,41 +222,52 @@ def apply_symmetry(data, weight, symmetry_matrices, block_points: int = BLOCK_PO
     included or not; it is always counted once). For each voxel k within radius R
     the result is the sum over the group of the trilinearly interpolated
     accumulators at ``L k``. Returns new arrays.
+    The group comes from :func:`streamem.core.symmetry.symmetry_matrices` (host,
+    NumPy); it is moved to the accumulators' namespace here.
     """
     xp = xp_of(data)
-    L = xp.asarray(symmetry_matrices, dtype=xp.float64).reshape(-1, 3, 3)
-    eye = xp.eye(3)
-    not_identity = xp.max(xp.abs(L - eye).reshape(L.shape[0], -1), axis=1) > 1e-6
+    L = to_numpy(symmetry_matrices).astype(np.float64).reshape(-1, 3, 3)
+    not_identity = np.max(np.abs(L - np.eye(3)).reshape(L.shape[0], -1), axis=1) > 1e-6
     L = L[not_identity]
     if L.shape[0] == 0:
         return data, weight
     R = radius_of_half_cube(data.shape)
     idx, pts = _half_cube_points(R, xp, R)
-    out_d = data.copy().reshape(-1)
-    out_w = weight.copy().reshape(-1)
+    out_d = xp.reshape(copy(data), (-1,))
+    out_w = xp.reshape(copy(weight), (-1,))
+    n_pts = idx.shape[0]
     for Lm in L:
-        for s in range(0, idx.shape[0], block_points):
-            p = pts[s : s + block_points] @ Lm.T  # (x, y, z) -> L (x, y, z)
-            i = idx[s : s + block_points]
+        LmT = asarray_like(Lm.T, data)
+        for s in range(0, n_pts, block_points):
+            e = min(s + block_points, n_pts)
+            p = pts[s:e, ...] @ LmT  # (x, y, z) -> L (x, y, z)
+            i = idx[s:e]
             x, y, z = p[:, 0], p[:, 1], p[:, 2]
-            out_d[i] += trilinear_gather(data, x, y, z)
-            out_w[i] += trilinear_gather(weight, x, y, z)
-    return out_d.reshape(data.shape), out_w.reshape(weight.shape)
+            # distinct voxels i: add_at is a plain indexed add here
+            out_d = add_at(out_d, i, trilinear_gather(data, x, y, z))
+            out_w = add_at(out_w, i, trilinear_gather(weight, x, y, z))
+    return xp.reshape(out_d, data.shape), xp.reshape(out_w, weight.shape)
 
 
 def _decenter(half, padded_size: int, radius: float):
     """Projector-centred half cube -> rfft layout ``(P, P, P // 2 + 1)``, zero beyond radius."""
     xp = xp_of(half)
     R = radius_of_half_cube(half.shape)
+    c = R + 1
+    D = 2 * R + 3
+    H = R + 2
     P = padded_size
-    out = xp.zeros((P, P, P // 2 + 1), dtype=half.dtype)
-    idx, pts = _half_cube_points(R, xp, radius)
-    x = pts[:, 0].astype(xp.int64)
-    y = pts[:, 1].astype(xp.int64) % P
-    z = pts[:, 2].astype(xp.int64) % P
-    keep = x <= P // 2
-    out[z[keep], y[keep], x[keep]] = half.reshape(-1)[idx[keep]]
-    return out
+    # A gather (the standard has no scatter): signed frequency of each rfft index,
+    # +P/2 for the even-P Nyquist index, as the half cube's x >= 0 side holds it.
+    f = xp.arange(P, dtype=xp.int64)
+    f = xp.where(f > P // 2, f - P, f)
+    h = xp.arange(P // 2 + 1, dtype=xp.int64)
+    fz, fy, fx = f[:, None, None], f[None, :, None], h[None, None, :]
+    r2 = fz * fz + fy * fy + fx * fx
+    inside = astype(r2, xp.float64) <= radius * radius + 1e-6
+    idx = (xp.clip(fz, -c, c) + c) * D * H + (xp.clip(fy, -c, c) + c) * H + xp.clip(fx, 0, H - 1)
+    vals = take_rows(xp.reshape(half, (-1,)), idx)
+    return xp.where(inside, vals, xp.zeros((), dtype=half.dtype))
 
 
 def _padded_shells(P: int, padding_factor: int, xp):
@@ -251,7 +275,7 @@ def _padded_shells(P: int, padding_factor: int, xp):
     f = xp.fft.fftfreq(P, d=1.0 / P)
     h = xp.arange(P // 2 + 1, dtype=xp.float64)
     r = xp.sqrt(f[:, None, None] ** 2 + f[None, :, None] ** 2 + h[None, None, :] ** 2)
-    return xp.rint(r / padding_factor).astype(xp.int64), r
+    return astype(xp.round(r / padding_factor), xp.int64), r
 
 
 def _blob_ft(omega, radius: float, alpha: float = 15.0):
@@ -292,12 +316,13 @@ def reconstruction_noise_spectrum(
     R = radius_of_half_cube(w.shape)
     idx, pts = _half_cube_points(R, xp, R)
     r = xp.sqrt(xp.sum(pts * pts, axis=1))
-    shell = xp.rint(r / padding_factor).astype(xp.int64)
+    shell = astype(xp.round(r / padding_factor), xp.int64)
     n_shells = box_size // 2 + 1
-    keep = shell < n_shells
-    vals = w.reshape(-1)[idx][keep] * padding_factor**3
-    tot = xp.bincount(shell[keep], weights=vals, minlength=n_shells)[:n_shells]
-    cnt = xp.bincount(shell[keep], minlength=n_shells)[:n_shells].astype(xp.float64)
+    keep = flatnonzero(shell < n_shells)
+    shell = xp.take(shell, keep)
+    vals = xp.take(xp.take(xp.reshape(w, (-1,)), idx), keep) * padding_factor**3
+    tot = bincount(shell, weights=vals, minlength=n_shells)[:n_shells]
+    cnt = astype(bincount(shell, minlength=n_shells)[:n_shells], xp.float64)
     return xp.where(tot > 0, cnt / xp.where(tot > 0, tot, 1.0), 0.0)
 
 
@@ -340,22 +365,24 @@ def reconstruct(
     shells, r = _padded_shells(P, pf, xp)
     inside = r <= radius + 1e-6
     if tau2 is not None:
-        tau2 = xp.asarray(tau2, dtype=xp.float64)
+        tau2 = asarray_like(tau2, data_acc, xp.float64)
         ns = tau2.shape[0]
         in_range = inside & (shells < ns)
-        t = tau2[xp.minimum(shells, ns - 1)] * tau2_fudge
+        t = take_rows(tau2, xp.clip(shells, 0, ns - 1)) * tau2_fudge
         inv_tau2 = xp.where(t > 0, 1.0 / (pf**3 * xp.where(t > 0, t, 1.0)), 1000.0 * Fw)
         Fw = xp.where(in_range, Fw + inv_tau2, Fw)
     if n_gridding_iter <= 0:
         # RELION's skip_gridding: floor each weight at 1/1000 of its shell's mean.
-        s_floor = xp.minimum(xp.floor(r / pf).astype(xp.int64), max(B // 2 - 1, 0))
+        s_floor = xp.clip(astype(xp.floor(r / pf), xp.int64), 0, max(B // 2 - 1, 0))
         n_s = B // 2
-        sel = inside.reshape(-1)
-        tot = xp.bincount(s_floor.reshape(-1)[sel], weights=Fw.reshape(-1)[sel], minlength=n_s)
-        cnt = xp.bincount(s_floor.reshape(-1)[sel], minlength=n_s)
-        floor_w = tot[:n_s] / xp.maximum(cnt[:n_s], 1) / 1000.0
-        w = xp.maximum(Fw, floor_w[s_floor])
-        Fconv = xp.where(inside & (w > 0), Fd / xp.where(w > 0, w, 1.0), 0)
+        sel = flatnonzero(inside)
+        s_sel = xp.take(xp.reshape(s_floor, (-1,)), sel)
+        tot = bincount(s_sel, weights=xp.take(xp.reshape(Fw, (-1,)), sel), minlength=n_s)
+        cnt = astype(bincount(s_sel, minlength=n_s), xp.float64)
+        floor_w = tot[:n_s] / xp.maximum(cnt[:n_s], 1.0) / 1000.0
+        w = xp.maximum(Fw, take_rows(floor_w, s_floor))
+        zero = xp.zeros((), dtype=Fd.dtype)
+        Fconv = xp.where(inside & (w > 0), Fd / xp.where(w > 0, w, 1.0), zero)
     else:
         Fconv = Fd * _gridding_weights(Fw, inside, P, pf, n_gridding_iter)
     del Fd, Fw
@@ -364,7 +391,7 @@ def reconstruct(
     o = P // 2 - B // 2
     vol = vol[o : o + B, o : o + B, o : o + B]
     corr = _separable(trilinear_kernel_ft(B, P, xp), 3)
-    return (vol / corr).astype(xp.float32)
+    return astype(vol / corr, xp.float32)
 
 
 def _gridding_weights(Fw, inside, P: int, pf: int, n_iter: int):
@@ -379,7 +406,7 @@ def _gridding_weights(Fw, inside, P: int, pf: int, n_iter: int):
     # Real-space position of each padded voxel (FFT layout), in cycles per padded voxel.
     rr = xp.sqrt(f[:, None, None] ** 2 + f[None, :, None] ** 2 + f[None, None, :] ** 2) / P
     blob = _blob_ft(rr, radius=1.9 * pf)
-    Fnew = inside.astype(xp.float64)
+    Fnew = astype(inside, xp.float64)
     for _ in range(n_iter):
         conv = irfftn(Fnew * Fw, s=(P, P, P), axes=(0, 1, 2)) * blob
         conv = rfftn(conv, axes=(0, 1, 2))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streamem.core.backend import xp_of
+from streamem.core.backend import asarray_like, astype, atan2, xp_of
 
 
 def electron_wavelength_A(voltage_kV: float) -> float:
@@ -65,23 +65,24 @@ def ctf_phase_from_frequencies(
     xp = xp_of(kx)
 
     def per_image(v):
-        v = xp.asarray(v, dtype=xp.float64)
-        return v.reshape(v.shape + (1,) * kx.ndim)
+        # per-image parameters (host metadata) go to the frequencies' namespace/device
+        v = asarray_like(v, kx, xp.float64)
+        return xp.reshape(v, tuple(v.shape) + (1,) * kx.ndim)
 
     U, V, phi = per_image(defocus_u_A), per_image(defocus_v_A), per_image(defocus_angle_deg)
     phase = per_image(phase_shift_deg)
     lam = electron_wavelength_A(optics.voltage_kV)
     cs_A = optics.cs_mm * 1e7
     k2 = kx * kx + ky * ky
-    theta = xp.arctan2(ky, kx)
-    angle = theta - xp.deg2rad(phi)
+    theta = atan2(ky, kx)
+    angle = theta - phi * (np.pi / 180.0)
     defocus = U * xp.cos(angle) ** 2 + V * xp.sin(angle) ** 2
     q0 = optics.amplitude_contrast
     return (
         -np.pi * lam * defocus * k2
         + 0.5 * np.pi * cs_A * lam**3 * k2 * k2
         - np.arctan(q0 / np.sqrt(1.0 - q0 * q0))
-        - xp.deg2rad(phase)
+        - phase * (np.pi / 180.0)
     )
 
 
@@ -104,8 +105,8 @@ def ctf_from_frequencies(
     gamma = ctf_phase_from_frequencies(
         ky, kx, defocus_u_A, defocus_v_A, defocus_angle_deg, optics, phase_shift_deg
     )
-    B = xp.asarray(bfactor_A2, dtype=xp.float64)
-    B = B.reshape(B.shape + (1,) * kx.ndim)
+    B = asarray_like(bfactor_A2, kx, xp.float64)
+    B = xp.reshape(B, tuple(B.shape) + (1,) * kx.ndim)
     return -xp.sin(gamma) * xp.exp(-B * (kx * kx + ky * ky) / 4.0)
 
 
@@ -129,10 +130,11 @@ def ctf_rfft(
     out = ctf_from_frequencies(
         ky, kx, defocus_u_A, defocus_v_A, defocus_angle_deg, optics, phase_shift_deg, bfactor_A2
     )
-    return out.astype(dtype or xp.float32)
+    return astype(out, dtype or xp.float32)
 
 
 def phase_flip(ctf):
     """Sign of the CTF (phase flipping), with zeros mapped to +1."""
     xp = xp_of(ctf)
-    return xp.where(ctf < 0, -1.0, 1.0).astype(ctf.dtype)
+    one = xp.ones((), dtype=ctf.dtype)
+    return xp.where(ctf < 0, -one, one)

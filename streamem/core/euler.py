@@ -11,6 +11,9 @@ a = rot, b = tilt, g = psi,
 The projection of a map V at pose A is P(x, y) = ∫ V(Aᵀ (x, y, z)) dz, so the
 image's Fourier coefficient at (kx, ky) is the map's at Aᵀ (kx, ky, 0): the
 central slice spanned by the first two *rows* of A. Vectors are (x, y, z).
+
+Host-only by design: angles and matrices are per-particle NumPy metadata; the
+numerics that use them on a device move the (n, 3, 3) matrices there.
 """
 
 from __future__ import annotations

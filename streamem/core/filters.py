@@ -14,7 +14,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn, xp_of
+from streamem.core.backend import (
+    asarray_like,
+    astype,
+    copy,
+    fftshift,
+    ifftshift,
+    irfftn,
+    rfftn,
+    xp_of,
+)
 from streamem.core.fourier import rfft_radius
 
 
@@ -37,7 +46,7 @@ def _from_fourier(F, axes, B, dtype):
     xp = xp_of(F)
     x = irfftn(F, s=(B,) * len(axes), axes=axes)
     keep = dtype if dtype in (xp.float32, xp.float64) else xp.float32
-    return fftshift(x, axes).astype(keep)
+    return astype(fftshift(x, axes), keep)
 
 
 def _lowpass_profile(radius, cutoff_shell, edge_width_shells):
@@ -45,7 +54,7 @@ def _lowpass_profile(radius, cutoff_shell, edge_width_shells):
     lo = max(cutoff_shell - edge_width_shells / 2.0, 0.0)
     hi = cutoff_shell + edge_width_shells / 2.0
     if hi <= lo:
-        return (radius <= cutoff_shell).astype(xp.float64)
+        return astype(radius <= cutoff_shell, xp.float64)
     t = xp.clip((radius - lo) / (hi - lo), 0.0, 1.0)
     return 0.5 * (1.0 + xp.cos(np.pi * t))
 
@@ -78,10 +87,10 @@ def phase_randomise(x, beyond_resolution_A: float, pixel_size_A: float, rng, ndi
     F, axes, ndim, B = _to_fourier(x, ndim)
     r = rfft_radius(B, ndim, xp)
     k_cut = B * pixel_size_A / beyond_resolution_A
-    noise = xp.asarray(rng.standard_normal(x.shape))
+    noise = asarray_like(rng.standard_normal(x.shape), x)  # host RNG, then to x's device
     N = rfftn(noise, axes)
     phase = N / xp.maximum(xp.abs(N), 1e-30)
-    F = xp.where(xp.rint(r) > k_cut, F * phase, F)
+    F = xp.where(xp.round(r) > k_cut, F * phase, F)
     return _from_fourier(F, axes, B, x.dtype)
 
 
@@ -101,20 +110,40 @@ def fourier_pad(x, new_box: int, ndim=None):
 
 
 def _fourier_resize(x, new_box: int, ndim):
-    xp = xp_of(x)
     F, axes, ndim, B = _to_fourier(x, ndim)
     if new_box == B:
-        return x.copy()
-    n = min(B, new_box)
-    # Keep the integer frequencies representable in both boxes: |k| < n/2 (plus -n/2 for even n).
-    keep_full = np.fft.fftfreq(n, d=1.0 / n).astype(np.int64)
-    batch = x.shape[: x.ndim - ndim]
-    out_shape = batch + (new_box,) * (ndim - 1) + (new_box // 2 + 1,)
-    G = xp.zeros(out_shape, dtype=F.dtype)
-    src = [xp.asarray(keep_full % B)] * (ndim - 1) + [xp.arange(n // 2 + 1)]
-    dst = [xp.asarray(keep_full % new_box)] * (ndim - 1) + [xp.arange(n // 2 + 1)]
-    grids_src = xp.meshgrid(*src, indexing="ij")
-    grids_dst = xp.meshgrid(*dst, indexing="ij")
-    G[(Ellipsis, *grids_dst)] = F[(Ellipsis, *grids_src)]
+        return copy(x)
+    G = resize_rfft(F, new_box, ndim)
     scale = (new_box / B) ** ndim
     return _from_fourier(G * scale, axes, new_box, x.dtype)
+
+
+def resize_rfft(F, new_box: int, ndim: int, drop_nyquist: bool = False):
+    """Crop or zero-pad the rfft ``batch + (B, [B,] B // 2 + 1)`` of a B box to ``new_box``.
+
+    Keeps the integer frequencies representable in both boxes: |k| < n/2, plus -n/2
+    for even n = min(B, new_box) (or not, with ``drop_nyquist``: then every kept
+    frequency has |k| < n/2 on every axis, the M-step's work-frame rule). Values are
+    not rescaled. Axis by axis a gather (``take``) with a mask: no scatter, so it
+    runs in any array-API namespace.
+    """
+    xp = xp_of(F)
+    B = F.shape[-2]
+    n = min(B, new_box)
+    lim = n // 2 if drop_nyquist else (n + 1) // 2
+    # Host-side index tables (tiny): for each output index its source index or -1.
+    out_f = np.fft.fftfreq(new_box, d=1.0 / new_box).astype(np.int64)
+    ok_full = (out_f >= -(n // 2)) & (out_f < lim) if not drop_nyquist else np.abs(out_f) < lim
+    src_full = np.where(ok_full, out_f % B, 0)
+    h = np.arange(new_box // 2 + 1)
+    ok_half = h < (lim if drop_nyquist else n // 2 + 1)
+    src_half = np.where(ok_half, h, 0)
+    G = F
+    for a in range(F.ndim - ndim, F.ndim):
+        last = a == F.ndim - 1
+        src, ok = (src_half, ok_half) if last else (src_full, ok_full)
+        G = xp.take(G, asarray_like(src, F), axis=a)
+        shape = [1] * F.ndim
+        shape[a] = ok.size
+        G = xp.where(asarray_like(ok.reshape(shape), F), G, xp.zeros((), dtype=G.dtype))
+    return G

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamem.core.backend import xp_of
+from streamem.core.backend import astype, bincount, flatnonzero, scatter_unique, xp_of
 
 
 def _signed_freqs(box_size: int, xp=np):
@@ -53,7 +53,7 @@ def shell_index(box_size: int, ndim: int, xp=np):
     Shells run from 0 to about ``B / 2 * sqrt(ndim)``; the ones that matter for
     resolution are ``0 .. B // 2``.
     """
-    return xp.rint(rfft_radius(box_size, ndim, xp)).astype(xp.int64)
+    return astype(xp.round(rfft_radius(box_size, ndim, xp)), xp.int64)
 
 
 def rfft_multiplicity(box_size: int, ndim: int, xp=np):
@@ -86,19 +86,19 @@ def radial_sum(values, shells, n_shells: int, weights=None):
     xp = xp_of(values, shells)
     grid_ndim = shells.ndim
     batch = values.shape[: values.ndim - grid_ndim]
-    flat_shells = shells.reshape(-1)
-    keep = flat_shells < n_shells
-    v = values.reshape(batch + (-1,)).astype(xp.float64)
+    flat_shells = xp.reshape(shells, (-1,))
+    keep = flatnonzero(flat_shells < n_shells)
+    v = astype(xp.reshape(values, batch + (-1,)), xp.float64)
     if weights is not None:
-        v = v * weights.reshape(-1)
-    v = v[..., keep]
-    s = flat_shells[keep]
+        v = v * xp.reshape(weights, (-1,))
+    v = xp.take(v, keep, axis=v.ndim - 1)
+    s = xp.take(flat_shells, keep)
     # (nb, npts) -> one bincount over (batch index, shell) pairs
-    v2 = v.reshape(-1, s.shape[0])
+    v2 = xp.reshape(v, (-1, s.shape[0]))
     nb = v2.shape[0]
-    idx = (xp.arange(nb)[:, None] * n_shells + s[None, :]).reshape(-1)
-    out = xp.bincount(idx, weights=v2.reshape(-1), minlength=nb * n_shells)
-    return out.reshape(batch + (n_shells,))
+    idx = xp.reshape(xp.arange(nb, dtype=s.dtype)[:, None] * n_shells + s[None, :], (-1,))
+    out = bincount(idx, weights=xp.reshape(v2, (-1,)), minlength=nb * n_shells)
+    return xp.reshape(out, batch + (n_shells,))
 
 
 def radial_average(values, shells, n_shells: int, weights=None):
@@ -138,7 +138,8 @@ def n_points_within(coords, max_radius_px: float) -> int:
     """Length of the prefix of ``coords`` (sorted by radius) with |k| <= max_radius_px."""
     xp = xp_of(coords)
     r = xp.sqrt(xp.sum(coords * coords, axis=1))
-    return int(xp.searchsorted(r, max_radius_px + 1e-9, side="right"))
+    edge = xp.full((1,), max_radius_px + 1e-9, dtype=r.dtype)
+    return int(xp.searchsorted(r, edge, side="right")[0])
 
 
 def scatter_to_rfft(values, flat_index, box_size: int):
@@ -147,8 +148,6 @@ def scatter_to_rfft(values, flat_index, box_size: int):
     Grid points not in ``flat_index`` are zero.
     """
     xp = xp_of(values)
-    batch = values.shape[:-1]
-    n = box_size * (box_size // 2 + 1)
-    out = xp.zeros(batch + (n,), dtype=values.dtype)
-    out[..., flat_index] = values
-    return out.reshape(batch + (box_size, box_size // 2 + 1))
+    batch = tuple(values.shape[:-1])
+    out = scatter_unique(flat_index, values, box_size * (box_size // 2 + 1))
+    return xp.reshape(out, batch + (box_size, box_size // 2 + 1))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamem.core.backend import ifftshift, rfftn, to_numpy, xp_of
+from streamem.core.backend import conj, ifftshift, real, rfftn, to_numpy, xp_of
 from streamem.core.fourier import radial_sum, rfft_multiplicity, shell_index
 
 
@@ -43,12 +43,12 @@ def fsc_fourier(f1, f2, box_size: int) -> np.ndarray:
     shells = shell_index(box_size, ndim, xp)
     mult = rfft_multiplicity(box_size, ndim, xp)
     n = box_size // 2 + 1
-    num = radial_sum(xp.real(f1 * xp.conj(f2)), shells, n, mult)
+    num = radial_sum(real(f1 * conj(f2)), shells, n, mult)
     d1 = radial_sum(xp.abs(f1) ** 2, shells, n, mult)
     d2 = radial_sum(xp.abs(f2) ** 2, shells, n, mult)
     den = xp.sqrt(d1 * d2)
     out = xp.where(den > 0, num / xp.where(den > 0, den, 1.0), 0.0)
-    out = to_numpy(out).astype(np.float64)
+    out = to_numpy(out).astype(np.float64)  # a short per-shell curve: back to the host
     out[0] = 1.0
     return out
 

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamem.core.backend import xp_of
+from streamem.core.backend import astype, xp_of
 
 
 def _ndimage(xp):
-    """``scipy.ndimage`` or ``cupyx.scipy.ndimage`` for the array module."""
+    """``scipy.ndimage`` or ``cupyx.scipy.ndimage`` for the array module.
+
+    NumPy and CuPy only by design: the array API has no image morphology, so
+    functions that need it take host (or CuPy) arrays and stay off the strict path.
+    """
     if xp is np:
         import scipy.ndimage
 
         return scipy.ndimage
+    if xp.__name__ != "cupy":
+        raise TypeError(f"scipy.ndimage functions need NumPy or CuPy arrays, not {xp.__name__}")
     import cupyx.scipy.ndimage
 
     return cupyx.scipy.ndimage
@@ -30,7 +36,7 @@ def raised_cosine_edge(distance, width):
     """
     xp = xp_of(distance)
     if width <= 0:
-        return (distance <= 0).astype(xp.float64)
+        return astype(distance <= 0, xp.float64)
     t = xp.clip(distance / width, 0.0, 1.0)
     return 0.5 * (1.0 + xp.cos(np.pi * t))
 
@@ -52,7 +58,7 @@ def soft_sphere(box_size: int, radius_px: float, edge_px: float, ndim: int = 3, 
     ``edge_px`` pixels, 0 beyond.
     """
     r = centred_radius(box_size, ndim, xp)
-    return raised_cosine_edge(r - radius_px, edge_px).astype(xp.float32)
+    return astype(raised_cosine_edge(r - radius_px, edge_px), xp.float32)
 
 
 def threshold_mask(volume, threshold: float, extend_px: float = 0.0, soft_edge_px: float = 0.0):
@@ -61,6 +67,8 @@ def threshold_mask(volume, threshold: float, extend_px: float = 0.0, soft_edge_p
     --extend_inimask --width_soft_edge``). float32, shape of ``volume``.
 
     Distances are Euclidean (exact distance transform), so growth is isotropic.
+    NumPy or CuPy input only (``scipy.ndimage``'s distance transform; host-side mask
+    making, not on the E-/M-step's device path).
     """
     xp = xp_of(volume)
     inside = volume >= threshold
@@ -68,4 +76,4 @@ def threshold_mask(volume, threshold: float, extend_px: float = 0.0, soft_edge_p
         return xp.zeros(volume.shape, dtype=xp.float32)
     # Distance (pixels) of every voxel to the nearest voxel above threshold.
     dist = _ndimage(xp).distance_transform_edt(~inside)
-    return raised_cosine_edge(dist - extend_px, soft_edge_px).astype(xp.float32)
+    return astype(raised_cosine_edge(dist - extend_px, soft_edge_px), xp.float32)

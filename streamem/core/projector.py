@@ -36,7 +36,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from streamem.core.backend import ifftshift, irfftn, rfftn, xp_of
+from streamem.core.backend import (
+    asarray_like,
+    astype,
+    conj,
+    fftshift,
+    flatnonzero,
+    has_numpy_api,
+    ifftshift,
+    irfftn,
+    is_complex,
+    rfftn,
+    sinc,
+    take_rows,
+    xp_of,
+)
 from streamem.core.fourier import image_fourier_coords, scatter_to_rfft
 
 # Points per vectorised block in project/insert: small enough that the temporaries
@@ -96,8 +110,8 @@ def trilinear_kernel_ft(box_size: int, padded_size: int, xp=np, dtype=None):
     the 3-D correction is the outer product of three copies.
     """
     x = xp.arange(box_size, dtype=xp.float64) - box_size // 2
-    s = xp.sinc(x / padded_size) ** 2
-    return s if dtype is None else s.astype(dtype)
+    s = sinc(x / padded_size) ** 2
+    return s if dtype is None else astype(s, dtype)
 
 
 def _separable(f1d, ndim: int):
@@ -129,7 +143,7 @@ def full_fft_to_half_cube(F, padded_size: int, radius_padded: int):
             cols.append(F[zi[:, None], zi[None, :], x])
         else:
             # Beyond the stored rfft half: F(z, y, x) = conj F(-z, -y, P - x)
-            cols.append(xp.conj(F[neg[:, None], neg[None, :], P - x]))
+            cols.append(conj(F[neg[:, None], neg[None, :], P - x]))
     return xp.stack(cols, axis=-1)
 
 
@@ -162,9 +176,9 @@ def make_projector(
     corr = _separable(trilinear_kernel_ft(B, P, xp, real_dtype), 3)
     padded = xp.zeros((P, P, P), dtype=real_dtype)
     o = P // 2 - B // 2
-    padded[o : o + B, o : o + B, o : o + B] = volume.astype(real_dtype) / corr
+    padded[o : o + B, o : o + B, o : o + B] = astype(volume, real_dtype) / corr
     F = rfftn(ifftshift(padded, axes=(0, 1, 2)), axes=(0, 1, 2))
-    data = full_fft_to_half_cube(F, P, R).astype(xp.complex64)
+    data = astype(full_fft_to_half_cube(F, P, R), xp.complex64)
     return FourierVolume(data, B, padding_factor, r_max)
 
 
@@ -181,10 +195,10 @@ def slice_components(rotations, coords, padding_factor: int, dtype=None):
     """
     xp = xp_of(rotations, coords)
     dtype = xp.float32 if dtype is None else dtype
-    r0 = (rotations[:, 0, :] * padding_factor).astype(dtype)
-    r1 = (rotations[:, 1, :] * padding_factor).astype(dtype)
-    ky = coords[:, 0].astype(dtype)[None, :]
-    kx = coords[:, 1].astype(dtype)[None, :]
+    r0 = astype(rotations[:, 0, :] * padding_factor, dtype)
+    r1 = astype(rotations[:, 1, :] * padding_factor, dtype)
+    ky = astype(coords[:, 0], dtype)[None, :]
+    kx = astype(coords[:, 1], dtype)[None, :]
     return tuple(kx * r0[:, i, None] + ky * r1[:, i, None] for i in range(3))
 
 
@@ -202,17 +216,23 @@ def trilinear_setup(x, y, z, radius_padded: int):
     D = 2 * R + 3
     H = R + 2
     flip = x < 0
-    s = xp.where(flip, x.dtype.type(-1), x.dtype.type(1))
+    one = xp.ones((), dtype=x.dtype)
+    s = xp.where(flip, -one, one)
     # After the flip x >= 0 and y + c, z + c >= 1, so truncation is floor.
     x = x * s
     y = y * s + c
     z = z * s + c
-    ix = x.astype(xp.int64)
-    iy = y.astype(xp.int64)
-    iz = z.astype(xp.int64)
-    x -= ix
-    y -= iy
-    z -= iz
+    ix = astype(x, xp.int64)
+    iy = astype(y, xp.int64)
+    iz = astype(z, xp.int64)
+    if has_numpy_api(xp):  # in place, casting the integers (no temporaries)
+        x -= ix
+        y -= iy
+        z -= iz
+    else:
+        x = x - astype(ix, x.dtype)
+        y = y - astype(iy, y.dtype)
+        z = z - astype(iz, z.dtype)
     base = (iz * D + iy) * H + ix
     return base, x, y, z, flip
 
@@ -233,8 +253,8 @@ def trilinear_gather(data, x, y, z):
     xp = xp_of(data)
     R = radius_of_half_cube(data.shape)
     base, fx, fy, fz, flip = trilinear_setup(x, y, z, R)
-    flat = data.reshape(-1)
-    v = [flat[base + k] for k in corner_offsets(R)]
+    flat = xp.reshape(data, (-1,))
+    v = [take_rows(flat, base + k) for k in corner_offsets(R)]
     # Lerp along x, then y, then z: 7 lerps instead of 8 weight products.
     c00 = v[0] + fx * (v[1] - v[0])
     c01 = v[2] + fx * (v[3] - v[2])
@@ -243,8 +263,8 @@ def trilinear_gather(data, x, y, z):
     c0 = c00 + fy * (c01 - c00)
     c1 = c10 + fy * (c11 - c10)
     out = c0 + fz * (c1 - c0)
-    if xp.iscomplexobj(data):
-        out = xp.where(flip, xp.conj(out), out)
+    if is_complex(data):
+        out = xp.where(flip, conj(out), out)
     return out
 
 
@@ -267,31 +287,43 @@ def project_points(fvol: FourierVolume, rotations, coords, block_points: int = B
     frequency ``padding_factor * (kx A[0, :] + ky A[1, :])``; zero for points beyond
     ``fvol.cutoff_px``. Scattered onto the rfft grid at the coords' ``flat_index``
     it approximates ``rfft2(ifftshift(P))`` of the real-space projection P.
+    Runs in the namespace of ``fvol.data``; ``rotations`` and ``coords`` are moved
+    there (:func:`~streamem.core.backend.asarray_like`, no copy if already there).
     """
     xp = xp_of(fvol.data)
-    rotations = xp.asarray(rotations, dtype=xp.float64)
+    rotations = asarray_like(rotations, fvol.data, xp.float64)
     if rotations.ndim == 2:
-        return project_points(fvol, rotations[None], coords, block_points)[0]
-    coords = xp.asarray(coords, dtype=xp.float64)
+        return project_points(fvol, rotations[None, ...], coords, block_points)[0, ...]
+    coords = asarray_like(coords, fvol.data, xp.float64)
     n = rotations.shape[0]
     M = coords.shape[0]
     out = xp.zeros((n, M), dtype=xp.complex64)
     r2 = xp.sum(coords * coords, axis=1)
     cutoff = min(fvol.cutoff_px, fvol.radius_padded / fvol.padding_factor)
-    inside = xp.flatnonzero(r2 <= cutoff * cutoff + 1e-6)
-    if inside.shape[0] == 0 or n == 0:
+    inside_mask = r2 <= cutoff * cutoff + 1e-6
+    inside = flatnonzero(inside_mask)
+    Mi = inside.shape[0]
+    if Mi == 0 or n == 0:
         return out
     # Within the cutoff the rotated points stay inside the half cube: no masking needed.
-    sub = coords[inside]
-    Mi = sub.shape[0]
+    fancy = has_numpy_api(xp)
+    if Mi == M or fancy:
+        sub = take_rows(coords, inside)
+    else:
+        # No fancy assignment in the standard: points beyond the cutoff read the
+        # origin and are zeroed after the gather.
+        sub = xp.where(inside_mask[:, None], coords, 0.0)
     nb = max(1, block_points // Mi)
     for s in range(0, n, nb):
-        x, y, z = slice_components(rotations[s : s + nb], sub, fvol.padding_factor)
+        e = min(s + nb, n)  # the standard does not clip out-of-range slice stops
+        x, y, z = slice_components(rotations[s:e, ...], sub, fvol.padding_factor)
         vals = trilinear_gather(fvol.data, x, y, z)
         if Mi == M:
-            out[s : s + nb] = vals
+            out[s:e, ...] = vals
+        elif fancy:
+            out[s:e, inside] = vals
         else:
-            out[s : s + nb, inside] = vals
+            out[s:e, ...] = xp.where(inside_mask, vals, xp.zeros((), dtype=vals.dtype))
     return out
 
 
@@ -308,4 +340,4 @@ def project_images(fvol: FourierVolume, rotations, max_radius_px: float | None =
     vals = project_points(fvol, rotations, coords)
     grid = scatter_to_rfft(vals, flat, B)
     img = irfftn(grid, s=(B, B), axes=(-2, -1))
-    return xp.fft.fftshift(img, axes=(-2, -1)).astype(xp.float32)
+    return astype(fftshift(img, axes=(-2, -1)), xp.float32)

@@ -11,6 +11,10 @@ indices ``p * 4**os .. (p + 1) * 4**os - 1``) times ``2**os`` psi sub-steps cent
 on the parent psi: ``psi - step/2 + (i + 1/2) step / 2**os``. Translations split
 likewise into ``2**os x 2**os`` sub-steps centred on the parent.
 
+Host-only by design: the grids (HEALPix through astropy-healpix, psi, translations,
+priors) are NumPy tables built once per iteration on the host; only
+:func:`shift_phases` runs in the namespace of its ``coords`` (the E-step's device).
+
 Translations are (dy, dx) in pixels; :func:`shift_phases` gives the factors that
 shift an image's transform by (dy, dx) (content moves towards +x for dx > 0).
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from astropy_healpix import healpy as _hp
 
-from streamem.core.backend import xp_of
+from streamem.core.backend import astype, xp_of
 from streamem.core.euler import euler_to_matrix
 from streamem.core.symmetry import _directions, asymmetric_unit_mask
 
@@ -186,6 +190,6 @@ def shift_phases(coords, shifts, box_size: int):
     """
     xp = xp_of(coords)
     coords = xp.asarray(coords, dtype=xp.float64)
-    shifts = xp.asarray(shifts, dtype=xp.float64).reshape(-1, 2)
+    shifts = xp.reshape(xp.asarray(shifts, dtype=xp.float64), (-1, 2))
     phase = (shifts @ coords.T) * (-2.0 * np.pi / box_size)  # (T, M)
-    return xp.exp(1j * phase).astype(xp.complex64)
+    return astype(xp.exp(astype(phase, xp.complex128) * 1j), xp.complex64)

@@ -15,6 +15,10 @@ closed under multiplication:
   (0.525731, 0, 0.850651), 5-fold about (0.894427, 0, 0.447214), 3-fold about
   (0.491123, 0.356822, 0.794654).
 
+Host-only by design: the matrices are small NumPy tables, built once on the host;
+functions that apply them to device arrays (e.g.
+:func:`streamem.core.backprojector.apply_symmetry`) move them there.
+
 Matrices act on column vectors (x, y, z); a map with the symmetry satisfies
 ``V(L r) = V(r)`` for every L of the group, and so does its Fourier transform.
 Because the group is closed under inversion, the sense in which an axis is
