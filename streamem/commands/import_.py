@@ -1,7 +1,10 @@
-"""``streamem import particles.star OUT.zarr``: a RELION particle set into a particle store.
+"""``streamem import particles.star|particles.cs OUT.zarr``: a particle set into a store.
 
 RELION 3.0 and 3.1+ STAR files; ``NNNNNN@stack.mrcs`` names resolved next to the
-STAR file first, then in the current folder. Every STAR column is kept. The store is
+STAR file first, then in the current folder. Every STAR column is kept. cryoSPARC
+particle files (``.cs``, or a ``.csg`` group) with ``blob/path`` resolved next to the
+file, then in the folders above it (the project), then in the current folder; poses,
+shifts, CTF, half sets and classes converted to RELION's conventions. The store is
 written under a temporary name and renamed when complete.
 """
 
@@ -16,9 +19,13 @@ from streamem.io.importer import import_particles
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "import", help="import a RELION particle STAR file + MRCS stacks", description=__doc__
+        "import",
+        help="import a RELION STAR or cryoSPARC .cs/.csg particle set + stacks",
+        description=__doc__,
     )
-    p.add_argument("star", help="RELION particle STAR file (3.0 or 3.1+)")
+    p.add_argument(
+        "star", help="RELION particle STAR file (3.0 or 3.1+), or cryoSPARC .cs / .csg file"
+    )
     p.add_argument("out", help="output particle store (.zarr folder)")
     p.add_argument(
         "--chunk-size", type=int, default=None, help="particles per store chunk (default ~64 MiB)"

@@ -1,4 +1,5 @@
-"""Import a RELION particle set (STAR + MRCS stacks) into a particle store.
+"""Import a RELION particle set (STAR + MRCS stacks), or a cryoSPARC one (``.cs`` or
+``.csg`` + stacks, :mod:`streamem.io.cryosparc`), into a particle store.
 
 Everything that can be checked is checked before anything is written: the STAR
 file (:mod:`streamem.io.relion`), every stack's MRC header against its file size
@@ -35,6 +36,7 @@ from streamem.errors import InputError
 from streamem.io.atomic import atomic_output, check_output
 from streamem.io.mrc import open_mrc, open_stack_mmap
 from streamem.io.relion import parse_image_names, read_particles_star
+from streamem.io.relion_export import relative_to
 from streamem.io.store import ParticleStore, create_store, default_chunk_size
 from streamem.io.threads import run_tasks
 
@@ -216,20 +218,28 @@ def import_particles(
     workers: int | None = None,
     client=None,
 ) -> ParticleStore:
-    """Import a RELION particle STAR file and its stacks into a new store at ``out_path``.
+    """Import a RELION particle STAR file, or a cryoSPARC ``.cs``/``.csg`` particle file
+    (:mod:`streamem.io.cryosparc`), and its stacks into a new store at ``out_path``.
 
     ``chunk_size`` particles per store chunk (default: ~64 MiB of images);
     ``workers`` threads (default: up to 4), or the chunk tasks run on ``client``'s
     cluster (a ``distributed.Client``; its workers must see the stacks and the output).
     Raises InputError, before writing anything, on any problem with the inputs or the
-    output path.
+    output path. The provenance records the source relative to the store's folder.
     """
     star_path = Path(star_path)
     if chunk_size is not None and chunk_size < 1:
         raise InputError(None, f"--chunk-size must be at least 1 (got {chunk_size})")
     check_output(out_path, overwrite, inputs=[star_path])
-    particles, optics = read_particles_star(star_path, require_ctf=require_ctf)
-    plan = plan_images(particles["rlnImageName"], star_path)
+    signs = None
+    if star_path.suffix.lower() in (".cs", ".csg"):
+        from streamem.io.cryosparc import read_cryosparc
+
+        particles, optics, located, signs = read_cryosparc(star_path, require_ctf=require_ctf)
+    else:
+        particles, optics = read_particles_star(star_path, require_ctf=require_ctf)
+        located = particles["rlnImageName"]
+    plan = plan_images(located, star_path)
     rows, pixel_A = _store_optics(optics, plan.box_size, plan.header_voxel_A, star_path)
 
     columns = metadata_columns(particles)
@@ -239,7 +249,8 @@ def import_particles(
     chunk_size = max(1, min(int(chunk_size or default_chunk_size(plan.box_size)), n))
     provenance = {
         "command": "import",
-        "source": str(star_path.absolute()),
+        # relative, so a project moved with its store still points at its source
+        "source": relative_to(star_path.absolute(), Path(out_path).absolute().parent),
         "star_columns": list(particles.columns),
         "streamem_version": __version__,
     }
@@ -268,6 +279,7 @@ def import_particles(
                     local.astype(np.int64),
                     plan.indices[start:stop],
                     plan.box_size,
+                    None if signs is None else signs[start:stop],
                     dask_key_name=f"import-chunk-{start}",
                 )
             )
@@ -283,10 +295,12 @@ def _import_chunk(
     local_ids: np.ndarray,
     indices: np.ndarray,
     box: int,
+    signs: np.ndarray | None = None,
 ) -> int:
     """Task: gather images ``[start, start + n)`` from memory-mapped stacks, check, write.
 
-    ``local_ids`` (n,) index into ``stacks``; ``indices`` (n,) are 0-based image indices.
+    ``local_ids`` (n,) index into ``stacks``; ``indices`` (n,) are 0-based image indices;
+    ``signs`` (n,) ±1 multiply the images (cryoSPARC's ``blob/sign``), or None.
     Returns the bytes written (float32 images).
     """
     n = len(indices)
@@ -304,5 +318,7 @@ def _import_chunk(
         row = int(np.argmin(good))
         what = "NaN" if np.isnan(images[row]).any() else "Inf"
         raise InputError(stacks[local_ids[row]], f"image {indices[row] + 1} has {what} pixels")
+    if signs is not None and (signs < 0).any():
+        images *= np.asarray(signs, dtype=np.float32)[:, None, None]
     ParticleStore(store_path).write_region(start, images=images)
     return int(images.nbytes)

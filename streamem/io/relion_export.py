@@ -56,13 +56,10 @@ def export_store(
     if star_path.resolve().is_relative_to(stacks_dir.resolve()):
         raise InputError(star_path, f"the STAR file may not lie inside --stacks-dir {stacks_dir}")
     n = store.n_particles
-    per_stack = max(1, int(images_per_stack or store.chunk_size))
-    bounds = [(s, min(s + per_stack, n)) for s in range(0, n, per_stack)]
-    width = max(6, len(str(len(bounds))))
-    stack_names = [f"particles_{k + 1:0{width}d}.mrcs" for k in range(len(bounds))]
+    bounds, stack_names = stack_layout(store, images_per_stack)
 
-    particles = _particles_table(store)
-    stacks_rel = _relative_to(stacks_dir.absolute(), star_path.absolute().parent)
+    particles = particles_table(store)
+    stacks_rel = relative_to(stacks_dir.absolute(), star_path.absolute().parent)
     names = np.empty(n, dtype=object)
     for (start, stop), stack in zip(bounds, stack_names, strict=True):
         names[start:stop] = [f"{i:06d}@{stacks_rel}/{stack}" for i in range(1, stop - start + 1)]
@@ -73,36 +70,61 @@ def export_store(
         particles["rlnImageName"] = names
     else:
         particles.insert(0, "rlnImageName", names)
-    optics = _optics_table(store)
+    optics = optics_table(store)
 
     with atomic_output(star_path, overwrite, inputs, "export") as tmp_star:
         with atomic_output(stacks_dir, overwrite, inputs, "export") as tmp_dir:
-            tmp_dir.mkdir(parents=True)
-            tasks = [
-                dask.delayed(_write_stack, pure=True)(
-                    str(store.path),
-                    start,
-                    stop,
-                    str(Path(tmp_dir, stack).absolute()),  # workers have their own folder
-                    store.pixel_size_A,
-                )
-                for (start, stop), stack in zip(bounds, stack_names, strict=True)
-            ]
-            # on a client's cluster, its workers must see the store and the output
-            run_tasks(tasks, client, workers)
+            write_stacks(store, tmp_dir, bounds, stack_names, workers, client)
         # the stacks are in place before the STAR file that names them
         write_star(tmp_star, {"optics": optics, "particles": particles})
     return star_path
 
 
-def _relative_to(target: Path, base: Path) -> str:
+def stack_layout(
+    store: ParticleStore, images_per_stack: int | None = None
+) -> tuple[list[tuple[int, int]], list[str]]:
+    """Particle ranges ``[(start, stop), ...]`` and file names of the stacks of an export:
+    ``images_per_stack`` consecutive particles each (default: the store's chunk size)."""
+    n = store.n_particles
+    per_stack = max(1, int(images_per_stack or store.chunk_size))
+    bounds = [(s, min(s + per_stack, n)) for s in range(0, n, per_stack)]
+    width = max(6, len(str(len(bounds))))
+    return bounds, [f"particles_{k + 1:0{width}d}.mrcs" for k in range(len(bounds))]
+
+
+def write_stacks(
+    store: ParticleStore,
+    folder: Path,
+    bounds: list[tuple[int, int]],
+    stack_names: list[str],
+    workers: int | None = None,
+    client=None,
+) -> None:
+    """Write one float32 MRCS stack per range into a new ``folder``, one Dask task each."""
+    folder.mkdir(parents=True)
+    tasks = [
+        dask.delayed(_write_stack, pure=True)(
+            str(store.path),
+            start,
+            stop,
+            str(Path(folder, stack).absolute()),  # workers have their own folder
+            store.pixel_size_A,
+        )
+        for (start, stop), stack in zip(bounds, stack_names, strict=True)
+    ]
+    # on a client's cluster, its workers must see the store and the output
+    run_tasks(tasks, client, workers)
+
+
+def relative_to(target: Path, base: Path) -> str:
+    """``target`` relative to ``base`` as POSIX text (absolute across Windows drives)."""
     try:
         return Path(os.path.relpath(target, base)).as_posix()
     except ValueError:  # different drives on Windows
         return target.as_posix()
 
 
-def _particles_table(store: ParticleStore) -> pd.DataFrame:
+def particles_table(store: ParticleStore) -> pd.DataFrame:
     """Metadata fields as a table, in the column order of the source STAR file."""
     table = store.read_table("metadata")
     first = [c for c in store.facts.get("provenance", {}).get("star_columns", []) if c in table]
@@ -110,7 +132,7 @@ def _particles_table(store: ParticleStore) -> pd.DataFrame:
     return pd.DataFrame({c: table[c] for c in order})
 
 
-def _optics_table(store: ParticleStore) -> pd.DataFrame:
+def optics_table(store: ParticleStore) -> pd.DataFrame:
     rows = store.optics_groups or [{"rlnOpticsGroup": 1}]
     optics = pd.DataFrame(rows)
     optics["rlnOpticsGroup"] = optics["rlnOpticsGroup"].astype(np.int64)

@@ -3,11 +3,18 @@
 Layout (``FORMAT_VERSION`` 1)::
 
     STORE.zarr/
-      images            (N, B, B) float32, chunks (C, B, B), zstd-compressed
-      metadata/<label>  (N,) one array per RELION STAR label, chunks (C,)
+      images            (N, B, B) float32, chunks (C, B, B), zstd-compressed,
+                        dimension_names (particle, y, x), attrs pixel_size_A, scale
+      metadata/<label>  (N,) one array per RELION STAR label, chunks (C,), dims (particle,)
       truth/<label>     (N,) optional ground truth from ``streamem simulate``
       attrs["streamem"] = {format, version, n_particles, box_size, pixel_size_A,
                            chunk_size, optics_groups: [RELION optics rows], provenance}
+
+Named dimensions and the pixel size on ``images`` make the store open in the
+ecosystem as it is: ``xarray.open_zarr(STORE)`` gives ``images`` with dims
+(particle, y, x) and the pixel size in its attrs, ``xarray.open_zarr(STORE,
+group="metadata")`` one variable per label along ``particle``; napari's Zarr reader
+shows the stack.
 
 Field names are RELION's STAR labels without the leading underscore
 (``rlnDefocusU`` in Å, ``rlnAngleRot`` in degrees, ``rlnOriginXAngst`` in Å, ...),
@@ -54,6 +61,21 @@ REQUIRED_FIELDS = ("rlnOpticsGroup", "rlnRandomSubset")
 #: CTF labels; a store without them is imaged without CTF correction.
 CTF_FIELDS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
 POSE_FIELDS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
+#: Zarr ``dimension_names`` (xarray's dims, napari's axis labels) of images and fields.
+IMAGE_DIMENSIONS = ("particle", "y", "x")
+FIELD_DIMENSIONS = ("particle",)
+
+
+def image_attributes(pixel_size_A: float) -> dict[str, Any]:
+    """Attributes of the ``images`` array, for readers that never see the root's facts
+    (xarray puts them in ``DataArray.attrs``): pixel size in Å and the axes' scale."""
+    p = float(pixel_size_A)
+    return {
+        "pixel_size_A": p,
+        "spatial_units": "angstrom",
+        "scale": [1.0, p, p],  # per dimension: particle index, then y and x in Å
+        "units": "normalised (background mean 0, standard deviation 1)",
+    }
 
 
 @dataclass(frozen=True)
@@ -112,6 +134,8 @@ def create_store(
         dtype="float32",
         compressors=_compressors(),
         fill_value=np.nan,
+        dimension_names=IMAGE_DIMENSIONS,
+        attributes=image_attributes(pixel_size_A),
     )
     all_fields = {"rlnOpticsGroup": np.int32, "rlnRandomSubset": np.int32, **dict(fields)}
     for sub, spec in (("metadata", all_fields), ("truth", truth_fields or {})):
@@ -142,6 +166,7 @@ def _create_field(grp, label: str, n: int, chunk_size: int, dtype) -> None:
         dtype=dt,
         fill_value=fill,
         compressors=_compressors(),
+        dimension_names=FIELD_DIMENSIONS,
     )
 
 
