@@ -167,7 +167,7 @@ def logsumexp(x, axis=None):
     m = xp.max(x, axis=axis, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0.0)
     s = xp.sum(xp.exp(x - m), axis=axis, keepdims=True)
-    out = xp.log(s) + m
+    out = xp.where(s > 0, xp.log(xp.where(s > 0, s, 1.0)) + m, -xp.inf)
     return xp.squeeze(out, axis=axis) if axis is not None else xp.reshape(out, ())
 
 

@@ -294,7 +294,7 @@ def _blob_ft(omega, radius: float, alpha: float = 15.0):
     j_term = (xp.sin(zj) / zj - xp.cos(zj)) / (zj * zj)
     val = xp.where(z2 >= 0, i_term, j_term)
     za = alpha
-    val0 = (np.cosh(za) - np.sinh(za) / za) / (za * za)
+    val0 = float((np.cosh(za) - np.sinh(za) / za) / (za * za))
     return val / val0
 
 
@@ -408,7 +408,8 @@ def _gridding_weights(Fw, inside, P: int, pf: int, n_iter: int):
     blob = _blob_ft(rr, radius=1.9 * pf)
     Fnew = astype(inside, xp.float64)
     for _ in range(n_iter):
-        conv = irfftn(Fnew * Fw, s=(P, P, P), axes=(0, 1, 2)) * blob
+        # the standard's irfftn takes complex input only (scipy converts a real one itself)
+        conv = irfftn(astype(Fnew * Fw, xp.complex128), s=(P, P, P), axes=(0, 1, 2)) * blob
         conv = rfftn(conv, axes=(0, 1, 2))
         Fnew = xp.where(inside, Fnew / xp.maximum(xp.abs(conv), 1e-6), 0.0)
     return Fnew

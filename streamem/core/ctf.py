@@ -26,7 +26,7 @@ from streamem.core.backend import asarray_like, astype, atan2, xp_of
 def electron_wavelength_A(voltage_kV: float) -> float:
     """Relativistic electron wavelength in Å for an accelerating voltage in kV."""
     volts = voltage_kV * 1e3
-    return 12.2643247 / np.sqrt(volts * (1.0 + 0.978466e-6 * volts))
+    return float(12.2643247 / np.sqrt(volts * (1.0 + 0.978466e-6 * volts)))
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ def ctf_phase_from_frequencies(
     return (
         -np.pi * lam * defocus * k2
         + 0.5 * np.pi * cs_A * lam**3 * k2 * k2
-        - np.arctan(q0 / np.sqrt(1.0 - q0 * q0))
+        - float(np.arctan(q0 / np.sqrt(1.0 - q0 * q0)))  # a Python float: NumPy scalars
+        # would turn another namespace's array into a NumPy one
         - phase * (np.pi / 180.0)
     )
 
