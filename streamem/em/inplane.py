@@ -29,18 +29,26 @@ and shell, class weights, offsets as refine3d.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from scipy import ndimage
-from scipy.special import logsumexp
 
 from streamem.core import sampling
-from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn
+from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn, to_numpy, xp_of
 from streamem.core.ctf import OpticsParams, ctf_phase_from_frequencies
 from streamem.em import memory
-from streamem.em.fourier_points import half_plane_points, prepare_images
-from streamem.em.kernels import cross_terms, log_likelihood, offset_log_prior, ref_power_terms
-from streamem.em.significance import significant_weights
+from streamem.em.fourier_points import fourier_data, half_plane_points, origins_px
+from streamem.em.kernels import (
+    cross_terms,
+    log_likelihood,
+    normalised_posterior,
+    offset_log_prior,
+    ref_power_terms,
+    significant_weights_rows,
+    weighted_image_sums,
+    weighted_real_sums,
+)
 from streamem.em.statistics import ChunkResult, SufficientStatistics
 from streamem.errors import InputError
 
@@ -73,6 +81,11 @@ class Class2DModel:
     scale_free: bool = False
     adaptive_fraction: float = 0.999
     memory_per_worker_bytes: int | None = None  # E-step budget (streamem.em.memory)
+
+    #: Kept on the host by streamem.dist.device.model_on_device: the classes are rotated
+    #: with scipy.ndimage, psi and the priors index host-side results. inv_sigma2 goes
+    #: to the device and names the E-step's namespace.
+    host_fields: ClassVar[tuple[str, ...]] = ("class_images", "log_class_prior", "psi_deg")
 
     @property
     def n_classes(self) -> int:
@@ -254,94 +267,149 @@ def expectation_2d(
 ) -> tuple[SufficientStatistics, ChunkResult]:
     """E-step of one chunk over (class, psi, translation) (module docstring).
 
-    images: (n, B, B) float32 centred at B//2; metadata: RELION labels → (n,) arrays
-    (CTF, rlnOpticsGroup, previous rlnOriginX/YAngst). Returns the chunk's statistics
-    (data_acc, weight_acc (K, M)) and per-particle results (rlnClassNumber from 1,
-    rlnAnglePsi, origins in Å; rot = tilt = 0).
+    images: (n, B, B) float32 centred at B//2 (host); metadata: RELION labels → (n,)
+    arrays (CTF, rlnOpticsGroup, previous rlnOriginX/YAngst). The E-step runs in the
+    array namespace of ``model.inv_sigma2`` (NumPy, CuPy, array_api_strict: see
+    :func:`streamem.dist.device.model_on_device`); ``class_images`` may be a host or a
+    device array (it is rotated on the host). Returns the chunk's statistics (data_acc,
+    weight_acc (K, M)) and per-particle results (rlnClassNumber from 1, rlnAnglePsi,
+    origins in Å; rot = tilt = 0), both on the host.
     """
-    n, B = images.shape[0], model.box_size
-    p = model.pixel_size_A
-    K, psi = model.n_classes, np.asarray(model.psi_deg, np.float64)
+    xp = xp_of(model.inv_sigma2)
+    n, B, p = images.shape[0], model.box_size, model.pixel_size_A
+    K, psi = model.n_classes, np.asarray(to_numpy(model.psi_deg), np.float64)
     P = psi.size
     coords, flat, shell = half_plane_points(B, model.max_radius_px)
     M = coords.shape[0]
-    prep = prepare_images(images, metadata, model, coords, flat, shell)
-    groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), np.int64) - 1
-    ctf = prep.ctf
-    if model.ctf_intact_first_peak and model.do_ctf and "rlnDefocusU" in metadata:
-        ctf = _intact_first_peak(ctf, metadata, coords, model, groups).astype(np.float32)
-    cw = ctf * prep.inv_sigma2  # (n, M) CTF/σ²
+    X, X0, ctf, inv_s2, norm, prior_px, groups = _chunk_data(images, metadata, model, xp)
+    cw = ctf * inv_s2  # (n, M) CTF/σ²
     ctf2w = ctf * cw  # (n, M) CTF²/σ²
-    refs = rotated_references(model.class_images, psi, flat)  # (J = K·P, M)
-    power = (refs.real**2 + refs.imag**2).astype(np.float32)  # (J, M)
+    refs = xp.asarray(rotated_references(to_numpy(model.class_images), psi, flat))  # (J, M)
+    power = xp.real(refs) ** 2 + xp.imag(refs) ** 2  # (J, M) float32 |A_j|²
     shifts = np.asarray(sampling.translation_grid(model.offset_range_px, model.offset_step_px))
-    T = shifts.shape[0]
-    phases = np.asarray(sampling.shift_phases(coords, shifts, B))  # (T, M)
-    X0 = prep.X * np.asarray(sampling.shift_phases(coords, prep.prior_offset_px, B))  # (n, M)
-    log_pi = np.repeat(np.asarray(model.log_class_prior, np.float64), P)  # (J,)
+    T, J = shifts.shape[0], K * P
+    phases = xp.asarray(sampling.shift_phases(coords, shifts, B))  # (T, M)
+    log_pi = np.repeat(np.asarray(to_numpy(model.log_class_prior), np.float64), P)  # (J,)
+    log_pi = xp.asarray(log_pi)
 
     stats = empty_statistics(K, M, len(model.optics), model.n_shells)
     result = ChunkResult(*(np.zeros(n) for _ in range(9)))
-    data_J = np.zeros((K * P, M), np.complex128)
-    weight_J = np.zeros((K * P, M))
-    noise_rows = np.zeros((n, M))
-    batch = class2d_batch_size(model, n, M, K * P, T)
+    sums = _RowSums(xp, J, M, len(model.optics))
+    batch = class2d_batch_size(model, n, M, J, T)
     for b0 in range(0, n, batch):
         sl = slice(b0, min(n, b0 + batch))
         nb = sl.stop - sl.start
-        Xs = X0[sl, None, :] * phases[None]  # (nb, T, M)
-        C = cross_terms(Xs, cw[sl], refs)  # (nb, T, J)
-        S = ref_power_terms(ctf2w[sl], refs)  # (nb, J)
-        total = prep.prior_offset_px[sl, None, :] + shifts[None]  # (nb, T, 2)
-        logp = log_likelihood(C, S[:, None, :], prep.norm[sl, None, None], model.scale_free)
-        logp = logp + offset_log_prior(total, model.sigma_offset_A, p)[:, :, None] + log_pi
-        lse = logsumexp(logp.reshape(nb, -1), axis=1)  # (nb,)
-        W = np.exp(logp - lse[:, None, None])  # (nb, T, J)
-        for i in range(nb):
-            gi = sl.start + i
-            t, j = np.unravel_index(np.argmax(W[i]), W[i].shape)
-            result.class_number[gi] = j // P + 1
-            result.psi[gi] = psi[j % P]
-            result.origin_y_A[gi], result.origin_x_A[gi] = total[i, t] * p
-            result.max_prob[gi] = W[i, t, j]
-            W[i], result.n_significant[gi] = significant_weights(W[i], model.adaptive_fraction)
+        Xs = X0[sl, None, :] * phases[None, :, :]  # (nb, T, M) shifted images
+        total = prior_px[sl, None, :] + shifts[None]  # (nb, T, 2) total offsets, px (host)
+        C = cross_terms(Xs, cw[sl, :], refs)  # (nb, T, J)
+        S = ref_power_terms(ctf2w[sl, :], refs)  # (nb, J)
+        logp = log_likelihood(C, S[:, None, :], norm[sl, None, None], model.scale_free)
+        offset = xp.asarray(offset_log_prior(total, model.sigma_offset_A, p))  # (nb, T)
+        logp = logp + offset[:, :, None] + log_pi  # (nb, T, J) float64
+        # one posterior row per image over its T·J samples (row index t·J + k·P + psi)
+        del C, S  # the posterior's sort and sums below are the stage's peak
+        W, lse, best = normalised_posterior(xp.reshape(logp, (nb, T * J)))
+        del logp
+        top = xp.max(W, axis=1)
+        W, count = significant_weights_rows(W, model.adaptive_fraction)
+        W = xp.reshape(xp.astype(W, xp.float32), (nb, T, J))
+        sums.add(W, Xs, X[sl, :], ctf[sl, :], cw[sl, :], ctf2w[sl, :], refs, power, groups[sl])
+        # per-particle results from the batched best samples: one transfer per sub-batch
+        t, j = np.divmod(to_numpy(best).astype(np.int64), J)
+        result.class_number[sl] = j // P + 1
+        result.psi[sl] = psi[j % P]
+        result.origin_y_A[sl], result.origin_x_A[sl] = (total[np.arange(nb), t] * p).T
+        result.max_prob[sl] = to_numpy(top)
+        result.n_significant[sl] = to_numpy(count)
+        lse = to_numpy(lse)
         result.loglik[sl] = lse
-        W = W.astype(np.float32)
-        w_img = W.sum(axis=1)  # (nb, J)
-        # Σ_{i,t} w · CTF·X_t/σ² per row: (J, nb·T) @ (nb·T, M)
-        # (real GEMMs on 2-D operands: NumPy's stacked or complex-cast matmuls are far slower)
-        Y = (Xs * cw[sl, None, :]).reshape(nb * T, M)
-        Wt = np.ascontiguousarray(W.reshape(nb * T, -1).T)  # (J, nb·T)
-        data_J += Wt @ Y.real + 1j * (Wt @ Y.imag)
-        weight_J += w_img.T @ ctf2w[sl]
-        # noise: Σ w |X_t − CTF·A_J|² = |X|² − 2 CTF Re Σ_t conj(X_t) (Σ_J w A_J) + CTF² Σ w |A_J|²
-        W2 = W.reshape(nb * T, -1)
-        WA = (W2 @ refs.real + 1j * (W2 @ refs.imag)).reshape(nb, T, M)
-        cross = np.sum((np.conj(Xs) * WA).real, axis=1)  # (nb, M)
-        noise_rows[sl] = (
-            (prep.X[sl].real ** 2 + prep.X[sl].imag ** 2)
-            - 2 * ctf[sl] * cross
-            + ctf[sl] ** 2 * (w_img @ power)
-        )
-        stats.offset_sq_A2 += float(np.sum(W * np.sum((total * p) ** 2, axis=-1)[:, :, None]))
-        stats.class_weight += w_img.reshape(nb, K, P).sum(axis=(0, 2))
+        w_t = to_numpy(xp.sum(W, axis=2))  # (nb, T) weight per translation
+        stats.offset_sq_A2 += float(np.sum(w_t * np.sum((total * p) ** 2, axis=-1)))
         stats.weight_sum += nb
         stats.loglik_sum += float(lse.sum())
-    # back to the class frame, only the rows some image used
+    _finish_statistics(stats, sums, coords, flat, shell, groups, psi, B, K)
+    return stats, result
+
+
+def _chunk_data(images, metadata, model: Class2DModel, xp):
+    """The chunk's Fourier data in namespace ``xp``: X (n, M) complex64, X0 = X shifted
+    by the previous origins, CTF (n, M) float32 (intact first peak applied), 1/σ² (n, M)
+    float32, norm Σ|X|²/2σ² (n,) float64; and on the host the previous origins (n, 2)
+    px (dy, dx) and the 0-based optics groups (n,)."""
+    n, B = images.shape[0], model.box_size
+    coords, flat, shell = half_plane_points(B, model.max_radius_px)
+    X, ctf, groups = fourier_data(
+        images, metadata, coords, flat, model.pixel_size_A, model.optics, model.do_ctf, xp
+    )
+    if model.ctf_intact_first_peak and model.do_ctf and "rlnDefocusU" in metadata:
+        host = _intact_first_peak(to_numpy(ctf), metadata, coords, model, groups)
+        ctf = xp.asarray(host.astype(np.float32))
+    # 1/σ² per image and point, gathered where the model's spectra live
+    rows = xp.take(model.inv_sigma2, xp.asarray(groups), axis=0)  # (n, n_shells)
+    inv_s2 = xp.astype(xp.take(rows, xp.asarray(shell), axis=1), xp.float32)  # (n, M)
+    norm = 0.5 * xp.sum((xp.real(X) ** 2 + xp.imag(X) ** 2) * inv_s2, axis=1, dtype=xp.float64)
+    prior_px = origins_px(metadata, model.pixel_size_A, n)
+    X0 = X * xp.asarray(sampling.shift_phases(coords, prior_px, B))  # (n, M)
+    return X, X0, ctf, inv_s2, norm, prior_px, groups
+
+
+class _RowSums:
+    """Per-(class, psi) row sums of a chunk, kept in the E-step's namespace.
+
+    data (J, M) complex128 Σ_{i,t} w · CTF·X_t/σ²; weight (J, M) float64 Σ_i w · CTF²/σ²;
+    noise (G, M) float64 Σ_i Σ_{t,J} w |X_t − CTF·A_J|² per optics group (host: one
+    small transfer per group and sub-batch).
+    """
+
+    def __init__(self, xp, J: int, M: int, n_groups: int):
+        self.xp = xp
+        self.data = xp.zeros((J, M), dtype=xp.complex128)
+        self.weight = xp.zeros((J, M), dtype=xp.float64)
+        self.noise = np.zeros((n_groups, M))
+        self.row_weight = xp.zeros((J,), dtype=xp.float64)  # Σ_i w per row
+
+    def add(self, W, Xs, X, ctf, cw, ctf2w, refs, power, groups) -> None:
+        """One sub-batch: W (nb, T, J) float32 significant weights, Xs (nb, T, M) shifted
+        images, X (nb, M) unshifted, ctf/cw/ctf2w (nb, M), refs/power (J, M), groups (nb,)."""
+        xp = self.xp
+        nb, T, J = W.shape
+        M = Xs.shape[-1]
+        W2 = xp.reshape(W, (nb * T, J))  # samples × rows
+        w_img = xp.sum(W, axis=1)  # (nb, J)
+        self.row_weight = self.row_weight + xp.sum(w_img, axis=0, dtype=xp.float64)
+        Y = xp.reshape(Xs * cw[:, None, :], (nb * T, M))  # CTF·X_t/σ²
+        self.data = self.data + xp.astype(weighted_image_sums(W2, Y), xp.complex128)
+        self.weight = self.weight + xp.astype(weighted_real_sums(w_img, ctf2w), xp.float64)
+        # noise: Σ w |X_t − CTF·A_J|² = |X|² − 2 CTF Re Σ_t conj(X_t) (Σ_J w A_J) + CTF² Σ w |A_J|²
+        WA = xp.reshape(weighted_image_sums(W2.mT, refs), (nb, T, M))  # Σ_J w A_J
+        cross = xp.sum(xp.real(xp.conj(Xs) * WA), axis=1)  # (nb, M)
+        rows = (
+            (xp.real(X) ** 2 + xp.imag(X) ** 2)
+            - 2 * ctf * cross
+            + ctf**2 * weighted_real_sums(w_img.mT, power)
+        )  # (nb, M)
+        for g in np.unique(groups):
+            idx = xp.asarray(np.flatnonzero(groups == g))
+            self.noise[g] += to_numpy(xp.sum(xp.take(rows, idx, axis=0), axis=0, dtype=xp.float64))
+
+
+def _finish_statistics(stats, sums: _RowSums, coords, flat, shell, groups, psi, B: int, K: int):
+    """Rows back to the class frame (host, only the rows some image used), class weights
+    and noise per optics group and shell, into ``stats``."""
+    P = psi.size
+    data_J, weight_J = to_numpy(sums.data), to_numpy(sums.weight)  # (J, M)
     live = np.flatnonzero(weight_J.any(axis=1))
     if live.size:
         d = rotate_data_back(data_J[live], coords, flat, B, psi[live % P])
         w = rotate_weights_back(weight_J[live], coords, psi[live % P])
         np.add.at(stats.data_acc, live // P, d)
         np.add.at(stats.weight_acc, live // P, w)
-    n_shells = model.n_shells
+    stats.class_weight += to_numpy(sums.row_weight).reshape(K, P).sum(axis=1)
+    n_shells = stats.noise_power.shape[1]
+    per_shell = np.bincount(shell, minlength=n_shells)[:n_shells]
     for g in np.unique(groups):
-        rows = groups == g
-        stats.noise_power[g] += np.bincount(shell, noise_rows[rows].sum(axis=0), n_shells)[
-            :n_shells
-        ]
-        stats.noise_count[g] += rows.sum() * np.bincount(shell, minlength=n_shells)[:n_shells]
-    return stats, result
+        stats.noise_power[g] += np.bincount(shell, sums.noise[g], n_shells)[:n_shells]
+        stats.noise_count[g] += np.sum(groups == g) * per_shell
 
 
 __all__ = [

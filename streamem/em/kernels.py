@@ -187,3 +187,13 @@ def weighted_image_sums(W, Y):
     out = xp.matmul(xp.astype(W, real).mT, stacked_real(Y))  # (..., R, 2M)
     re, im = out[..., :M], out[..., M:]
     return xp.astype(re, Y.dtype) + xp.astype(im, Y.dtype) * xp.asarray(1j, dtype=Y.dtype)
+
+
+def weighted_real_sums(W, Y):
+    """Σ_s W[..., s, r] · Y[..., s, m] for real Y: one GEMM (R × S) @ (S × M) per batch.
+
+    W: (..., S, R) real weights; Y: (..., S, M) real. Returns (..., R, M) in the
+    promoted real dtype (class2d's CTF²/σ² weight sums and Σ_j w |A_j|²).
+    """
+    xp = namespace(W, Y)
+    return xp.matmul(W.mT, Y)
