@@ -173,10 +173,10 @@ def test_gpu_cluster_options_are_valid_local_cluster_options():
 # -- model_on_device ---------------------------------------------------------------------
 
 
-def _estep_model() -> EStepModel:
+def _estep_model(seed: int = 0) -> EStepModel:
     B = 16
     shape = half_cube_shape(8)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     cube = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
     model = EStepModel(
         projectors=(FourierVolume(cube, B), FourierVolume(cube.copy(), B)),
@@ -234,7 +234,12 @@ def test_every_array_goes_to_the_device_and_the_host_model_is_untouched(make):
     device = to_device(host, xps)
     on_device = dict(_arrays(device))
     assert on_device.keys() == before.keys()  # every array field, at every depth
+    kept = {f"model.{name}" for name in getattr(type(host), "host_fields", ())}
+    assert len(kept) < len(before)  # the E-step's namespace comes from the device arrays
     for path, a in on_device.items():
+        if path in kept:  # the model's own choice (host_fields)
+            assert a is getattr(host, path.removeprefix("model.")), path
+            continue
         assert not isinstance(a, np.ndarray), path
         np.testing.assert_array_equal(np.asarray(a), before[path], err_msg=path)
     for path, a in _arrays(host):  # the host model still holds the same NumPy arrays
@@ -310,7 +315,7 @@ def test_worker_plugin_converts_once_per_worker_and_model():
         assert second["stats"]["conversions"] == 1 and second["stats"]["hits"] == 1
 
         # the next iteration's model: converted once more, the old copy dropped
-        newer = client.scatter(_estep_model(), broadcast=True)
+        newer = client.scatter(_estep_model(seed=1), broadcast=True)
         third = client.submit(_probe, newer, pure=False).result()
         assert third["stats"]["conversions"] == 2
         plugin = lc.workers[next(iter(lc.workers))].plugins[PLUGIN_NAME]
