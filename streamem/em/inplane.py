@@ -2,7 +2,7 @@
 
 Frames and units. A class is kept as a real (B, B) image centred at B//2; the E-step
 and the statistics use its rfft coefficients at the half-plane points of
-:func:`streamem.em.estep.half_plane_points` (full-box DFT units, as the images).
+:func:`streamem.em.fourier_points.half_plane_points` (full-box DFT units, as the images).
 
 In-plane rotation (RELION's convention, pinned by a test against the projector): an
 image at pose (0, 0, psi) is the class rotated by psi, i.e. its coefficient at k is the
@@ -10,24 +10,38 @@ class's at ``M k`` with ``M = [[c, −s], [s, c]]`` (x, y order), and in real sp
 ``out(x) = in(M x)`` about the centre (:func:`rotate_images`). References are rotated
 in real space (cubic spline, ``scipy.ndimage.map_coordinates``) and re-transformed.
 
-E-step (per chunk, image batches bounded in memory): the K·P rotated references
+E-step (per chunk, image sub-batches bounded in memory, :func:`class2d_batch_size`), on
+the E-step's kernels (:mod:`streamem.em.kernels`): the K·P rotated references
 (class-major, row k·P + p) against every image × translation in one GEMM
-(:func:`streamem.em.estep.cross_terms`, :func:`~streamem.em.estep.ref_power_terms`),
-log-posterior = −diff2 + log π_k + Gaussian offset prior (translations searched around
-the particle's previous origin, as refine3d). No fine pass: the grid is the psi step ×
-the offset step (adaptive oversampling is left for later). Posterior weights keep the
-samples holding ``adaptive_fraction`` of the mass (:func:`significant_weights`).
+(``cross_terms``, ``ref_power_terms``), log-posterior = −diff2 + log π_k + Gaussian
+offset prior (translations searched around the particle's previous origin, as refine3d).
+No fine pass: the grid is the psi step × the offset step. The posterior is one row per
+image over its T·(K·P) samples (``normalised_posterior``); the samples holding
+``adaptive_fraction`` of each row's mass are kept and renormalised
+(``significant_weights_rows``, RELION's significant weights), for the whole sub-batch at
+once; the best sample of each row gives class, psi and origin.
 
-Statistics: per (class, psi) row J, Σ_{i,t} w · CTF·X_t/σ² is a GEMM
-(J, n·T) @ (n·T, M), and Σ_i w · CTF²/σ² a GEMM (J, n) @ (n, M); the rows are rotated
+Statistics: per (class, psi) row J, Σ_{i,t} w · CTF·X_t/σ² (``weighted_image_sums``:
+(J, n·T) @ (n·T, M)) and Σ_i w · CTF²/σ² (``weighted_real_sums``); the rows are rotated
 back to the class frame by −psi once per chunk and summed over psi: the data sums in
 real space (inverse FT, cubic rotation, FT), the CTF² weights by bilinear interpolation
 on the centred Fourier grid (they are real and even in k). Noise sums per optics group
-and shell, class weights, offsets as refine3d.
+and shell (Σ w |X_t − CTF·A_J|², its cross term through Σ_J w A_J), class weights,
+offsets as refine3d.
+
+Devices: the E-step runs in the array namespace of ``model.inv_sigma2`` (NumPy, CuPy,
+array_api_strict), which :func:`streamem.dist.device.model_on_device` moves to a GPU
+worker; ``Class2DModel.host_fields`` keep the class images, psi and priors on the host.
+The references are rotated on the host (scipy.ndimage) and moved once per chunk, the
+images are transformed in the namespace (``fourier_points.fourier_data``), and the
+device arrays see only array-API calls. What comes back to the host: per sub-batch the
+best indices, log-evidence, top weight and significant counts (n,) and the noise rows
+summed per optics group (M,); per chunk the (J, M) row sums, rotated back on the host.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -245,7 +259,7 @@ def class2d_batch_size(model: Class2DModel, n_images: int, n_points: int, n_refs
     (:mod:`streamem.em.memory`); InputError when one image does not fit."""
     thread_bytes = memory.thread_memory_bytes(model.memory_per_worker_bytes)
     resident = n_images * model.box_size**2 * 4 + memory.class2d_fixed_bytes(n_points, n_refs)
-    resident += model.class_images.nbytes
+    resident += math.prod(model.class_images.shape) * 4  # float32 (any namespace)
     budget = memory.workspace_budget_bytes(thread_bytes, resident)
     what = f"class2d, box {model.box_size}, {n_points} Fourier points, {n_refs} references"
     if budget <= 0:
