@@ -23,55 +23,70 @@ time (:func:`_double`), so the M-step holds the reduced statistics plus one half
 double copy and the reconstruction's padded-grid FFT temporaries (~0.5 GB at box
 128, bench refine-memory), never both halves in double precision at once — except
 the final join, which needs their sum (one double cube more).
+
+Namespaces: the reconstructions run where the accumulators are (NumPy, CuPy, or any
+array-API namespace: tests/test_xp_mstep.py runs them under array_api_strict); the
+maps come back in that namespace, the short per-shell curves (FSC, τ², SSNR) on the
+host as NumPy, and the noise updates follow their inputs.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn
+from streamem.core.backend import (
+    asarray_like,
+    astype,
+    bincount,
+    fftshift,
+    flatnonzero,
+    ifftshift,
+    imag,
+    irfftn,
+    is_complex,
+    real,
+    rfftn,
+    to_numpy,
+    xp_of,
+)
 from streamem.core.backprojector import reconstruct, reconstruction_noise_spectrum
+from streamem.core.filters import resize_rfft
 from streamem.core.fourier import radial_average, shell_index
 from streamem.core.fsc import fsc as fourier_shell_correlation
 
 
-def _double(acc: np.ndarray) -> np.ndarray:
+def _double(acc):
     """An accumulator in double precision (complex128/float64) for the reconstruction;
     the reduction hands single-precision sums (no copy if already double)."""
-    dtype = np.complex128 if np.iscomplexobj(acc) else np.float64
-    return np.asarray(acc, dtype=dtype)
+    xp = xp_of(acc)
+    return astype(acc, xp.complex128 if is_complex(acc) else xp.float64, copy=False)
 
 
-def _crop_or_pad_rfft(F: np.ndarray, n_out: int) -> np.ndarray:
-    """Crop or zero-pad a 3-D rfft (n, n, n//2+1) to (m, m, m//2+1), keeping |k| < min/2."""
-    n = F.shape[0]
-    m = n_out
-    out = np.zeros((m, m, m // 2 + 1), dtype=F.dtype)
-    h = min(n, m) // 2  # frequencies -h+1 .. h-1 are copied; the Nyquist plane is dropped
-    idx_in = np.r_[0:h, n - h + 1 : n]
-    idx_out = np.r_[0:h, m - h + 1 : m]
-    out[np.ix_(idx_out, idx_out, np.arange(h))] = F[np.ix_(idx_in, idx_in, np.arange(h))]
-    return out
+def _crop_or_pad_rfft(F, n_out: int):
+    """Crop or zero-pad a 3-D rfft (n, n, n//2+1) to (m, m, m//2+1), keeping |k| < min/2
+    on every axis (the Nyquist plane is dropped)."""
+    return resize_rfft(F, n_out, 3, drop_nyquist=True)
 
 
-def to_work_frame(volume: np.ndarray, work_box: int) -> np.ndarray:
+def _refit_frame(volume, n_out: int):
+    xp = xp_of(volume)
+    F = rfftn(ifftshift(astype(volume, xp.float64), axes=(0, 1, 2)), axes=(0, 1, 2))
+    out = irfftn(_crop_or_pad_rfft(F, n_out), s=(n_out,) * 3, axes=(0, 1, 2))
+    return astype(fftshift(out, axes=(0, 1, 2)), xp.float32)
+
+
+def to_work_frame(volume, work_box: int):
     """Fourier-crop a centred (B, B, B) map to (b, b, b), keeping full-box DFT values."""
-    B = volume.shape[0]
-    if work_box == B:
-        return volume.astype(np.float32)
-    F = rfftn(ifftshift(volume.astype(np.float64), axes=(0, 1, 2)), axes=(0, 1, 2))
-    small = irfftn(_crop_or_pad_rfft(F, work_box), s=(work_box,) * 3, axes=(0, 1, 2))
-    return fftshift(small, axes=(0, 1, 2)).astype(np.float32)
+    if work_box == volume.shape[0]:
+        return astype(volume, xp_of(volume).float32)
+    return _refit_frame(volume, work_box)
 
 
-def to_full_frame(volume: np.ndarray, box_size: int) -> np.ndarray:
+def to_full_frame(volume, box_size: int):
     """Inverse of :func:`to_work_frame`: zero-pad the DFT of a (b, b, b) map to B."""
-    b = volume.shape[0]
-    if b == box_size:
-        return volume.astype(np.float32)
-    F = rfftn(ifftshift(volume.astype(np.float64), axes=(0, 1, 2)), axes=(0, 1, 2))
-    big = irfftn(_crop_or_pad_rfft(F, box_size), s=(box_size,) * 3, axes=(0, 1, 2))
-    return fftshift(big, axes=(0, 1, 2)).astype(np.float32)
+    if volume.shape[0] == box_size:
+        return astype(volume, xp_of(volume).float32)
+    return _refit_frame(volume, box_size)
 
 
 def tau2_from_fsc(fsc_halves: np.ndarray, noise_spectrum: np.ndarray) -> np.ndarray:
@@ -80,9 +95,10 @@ def tau2_from_fsc(fsc_halves: np.ndarray, noise_spectrum: np.ndarray) -> np.ndar
     ``noise_spectrum`` is the reconstruction's noise power per shell
     (:func:`streamem.core.backprojector.reconstruction_noise_spectrum`).
     """
-    f = np.clip(np.asarray(fsc_halves, np.float64), 0.0, 0.999)
-    n = min(len(f), len(noise_spectrum))
-    return f[:n] / (1.0 - f[:n]) * np.asarray(noise_spectrum)[:n]
+    f = np.clip(np.asarray(to_numpy(fsc_halves), np.float64), 0.0, 0.999)
+    noise = np.asarray(to_numpy(noise_spectrum), np.float64)  # per-shell: on the host
+    n = min(len(f), len(noise))
+    return f[:n] / (1.0 - f[:n]) * noise[:n]
 
 
 def tau2_from_map(volume: np.ndarray) -> np.ndarray:
@@ -90,11 +106,14 @@ def tau2_from_map(volume: np.ndarray) -> np.ndarray:
 
     volume: (B, B, B) real map on the data's scale. Returns (B//2 + 1,) float64, the mean
     |F(k)|² / 2 over shell k of ``rfftn(ifftshift(volume))`` (unnormalised): per complex
-    component, as the noise model's σ² (RELION's ``spectrum * normfft / 2``).
+    component, as the noise model's σ² (RELION's ``spectrum * normfft / 2``). The map
+    may live in any namespace; the spectrum comes back to the host.
     """
+    xp = xp_of(volume)
     B = volume.shape[0]
-    F = rfftn(ifftshift(np.asarray(volume, np.float64), axes=(0, 1, 2)), axes=(0, 1, 2))
-    return 0.5 * radial_average(F.real**2 + F.imag**2, shell_index(B, 3), B // 2 + 1)
+    F = rfftn(ifftshift(astype(volume, xp.float64), axes=(0, 1, 2)), axes=(0, 1, 2))
+    power = real(F) ** 2 + imag(F) ** 2
+    return 0.5 * to_numpy(radial_average(power, shell_index(B, 3, xp), B // 2 + 1))
 
 
 def data_vs_prior(
@@ -111,8 +130,10 @@ def data_vs_prior(
     the reconstruction's noise power from its summed weights (weight_acc: one
     half-cube accumulator); needs no half maps.
     """
-    noise = reconstruction_noise_spectrum(
-        _double(weight_acc), work_box, padding_factor, symmetry_matrices
+    noise = to_numpy(
+        reconstruction_noise_spectrum(
+            _double(weight_acc), work_box, padding_factor, symmetry_matrices
+        )
     )
     tau2 = tau2_fudge * tau2_from_map(volume)[: len(noise)]
     out = np.zeros(len(noise))
@@ -149,11 +170,11 @@ def reconstruct_halves(
     )
     maps = []
     for h in range(2):
-        weight = _double(weight_acc[h])
+        weight = _double(weight_acc[h, ...])
         noise = reconstruction_noise_spectrum(weight, work_box, padding_factor, symmetry_matrices)
         maps.append(
             reconstruct(
-                _double(data_acc[h]),
+                _double(data_acc[h, ...]),
                 weight,
                 work_box,
                 padding_factor,
@@ -162,7 +183,7 @@ def reconstruct_halves(
                 tau2_fudge=tau2_fudge,
             )
         )
-    return np.stack(maps), fsc_raw
+    return xp_of(data_acc).stack(maps), fsc_raw
 
 
 def unregularised_half_fsc(data_acc, weight_acc, work_box, padding_factor, symmetry_matrices):
@@ -170,8 +191,8 @@ def unregularised_half_fsc(data_acc, weight_acc, work_box, padding_factor, symme
     (2, *grid); shells where a map has no power give 0."""
     raw = [
         reconstruct(
-            _double(data_acc[h]),
-            _double(weight_acc[h]),
+            _double(data_acc[h, ...]),
+            _double(weight_acc[h, ...]),
             work_box,
             padding_factor,
             None,
@@ -188,10 +209,10 @@ def reconstruct_joined(
 ):  # fmt: skip
     """The final map from both halves' accumulators, τ² from the full-set FSC 2f/(1+f),
     or the given ``tau2`` (per shell, e.g. :func:`tau2_from_map`)."""
-    data = _double(data_acc[0]) + data_acc[1]
-    weight = _double(weight_acc[0]) + weight_acc[1]
+    data = _double(data_acc[0, ...]) + data_acc[1, ...]
+    weight = _double(weight_acc[0, ...]) + weight_acc[1, ...]
     if tau2 is None:
-        f = np.clip(np.asarray(fsc_halves), 0, 0.999)
+        f = np.clip(np.asarray(to_numpy(fsc_halves)), 0, 0.999)
         noise = reconstruction_noise_spectrum(weight, work_box, padding_factor, symmetry_matrices)
         tau2 = tau2_from_fsc(2 * f / (1 + f), noise)
     return reconstruct(
@@ -208,12 +229,16 @@ def reconstruct_joined(
 def update_inv_sigma2(
     inv_sigma2_old: np.ndarray, noise_power: np.ndarray, noise_count: np.ndarray
 ) -> np.ndarray:
-    """New 1/σ² per optics group and shell; shells without data keep their old value."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sigma2 = noise_power / (2.0 * noise_count)
-    new = inv_sigma2_old.copy()
-    ok = (noise_count > 0) & (sigma2 > 0)
-    new[ok] = 1.0 / sigma2[ok]
+    """New 1/σ² per optics group and shell; shells without data keep their old value.
+
+    (G, shells) arrays of one namespace; the result has ``inv_sigma2_old``'s dtype.
+    """
+    xp = xp_of(inv_sigma2_old, noise_power, noise_count)
+    count = astype(noise_count, xp.float64)
+    sigma2 = astype(noise_power, xp.float64) / (2.0 * xp.where(count > 0, count, 1.0))
+    ok = (count > 0) & (sigma2 > 0)
+    new = xp.where(ok, 1.0 / xp.where(ok, sigma2, 1.0), astype(inv_sigma2_old, xp.float64))
+    new = astype(new, inv_sigma2_old.dtype)
     new[:, 0] = 0.0  # DC is never scored
     return new
 
@@ -227,9 +252,11 @@ def update_sigma_offset_A(offset_sq_A2: float, weight_sum: float, floor_A: float
 
 def initial_inv_sigma2(power_sum: np.ndarray, power_count: np.ndarray) -> np.ndarray:
     """1/σ² from the mean image power per shell, σ² = ⟨|X|²⟩/2 (noise dominates at low SNR)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sigma2 = power_sum / (2.0 * power_count)
-    inv = np.where(sigma2 > 0, 1.0 / sigma2, 0.0)
+    xp = xp_of(power_sum, power_count)
+    count = astype(power_count, xp.float64)
+    sigma2 = astype(power_sum, xp.float64) / (2.0 * xp.where(count > 0, count, 1.0))
+    ok = (count > 0) & (sigma2 > 0)
+    inv = xp.where(ok, 1.0 / xp.where(ok, sigma2, 1.0), 0.0)
     inv[:, 0] = 0.0
     return inv
 
@@ -237,18 +264,24 @@ def initial_inv_sigma2(power_sum: np.ndarray, power_count: np.ndarray) -> np.nda
 def image_power(images: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
     """Σ|X(k)|² and counts per optics group and shell: (2, G, B//2+1) float64.
 
-    images: (n, B, B); groups: (n,) 0-based optics group. The result is a monoid (sum).
+    images: (n, B, B); groups: (n,) 0-based optics group (host metadata). The result is
+    a monoid (sum), in the namespace of ``images``.
     """
+    xp = xp_of(images)
     n, B = images.shape[0], images.shape[-1]
-    X = rfftn(images.astype(np.float32), axes=(-2, -1))
-    ky = np.fft.fftfreq(B) * B
-    kx = np.arange(B // 2 + 1)
-    shell = np.rint(np.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)).astype(np.int64).ravel()
-    keep = shell <= B // 2
-    out = np.zeros((2, n_groups, B // 2 + 1))
-    power = (X.real**2 + X.imag**2).reshape(n, -1)
+    n_sh = B // 2 + 1
+    X = rfftn(astype(images, xp.float32), axes=(-2, -1))
+    shell = xp.reshape(shell_index(B, 2, xp), (-1,))
+    keep = flatnonzero(shell <= B // 2)
+    shell = xp.take(shell, keep)
+    power = xp.take(xp.reshape(real(X) ** 2 + imag(X) ** 2, (n, -1)), keep, axis=1)
+    per_shell = astype(bincount(shell, minlength=n_sh), xp.float64)
+    groups = np.asarray(to_numpy(groups))
+    sums = [xp.zeros(n_sh, dtype=xp.float64) for _ in range(n_groups)]
+    counts = [xp.zeros(n_sh, dtype=xp.float64) for _ in range(n_groups)]
     for g in np.unique(groups):
-        p = power[groups == g].sum(axis=0)
-        out[0, g] += np.bincount(shell[keep], weights=p[keep], minlength=B // 2 + 1)
-        out[1, g] += np.count_nonzero(groups == g) * np.bincount(shell[keep], minlength=B // 2 + 1)
-    return out
+        rows = asarray_like(np.flatnonzero(groups == g), images)
+        p = xp.sum(xp.take(power, rows, axis=0), axis=0)
+        sums[g] = bincount(shell, weights=p, minlength=n_sh)
+        counts[g] = float(rows.shape[0]) * per_shell
+    return xp.stack([xp.stack(sums), xp.stack(counts)])
