@@ -124,3 +124,15 @@ def test_whole_estep_under_array_api_strict():
     images, metadata, model = _chunk()
     want = inplane.expectation_2d(images, metadata, model)
     _assert_same(want, inplane.expectation_2d(images, metadata, to_device(model, xps)))
+
+
+def test_weighted_real_sums_is_the_weighted_sum():
+    """kernels.weighted_real_sums (appended for class2d): Σ_s W[s, r] Y[s, m], batched."""
+    from streamem.em.kernels import weighted_real_sums
+
+    rng = np.random.default_rng(0)
+    W, Y = rng.random((3, 7, 4)), rng.standard_normal((3, 7, 5))
+    want = np.einsum("bsr,bsm->brm", W, Y)
+    assert np.allclose(weighted_real_sums(W, Y), want)
+    got = weighted_real_sums(xps.asarray(W), xps.asarray(Y))
+    assert np.allclose(np.asarray(got), want)
