@@ -49,9 +49,9 @@ def check_execution(args) -> None:
     """Refuse execution options that cannot work here (InputError, one line).
 
     Call it before any output is created; :func:`run_job` and
-    :func:`scheduler_client` call it too. ``--gpu`` needs CuPy and a visible GPU
-    here, and dask-cuda unless the tasks run on threads (``--no-cluster``) or on an
-    existing cluster (``--scheduler``, whose workers are checked when it is reached).
+    :func:`scheduler_client` call it too. ``--gpu`` on this machine needs CuPy, a
+    visible GPU and (for the local GPU cluster, not ``--no-cluster``) dask-cuda; with
+    ``--scheduler`` the cluster's workers compute, and are checked when it is reached.
     """
     from streamem.dist.cluster import check_gpu
 
