@@ -257,14 +257,47 @@ def test_postprocess_rejects_bad_arrays():
         postprocess(a, np.zeros((16, 16, 17)), 1.0)
     with pytest.raises(ValueError):
         postprocess(a, a, 1.0, mask=np.full((16,) * 3, 2.0))
-    # a map at ~9 Å leaves no room for a Guinier fit from 10 Å: ask for a B-factor
-    rng = np.random.default_rng(2)
-    t = random_field(np.exp(-2000 * frequency_A() ** 2 / 4), rng)
-    h1 = t + 0.3 * t.std() * rng.standard_normal(t.shape)
-    h2 = t + 0.3 * t.std() * rng.standard_normal(t.shape)
-    assert postprocess(h1, h2, PIX, bfactor_A2=0.0).resolution_A > 8
-    with pytest.raises(ValueError, match="Guinier fit"):
-        postprocess(h1, h2, PIX)
+
+
+def low_resolution_halves(box=B, pix=PIX, seed=2):
+    """Half maps of a soft-edged blob whose FSC falls below 0.143 near 10 Å."""
+    rng = np.random.default_rng(seed)
+    s = rfft_radius(box, 3) / (box * pix)
+    t = irfftn(ft(rng.standard_normal((box,) * 3)) * np.exp(-3000 * s**2 / 4), (box,) * 3, AXES)
+    t = t * soft_sphere(box, box // 4, 10)
+    sd = t.std()
+    return t + sd * rng.standard_normal(t.shape), t + sd * rng.standard_normal(t.shape)
+
+
+def test_postprocess_at_low_resolution_warns_and_does_not_sharpen():
+    """Issue 24: half maps at ~10 Å leave < 3 shells for a Guinier fit from 10 Å.
+    As RELION: a warning, no B-factor, and still every FSC, the resolution and the
+    (FSC-weighted, low-passed) maps; a given B-factor is applied as usual."""
+    h1, h2 = low_resolution_halves()
+    mask = soft_sphere(B, 24, 6)
+    with pytest.warns(UserWarning, match="no sharpening"):
+        res = postprocess(h1, h2, PIX, mask=mask)
+    assert res.resolution_A > 9.0
+    assert res.guinier_fit is None and res.guinier_fitted is None and res.bfactor_A2 == 0.0
+    assert any("Guinier fit" in w for w in res.warnings)
+    for curve in (res.fsc_unmasked, res.fsc_masked, res.fsc_random_masked, res.fsc_corrected):
+        assert curve.shape == (B // 2 + 1,) and np.all(np.isfinite(curve))
+    assert res.randomize_from_shell is not None
+    np.testing.assert_allclose(res.guinier_sharpened, res.guinier_weighted)  # nothing applied
+    assert res.lowpass_A == pytest.approx(res.resolution_A)
+    assert np.isfinite(res.sharpened).all() and res.sharpened.std() > 0
+    np.testing.assert_allclose(res.sharpened_masked, res.sharpened * mask, rtol=1e-6)
+    # with --bfactor the given B-factor is applied, without a warning about the fit
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        given = postprocess(h1, h2, PIX, mask=mask, bfactor_A2=-200.0)
+    assert not any("Guinier" in str(w.message) for w in caught)
+    assert given.bfactor_A2 == -200.0 and given.resolution_A == pytest.approx(res.resolution_A)
+    s2 = given.frequency_squared_A2
+    k = int(B * PIX / 20.0)  # a shell at 20 Å: sharpened by exp(+200 s² / 4)
+    assert given.guinier_sharpened[k] - given.guinier_weighted[k] == pytest.approx(
+        50 * s2[k], rel=0.05
+    )
 
 
 # -- local resolution -------------------------------------------------------------------
@@ -546,3 +579,33 @@ def test_cli_identical_half_maps(maps, tmp_path, capsys):
     assert main(["postprocess", h1, h1, "--auto-mask", "--out", str(out)]) == 2
     assert "never falls below 0.8" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_postprocess_at_low_resolution(tmp_path, capsys):
+    """Issue 24: ``streamem postprocess`` on ~10 Å half maps with a mask exits 0 with a
+    warning, B-factor 0 in the STAR, and writes the FSCs, the resolution and the maps."""
+    h1, h2 = low_resolution_halves()
+    mask = soft_sphere(B, 24, 6)
+    paths = [_write(tmp_path / f"{n}.mrc", a, PIX) for n, a in (("h1", h1), ("h2", h2))]
+    mask_path = _write(tmp_path / "mask.mrc", mask.astype(np.float32), PIX)
+    out = tmp_path / "post"
+    assert main(["postprocess", *paths, "--mask", mask_path, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: Guinier fit" in printed and "no sharpening" in printed
+    for name in ("postprocess.mrc", "postprocess_masked.mrc", "postprocess_fsc.png"):
+        assert (out / name).is_file()
+    star = starfile.read(out / "postprocess.star", always_dict=True)
+    general = star["general"]
+    general = general.iloc[0] if isinstance(general, pd.DataFrame) else pd.Series(general)
+    assert float(general["rlnBfactorUsedForSharpening"]) == 0.0
+    assert float(general["rlnFinalResolution"]) > 9.0
+    assert "rlnFittedSlopeGuinierPlot" not in general
+    fsc_table = star["fsc"]
+    for col in (
+        "rlnFourierShellCorrelationCorrected",
+        "rlnFourierShellCorrelationMaskedMaps",
+        "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps",
+    ):
+        assert np.isfinite(fsc_table[col]).all()
+    sharpened, _ = read_map(out / "postprocess.mrc")
+    assert np.isfinite(sharpened).all() and sharpened.std() > 0

@@ -402,8 +402,6 @@ def run_postprocess(args) -> int:
             hint = ""
             if "never falls below" in str(exc):
                 hint = " (are the half maps identical? --randomize-at-A sets it by hand)"
-            elif "Guinier fit" in str(exc):
-                hint = " (give --bfactor, or a lower resolution with --autob-lowres)"
             raise InputError(args.half1, f"{exc}{hint}") from None
 
     with atomic_output(out_dir, args.overwrite, inputs, "postprocess") as tmp:

@@ -25,7 +25,10 @@ Steps (RELION 3.1+ ``postprocessing.cpp``; Chen et al. 2013, Rosenthal & Henders
    FSC, fit the Guinier plot of the weighted map between ``fit_min_resolution_A``
    (10 Å) and the resolution, apply the B-factor ``4 · slope`` (negative: it
    sharpens) or the given one, and low-pass filter at the resolution with a
-   raised-cosine edge of 2 shells.
+   raised-cosine edge of 2 shells. When the fit range holds fewer than 3 shells (the
+   resolution is worse than ``fit_min_resolution_A``) nothing is fitted and, unless a
+   B-factor is given, none is applied; a warning says so and every output is
+   still made (RELION writes its outputs with a warning in this case too).
 
 Where we differ from RELION, on purpose:
 
@@ -225,6 +228,11 @@ def postprocess(
     lowpass_A : low-pass resolution of the output; default the final resolution.
     seed : seed of the phase randomisation.
 
+    When the Guinier range holds fewer than 3 shells (a map at lower resolution
+    than ``fit_min_resolution_A``; RELION does the same) no B-factor is fitted:
+    a warning, ``bfactor_A2`` 0 and ``guinier_fit`` None; FSCs, resolution, FSC
+    weighting and low-pass as usual.
+
     Raises ValueError on maps of different shapes, a non-cubic box, a mask outside
     [0, 1], or an unmasked FSC that never falls below ``randomize_at_fsc``.
     """
@@ -294,8 +302,17 @@ def postprocess(
                 Fm = divide_by_mtf(Fm, pixel_size_A, mtf.frequency_A, mtf.value)
             fit_curve = guinier_curve(apply_shell_weights(Fm, weights), pixel_size_A)
         hi = resolution if fit_max_resolution_A is None else fit_max_resolution_A
-        fit = fit_guinier(fit_curve, B, pixel_size_A, fit_min_resolution_A, hi)
-        bfactor = fit.bfactor_A2
+        try:
+            fit = fit_guinier(fit_curve, B, pixel_size_A, fit_min_resolution_A, hi)
+            bfactor = fit.bfactor_A2
+        except ValueError as exc:
+            # RELION: a map at lower resolution than the fit range is not sharpened;
+            # the FSCs, the resolution and the (weighted, low-passed) maps still count
+            fit, fit_curve, bfactor = None, None, 0.0
+            notes.append(
+                f"{exc}: no B-factor fitted and no sharpening applied (give --bfactor "
+                "to sharpen, or --autob-lowres for a lower-resolution fit range)"
+            )
     else:
         bfactor = float(bfactor_A2)
     if bfactor != 0.0:
