@@ -139,6 +139,44 @@ def test_log_picking_recall_and_fdr(tmp_path, sim):
     assert (out / "mic_002_fom.mrc").is_file()
 
 
+def test_log_default_diameters_from_the_particle_diameter_or_the_reference(tmp_path, sim, caplog):
+    """Issue 24: ``--log`` without --log-diameter-min/max takes 0.8-1.2x
+    ``--particle-diameter`` (or the size of ``--reference``), says so in the log, and
+    picks as well as with the range given by hand."""
+    import logging
+
+    from streamem.pick.log import default_log_diameters_A
+
+    assert default_log_diameters_A(250.0) == pytest.approx((200.0, 300.0))
+    d = sim.particle_diameter_A
+    mics = [str(sim.out_dir / "mic_001.mrc"), str(sim.out_dir / "mic_002.mrc")]
+    names = ["mic_001.mrc", "mic_002.mrc"]
+    caplog.set_level(logging.INFO, logger="streamem")
+    out = tmp_path / "logd"
+    assert main(["pick", *mics, "--log", "--particle-diameter", f"{d:.1f}", "--out", str(out)]) == 0
+    said = [r.getMessage() for r in caplog.records if "LoG diameters" in r.getMessage()]
+    assert said == [
+        f"LoG diameters {0.8 * d:.1f}-{1.2 * d:.1f} A (0.8-1.2x {d:.1f} A from --particle-diameter)"
+    ]
+    recall, fdr = _score(out, sim, names)
+    print(f"LoG with the default range around {d:.0f} A: recall {recall:.3f}, FDR {fdr:.3f}")
+    assert recall >= 0.8 and fdr <= 0.2
+    # from the reference's size: a range around the measured diameter
+    caplog.clear()
+    ref = str(sim.out_dir / "truth_class001.mrc")
+    out2 = tmp_path / "logr"
+    assert main(["pick", *mics, "--log", "--reference", ref, "--out", str(out2)]) == 0
+    said = [r.getMessage() for r in caplog.records if "LoG diameters" in r.getMessage()]
+    assert len(said) == 1 and "truth_class001.mrc" in said[0]
+    lo, hi = (float(v) for v in said[0].split()[2].split("-"))
+    assert lo < d < hi  # the measured size brackets the true one
+    recall2, fdr2 = _score(out2, sim, names)
+    assert recall2 >= 0.8 and fdr2 <= 0.2
+    # neither a diameter nor a reference: one line naming the options
+    assert main(["pick", *mics, "--log", "--out", str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none").exists()
+
+
 def test_picks_with_and_without_the_lowpass_agree(tmp_path, sim):
     """RELION-2 Table 1: downscaling to the 20 Å filter barely changes the picks."""
     common = [

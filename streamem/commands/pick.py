@@ -3,6 +3,10 @@
     streamem pick MICROGRAPHS.star --templates CLASSES.mrcs --out DIR
     streamem pick MICROGRAPHS.star --reference MAP.mrc --particle-diameter 150 --out DIR
     streamem pick mic_*.mrc --log --log-diameter-min 120 --log-diameter-max 180 --angpix 1.1 --out DIR
+    streamem pick MICROGRAPHS.star --log --particle-diameter 150 --out DIR
+
+LoG diameters default to 0.8-1.2x ``--particle-diameter``, or of the size of
+``--reference``/``--templates`` given with ``--log`` (the range used is logged).
 
 Templates are white (protein brighter than the background); raw micrographs have dark
 protein, so the templates are inverted unless ``--no-invert`` (micrographs already
@@ -37,12 +41,17 @@ def register(sub) -> None:
     )
     p.add_argument("micrographs", nargs="+", help="micrographs STAR file (with CTF) or MRC files")
     p.add_argument("--out", required=True, help="output folder")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--templates", help="2-D templates (class averages), an MRC stack")
     src.add_argument(
         "--reference", "--ref", dest="reference", help="3-D map: templates are its projections"
     )
-    src.add_argument("--log", action="store_true", help="Laplacian-of-Gaussian blob picking")
+    p.add_argument(
+        "--log",
+        action="store_true",
+        help="Laplacian-of-Gaussian blob picking (with --templates/--reference: their "
+        "size sets the default diameters)",
+    )
     p.add_argument(
         "--angpix",
         type=float,
@@ -125,8 +134,18 @@ def register(sub) -> None:
         help="reject picks whose background holds this many times the "
         "micrograph's median low-resolution contrast (carbon edges, ice); 0: off",
     )
-    p.add_argument("--log-diameter-min", type=float, default=None, help="LoG: smallest diameter A")
-    p.add_argument("--log-diameter-max", type=float, default=None, help="LoG: largest diameter A")
+    p.add_argument(
+        "--log-diameter-min",
+        type=float,
+        default=None,
+        help="LoG: smallest diameter A (default 0.8 x --particle-diameter or the reference's)",
+    )
+    p.add_argument(
+        "--log-diameter-max",
+        type=float,
+        default=None,
+        help="LoG: largest diameter A (default 1.2 x --particle-diameter or the reference's)",
+    )
     p.add_argument("--write-fom-maps", action="store_true", help="write FOM maps (MRC)")
     p.add_argument("--workers", type=int, default=None, help="threads (default: a few)")
     p.add_argument("--seed", type=int, default=0, help="seed for the noise padding (0)")
@@ -190,6 +209,40 @@ def _threshold(args) -> dict:
     return {} if args.threshold is None else {"threshold": args.threshold}
 
 
+def _log_diameters(args, source, pixel_size_A: float) -> tuple[float, float]:
+    """The LoG range: the options, else 0.8-1.2x the particle diameter (``--particle-diameter``
+    or the size of ``--reference``/``--templates``); logged with where it came from."""
+    from streamem.pick.job import load_templates
+    from streamem.pick.log import default_log_diameters_A
+    from streamem.pick.template import estimate_particle_diameter_A
+
+    d_min, d_max = args.log_diameter_min, args.log_diameter_max
+    if d_min is not None and d_max is not None:
+        log.info("LoG diameters %.1f-%.1f A (--log-diameter-min/max)", d_min, d_max)
+        return d_min, d_max
+    if args.particle_diameter is not None:
+        diameter, origin = args.particle_diameter, "--particle-diameter"
+    elif source is not None:
+        # healpix order 0 (12 directions) is plenty to measure a size
+        t = load_templates(source, pixel_size_A, args.angpix_ref, 0, args.sym)
+        diameter, origin = estimate_particle_diameter_A(t, pixel_size_A), f"the size of {source}"
+    else:
+        raise InputError(
+            None,
+            "--log needs --particle-diameter, --log-diameter-min and --log-diameter-max, "
+            "or --reference/--templates to measure the particle's size",
+        )
+    lo, hi = default_log_diameters_A(diameter)
+    d_min = lo if d_min is None else d_min
+    d_max = hi if d_max is None else d_max
+    if d_min > d_max:
+        raise InputError(
+            None, f"LoG diameters {d_min:g}-{d_max:g} A: need min <= max (set both options)"
+        )
+    log.info("LoG diameters %.1f-%.1f A (0.8-1.2x %.1f A from %s)", d_min, d_max, diameter, origin)
+    return d_min, d_max
+
+
 def run(args) -> int:
     from streamem.io.atomic import check_output
     from streamem.pick.job import load_templates, micrograph_inputs, pick_micrographs
@@ -208,13 +261,13 @@ def run(args) -> int:
     mics = micrograph_inputs(args.micrographs, args.angpix, use_ctf=not args.no_ctf)
     pixel = mics[0].pixel_size_A
     templates = None
+    source = args.templates or args.reference
     if args.log:
-        if args.log_diameter_min is None or args.log_diameter_max is None:
-            raise InputError(None, "--log needs --log-diameter-min and --log-diameter-max")
+        d_min, d_max = _log_diameters(args, source, pixel)
         try:
             params = LogPickParams(
-                args.log_diameter_min,
-                args.log_diameter_max,
+                d_min,
+                d_max,
                 lowpass,
                 **_threshold(args),
                 min_distance_A=args.min_distance,
@@ -225,7 +278,8 @@ def run(args) -> int:
         except ValueError as exc:
             raise InputError(None, str(exc)) from None
     else:
-        source = args.templates or args.reference
+        if source is None:
+            raise InputError(None, "give --templates, --reference or --log")
         templates = load_templates(source, pixel, args.angpix_ref, args.healpix_order, args.sym)
         diameter = args.particle_diameter or estimate_particle_diameter_A(templates, pixel)
         log.info(

@@ -69,6 +69,20 @@ class LogPickParams:
             )
 
 
+LOG_RANGE = (0.8, 1.2)  # default diameter range, in units of the particle diameter
+
+
+def default_log_diameters_A(particle_diameter_A: float) -> tuple[float, float]:
+    """The default LoG range ``(0.8 d, 1.2 d)`` Å around a particle diameter d (Å).
+
+    Wide enough for the spread of projected sizes of a non-spherical particle, narrow
+    enough that ice balls (larger) and noise (smaller) peak outside it.
+    """
+    if not particle_diameter_A > 0:
+        raise ValueError(f"particle diameter must be > 0 Å, got {particle_diameter_A}")
+    return LOG_RANGE[0] * particle_diameter_A, LOG_RANGE[1] * particle_diameter_A
+
+
 def log_diameters_A(d_min: float, d_max: float) -> tuple[np.ndarray, np.ndarray]:
     """(diameters Å, in-range flags) searched by the picker (module docstring)."""
     inside = np.linspace(d_min, d_max, 3) if d_max > d_min else np.array([d_min])
