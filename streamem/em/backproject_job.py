@@ -17,7 +17,7 @@ from streamem.core.euler import euler_to_matrix
 from streamem.core.projector import half_cube_shape, padded_radius
 from streamem.core.sampling import shift_phases
 from streamem.dist.device import device_namespace
-from streamem.dist.graph import map_chunks, tree_sum
+from streamem.dist.iteration import run_chunks
 from streamem.em.fourier_points import fourier_data, half_plane_points, origins_px
 from streamem.errors import InputError
 from streamem.io.store import ParticleStore, optics_params
@@ -115,8 +115,6 @@ def accumulate_from_poses(
     pose_source: "metadata" (the store's poses), "truth" (simulated ground truth) or
     "star" (``star_poses``: RELION labels → (N,) arrays in store order).
     """
-    import dask
-
     B, p = store.box_size, store.pixel_size_A
     group = "truth" if pose_source == "truth" else "metadata"
     if pose_source != "star" and not store.has_fields(POSE_LABELS[:3], group):
@@ -125,7 +123,7 @@ def accumulate_from_poses(
     if max_resolution_A:
         radius = min(radius, B * p / max_resolution_A)
     do_ctf = do_ctf and store.has_fields(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"))
-    parts = map_chunks(
+    return run_chunks(
         _task,
         store.chunk_bounds(),
         str(store.path),
@@ -133,14 +131,10 @@ def accumulate_from_poses(
         radius,
         padding_factor,
         do_ctf,
-        star_poses,
+        shared=star_poses,  # the STAR file's poses: sent once, not in every task
+        client=client,
+        split_every=split_every,
         name="backproject",
-    )
-    graph = tree_sum(parts, split_every, name="accumulate")
-    return (
-        dask.compute(graph, scheduler="threads")[0]
-        if client is None
-        else client.compute(graph).result()
     )
 
 

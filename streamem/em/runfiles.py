@@ -1,9 +1,11 @@
-"""RELION-named outputs of a run folder: STAR tables, maps, FSC plot, checkpoints.
+"""A run folder's names, checkpoints, truth scores and FSC plot.
 
-``run_itNNN_data.star``, ``run_itNNN_model.star``, ``run_itNNN_half{1,2}_class001_unfil.mrc``
-each iteration; ``run_itNNN_optimiser.json`` is written last and marks the iteration
-complete (``--continue`` resumes from the newest one). Per-particle results live in
-``particles.zarr`` (``itNNN/<label>``), written region by region by the E-step tasks.
+``run_itNNN_*`` each iteration (maps, ``_data.star`` and ``_model.star``, written by
+:mod:`streamem.io.results` and :mod:`streamem.io.model_star`);
+``run_itNNN_optimiser.json`` is written last and marks the iteration complete
+(``--continue`` resumes from the newest usable one). Per-particle results live in
+``particles.zarr`` (:mod:`streamem.io.results`; ``RESULT_FIELDS`` and ``read_results``
+are re-exported here for the readers of run folders: select, benches).
 """
 
 from __future__ import annotations
@@ -14,109 +16,18 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import zarr
 
 from streamem.em.class_truth import class_accuracy
 from streamem.errors import InputError
 from streamem.io.relion import write_star
+from streamem.io.results import RESULT_FIELDS, read_results, write_data_star  # noqa: F401 (re-exported)
 from streamem.io.store import ParticleStore
 
 log = logging.getLogger("streamem")
 
-RESULT_FIELDS = {
-    "rlnAngleRot": np.float64,
-    "rlnAngleTilt": np.float64,
-    "rlnAnglePsi": np.float64,
-    "rlnOriginXAngst": np.float64,
-    "rlnOriginYAngst": np.float64,
-    "rlnMaxValueProbDistribution": np.float64,
-    "rlnNrOfSignificantSamples": np.float64,
-    "rlnLogLikeliContribution": np.float64,
-    "rlnClassNumber": np.int32,
-}
-
 
 def iteration_prefix(out_dir: Path, iteration: int) -> Path:
     return Path(out_dir) / f"run_it{iteration:03d}"
-
-
-def create_results_arrays(results_path: Path, iteration: int, n: int, chunk: int) -> None:
-    root = zarr.open_group(str(results_path), mode="a")
-    grp = root.require_group(f"it{iteration:03d}")
-    for label, dtype in RESULT_FIELDS.items():
-        if label not in grp:
-            grp.create_array(
-                label,
-                shape=(n,),
-                chunks=(chunk,),
-                dtype=dtype,
-                fill_value=np.nan if np.dtype(dtype).kind == "f" else 0,
-            )
-
-
-def write_results(results_path: str, iteration: int, start: int, columns: dict) -> None:
-    """Write one chunk's per-particle results (called inside the E-step task)."""
-    grp = zarr.open_group(str(results_path), mode="r+")[f"it{iteration:03d}"]
-    for label, values in columns.items():
-        grp[label][start : start + len(values)] = np.asarray(values).astype(grp[label].dtype)
-
-
-def read_results(
-    results_path: str, iteration: int, start: int | None = None, stop: int | None = None
-) -> dict:
-    grp = zarr.open_group(str(results_path), mode="r")[f"it{iteration:03d}"]
-    sl = slice(start, stop)
-    return {label: np.asarray(arr[sl]) for label, arr in grp.arrays()}
-
-
-def write_data_star(path: Path, store: ParticleStore, results: dict) -> None:
-    """Particles with this iteration's poses, RELION 3.1 (optics + particles)."""
-    table = store.read_table()
-    table.update(results)
-    if "rlnImageName" not in table:
-        # a simulated store has no stacks: refer to the store (streamem export writes stacks)
-        table["rlnImageName"] = np.array(
-            [f"{i + 1:06d}@{store.path.name}" for i in range(store.n_particles)], dtype=object
-        )
-    particles = pd.DataFrame(table)
-    optics = pd.DataFrame(store.optics_groups)
-    write_star(path, {"optics": optics, "particles": particles})
-
-
-def write_model_star(
-    path: Path,
-    general: dict,
-    fsc: np.ndarray,
-    box_size: int,
-    pixel_size_A: float,
-    inv_sigma2: np.ndarray,
-) -> None:
-    shells = np.arange(len(fsc))
-    with np.errstate(divide="ignore"):
-        res = np.where(shells > 0, box_size * pixel_size_A / np.maximum(shells, 1), 999.0)
-    blocks = {
-        "model_general": pd.DataFrame([general]),
-        "model_class_1": pd.DataFrame(
-            {
-                "rlnSpectralIndex": shells,
-                "rlnResolution": shells / (box_size * pixel_size_A),
-                "rlnAngstromResolution": res,
-                "rlnGoldStandardFsc": fsc,
-            }
-        ),
-    }
-    for g, inv in enumerate(inv_sigma2):
-        with np.errstate(divide="ignore"):
-            sigma2 = np.where(inv > 0, 1.0 / np.maximum(inv, 1e-300), 0.0)
-        blocks[f"model_optics_group_{g + 1}"] = pd.DataFrame(
-            {
-                "rlnSpectralIndex": shells,
-                "rlnResolution": shells / (box_size * pixel_size_A),
-                "rlnSigma2Noise": sigma2[: len(shells)],
-            }
-        )
-    write_star(path, blocks)
 
 
 def write_checkpoint(path: Path, state: dict) -> None:

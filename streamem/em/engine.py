@@ -1,0 +1,398 @@
+"""ONE run loop for refine3d, class3d and class2d; a job is a small definition (:class:`Job`).
+
+Per iteration (:func:`run_job`): the job builds its E-step model from its state; the
+model is broadcast once and one task per store chunk (:func:`chunk_task`) reads its
+chunk and the previous iteration's per-particle results, puts the model on the
+worker's device (:func:`streamem.dist.device.model_on_device`), runs the job's E-step,
+writes its particles' results into ``particles.zarr`` and returns its statistics; the
+statistics are tree-summed (:func:`run_estep`, through :mod:`streamem.dist.iteration`).
+On the client: the noise spectra and the offset prior are updated as in RELION (the
+same for every job), then the job's M-step; then the outputs, RELION-named: the job's
+maps and ``_model.star``, the common ``_data.star``, the truth scores (classifications
+of simulated data), and last the checkpoint ``run_itNNN_optimiser.json``, which marks
+the iteration complete, and the job's log line.
+
+What every job shares also lives here: the initial noise spectra (:func:`initial_noise`,
+a pass over the store), the starting map (:func:`load_reference`), the work box for a
+resolution (:func:`work_box_for`), the solvent mask, the model.star general block
+(:func:`model_general`), ``--continue`` (the common state read back from a checkpoint),
+and ``stop_after_iteration``. The run folder is claimed by the job's public function
+(:func:`streamem.em.runfolder.claim`) before :func:`run_job` runs in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from streamem.core.masks import soft_sphere
+from streamem.core.projector import half_cube_shape, padded_radius
+from streamem.dist.device import model_on_device
+from streamem.dist.graph import map_chunks, tree_sum
+from streamem.dist.iteration import compute, run_chunks
+from streamem.em import mstep, runfiles
+from streamem.em.runfolder import Run
+from streamem.errors import InputError
+from streamem.io.mrc import read_map
+from streamem.io.results import create_results_arrays, read_results, write_data_star, write_results
+from streamem.io.store import ParticleStore, optics_params
+
+log = logging.getLogger("streamem")
+
+INCREMENT_SHELLS = 10  # RELION's incr_size: shells beyond the resolution kept each iteration
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every iteration of a run reads: the store, the claimed folder, the cluster.
+
+    box_size (pixels), pixel_size_A, diameter_A (the particle diameter, default 0.8 ×
+    the box), optics (one OpticsParams per group), do_ctf (asked for and the store has
+    defoci), split_every (fan-in of the statistics' tree sum).
+    """
+
+    store: ParticleStore
+    run: Run
+    client: Any
+    progress: bool
+    split_every: int
+    box_size: int
+    pixel_size_A: float
+    diameter_A: float
+    optics: tuple
+    do_ctf: bool
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run.out_dir
+
+    @property
+    def results_path(self) -> Path:
+        return self.run.out_dir / "particles.zarr"
+
+
+def run_context(store: ParticleStore, run: Run, options, client, progress: bool = False):
+    """The :class:`RunContext` of a job's ``options`` (``particle_diameter_A``,
+    ``do_ctf``, ``split_every``) on ``store`` in the claimed folder ``run``."""
+    B, p = store.box_size, store.pixel_size_A
+    return RunContext(
+        store=store,
+        run=run,
+        client=client,
+        progress=progress,
+        split_every=options.split_every,
+        box_size=B,
+        pixel_size_A=p,
+        diameter_A=options.particle_diameter_A or 0.8 * B * p,
+        optics=tuple(optics_params(g) for g in store.optics_groups),
+        do_ctf=options.do_ctf
+        and store.has_fields(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")),
+    )
+
+
+class Job(Protocol):
+    """A job's definition: what differs between refine3d, class3d and class2d.
+
+    ``state`` is a dict the engine threads through the iterations. The engine owns its
+    keys ``iteration`` (last complete one, 0 before the first), ``inv_sigma2`` ((G, B//2+1)
+    1/σ²), ``sigma_offset_A`` and, for classifications (``classifies``), ``classes``
+    ((N,) rlnClassNumber of the last iteration), ``history`` (fractions per iteration,
+    from ``state["fractions"]``), ``seconds`` and ``accuracy``; the job adds its own.
+    """
+
+    name: str  # "refine3d", "class3d", "class2d": graph names
+    state_keys: tuple[str, ...]  # what a checkpoint must hold to be resumed from
+    classifies: bool  # rlnClassNumber is the answer: truth scores, history, changed
+    estep: Callable  # (images, metadata, model) -> (statistics, ChunkResult), module-level
+
+    def start(self, ctx: RunContext, checkpoint: dict | None) -> dict:
+        """The job's state: fresh (checkpoint None; ``sigma_offset_A`` included) or resumed."""
+
+    def finished(self, state: dict) -> bool:
+        """No iteration left to run."""
+
+    def model(self, ctx: RunContext, state: dict, iteration: int) -> Any:
+        """The E-step model of ``iteration`` (its ``scale_free`` says the first fits the scale)."""
+
+    def maximise(self, ctx: RunContext, state: dict, model, stats) -> dict:
+        """The M-step: the new state (noise and offsets already updated by the engine)."""
+
+    def write_outputs(self, ctx: RunContext, state: dict, model, stats, prefix: Path) -> dict:
+        """Write the iteration's maps and model.star; return the job's checkpoint fields."""
+
+    def log_line(self, state: dict, model, iteration: int, changed: float, seconds: float) -> str:
+        """The iteration's log line (``changed``: fraction of particles that changed class)."""
+
+
+# -- the chunk task and the per-iteration graph ---------------------------------------------
+
+
+def chunk_task(
+    start, stop, store_path, results_path, prev_iteration, iteration, expectation_fn, model
+):
+    """One chunk's E-step: read, compute, write per-particle results, return statistics.
+
+    ``expectation_fn(images, metadata, model) -> (statistics, ChunkResult)`` is the
+    job's E-step; ``model`` goes to this worker's device first (identity on CPUs).
+    """
+    store = ParticleStore(store_path)
+    chunk = store.read_chunk(start, stop)
+    meta = dict(chunk.metadata)
+    meta["particle_index"] = np.arange(start, stop)  # for seeded classes (class3d)
+    if prev_iteration is not None:
+        meta.update(read_results(results_path, prev_iteration, start, stop))
+    stats, result = expectation_fn(chunk.images, meta, model_on_device(model))
+    write_results(results_path, iteration, start, result.as_columns())
+    return stats
+
+
+def run_estep(
+    store,
+    results_path,
+    prev_iteration,
+    iteration,
+    model,
+    client,
+    expectation_fn,
+    split_every=8,
+    name="estep",
+    progress=False,
+):
+    """One iteration's graph: the model sent once, one task per chunk, statistics tree-summed.
+
+    ``progress`` shows a progress bar over the chunks (text in a terminal, a widget in a
+    notebook). Each task bounds its own memory (:mod:`streamem.em.memory`); the tree's
+    ``split_every`` is lowered for big statistics (:func:`statistics_bytes`). A worker
+    killed for memory anyway (``KilledWorker``) stops the run with one line naming the
+    iteration: the last complete iteration's checkpoint is untouched, so ``--continue``
+    resumes from it.
+    """
+    create_results_arrays(results_path, iteration, store.n_particles, store.chunk_size)
+    resume = (
+        f"resume after iteration {prev_iteration} with --continue"
+        if prev_iteration
+        else "no iteration is complete yet: rerun without --continue"
+    )
+    return run_chunks(
+        chunk_task,
+        store.chunk_bounds(),
+        str(store.path),
+        str(Path(results_path).absolute()),  # a worker's working folder is not ours
+        prev_iteration,
+        iteration,
+        expectation_fn,
+        shared=model,
+        client=client,
+        split_every=split_every,
+        item_bytes=statistics_bytes(model),
+        name=f"{name}-it{iteration:03d}",
+        progress=progress,
+        killed_message=(
+            f"iteration {iteration}: a Dask worker died repeatedly while running it "
+            "(usually out of memory: give more memory per worker with --memory-per-worker "
+            f"or fewer threads per worker); {resume}"
+        ),
+    )
+
+
+def statistics_bytes(model) -> int:
+    """Bytes of one task's returned statistics (single-precision accumulators).
+
+    3D models (``projectors``): two accumulators (random halves) per class; with
+    ``references_per_half`` (refine3d) the projectors already count the halves.
+    class2d (``class_images``): one (M,) row per class. Anything else: 0.
+    """
+    base = getattr(model, "base", model)  # a model wrapping an EStepModel
+    projectors = getattr(base, "projectors", None)
+    if projectors:
+        per_half = getattr(base, "references_per_half", True) and base is model
+        n_acc = len(projectors) if per_half else 2 * len(projectors)
+        voxels = math.prod(
+            half_cube_shape(padded_radius(base.max_radius_px, projectors[0].padding_factor))
+        )
+        return 12 * n_acc * voxels
+    class_images = getattr(model, "class_images", None)
+    if class_images is not None:
+        return 12 * class_images.size
+    return 0
+
+
+def _power_task(start, stop, store_path, n_groups):
+    store = ParticleStore(store_path)
+    chunk = store.read_chunk(start, stop)
+    groups = np.asarray(chunk.metadata["rlnOpticsGroup"], np.int64) - 1
+    return mstep.image_power(chunk.images, groups, n_groups)
+
+
+def initial_noise(store, client, split_every: int = 8) -> np.ndarray:
+    """1/σ² (G, B//2+1) from the images' mean power spectra (a pass over the store)."""
+    n_groups = len(store.optics_groups)
+    parts = map_chunks(_power_task, store.chunk_bounds(), str(store.path), n_groups, name="power")
+    power = compute(tree_sum(parts, split_every), client)
+    return mstep.initial_inv_sigma2(power[0], power[1])
+
+
+# -- what the jobs share ------------------------------------------------------------------
+
+
+def load_reference(reference, box_size: int, pixel_size_A: float) -> np.ndarray:
+    """The starting map (B, B, B) float32: an MRC path (its voxel size must be the
+    particles') or an array at the store's pixel size. InputError otherwise."""
+    if isinstance(reference, np.ndarray):
+        ref = reference.astype(np.float32)
+        path = "reference"
+    else:
+        ref, voxel = read_map(reference)
+        path = reference
+        if abs(voxel - pixel_size_A) > 1e-3 * pixel_size_A and voxel > 0:
+            raise InputError(
+                path, f"voxel size {voxel:.4f} A differs from the particles' {pixel_size_A:.4f} A"
+            )
+    if ref.shape != (box_size,) * 3:
+        raise InputError(path, f"map is {ref.shape}, particles need ({box_size},)*3")
+    return ref
+
+
+def work_box_for(resolution_A: float, box_size: int, pixel_size_A: float) -> tuple[int, float]:
+    """(work box b, radius in Fourier pixels) for the current resolution (RELION current_size)."""
+    shell = box_size * pixel_size_A / resolution_A if math.isfinite(resolution_A) else 0
+    radius = min(box_size // 2 - 1, math.ceil(shell) + INCREMENT_SHELLS)
+    b = min(box_size, 2 * (radius + 2))
+    return b, float(radius)
+
+
+def solvent_mask_for(box_size: int, pixel_size_A: float, diameter_A: float) -> np.ndarray:
+    """Soft sphere (B, B, B) of the particle diameter, edge 5% of the box (≥ 3 px)."""
+    radius_px = 0.5 * diameter_A / pixel_size_A
+    return soft_sphere(box_size, radius_px, edge_px=max(3.0, 0.05 * box_size))
+
+
+def model_general(
+    ctx: RunContext, state: dict, stats, n_classes, resolution_A, image_size, tau2_fudge, **extra
+) -> dict:
+    """The model.star ``model_general`` row; ``extra``: the job's sampling label(s)."""
+    return {
+        "rlnCurrentResolution": resolution_A,
+        "rlnCurrentImageSize": image_size,
+        "rlnPixelSize": ctx.pixel_size_A,
+        "rlnOriginalImageSize": ctx.box_size,
+        "rlnNrClasses": n_classes,
+        "rlnTau2FudgeFactor": tau2_fudge,
+        "rlnLogLikelihood": stats.loglik_sum,
+        "rlnSigmaOffsetsAngst": state["sigma_offset_A"],
+        **extra,
+    }
+
+
+# -- the loop -----------------------------------------------------------------------------
+
+
+def run_job(job: Job, ctx: RunContext, stop_after_iteration: int | None = None) -> dict:
+    """Run ``job``'s iterations in its claimed folder; return the last state.
+
+    A resumed run (``ctx.run.state``) starts after the checkpoint's iteration.
+    ``stop_after_iteration``: stop (resumably, ``state["stopped"]`` True) once that
+    iteration is complete and the job is not finished.
+    """
+    state = _start(job, ctx)
+    while not job.finished(state):
+        iteration = state["iteration"] + 1
+        t0 = time.perf_counter()
+        model = job.model(ctx, state, iteration)
+        stats = run_estep(
+            ctx.store,
+            ctx.results_path,
+            state["iteration"] or None,
+            iteration,
+            model,
+            ctx.client,
+            job.estep,
+            ctx.split_every,
+            name=f"{job.name}-estep",  # task keys: "refine3d-estep-it001-<start>-..."
+            progress=ctx.progress,
+        )
+        state = job.maximise(ctx, _update_noise_and_offsets(ctx, state, model, stats), model, stats)
+        prefix = runfiles.iteration_prefix(ctx.out_dir, iteration)
+        results = read_results(ctx.results_path, iteration)
+        write_data_star(Path(f"{prefix}_data.star"), ctx.store, results)
+        fields = job.write_outputs(ctx, state, model, stats, prefix)
+        changed = _score_classes(job, ctx, state, results, prefix) if job.classifies else 1.0
+        checkpoint = {
+            "iteration": iteration,
+            **fields,
+            "sigma_offset_A": state["sigma_offset_A"],
+            "inv_sigma2": np.asarray(state["inv_sigma2"]).tolist(),
+        }
+        if job.classifies:
+            accuracy = state["accuracy"]
+            checkpoint["truth_accuracy"] = accuracy.accuracy if accuracy is not None else None
+            checkpoint["history"] = state["history"]
+            state["seconds"].append(time.perf_counter() - t0)
+        checkpoint["run"] = ctx.run.record  # store and options, checked by --continue
+        runfiles.write_checkpoint(Path(f"{prefix}_optimiser.json"), checkpoint)
+        state["iteration"] = iteration
+        log.info("%s", job.log_line(state, model, iteration, changed, time.perf_counter() - t0))
+        if job.classifies and state["accuracy"] is not None:
+            log.info("%s it %3d  %s", job.name, iteration, state["accuracy"].summary())
+        if stop_after_iteration is not None and iteration >= stop_after_iteration:
+            if not job.finished(state):
+                log.info("stopped after iteration %d; resume with --continue", iteration)
+                return {**state, "stopped": True}
+    return {**state, "stopped": False}
+
+
+def _start(job: Job, ctx: RunContext) -> dict:
+    """The state before the first iteration to run: fresh, or from the checkpoint."""
+    checkpoint = ctx.run.state
+    if checkpoint is None:
+        inv_sigma2 = initial_noise(ctx.store, ctx.client, ctx.split_every)
+        state = {"iteration": 0, "inv_sigma2": inv_sigma2, "classes": None, "history": []}
+    else:
+        prev = checkpoint["iteration"]
+        state = {
+            "iteration": prev,
+            "inv_sigma2": np.asarray(checkpoint["inv_sigma2"]),
+            "sigma_offset_A": checkpoint["sigma_offset_A"],
+            "history": list(checkpoint.get("history", [])),  # runs before 0.1 kept none
+        }
+        if job.classifies:
+            state["classes"] = read_results(ctx.results_path, prev)["rlnClassNumber"]
+        log.info("continuing from iteration %d", prev)
+    if job.classifies:
+        state.update(truth=runfiles.true_classes(ctx.store), accuracy=None, seconds=[])
+    return {**state, **job.start(ctx, checkpoint)}
+
+
+def _update_noise_and_offsets(ctx: RunContext, state: dict, model, stats) -> dict:
+    """RELION's noise spectra (not from a scale-free iteration: the reference is not on
+    the data's scale yet) and offset prior σ (not when poses are fixed), for every job."""
+    state = dict(state)
+    if not model.scale_free:
+        state["inv_sigma2"] = mstep.update_inv_sigma2(
+            state["inv_sigma2"], stats.noise_power, stats.noise_count
+        )
+    if not getattr(model, "skip_align", False):
+        state["sigma_offset_A"] = mstep.update_sigma_offset_A(
+            stats.offset_sq_A2, stats.weight_sum, floor_A=ctx.pixel_size_A
+        )
+    return state
+
+
+def _score_classes(job: Job, ctx: RunContext, state: dict, results: dict, prefix) -> float:
+    """Classifications: truth scores (written to ``_truth.star``), the fractions' history;
+    returns the fraction of particles whose class changed (1 in the first iteration)."""
+    classes = results["rlnClassNumber"]
+    K = len(state["fractions"])
+    state["accuracy"] = runfiles.score_against_truth(prefix, state["truth"], classes, K)
+    previous = state["classes"]
+    changed = float(np.mean(classes != previous)) if previous is not None else 1.0
+    state["classes"] = classes
+    state["history"] = [*state["history"], np.asarray(state["fractions"]).tolist()]
+    return changed

@@ -1,0 +1,82 @@
+"""Per-iteration results of a run folder: ``particles.zarr`` and RELION's data.star.
+
+``particles.zarr/itNNN/<label>`` holds each particle's pose, origin, class and scores of
+iteration NNN (:data:`RESULT_FIELDS`), written region by region by the E-step tasks
+(one chunk each, so no two tasks write the same Zarr chunk) and read back by the next
+iteration's tasks, the outputs and ``streamem select``. ``run_itNNN_data.star`` is the
+store's particle table with those results, in RELION 3.1's form (optics + particles).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from streamem.io.relion import write_star
+from streamem.io.store import ParticleStore
+
+#: label -> dtype of the per-particle results (floats start as NaN, classes as 0).
+RESULT_FIELDS = {
+    "rlnAngleRot": np.float64,
+    "rlnAngleTilt": np.float64,
+    "rlnAnglePsi": np.float64,
+    "rlnOriginXAngst": np.float64,
+    "rlnOriginYAngst": np.float64,
+    "rlnMaxValueProbDistribution": np.float64,
+    "rlnNrOfSignificantSamples": np.float64,
+    "rlnLogLikeliContribution": np.float64,
+    "rlnClassNumber": np.int32,
+}
+
+
+def create_results_arrays(results_path: Path, iteration: int, n: int, chunk: int) -> None:
+    """Create (or keep) iteration ``iteration``'s arrays: (n,) each, Zarr chunks of ``chunk``."""
+    root = zarr.open_group(str(results_path), mode="a")
+    grp = root.require_group(f"it{iteration:03d}")
+    for label, dtype in RESULT_FIELDS.items():
+        if label not in grp:
+            grp.create_array(
+                label,
+                shape=(n,),
+                chunks=(chunk,),
+                dtype=dtype,
+                fill_value=np.nan if np.dtype(dtype).kind == "f" else 0,
+            )
+
+
+def write_results(results_path: str, iteration: int, start: int, columns: dict) -> None:
+    """Write one chunk's per-particle results (called inside the E-step task)."""
+    grp = zarr.open_group(str(results_path), mode="r+")[f"it{iteration:03d}"]
+    for label, values in columns.items():
+        grp[label][start : start + len(values)] = np.asarray(values).astype(grp[label].dtype)
+
+
+def read_results(
+    results_path: str, iteration: int, start: int | None = None, stop: int | None = None
+) -> dict:
+    """label -> (stop - start,) array of iteration ``iteration``'s results (all by default)."""
+    grp = zarr.open_group(str(results_path), mode="r")[f"it{iteration:03d}"]
+    arrays = dict(grp.arrays())
+    # RESULT_FIELDS' order (a store lists its arrays in no fixed order): stable STAR columns
+    order = [label for label in RESULT_FIELDS if label in arrays] + sorted(
+        set(arrays) - set(RESULT_FIELDS)
+    )
+    sl = slice(start, stop)
+    return {label: np.asarray(arrays[label][sl]) for label in order}
+
+
+def write_data_star(path: Path, store: ParticleStore, results: dict) -> None:
+    """Particles with this iteration's poses, RELION 3.1 (optics + particles)."""
+    table = store.read_table()
+    table.update(results)
+    if "rlnImageName" not in table:
+        # a simulated store has no stacks: refer to the store (streamem export writes stacks)
+        table["rlnImageName"] = np.array(
+            [f"{i + 1:06d}@{store.path.name}" for i in range(store.n_particles)], dtype=object
+        )
+    particles = pd.DataFrame(table)
+    optics = pd.DataFrame(store.optics_groups)
+    write_star(path, {"optics": optics, "particles": particles})
