@@ -9,8 +9,9 @@ import starfile
 
 from streamem.core.euler import angular_distance_deg, euler_to_matrix
 from streamem.em.classify3d import Class3DOptions, classify3d
-from streamem.em.estep_classes import _significant_pairs_per_class, seeded_classes
+from streamem.em.estep import seeded_classes
 from streamem.em.mstep import resolution_from_ssnr
+from streamem.em.significance import significant_class_pairs
 from streamem.io.mrc import read_map
 from streamem.simulate.particles import simulate_particles, truth_volume_paths
 
@@ -196,15 +197,12 @@ def test_seeded_classes_are_chunk_invariant_and_balanced():
 
 def test_every_class_is_refined_even_when_one_dominates():
     """A class far less likely at the coarse pass still gets its best pairs refined."""
-    from types import SimpleNamespace
-
     T, J = 5, 40
     rng = np.random.default_rng(0)
     lp = rng.normal(0, 1, (T, 3 * J))
     lp[:, :J] += 50.0  # class 1 wins every coarse sample by far
     lp[:, 2 * J :] = -np.inf  # class 3 is empty (log prior −inf)
-    base = SimpleNamespace(adaptive_fraction=0.999, max_significant=8, min_orientations=4)
-    t_idx, rows = _significant_pairs_per_class(lp, 3, J, base)
+    t_idx, rows = significant_class_pairs(lp, np.arange(3 * J) // J, 3, 0.999, 8, 4)
     classes = rows // J
     assert set(np.unique(classes)) == {0, 1}
     assert (classes == 1).sum() >= 4  # the best orientations of class 2

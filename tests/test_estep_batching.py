@@ -21,7 +21,6 @@ from streamem.core.projector import make_projector
 from streamem.em import memory, mstep
 from streamem.em.classify2d import Class2DModel, class2d_batch_size, expectation_2d
 from streamem.em.estep import EStepModel, SearchGrid, batch_size, estep_shape, expectation
-from streamem.em.estep_classes import ClassEStepModel, expectation_classes
 from streamem.em.fourier_points import half_plane_points
 from streamem.errors import InputError
 from streamem.io.mrc import read_map, write_map
@@ -119,13 +118,18 @@ def test_class3d_sub_batches_give_the_statistics_of_one_batch(data):
     store, images, metadata, truth = data
     base = _model(store, images, truth)
     other = make_projector(truth[::-1].copy(), 2, max_radius_px=BOX // 2 - 1)
-    base = replace(base, projectors=(base.projectors[0], other))
-    model = ClassEStepModel(base, np.log([0.5, 0.5]))
-    one = expectation_classes(images, metadata, model)
-    coords, _, _ = half_plane_points(BOX, base.max_radius_px)
-    shape = estep_shape(base, coords, None, 2)
-    sub_base = _sub_batched(base, shape, images, metadata, one[0].data_acc.size)
-    _assert_same(one, expectation_classes(images, metadata, replace(model, base=sub_base)))
+    model = replace(
+        base,
+        projectors=(base.projectors[0], other),
+        n_classes=2,
+        references_per_half=False,
+        log_class_prior=np.log([0.5, 0.5]),
+    )
+    one = expectation(images, metadata, model)
+    coords, _, _ = half_plane_points(BOX, model.max_radius_px)
+    shape = estep_shape(model, coords, None)
+    sub = _sub_batched(model, shape, images, metadata, one[0].data_acc.size)
+    _assert_same(one, expectation(images, metadata, sub))
 
 
 def test_class2d_sub_batches_give_the_statistics_of_one_batch(data):

@@ -2,8 +2,8 @@
 
 Per iteration, as in :mod:`streamem.em.refine`: the E-step model (the K class
 projectors, noise spectra, class fractions, sampling) is broadcast once; one task per
-store chunk runs :func:`streamem.em.estep_classes.expectation_classes` (refine3d's GEMM
-kernels with the classes stacked along the orientation axis), writes its particles'
+store chunk runs :func:`streamem.em.estep.expectation` (refine3d's E-step with K
+classes stacked along the orientation axis), writes its particles'
 poses and rlnClassNumber into ``particles.zarr`` and returns statistics; these are
 tree-reduced and the M-step runs on the client.
 
@@ -18,7 +18,7 @@ Decisions (RELION's class3d; where we differ, it is said):
   correct on a 60/40 mix of two conformations).
 - The significant coarse samples are chosen class by class, so every class is compared
   with every particle at the fine resolution (RELION chooses them over all classes
-  together; see :func:`streamem.em.estep_classes._significant_pairs_per_class`), and
+  together; see :func:`streamem.em.significance.significant_class_pairs`), and
   rlnClassNumber is the class of largest marginal posterior (summed over poses;
   RELION: the class of the single most probable sample).
 - No gold-standard halves: each class is reconstructed from all its particles. The
@@ -58,8 +58,7 @@ from streamem.core.projector import make_projector
 from streamem.core.symmetry import symmetry_matrices
 from streamem.em import mstep, runfiles, runfolder
 from streamem.em.class_truth import ClassAccuracy
-from streamem.em.estep import EStepModel, SearchGrid
-from streamem.em.estep_classes import ClassEStepModel, expectation_classes
+from streamem.em.estep import EStepModel, SearchGrid, expectation
 from streamem.em.refine import (
     _load_reference,
     initial_noise,
@@ -309,6 +308,8 @@ def _classify3d(store, ref, run, options, client) -> Class3DResult:
             local_sigma_deg=options.local_sigma_deg,
             symmetry=options.symmetry,
         )
+        with np.errstate(divide="ignore"):
+            log_fractions = np.log(fractions)
         base = EStepModel(
             projectors=projectors,
             box_size=B,
@@ -323,14 +324,13 @@ def _classify3d(store, ref, run, options, client) -> Class3DResult:
             particle_diameter_A=diameter,
             memory_per_worker_bytes=options.memory_per_worker_bytes,
             scale_free=iteration == 1 and not options.reference_on_data_scale,
+            n_classes=K,
+            references_per_half=False,
+            log_class_prior=log_fractions,
+            class_seed=options.seed if iteration == 1 and options.random_seeds and K > 1 else None,
+            skip_align=options.skip_align,
         )
-        with np.errstate(divide="ignore"):
-            model = ClassEStepModel(
-                base,
-                np.log(fractions),
-                options.skip_align,
-                seed=options.seed if iteration == 1 and options.random_seeds and K > 1 else None,
-            )
+        model = base
         stats = run_estep(
             store,
             results_path,
@@ -338,7 +338,7 @@ def _classify3d(store, ref, run, options, client) -> Class3DResult:
             iteration,
             model,
             client,
-            expectation_classes,
+            expectation,
             options.split_every,
             name="class3d",
         )

@@ -1,65 +1,70 @@
-"""The expectation step of one chunk: pure functions over arrays, no I/O, no Dask.
+"""The expectation step of one chunk, for refine3d and class3d: pure functions over
+arrays, no I/O, no Dask.
 
-For image i, orientation j, translation t and noise spectrum σ²(k) (per Fourier
-point, from the particle's optics group), with X the image's Fourier transform,
-c its CTF and A_j the reference's central slice:
+The posterior of image i is over (class k, orientation j, translation t):
+log p = −diff2(i, k, j, t) + log π_k + log prior(t) (+ the local-search orientation
+prior), with diff2 as GEMMs over Fourier points (:mod:`streamem.em.kernels`). refine3d
+is the case K = 1 (π = 1): one engine serves both jobs.
 
-    diff2[i,t,j] = Σ_k |X_i,t|²/2σ² + Σ_k c_i² |A_j|²/2σ² − Re Σ_k conj(X_i,t) c_i A_j/σ²
+Coarse pass: the K classes' central slices at the coarse HEALPix grid are stacked on
+the orientation axis (row k·J + j), so the class axis rides inside the one
+(images·translations) × 2M × (K·J) GEMM. It uses only the Fourier points within RELION's
+coarse radius (what one coarse angular step can resolve).
 
-The first term does not depend on t (a shift is a phase), the second is a GEMM
-(images × orientations) and the third a real GEMM of stacked real and imaginary
-parts ((images·translations) × 2M) @ (2M × orientations), so the coarse pass runs
-at BLAS speed. As in RELION, the Fourier points are those of the half-plane
-within the current resolution radius (each independent complex value once, DC
-excluded), and the likelihood is exp(−diff2).
+Significance: the coarse (translation, row) pairs holding ``adaptive_fraction`` of an
+image's posterior (at most ``max_significant``) plus its ``min_orientations`` best
+orientations are refined, chosen class by class
+(:func:`streamem.em.significance.significant_class_pairs`; for K = 1 RELION's rule).
 
-Adaptive oversampling (RELION's ``adaptive_fraction``): the coarse pass scores
-the HEALPix grid at ``healpix_order`` × a translation grid; the coarse samples
-holding ``adaptive_fraction`` of each image's posterior mass are refined into
-their children (2³ orientations, 2² translations per parent for oversampling 1)
-and the posterior is computed on those. The coarse pass uses only the Fourier
-points within RELION's coarse radius (what one coarse angular step can resolve).
-The fine pass scores the children of each significant (translation, orientation)
-pair, as RELION does, as one batched GEMM per image ((pairs × 4 translations × 2M)
-@ (pairs × 2M × 8 orientations)). Only the samples holding ``adaptive_fraction`` of
-the fine posterior enter the sums (RELION's significant weights).
+Fine pass (:mod:`streamem.em.fine_pass`): the children of the significant pairs (2³
+orientations, 2² translations per parent for oversampling 1), every image of a
+sub-batch scored in a few padded batched GEMMs; only the samples holding
+``adaptive_fraction`` of the fine posterior enter the sums (RELION's significant
+weights). rlnClassNumber is the class of largest marginal posterior.
+
+Classes and halves: the statistics hold 2K accumulators, index 2k + h (h =
+rlnRandomSubset − 1), and ``class_weight`` (K,) sums the class posteriors. With
+``references_per_half`` (refine3d) ``projectors[h·K + k]`` is class k's reference of half
+h, so the half sets never meet; otherwise (class3d) ``projectors[k]`` serves both halves.
+``class_seed`` (the first iteration of a classification from one reference) lets each
+particle meet one seeded class only (:func:`seeded_classes`); ``skip_align`` fixes the
+poses to the stored ones and the posterior is over classes only.
 
 Local searches (``local_sigma_deg``): the coarse grid points within 3σ of the
 particle's previous pose, with a Gaussian prior on the angular distance, then the
-same fine pass.
+same fine pass. Translations are searched around the particle's previous origin; the
+offset prior is a Gaussian on the total origin (Å), centred at 0, as RELION's 3D
+refine. The stored origin is the shift that centres the particle (CONVENTIONS.md).
 
-The first iteration may fit the reference's grey scale per sample
-(``scale_free``; RELION's --firstiter_cc, kept probabilistic). Precision: images,
-references and the GEMMs in float32; accumulators and noise sums in float64.
+The first iteration may fit the reference's grey scale per sample (``scale_free``;
+RELION's --firstiter_cc, kept probabilistic). Precision: images, references and the
+GEMMs in float32; fine posteriors, accumulators and noise sums in float64.
 
 Memory: :func:`expectation` works through its chunk in sub-batches of images sized so
 that every stage (prepare, coarse pass, significance, fine pass, back-projection)
-stays within the task's budget (:mod:`streamem.em.memory`: the worker's memory over
-its threads, at most ``MAX_WORKSPACE_BYTES``); the global grid's coarse slices are
-projected once per model and worker, and back-projection rows are flushed into the
-accumulators whenever their buffer fills. Sub-batching leaves every image's
+stays within the task's budget (:mod:`streamem.em.memory`); the global grid's coarse
+slices are projected once per model and worker, and back-projection rows are flushed
+into the accumulators whenever their buffer fills. Sub-batching leaves every image's
 posterior unchanged; only the order of the accumulators' sums changes.
 
-Translations are searched around the particle's previous origin; the offset
-prior is a Gaussian on the total origin (Å), centred at 0, as RELION's 3D refine.
-The stored origin is the shift that centres the particle (CONVENTIONS.md).
+Devices: the arrays of the size of the data live where the model's projectors do
+(NumPy, CuPy, any array-API namespace); the small per-image bookkeeping is on the host.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
-from scipy.special import logsumexp
 
 from streamem.core import sampling
-from streamem.core.backend import to_numpy, xp_of
-from streamem.core.backprojector import insert_points
+from streamem.core.backend import to_numpy
 from streamem.core.ctf import OpticsParams
 from streamem.core.euler import angular_distance_deg, euler_to_matrix
 from streamem.core.projector import FourierVolume, half_cube_shape, padded_radius, project_points
 from streamem.em import memory
-from streamem.em.fine_pass import fine_log_posterior, fine_table
+from streamem.em.fine_pass import FineImages, fine_pass, fine_table
+from streamem.em.fixed_poses import fixed_pose_posterior
 from streamem.em.fourier_points import (
     PreparedImages,
     half_plane_points,
@@ -70,12 +75,12 @@ from streamem.em.kernels import (
     coarse_log_posterior,
     cross_terms,
     log_likelihood,
+    namespace,
     offset_log_prior,
     ref_power_terms,
-    segment_sums,
 )
 from streamem.em.memory import EStepShape
-from streamem.em.significance import significant_pair_mask, significant_weights
+from streamem.em.significance import significant_class_pairs
 from streamem.em.statistics import ChunkResult, SufficientStatistics
 from streamem.errors import InputError
 
@@ -111,8 +116,9 @@ class SearchGrid:
 class EStepModel:
     """Everything the E-step needs, sent to the workers once per iteration.
 
-    projectors: one FourierVolume per reconstruction (refine3d: half 1 and 2),
-        made in the working box ``work_box`` and scaled to full-box Fourier units
+    projectors: the references as FourierVolumes, made in the working box ``work_box``
+        and scaled to full-box Fourier units: 2K with ``references_per_half``
+        (``projectors[h·K + k]``, refine3d: half 1 and 2), else K (``projectors[k]``)
     box_size: B, the particle box (pixels); pixel_size_A: its pixel size
     max_radius_px: current resolution radius (Fourier pixels of B, < work_box/2)
     inv_sigma2: (G, B//2 + 1) float, 1/σ² per optics group and shell
@@ -121,15 +127,20 @@ class EStepModel:
     grid: the pose sampling
     do_ctf: apply the CTF
     adaptive_fraction: posterior mass whose samples get the fine pass
-    max_significant: cap on coarse samples refined per image (RELION's --maxsig; a
-        cap of 32 kept the angular accuracy of 100 at a third of the time in our tests)
+    max_significant: cap on coarse samples refined per image and class (RELION's
+        --maxsig; a cap of 32 kept the angular accuracy of 100 at a third of the time)
+    min_orientations: coarse orientations always refined per image and class (the
+        best ones); guards against a sharp coarse posterior whose best point is wrong
     scale_free: optimise the reference's scale per sample (first iteration)
-    min_orientations: coarse orientations always refined per image (the best ones);
-        guards against a sharp coarse posterior whose best grid point is wrong
     particle_diameter_A: sets the coarse pass's resolution (default 0.8 of the box)
     memory_per_worker_bytes: the E-step's memory budget comes from this over the
         worker's threads (default: the Dask worker's memory limit; see
         :mod:`streamem.em.memory`)
+    n_classes: K; references_per_half: see ``projectors``
+    log_class_prior: (K,) log class fractions (−inf allowed); None: uniform
+    class_seed: when not None, each particle meets one class only, drawn from its
+        index (metadata["particle_index"]) and this seed (RELION's random seeds)
+    skip_align: poses fixed to the stored ones; posterior over classes only
     """
 
     projectors: tuple[FourierVolume, ...]
@@ -148,11 +159,33 @@ class EStepModel:
     scale_free: bool = False
     particle_diameter_A: float | None = None
     memory_per_worker_bytes: int | None = None
+    n_classes: int = 1
+    references_per_half: bool = True
+    log_class_prior: np.ndarray | None = None
+    class_seed: int | None = None
+    skip_align: bool = False
     coarse: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        expected = self.n_classes * (2 if self.references_per_half else 1)
+        if len(self.projectors) != expected:
+            raise ValueError(
+                f"{len(self.projectors)} projectors for {self.n_classes} classes "
+                f"(references_per_half={self.references_per_half}: {expected} expected)"
+            )
 
     @property
     def n_shells(self) -> int:
         return self.box_size // 2 + 1
+
+    def class_references(self, half: int) -> tuple[FourierVolume, ...]:
+        """The K references the particles of half set ``half`` (0 or 1) meet."""
+        K = self.n_classes
+        return (
+            self.projectors[half * K : (half + 1) * K]
+            if self.references_per_half
+            else (self.projectors[:K])
+        )
 
     @property
     def coarse_radius_px(self) -> float:
@@ -170,6 +203,35 @@ class EStepModel:
         )
 
 
+def seeded_classes(particle_index: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+    """A pseudo-random class (0 … K−1) per particle from its index (n,) int64.
+
+    A SplitMix64 hash of (seed, index): the same for any chunking of the store.
+    """
+    with np.errstate(over="ignore"):
+        z = np.asarray(particle_index, np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(n_classes)).astype(np.int64)
+
+
+def class_log_priors(model: EStepModel, metadata, n: int) -> np.ndarray | None:
+    """(n, K) float64 log prior over classes per image (the class fractions, or the
+    seeded class), or None where it is 0 everywhere (refine3d)."""
+    K = model.n_classes
+    log_pi = np.zeros(K) if model.log_class_prior is None else model.log_class_prior
+    log_pi = np.broadcast_to(np.asarray(log_pi, np.float64), (n, K))
+    if model.class_seed is None:
+        return None if np.all(log_pi == 0) else log_pi.copy()
+    if "particle_index" not in metadata:
+        raise ValueError("seeded classes need each particle's index (metadata['particle_index'])")
+    seeded = seeded_classes(metadata["particle_index"], K, model.class_seed)
+    out = np.full((n, K), -np.inf)
+    out[np.arange(n), seeded] = 0.0
+    return out
+
+
 def coarse_orientations(model: EStepModel):
     """(rotations (J,3,3), angles (J,3)) of the global coarse grid, cached per model."""
     key = ("coarse", model.grid.healpix_order, model.grid.symmetry)
@@ -179,78 +241,220 @@ def coarse_orientations(model: EStepModel):
     return model.coarse[key]
 
 
-def coarse_references(model, projector, rotations, coords):
-    """(J, Mc) slices of the global coarse grid, projected once per model and projector.
+def coarse_references(model, projectors, rotations, coords):
+    """(K·J, Mc) slices of the global coarse grid for the K classes (row k·J + j),
+    projected once per model and set of projectors.
 
     Cached in the model (one per worker and iteration, shared by its tasks and
-    sub-batches): at box 128 the grid's slices are ~10 MB, and re-projecting them per
-    sub-batch would cost as much as a small sub-batch's GEMM.
+    sub-batches): at box 128 the grid's slices are ~10 MB per class, and re-projecting
+    them per sub-batch would cost as much as a small sub-batch's GEMM.
     """
-    key = ("refs", id(projector), coords.shape[0])
+    key = ("refs", tuple(id(p) for p in projectors), coords.shape[0])
     if key not in model.coarse:
-        model.coarse[key] = project_points(projector, rotations, coords)
+        refs = [project_points(p, rotations, coords) for p in projectors]
+        model.coarse[key] = refs[0] if len(refs) == 1 else namespace(refs[0]).concat(refs)
     return model.coarse[key]
 
 
-def expectation(
-    images: np.ndarray,
-    metadata: dict[str, np.ndarray],
-    model: EStepModel,
-    reconstruction_index: np.ndarray | None = None,
-) -> tuple[SufficientStatistics, ChunkResult]:
-    """E-step of one chunk: posterior over poses, weighted back-projection, noise sums.
+def _halves(metadata, n: int) -> np.ndarray:
+    """(n,) half set 0/1 of each particle (rlnRandomSubset − 1; alternating if absent)."""
+    if "rlnRandomSubset" in metadata:
+        return np.clip(np.asarray(metadata["rlnRandomSubset"], np.int64) - 1, 0, 1)
+    return np.asarray(metadata.get("particle_index", np.arange(n))) % 2
 
-    images: (n, B, B) float32. metadata: RELION labels → (n,). ``reconstruction_index``
-    (n,) picks the projector/accumulator of each particle (refine3d: half − 1); by
-    default rlnRandomSubset − 1. The chunk is worked through in sub-batches of images
-    sized to the task's memory budget (:func:`batch_size`); every image's posterior is
-    the same whatever the sub-batch, only the accumulators' summation order changes.
-    The statistics are returned compacted to single precision
-    (:meth:`SufficientStatistics.compact`).
+
+def expectation(
+    images: np.ndarray, metadata: dict[str, np.ndarray], model: EStepModel
+) -> tuple[SufficientStatistics, ChunkResult]:
+    """E-step of one chunk: posterior over (class, orientation, translation), weighted
+    back-projection, noise sums.
+
+    images: (n, B, B) float32 centred at B//2. metadata: RELION labels → (n,) arrays
+    (rlnRandomSubset picks the half; previous poses and origins set local searches,
+    translations and ``skip_align``), plus "particle_index" (n,) int64 for seeded
+    classes. The chunk is worked through in sub-batches sized to the task's memory
+    budget (:func:`batch_size`); every image's posterior is the same whatever the
+    sub-batch. Returns the statistics (2K accumulators, index 2k + h), compacted to
+    single precision (:meth:`SufficientStatistics.compact`), and the per-particle
+    results (rlnClassNumber from 1).
     """
-    n, B = images.shape[0], model.box_size
+    n, B, K = images.shape[0], model.box_size, model.n_classes
     coords, flat, shell = half_plane_points(B, model.max_radius_px)
-    if reconstruction_index is None:
-        reconstruction_index = np.asarray(metadata["rlnRandomSubset"], dtype=np.int64) - 1
-    R = len(model.projectors)
     grid_shape = half_cube_shape(
         padded_radius(model.max_radius_px, model.projectors[0].padding_factor)
     )
-    stats = SufficientStatistics.empty(grid_shape, len(model.optics), model.n_shells, 1)
+    stats = SufficientStatistics.empty(grid_shape, len(model.optics), model.n_shells, K)
     result = ChunkResult(*(np.zeros(n) for _ in range(9)))
     groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), np.int64) - 1
+    halves = _halves(metadata, n)
     previous = _previous_poses(metadata)
+    log_pi = class_log_priors(model, metadata, n)
+    if model.skip_align and previous is None:
+        raise ValueError("skip_align needs rlnAngleRot/Tilt/Psi for every particle")
     shape = estep_shape(model, coords, previous)
     batch, bp_budget = batch_size(model, shape, n, stats.data_acc.size)
+    parts = [(h, halves == h) for h in (0, 1)] if model.references_per_half else [(0, None)]
     for b0 in range(0, n, batch):
         sl = slice(b0, min(n, b0 + batch))
-        prepared = prepare_images(
+        prep = prepare_images(
             images[sl], slice_metadata(metadata, sl, n), model, coords, flat, shell
         )
-        part = result.view(sl)
-        for r in range(R):
-            idx = np.flatnonzero(reconstruction_index[sl] == r)
+        for h, members in parts:
+            idx = np.arange(sl.stop - sl.start) if members is None else np.flatnonzero(members[sl])
             if idx.size == 0:
                 continue
-            _expect_group(
+            batch_part = _Part(
                 idx,
-                prepared,
-                model,
-                model.projectors[r],
-                coords,
-                shell,
-                groups[sl],
-                None if previous is None else previous[sl],
-                stats,
-                r,
-                part,
-                bp_budget,
+                halves[sl][idx],
+                None if log_pi is None else log_pi[sl][idx],
+                None if previous is None else previous[sl][idx],
+                groups[sl][idx],
             )
-        del prepared
+            _expect_part(batch_part, prep, model, model.class_references(h), coords, shell,
+                         stats, result.view(sl), bp_budget)  # fmt: skip
+        del prep
     return stats.compact(), result
 
 
-def estep_shape(model: EStepModel, coords, previous, n_classes: int = 1) -> EStepShape:
+@dataclass(frozen=True)
+class _Part:
+    """Images of a sub-batch that meet the same references: positions in the sub-batch
+    ``idx`` (n,), and their halves, class log priors (n, K) or None, previous poses
+    (n, 3) or None, optics groups."""
+
+    idx: np.ndarray
+    halves: np.ndarray
+    log_pi: np.ndarray | None
+    previous: np.ndarray | None
+    groups: np.ndarray
+
+
+def _expect_part(part: _Part, prep: PreparedImages, model, refs, coords, shell, stats, result,
+                 bp_budget_bytes):  # fmt: skip
+    """E-step of the images ``part`` against the K references ``refs``: fills
+    ``result`` (the sub-batch's view) and adds to ``stats``."""
+    xp = namespace(refs[0].data)
+    grid, p, B = model.grid, model.pixel_size_A, model.box_size
+    idx_x = xp.asarray(part.idx)
+    X = xp.take(prep.X, idx_x, axis=0)
+    ctf = xp.take(prep.ctf, idx_x, axis=0)
+    cw = ctf * xp.take(prep.inv_sigma2, idx_x, axis=0)  # (n, M) CTF/σ²
+    prior_px = prep.prior_offset_px[part.idx]
+    X0 = X * xp.asarray(sampling.shift_phases(coords, prior_px, B))  # on previous origins
+    images = FineImages(X0, ctf, cw, ctf * cw, xp.take(prep.norm, idx_x, axis=0), prior_px)
+    if model.skip_align:
+        out = fixed_pose_posterior(images, part, model, refs, coords, stats)
+    else:
+        shifts = np.asarray(sampling.translation_grid(grid.offset_range_px, grid.offset_step_px))
+        offset_prior = offset_log_prior(
+            prior_px[:, None, :] + shifts[None], model.sigma_offset_A, p
+        )
+        local = grid.local_sigma_deg is not None and part.previous is not None
+        ang_c, J, rows, logp = _coarse_pass(images, coords, shifts, offset_prior, model, refs,
+                                            part, local)  # fmt: skip
+        pairs = []
+        for lp, r in zip(logp, rows, strict=True):  # per image: (T, R_i) over rows r (R_i,)
+            t_idx, cols = significant_class_pairs(
+                lp, r // J, model.n_classes, model.adaptive_fraction,
+                model.max_significant, model.min_orientations,
+            )  # fmt: skip
+            pairs.append((t_idx, r[cols]))
+        del logp, rows  # (n, T, K·J): the largest array of the coarse pass
+        table = fine_table(ang_c, J, pairs, grid, refs, coords)
+        out = fine_pass(images, table, pairs, shifts, part, model, coords, stats, bp_budget_bytes)
+    _store(out, part, model, stats, result)
+    _add_noise(stats, out.noise_rows, part.groups, shell)
+
+
+def _store(out, part: _Part, model, stats, result):
+    """Per-particle results and scalar sums of ``out`` (a FineOutcome)."""
+    p, i = model.pixel_size_A, part.idx
+    result.rot[i], result.tilt[i], result.psi[i] = out.angles.T
+    result.origin_y_A[i], result.origin_x_A[i] = (out.origin_px * p).T
+    result.max_prob[i] = out.max_prob
+    result.n_significant[i] = out.n_significant
+    result.loglik[i] = out.loglik
+    result.class_number[i] = np.argmax(out.class_posterior, axis=1) + 1
+    stats.class_weight += out.class_weight.sum(axis=0)
+    stats.offset_sq_A2 += float(out.offset_sq_px2.sum()) * p * p
+    stats.weight_sum += float(i.size)
+    stats.loglik_sum += float(out.loglik.sum())
+    if part.previous is not None:
+        a, b = out.angles, part.previous
+        change = angular_distance_deg(
+            euler_to_matrix(a[:, 0], a[:, 1], a[:, 2]), euler_to_matrix(b[:, 0], b[:, 1], b[:, 2])
+        )
+        stats.pose_change_deg_sum += float(np.sum(change))
+        shift = (out.origin_px - out.prior_px) * p
+        stats.offset_change_A_sum += float(np.sum(np.hypot(shift[:, 0], shift[:, 1])))
+        stats.n_with_previous += i.size
+
+
+def _add_noise(stats, noise_rows, groups, shell):
+    """Add the images' posterior-weighted |X − CTF·A|² rows (n, M) to the shells."""
+    n_shells = stats.noise_power.shape[1]
+    rows = to_numpy(noise_rows)
+    for g in np.unique(groups):
+        sel = groups == g
+        stats.noise_power[g] += np.bincount(shell, rows[sel].sum(axis=0), minlength=n_shells)[
+            :n_shells
+        ]
+        stats.noise_count[g] += sel.sum() * np.bincount(shell, minlength=n_shells)[:n_shells]
+
+
+def _coarse_pass(images: FineImages, coords, shifts, offset_prior, model, refs, part, local):
+    """Log-posteriors of the coarse samples of each image.
+
+    Global searches score the whole part against the K classes' HEALPix grids in one
+    GEMM; local searches score each image against the grid points near its previous
+    pose. Returns (angles (J, 3) of the scored orientations, J, per image the rows
+    k·J + j it scored (R_i,), per image its log-posterior (T, R_i) on the host).
+    """
+    grid, K, n, B = model.grid, model.n_classes, part.idx.size, model.box_size
+    xp = namespace(images.X0)
+    radius = np.hypot(coords[:, 0], coords[:, 1])  # the coarse radius's points: a prefix
+    Mc = int(np.searchsorted(radius, model.coarse_radius_px, side="right"))
+    phases = xp.asarray(sampling.shift_phases(coords[:Mc], shifts, B))  # (T, Mc)
+    Xs = images.X0[:, None, :Mc] * phases[None, :, :]  # (n, T, Mc)
+    cw, ctf2w = images.cw[:, :Mc], images.ctf2w[:, :Mc]
+    if not local:
+        rot_c, ang_c = coarse_orientations(model)
+        J = ang_c.shape[0]
+        ref_c = coarse_references(model, refs, rot_c, coords[:Mc])  # (K·J, Mc)
+        C = cross_terms(Xs, cw, ref_c)  # (n, T, K·J)
+        S = ref_power_terms(ctf2w, ref_c)  # (n, K·J)
+        row_prior = None if part.log_pi is None else xp.asarray(np.repeat(part.log_pi, J, axis=1))
+        lp = coarse_log_posterior(C, S, xp.asarray(offset_prior), model.scale_free, row_prior)
+        return ang_c, J, [np.arange(K * J)] * n, list(to_numpy(lp))
+    cands = [
+        np.asarray(sampling.local_orientations(prev, grid.healpix_order, 3 * grid.local_sigma_deg))
+        for prev in part.previous
+    ]
+    ang_c, inverse = np.unique(np.round(np.concatenate(cands), 6), axis=0, return_inverse=True)
+    J = ang_c.shape[0]
+    bounds = np.cumsum([0] + [c.shape[0] for c in cands])
+    rot_c = euler_to_matrix(ang_c[:, 0], ang_c[:, 1], ang_c[:, 2])
+    ref_c = xp.concat([project_points(f, rot_c, coords[:Mc]) for f in refs])  # (K·J, Mc)
+    S = ref_power_terms(ctf2w, ref_c)  # (n, K·J)
+    rows, logps = [], []
+    for i in range(n):
+        own = inverse.ravel()[bounds[i] : bounds[i + 1]]
+        r = (np.arange(K)[:, None] * J + own[None, :]).ravel()  # (K·c_i,) class-major
+        r_x = xp.asarray(r)
+        C = cross_terms(Xs[i : i + 1, ...], cw[i : i + 1, ...], xp.take(ref_c, r_x, axis=0))[0]
+        lp = to_numpy(log_likelihood(C, xp.take(S[i, ...], r_x)[None, :], 0.0, model.scale_free))
+        ang_prior = sampling.gaussian_orientation_prior(
+            ang_c[own], part.previous[i], grid.local_sigma_deg
+        )
+        lp = lp + offset_prior[i][:, None] + np.tile(ang_prior, K)[None, :]
+        if part.log_pi is not None:
+            lp = lp + part.log_pi[i, r // J][None, :]
+        rows.append(r)
+        logps.append(lp)
+    return ang_c, J, rows, logps
+
+
+def estep_shape(model: EStepModel, coords, previous) -> EStepShape:
     """The sizes that set this E-step's memory (:class:`streamem.em.memory.EStepShape`).
 
     coords: (M, 2) the work radius's Fourier points; previous: (n, 3) previous poses or
@@ -272,20 +476,23 @@ def estep_shape(model: EStepModel, coords, previous, n_classes: int = 1) -> ESte
         J = coarse_orientations(model)[1].shape[0]
         total = J
     T = sampling.translation_grid(grid.offset_range_px, grid.offset_step_px).shape[0]
-    return EStepShape(
+    shape = EStepShape(
         box_size=model.box_size,
         n_points=coords.shape[0],
         n_coarse_points=Mc,
         n_orientations=J,
         n_orientations_total=total,
         n_translations=T,
-        n_classes=n_classes,
+        n_classes=model.n_classes,
         n_pairs=model.max_significant + model.min_orientations,
         n_kids=2 ** (3 * grid.oversampling),
         n_subshifts=4**grid.oversampling,
         local=local,
         scale_free=model.scale_free,
     )
+    if model.skip_align:  # one slice per (particle, class): (K, n, M) and a few (n, M)
+        shape = replace(shape, n_orientations=1, n_orientations_total=1, n_translations=1)
+    return shape
 
 
 def batch_size(
@@ -323,234 +530,8 @@ def _model_bytes(model) -> int:
 
 
 def _previous_poses(metadata):
-    if not all(k in metadata for k in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
+    keys = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+    if not all(k in metadata for k in keys):
         return None
-    ang = np.stack(
-        [metadata["rlnAngleRot"], metadata["rlnAngleTilt"], metadata["rlnAnglePsi"]], axis=1
-    )
-    ang = ang.astype(np.float64)
+    ang = np.stack([np.asarray(metadata[k], np.float64) for k in keys], axis=1)
     return None if np.isnan(ang).any() else ang
-
-
-def _coarse_pass(X0, cw, ctf2w, coords, phases, offset_prior, model, projector, previous_poses):
-    """Log-posteriors of the coarse samples of each image.
-
-    X0 (n, M) images re-centred on their previous origins; phases (T, M) of the coarse
-    translations; offset_prior (n, T). Global searches score the whole chunk against the
-    HEALPix grid in one GEMM; local searches score each image against the grid points
-    near its previous pose (``previous_poses`` (n, 3)). Returns (angles (U, 3) of the
-    scored orientations, per image the rows into them it scored (K_i,), per image its
-    log-posterior (T, K_i)).
-    """
-    grid, n = model.grid, X0.shape[0]
-    # the coarse pass uses the points within the coarse radius (a prefix: sorted by radius)
-    radius = np.hypot(coords[:, 0], coords[:, 1])
-    Mc = int(np.searchsorted(radius, model.coarse_radius_px, side="right"))
-    Xs = X0[:, None, :Mc] * phases[None, :, :Mc]  # (n, T, Mc)
-    if previous_poses is None:
-        rot_c, ang_c = coarse_orientations(model)
-        refs = coarse_references(model, projector, rot_c, coords[:Mc])  # (J, Mc)
-        C = cross_terms(Xs, cw[:, :Mc], refs)  # (n, T, J)
-        S = ref_power_terms(ctf2w[:, :Mc], refs)  # (n, J)
-        logp = to_numpy(coarse_log_posterior(C, S, offset_prior, model.scale_free))
-        return ang_c, [np.arange(ang_c.shape[0])] * n, list(logp)
-    cands = [
-        np.asarray(sampling.local_orientations(prev, grid.healpix_order, 3 * grid.local_sigma_deg))
-        for prev in previous_poses
-    ]
-    ang_c, inverse = np.unique(np.round(np.concatenate(cands), 6), axis=0, return_inverse=True)
-    bounds = np.cumsum([0] + [c.shape[0] for c in cands])
-    candidates = [inverse.ravel()[bounds[i] : bounds[i + 1]] for i in range(n)]
-    rot_c = euler_to_matrix(ang_c[:, 0], ang_c[:, 1], ang_c[:, 2])
-    refs = project_points(projector, rot_c, coords[:Mc])  # (U, Mc)
-    S = ref_power_terms(ctf2w[:, :Mc], refs)  # (n, U)
-    logps = []
-    xp = xp_of(refs)
-    for i, rows in enumerate(candidates):
-        rows_x = xp.asarray(rows)
-        C = cross_terms(Xs[i : i + 1], cw[i : i + 1, :Mc], refs[rows_x])[0]  # (T, K)
-        lp = to_numpy(log_likelihood(C, S[i, rows_x][None, :], 0.0, model.scale_free))
-        lp = lp + to_numpy(offset_prior[i])[:, None]
-        prior = sampling.gaussian_orientation_prior(
-            ang_c[rows], previous_poses[i], grid.local_sigma_deg
-        )
-        logps.append(lp + prior[None, :])
-    return ang_c, candidates, logps
-
-
-def _significant_pairs(logp, candidates, model):
-    """The coarse (translation, orientation row) pairs refined in the fine pass, per image.
-
-    Those holding ``adaptive_fraction`` of the posterior (at most ``max_significant``),
-    plus the ``min_orientations`` best orientations with their best translations.
-    """
-    pairs = []
-    for lp, rows in zip(logp, candidates, strict=True):  # lp: (T, K)
-        mask = significant_pair_mask(
-            lp, model.adaptive_fraction, model.max_significant, model.min_orientations
-        )
-        t_idx, j_idx = np.nonzero(mask)
-        pairs.append((t_idx, rows[j_idx]))
-    return pairs
-
-
-def _expect_group(
-    idx,
-    prep: PreparedImages,
-    model,
-    projector,
-    coords,
-    shell,
-    groups,
-    previous,
-    stats,
-    r,
-    result,
-    bp_budget_bytes: int | None = None,
-):
-    """E-step of the particles ``idx`` of a sub-batch that share one reference
-    (``projector``); fills ``result`` and adds to ``stats`` (reconstruction ``r``).
-
-    The arrays of the size of the data (images, slices, GEMMs, back-projection) live
-    where the reference does (NumPy or CuPy); the small per-image posteriors and the
-    bookkeeping of samples are on the host. Back-projection rows are buffered and
-    flushed into the accumulators whenever they exceed ``bp_budget_bytes`` (None: once
-    at the end).
-    """
-    xp = xp_of(projector.data)
-    grid, p, B, M = model.grid, model.pixel_size_A, model.box_size, coords.shape[0]
-    idx_x = xp.asarray(idx)
-    X, ctf, inv_s2 = prep.X[idx_x], prep.ctf[idx_x], prep.inv_sigma2[idx_x]
-    cw = ctf * inv_s2  # (n, M)
-    ctf2w = ctf * cw
-    norm = prep.norm[idx_x]
-    prior_px = prep.prior_offset_px[idx]
-    n = idx.size
-    local = grid.local_sigma_deg is not None and previous is not None
-    previous_poses = previous[idx] if local else None
-
-    shifts = np.asarray(
-        sampling.translation_grid(grid.offset_range_px, grid.offset_step_px)
-    )  # (T, 2)
-    phases = xp.asarray(sampling.shift_phases(coords, shifts, B))  # (T, M)
-    X0 = X * xp.asarray(
-        sampling.shift_phases(coords, prior_px, B)
-    )  # re-centred on previous origins
-    offset_prior = offset_log_prior(prior_px[:, None, :] + shifts[None], model.sigma_offset_A, p)
-    ang_c, candidates, logp = _coarse_pass(
-        X0, cw, ctf2w, coords, phases, xp.asarray(offset_prior), model, projector, previous_poses
-    )
-    pairs = _significant_pairs(logp, candidates, model)
-    del logp, candidates  # (n, T, J): the largest array of the coarse pass
-    table = fine_table(ang_c, pairs, grid, projector, coords)
-    sub = np.asarray(
-        sampling.oversample_translations(np.zeros((1, 2)), grid.offset_step_px, grid.oversampling)
-    )
-    sub = sub.reshape(-1, 2)  # (S, 2) fine offsets around a coarse translation
-    sub_phases = xp.asarray(sampling.shift_phases(coords, sub, B))  # (S, M)
-    noise_rows = xp.zeros((n, M))
-    bp_rows, bp_vals, bp_wgts = [], [], []  # per image: table rows and their sums
-    bp_bytes = 0
-    # accumulate on the reference's device; the statistics leave the task on the host
-    data_acc, weight_acc = xp.asarray(stats.data_acc[r]), xp.asarray(stats.weight_acc[r])
-
-    def flush():
-        """Sum the buffered rows per table orientation, then back-project once each."""
-        if not bp_rows:
-            return
-        used, vals, wgts = segment_sums(
-            np.concatenate(bp_rows),
-            xp.concatenate(bp_vals).astype(xp.complex128),
-            xp.concatenate(bp_wgts).astype(xp.float64),
-        )
-        bp_rows.clear(), bp_vals.clear(), bp_wgts.clear()
-        insert_points(
-            data_acc,
-            weight_acc,
-            table.rotations[used],
-            coords,
-            vals,
-            wgts,
-            projector.padding_factor,
-        )
-
-    for i in range(n):  # fine pass, image by image
-        gi = idx[i]
-        t_idx, j_rows = pairs[i]
-        krows = table.rows(j_rows)  # (P, K)
-        krows_x = xp.asarray(krows)
-        total = prior_px[i] + shifts[t_idx][:, None, :] + sub[None]  # (P, S, 2)
-        Xs = (X0[i] * phases[xp.asarray(t_idx)])[
-            :, None, :
-        ] * sub_phases  # (P, S, M): phase(t+s) = phase(t)·phase(s)
-        orientation_prior = None
-        if local:
-            orientation_prior = sampling.gaussian_orientation_prior(
-                table.angles[krows.ravel()], previous[gi], grid.local_sigma_deg
-            ).reshape(krows.shape)
-        logp_f = fine_log_posterior(
-            Xs,
-            cw[i],
-            ctf2w[i],
-            norm[i],
-            table.refs[krows_x],
-            table.power[krows_x],
-            total,
-            model,
-            orientation_prior,
-        )
-        lse = logsumexp(logp_f)
-        W = np.exp(logp_f - lse)  # (P, S, K) posterior
-        pb, sb, kb = np.unravel_index(np.argmax(W), W.shape)
-        best_angles, best_origin_px = table.angles[krows[pb, kb]], total[pb, sb]  # origin (dy, dx)
-        result.rot[gi], result.tilt[gi], result.psi[gi] = best_angles
-        result.origin_y_A[gi], result.origin_x_A[gi] = best_origin_px * p
-        result.max_prob[gi] = W[pb, sb, kb]
-        W, result.n_significant[gi] = significant_weights(W, model.adaptive_fraction)
-        result.loglik[gi] = lse
-        result.class_number[gi] = 1
-
-        # statistics over the significant samples only: Σ_t W X_t per fine orientation
-        live = W.reshape(W.shape[0], -1).any(axis=1)
-        Wl, rows_l = W[live], krows[live].ravel()
-        w_j = Wl.sum(axis=1).ravel()  # (P'·K,)
-        on = w_j > 0
-        live_x = xp.asarray(np.flatnonzero(live))
-        D = (xp.asarray(Wl.transpose(0, 2, 1).astype(np.complex64)) @ Xs[live_x]).reshape(-1, M)
-        D, w_j, rows_l = D[xp.asarray(np.flatnonzero(on))], w_j[on], rows_l[on]  # (P'·K, M)
-        rows_x = xp.asarray(rows_l)
-        w_x = xp.asarray(w_j)
-        bp_rows.append(rows_l)
-        bp_vals.append(D * cw[i])
-        bp_wgts.append(w_x[:, None] * ctf2w[i])
-        bp_bytes += rows_l.size * M * 16
-        if bp_budget_bytes is not None and bp_bytes > bp_budget_bytes:
-            flush()
-            bp_bytes = 0
-        noise_rows[i] = (
-            (X[i].real ** 2 + X[i].imag ** 2)
-            - 2 * ctf[i] * xp.sum((xp.conj(D) * table.refs[rows_x]).real, axis=0)
-            + ctf[i] ** 2 * (w_x @ table.power[rows_x])
-        )
-        stats.offset_sq_A2 += float(np.sum(W * np.sum((total * p) ** 2, axis=-1)[:, :, None]))
-        stats.weight_sum += 1.0
-        stats.loglik_sum += float(lse)
-        if previous is not None:
-            stats.pose_change_deg_sum += float(
-                angular_distance_deg(euler_to_matrix(*best_angles), euler_to_matrix(*previous[gi]))
-            )
-            stats.offset_change_A_sum += float(np.hypot(*((best_origin_px - prior_px[i]) * p)))
-            stats.n_with_previous += 1
-    stats.class_weight[0] += n
-    n_shells = stats.noise_power.shape[1]
-    noise_rows = to_numpy(noise_rows)
-    for g in np.unique(groups[idx]):
-        rows = groups[idx] == g
-        stats.noise_power[g] += np.bincount(
-            shell, noise_rows[rows].sum(axis=0), minlength=n_shells
-        )[:n_shells]
-        stats.noise_count[g] += rows.sum() * np.bincount(shell, minlength=n_shells)[:n_shells]
-    flush()
-    if xp is not np:
-        stats.data_acc[r] = to_numpy(data_acc)
-        stats.weight_acc[r] = to_numpy(weight_acc)

@@ -81,7 +81,7 @@ def estep_stage_bytes(shape: EStepShape, n_images: int) -> dict[str, int]:
     Stages: ``prepare`` (FFTs, CTFs, noise weights), ``coarse`` (shifted images, the
     cross-term GEMM, the coarse log-posterior), ``significance`` (the log-posterior
     kept while the significant pairs are ranked), ``fine`` (the table of projected
-    children, one image's fine GEMMs), ``backprojection`` (the table, the buffered rows
+    children, one padded group of the batched fine pass), ``backprojection`` (the table, the buffered rows
     and their flush). Each includes what is resident through the sub-batch (the
     prepared images). Returns {stage: bytes}.
     """
@@ -107,8 +107,9 @@ def estep_stage_bytes(shape: EStepShape, n_images: int) -> dict[str, int]:
     P = K * s.n_pairs
     rows = min(n * P, K * s.n_orientations_total) * s.n_kids
     table = rows * (12 * M + 96)
-    one_image = P * M * (24 * s.n_subshifts + 20 * s.n_kids)
-    fine = resident + table + one_image + n * 8 * M
+    # one padded group of the batched fine pass, and every image's noise row
+    group = min(n * P, max(P, fine_group_pairs(s))) * fine_pair_bytes(s)
+    fine = resident + table + group + n * 8 * M
     backprojection = resident + table + n * 8 * M + BP_FLUSH_FACTOR * bp_buffer_bytes(shape)
     return {
         "prepare": prepare,
@@ -117,6 +118,26 @@ def estep_stage_bytes(shape: EStepShape, n_images: int) -> dict[str, int]:
         "fine": fine,
         "backprojection": backprojection,
     }
+
+
+#: Upper bound of one padded group of the batched fine pass (bytes): a group's
+#: batched GEMMs run at full speed from a few images on; a bound keeps the gathered
+#: slices (images × pairs × children × M) a fixed share of the workspace.
+FINE_GROUP_BYTES = 128 * 2**20
+
+
+def fine_pair_bytes(shape: EStepShape) -> int:
+    """Peak bytes of one padded (image, pair) in the batched fine pass
+    (:mod:`streamem.em.fine_pass`): its S shifted images, their conjugate and stacked
+    real operand, the gathered children's slices, power and stacked operand, the
+    weighted sums and their temporaries, and the float64 posterior arrays."""
+    S, nk, M = shape.n_subshifts, shape.n_kids, shape.n_points
+    return M * (24 * S + 48 * nk) + 64 * S * nk
+
+
+def fine_group_pairs(shape: EStepShape) -> int:
+    """Padded pairs (images × the group's largest pair count) per fine-pass group."""
+    return max(1, FINE_GROUP_BYTES // fine_pair_bytes(shape))
 
 
 #: Temporaries of one flush of the back-projection buffer, in buffer sizes
@@ -141,13 +162,16 @@ def class2d_stage_bytes(
 ) -> dict[str, int]:
     """Peak bytes of class2d's E-step on ``n_images`` at once (no fine pass).
 
-    n_references: J = classes × in-plane angles; the posterior (n, T, J) is float64.
+    n_references: J = classes × in-plane angles; the posterior (n, T, J) is float64 and
+    its row-wise significance sort (kernels.significant_weights_rows: order, sorted
+    values, cumulative sums, ranks, result) holds ~7 such copies (tracemalloc: ~52 B
+    per sample at box 32, J = 1080, T = 113).
     """
     n, M, J, T = n_images, n_points, n_references, n_translations
     resident = n * 40 * M
     return {
         "prepare": n * 44 * M,
-        "coarse": resident + n * T * M * 40 + n * T * J * 28,
+        "coarse": resident + n * T * M * 40 + n * T * J * 60,
         "sums": resident + n * T * M * 40 + n * T * J * 12,
     }
 

@@ -3,12 +3,22 @@ pass) and significant weights (fine samples that enter the sums).
 
 The coarse pass's selection runs on the host over each image's (translations ×
 orientations) posterior; the fine pass's significant weights run row by row on the
-device (:func:`streamem.em.kernels.significant_weights_rows`).
+device (:func:`streamem.em.kernels.significant_weights_rows`, re-exported here).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from streamem.em.kernels import significant_weights_rows
+
+__all__ = [
+    "significant_class_pairs",
+    "significant_mask",
+    "significant_pair_mask",
+    "significant_weights",
+    "significant_weights_rows",
+]
 
 
 def significant_mask(logp, fraction: float, max_count: int, log_floor: float = 30.0):
@@ -76,3 +86,33 @@ def significant_weights(W, fraction: float):
     kept = np.zeros_like(flat)
     kept[order[:count]] = flat[order[:count]] / cum[count - 1]
     return kept.reshape(W.shape), count
+
+
+def significant_class_pairs(
+    lp, row_class, n_classes: int, fraction: float, max_count: int, min_orientations: int
+):
+    """One image's coarse (translation, column) pairs to refine, chosen class by class.
+
+    lp: (T, R) coarse log-posterior over R rows; row_class: (R,) class of each row.
+    Within each class the pairs of :func:`significant_pair_mask` over that class's own
+    columns are kept, so every class with a finite prior is compared at the fine
+    resolution (for K = 1: RELION's rule over all samples). RELION picks the
+    significant samples over all classes together; at the coarse pass's low resolution
+    the classes differ little, and a joint cap filled by one class decides the class at
+    the coarse resolution and locks particles into the first random split. Returns
+    (translation indices, column indices), both (P,).
+    """
+    if n_classes == 1:
+        return np.nonzero(significant_pair_mask(lp, fraction, max_count, min_orientations))
+    t_all, c_all = [], []
+    for k in range(n_classes):
+        cols = np.flatnonzero(row_class == k)
+        lp_k = lp[:, cols]
+        if cols.size == 0 or not np.isfinite(lp_k).any():
+            continue
+        t_idx, c_idx = np.nonzero(
+            significant_pair_mask(lp_k, fraction, max_count, min_orientations)
+        )
+        t_all.append(t_idx)
+        c_all.append(cols[c_idx])
+    return np.concatenate(t_all), np.concatenate(c_all)

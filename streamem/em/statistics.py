@@ -25,8 +25,8 @@ import numpy as np
 class SufficientStatistics:
     """Sums over the particles of a chunk (or of many chunks).
 
-    data_acc:     (2, *grid) complex128  back-projected CTF·X/σ², per half set
-    weight_acc:   (2, *grid) float64     back-projected CTF²/σ², per half set
+    data_acc:     (2K, *grid) complex128  back-projected CTF·X/σ², class k half h at 2k + h
+    weight_acc:   (2K, *grid) float64     back-projected CTF²/σ², same index
     noise_power:  (G, S) float64  Σ posterior-weighted |X − CTF·A|² per optics group, shell
     noise_count:  (G, S) float64  number of Fourier points that went into ``noise_power``
     offset_sq_A2: float            Σ w |total offset|² (Å²) (for the offset prior)
@@ -52,9 +52,10 @@ class SufficientStatistics:
 
     @classmethod
     def empty(cls, grid_shape, n_optics_groups: int, n_shells: int, n_classes: int = 1):
+        """Zero sums with 2K accumulators: class k, half h at index 2k + h."""
         return cls(
-            data_acc=np.zeros((2, *grid_shape), np.complex128),
-            weight_acc=np.zeros((2, *grid_shape), np.float64),
+            data_acc=np.zeros((2 * n_classes, *grid_shape), np.complex128),
+            weight_acc=np.zeros((2 * n_classes, *grid_shape), np.float64),
             noise_power=np.zeros((n_optics_groups, n_shells)),
             noise_count=np.zeros((n_optics_groups, n_shells)),
             class_weight=np.zeros(n_classes),
