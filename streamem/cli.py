@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "refine3d",
     "classify",
     "select",
+    "ctf",
     "pick",
     "extract",
     "postprocess",
