@@ -223,11 +223,11 @@ def test_a_worker_killed_mid_iteration_stops_the_run_with_one_line(tmp_path):
     import dask
 
     from streamem.dist.cluster import client_for
-    from streamem.em import runfiles
-    from streamem.em.refine import run_estep
+    from streamem.em.engine import run_estep
+    from streamem.io.results import create_results_arrays
 
     store = simulate_particles(tmp_path / "p.zarr", 8, box_size=16, pixel_size_A=4.0, seed=1)
-    runfiles.create_results_arrays(tmp_path / "particles.zarr", 3, 8, store.chunk_size)
+    create_results_arrays(tmp_path / "particles.zarr", 3, 8, store.chunk_size)
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         with client_for(n_workers=1) as client:
             with pytest.raises(InputError) as err:

@@ -121,3 +121,36 @@ def test_coarse_pass_on_cupy_matches_numpy():
     )
     assert isinstance(got, cp.ndarray)
     np.testing.assert_allclose(got.get(), ref, rtol=1e-5, atol=1e-3)
+
+
+def test_batched_posterior_kernels_match_the_per_row_ones():
+    """normalised_posterior, significant_weights_rows and weighted_image_sums against
+    scipy's logsumexp, the per-image significant_weights and an einsum."""
+    from scipy.special import logsumexp
+
+    from streamem.em.kernels import (
+        normalised_posterior,
+        significant_weights_rows,
+        weighted_image_sums,
+    )
+    from streamem.em.significance import significant_weights
+
+    rng = np.random.default_rng(4)
+    logp = rng.normal(0, 4, (6, 50))
+    logp[2, 7:] = -np.inf  # padding
+    W, lse, best = normalised_posterior(logp)
+    np.testing.assert_allclose(lse, logsumexp(logp, axis=1), rtol=1e-12)
+    np.testing.assert_array_equal(best, np.argmax(logp, axis=1))
+    np.testing.assert_allclose(W.sum(axis=1), 1.0)
+    assert np.all(W[2, 7:] == 0)
+    kept, count = significant_weights_rows(W, 0.9)
+    for row in range(6):
+        ref, n = significant_weights(W[row], 0.9)
+        np.testing.assert_allclose(kept[row], ref, rtol=1e-12)
+        assert count[row] == n
+    assert 1 <= count.min() and count.max() < 50
+    Wr = rng.random((3, 4, 5))
+    Y = (rng.normal(size=(3, 4, 7)) + 1j * rng.normal(size=(3, 4, 7))).astype(np.complex64)
+    np.testing.assert_allclose(
+        weighted_image_sums(Wr, Y), np.einsum("bsr,bsm->brm", Wr, Y), rtol=1e-5, atol=1e-5
+    )

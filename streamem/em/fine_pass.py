@@ -91,15 +91,17 @@ class FineOutcome:
 class FineTable:
     """The children of every refined coarse row of a part, projected once.
 
-    angles (R, 3), rotations (R, 3, 3), class_of (R,) on the host; refs (R, M) complex
-    and power (R, M) |refs|² on the device; the children of coarse row r (k·J + j) are
-    rows ``position[r]·n_kids + (0 .. n_kids−1)``.
+    angles (R, 3), rotations (R, 3, 3), class_of (R,) on the host; on the device the
+    slices as the GEMM's real operand, stacked (R, 2M) float32 [Re A, Im A] (stacked
+    once per table: per group it would cost more than the GEMM), and power (R, M)
+    |A|²; the children of coarse row r (k·J + j) are rows
+    ``position[r]·n_kids + (0 .. n_kids−1)``.
     """
 
     angles: np.ndarray
     rotations: np.ndarray
     class_of: np.ndarray
-    refs: object
+    stacked: object
     power: object
     position: np.ndarray
     n_kids: int
@@ -131,7 +133,8 @@ def fine_table(ang_c, J: int, pairs, grid, refs, coords) -> FineTable:
     if len(parts) > 1:  # back to the table's order (classes are contiguous already)
         table = xp.take(table, xp.asarray(np.argsort(np.concatenate(order))), axis=0)
     power = xp.real(table) ** 2 + xp.imag(table) ** 2
-    return FineTable(angles, rotations, class_of, table, power, position, n_kids)
+    stacked = xp.astype(stacked_real(table), xp.float32)
+    return FineTable(angles, rotations, class_of, stacked, power, position, n_kids)
 
 
 def _groups(n_pairs: np.ndarray, cap_pairs: int):
@@ -260,48 +263,39 @@ def _score_group(ctx: _Context, members, pairs, buffer, out):
     cw, ctf2w = xp.take(images.cw, ig, axis=0), xp.take(images.ctf2w, ig, axis=0)
     ph = xp.reshape(xp.take(ctx.phases, xp.asarray(t_pad.ravel()), axis=0), (g, P, 1, M))
     Xs = X0[:, None, None, :] * ph * ctx.sub_phases[None, None, ...]  # (g, P, S, M)
-    Y = xp.conj(Xs) * cw[:, None, None, :]
-    lhs = xp.concat([xp.real(Y), -xp.imag(Y)], axis=-1)  # (g, P, S, 2M)
-    del Y
+    # Re(conj(Xs)·cw·A) = [Re Xs·cw, Im Xs·cw] · [Re A, Im A]
+    lhs = xp.reshape(stacked_real(Xs * cw[:, None, None, :]), (g * P, S, 2 * M))
     kr = xp.asarray(krows.ravel())
-    A = xp.reshape(xp.take(table.refs, kr, axis=0), (g, P, nk, M))
-    power = xp.reshape(xp.take(table.power, kr, axis=0), (g, P, nk, M))
-    C = xp.matmul(lhs, stacked_real(A).mT)  # (g, P, S, nk)
+    A = xp.reshape(xp.take(table.stacked, kr, axis=0), (g * P, nk, 2 * M))
+    power = xp.reshape(xp.take(table.power, kr, axis=0), (g * P, nk, M))
+    C = xp.matmul(lhs, A.mT)  # (g·P, S, nk)
     del lhs
-    Sf = 0.5 * xp.matmul(power, ctf2w[:, None, :, None])[..., 0]  # (g, P, nk)
+    Sf = 0.5 * xp.matmul(xp.reshape(power, (g, P * nk, M)), ctf2w[:, :, None])  # (g, P·nk, 1)
     f64 = xp.float64
     norm = xp.take(images.norm, ig, axis=0)[:, None, None, None]
-    logp = log_likelihood(xp.astype(C, f64), xp.astype(Sf, f64)[:, :, None, :], norm,
-                          model.scale_free) + xp.asarray(prior)  # fmt: skip
+    logp = log_likelihood(
+        xp.reshape(xp.astype(C, f64), (g, P, S, nk)),
+        xp.reshape(xp.astype(Sf, f64), (g, P, 1, nk)),
+        norm,
+        model.scale_free,
+    ) + xp.asarray(prior)  # (g, P, S, nk)
     W, lse, best = normalised_posterior(xp.reshape(logp, (g, P * S * nk)))
     max_prob = xp.take_along_axis(W, best[:, None], axis=1)[:, 0]
     Wsig, count = significant_weights_rows(W, model.adaptive_fraction)
     W4 = xp.reshape(Wsig, (g, P, S, nk))
     w_full = xp.reshape(xp.sum(xp.reshape(W, (g, P, S, nk)), axis=2), (g, P * nk))
-    w_sig = xp.sum(W4, axis=2)  # (g, P, nk)
+    w_sig = xp.reshape(xp.sum(W4, axis=2), (g, P * nk))
     off2 = xp.asarray(np.sum(total**2, axis=-1))  # (g, P, S)
     offset_sq = xp.sum(xp.reshape(W4 * off2[..., None], (g, -1)), axis=1)
-    D = xp.reshape(
-        weighted_image_sums(xp.reshape(W4, (g * P, S, nk)), xp.reshape(Xs, (g * P, S, M))),
-        (g, P, nk, M),
-    )  # Σ_s W X_s per child
-    del Xs
-    cross = xp.sum(xp.reshape(xp.real(D) * xp.real(A) + xp.imag(D) * xp.imag(A), (g, P * nk, M)),
-                   axis=1)  # fmt: skip
-    w_flat = xp.reshape(xp.astype(w_sig, xp.float32), (g, 1, P * nk))
-    fit = xp.matmul(w_flat, xp.reshape(power, (g, P * nk, M)))[:, 0, :]
-    ctf = xp.take(images.ctf, ig, axis=0)
-    noise = xp.real(X0) ** 2 + xp.imag(X0) ** 2 - 2 * ctf * cross + ctf * ctf * fit
     small = xp.concat([
-        w_full, xp.reshape(w_sig, (g, P * nk)),
+        w_full, w_sig,
         xp.astype(xp.stack([lse, max_prob, offset_sq], axis=1), f64),
         xp.astype(xp.stack([best, count], axis=1), f64),
     ], axis=1)  # fmt: skip
     host = to_numpy(small)  # the group's one transfer of per-image numbers
     w_full_h, w_sig_h = host[:, : P * nk], host[:, P * nk : 2 * P * nk]
     lse_h, max_prob_h, off_h, best_h, count_h = host[:, 2 * P * nk :].T
-    b = best_h.astype(np.int64)
-    p_b, s_b, k_b = np.unravel_index(b, (P, S, nk))
+    p_b, s_b, k_b = np.unravel_index(best_h.astype(np.int64), (P, S, nk))
     rows_b = krows[np.arange(g), p_b, k_b]
     out["pos"].append(members)
     out["best"].append(np.stack([rows_b, members, t_pad[np.arange(g), p_b], s_b], axis=1))
@@ -310,15 +304,49 @@ def _score_group(ctx: _Context, members, pairs, buffer, out):
     cls = table.class_of[krows.reshape(g, -1)]  # (g, P·nk)
     out["cls"].append(_class_sums(cls, w_full_h, model.n_classes))
     out["clsw"].append(_class_sums(cls, w_sig_h, model.n_classes))
-    out["noise"].append(noise)
-    live = np.flatnonzero(w_sig_h.ravel() > 0)  # rows that carry weight
-    img = live // (P * nk)
-    keys = 2 * krows.ravel()[live] + ctx.part.halves[members][img]
-    live_x, img_x = xp.asarray(live), xp.asarray(img)
-    vals = xp.take(xp.reshape(D, (g * P * nk, M)), live_x, axis=0) * xp.take(cw, img_x, axis=0)
-    w_live = xp.take(xp.reshape(w_sig, (-1,)), live_x)
-    wgts = w_live[:, None] * xp.take(ctf2w, img_x, axis=0)
-    buffer.add(keys, vals, wgts)
+    live = _Live(w_sig_h.reshape(g * P, nk), krows.reshape(g * P, nk), P)
+    sums = (xp.reshape(W4, (g * P, S, nk)), xp.reshape(Xs, (g * P, S, M)), A, power)
+    out["noise"].append(_live_sums(ctx, members, live, sums, X0, cw, ctf2w, buffer))
+
+
+@dataclass(frozen=True)
+class _Live:
+    """The group's (image, pair) rows that carry significant weight: w (g·P, nk) and
+    krows (g·P, nk) on the host, P pairs per image."""
+
+    w: np.ndarray
+    krows: np.ndarray
+    P: int
+
+
+def _live_sums(ctx: _Context, members, live: _Live, sums, X0, cw, ctf2w, buffer):
+    """Σ_s W X_s of the live pairs only, their back-projection rows into ``buffer``,
+    and the group's noise rows (g, M) Σ w |X − CTF·A|² (a few pairs per image carry
+    weight: the sums skip the rest)."""
+    xp = namespace(X0)
+    W4, Xs, A, power = sums
+    M = Xs.shape[-1]
+    pairs = np.flatnonzero(live.w.max(axis=1) > 0)  # (L,) every image has one
+    img = pairs // live.P  # image of each live pair, sorted
+    p_x = xp.asarray(pairs)
+    D = weighted_image_sums(xp.take(W4, p_x, axis=0), xp.take(Xs, p_x, axis=0))  # (L, nk, M)
+    A_l, power_l = xp.take(A, p_x, axis=0), xp.take(power, p_x, axis=0)
+    w_l = live.w[pairs]  # (L, nk)
+    w_x = xp.asarray(w_l.astype(np.float32))
+    cross = xp.sum(xp.real(D) * A_l[..., :M] + xp.imag(D) * A_l[..., M:], axis=1)  # (L, M)
+    fit = xp.matmul(w_x[:, None, :], power_l)[:, 0, :]  # (L, M)
+    _, cross_i, fit_i = segment_sums(img, cross, fit)  # (g, M) per image
+    ctf = xp.take(ctx.images.ctf, xp.asarray(members), axis=0)
+    noise = xp.real(X0) ** 2 + xp.imag(X0) ** 2 - 2 * ctf * cross_i + ctf * ctf * fit_i
+    rows = np.flatnonzero(w_l.ravel() > 0)  # the children that carry weight
+    nk = w_l.shape[1]
+    row_img = img[rows // nk]
+    keys = 2 * live.krows[pairs].ravel()[rows] + ctx.part.halves[members][row_img]
+    r_x, i_x = xp.asarray(rows), xp.asarray(row_img)
+    vals = xp.take(xp.reshape(D, (-1, M)), r_x, axis=0) * xp.take(cw, i_x, axis=0)
+    w_r = xp.asarray(w_l.ravel()[rows])
+    buffer.add(keys, vals, w_r[:, None] * xp.take(ctf2w, i_x, axis=0))
+    return noise
 
 
 def part_padding(model) -> int:
@@ -353,7 +381,7 @@ class _BackProjection:
     def flush(self):
         if not self.keys:
             return
-        xp = namespace(self.table.refs)
+        xp = namespace(self.table.power)
         used, vals, wgts = segment_sums(
             np.concatenate(self.keys),
             xp.astype(xp.concat(self.vals, axis=0), xp.complex128),
@@ -372,7 +400,7 @@ class _BackProjection:
 
     def _accumulator(self, a: int):
         if a not in self.acc:
-            xp = namespace(self.table.refs)
+            xp = namespace(self.table.power)
             self.acc[a] = (xp.asarray(self.stats.data_acc[a]), xp.asarray(self.stats.weight_acc[a]))
         return self.acc[a]
 

@@ -123,16 +123,17 @@ def estep_stage_bytes(shape: EStepShape, n_images: int) -> dict[str, int]:
 #: Upper bound of one padded group of the batched fine pass (bytes): a group's
 #: batched GEMMs run at full speed from a few images on; a bound keeps the gathered
 #: slices (images × pairs × children × M) a fixed share of the workspace.
-FINE_GROUP_BYTES = 128 * 2**20
+FINE_GROUP_BYTES = 64 * 2**20
 
 
 def fine_pair_bytes(shape: EStepShape) -> int:
     """Peak bytes of one padded (image, pair) in the batched fine pass
-    (:mod:`streamem.em.fine_pass`): its S shifted images, their conjugate and stacked
-    real operand, the gathered children's slices, power and stacked operand, the
-    weighted sums and their temporaries, and the float64 posterior arrays."""
+    (:mod:`streamem.em.fine_pass`): its S shifted images (complex64) and their stacked
+    real operand, the gathered children's slices (complex64), power (float32) and
+    stacked operand, and the float64 posterior arrays; the weighted sums run over the
+    few live pairs only."""
     S, nk, M = shape.n_subshifts, shape.n_kids, shape.n_points
-    return M * (24 * S + 48 * nk) + 64 * S * nk
+    return M * (24 * S + 20 * nk) + 64 * S * nk
 
 
 def fine_group_pairs(shape: EStepShape) -> int:
