@@ -86,11 +86,12 @@ def test_segment_shims_match_numpy(xp):
 # projection and back-projection
 
 
-def test_projection_matches_numpy(xp):
+@pytest.mark.parametrize("box", [BOX, BOX + 1])
+def test_projection_matches_numpy(xp, box):
     rng = np.random.default_rng(1)
-    vol = smooth_volume(BOX, seed=1).astype(np.float32)
+    vol = smooth_volume(box, seed=1).astype(np.float32)
     rot = random_rotations(7, rng)
-    coords, _ = image_fourier_coords(BOX, BOX // 2)
+    coords, _ = image_fourier_coords(box, box // 2)
     # a cutoff below the coords' radius: the points beyond it must come back zero
     ref_np = make_projector(vol, max_radius_px=7)
     ref_xp = make_projector(xp.asarray(vol), max_radius_px=7)
@@ -104,28 +105,29 @@ def test_projection_matches_numpy(xp):
     _close(imgs, want_imgs, xp, rtol=0, atol=1e-5 * np.abs(want_imgs).max())
 
 
-def _inserted(xp, rng, n=40):
-    vol = smooth_volume(BOX, seed=2).astype(np.float32)
+def _inserted(xp, rng, n=40, box=BOX):
+    vol = smooth_volume(box, seed=2).astype(np.float32)
     rot = random_rotations(n, rng)
-    coords, _ = image_fourier_coords(BOX, BOX // 2)
+    coords, _ = image_fourier_coords(box, box // 2)
     vals = project_points(make_projector(vol), rot, coords)
     ctf2 = rng.random(coords.shape[0])
-    d, w = empty_accumulators(BOX, xp=xp)
+    d, w = empty_accumulators(box, xp=xp)
     insert_points(d, w, xp.asarray(rot), xp.asarray(coords), xp.asarray(vals), xp.asarray(ctf2))
     return d, w
 
 
-def test_insert_points_and_reconstruction_match_numpy(xp):
-    d_np, w_np = _inserted(np, np.random.default_rng(3))
-    d, w = _inserted(xp, np.random.default_rng(3))
+@pytest.mark.parametrize("box", [BOX, BOX + 1])
+def test_insert_points_and_reconstruction_match_numpy(xp, box):
+    d_np, w_np = _inserted(np, np.random.default_rng(3), box=box)
+    d, w = _inserted(xp, np.random.default_rng(3), box=box)
     _close(d, d_np, xp, rtol=0, atol=1e-9 * np.abs(d_np).max())
     _close(w, w_np, xp, rtol=0, atol=1e-9 * np.abs(w_np).max())
-    noise_np = reconstruction_noise_spectrum(w_np, BOX)
-    _close(reconstruction_noise_spectrum(w, BOX), noise_np, xp, rtol=1e-10)
-    tau2 = np.linspace(5.0, 0.0, BOX // 2 + 1)
+    noise_np = reconstruction_noise_spectrum(w_np, box)
+    _close(reconstruction_noise_spectrum(w, box), noise_np, xp, rtol=1e-10)
+    tau2 = np.linspace(5.0, 0.0, box // 2 + 1)
     for kw in ({}, {"tau2": tau2}, {"n_gridding_iter": 2}):
-        want = reconstruct(d_np, w_np, BOX, **kw)
-        got = reconstruct(d, w, BOX, **kw)
+        want = reconstruct(d_np, w_np, box, **kw)
+        got = reconstruct(d, w, box, **kw)
         _close(got, want, xp, rtol=0, atol=1e-4 * np.abs(want).max())
 
 
@@ -177,8 +179,9 @@ def test_ctf_on_device_matches_numpy(xp):
     _close(phase_flip(xp.asarray(want)), np.where(want < 0, -1.0, 1.0), xp)
 
 
-def test_filters_masks_fsc_match_numpy(xp):
-    vol = smooth_volume(BOX, seed=6).astype(np.float64)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_filters_masks_fsc_match_numpy(xp, dtype):
+    vol = smooth_volume(BOX, seed=6).astype(dtype)
     v = xp.asarray(vol)
     _close(lowpass(v, 8.0, 1.0), lowpass(vol, 8.0, 1.0), xp, atol=1e-6)
     _close(fourier_crop(v, 16), fourier_crop(vol, 16), xp, atol=1e-6)
@@ -190,5 +193,5 @@ def test_filters_masks_fsc_match_numpy(xp):
     _close(soft_sphere(BOX, 8.0, 3.0, xp=xp), soft_sphere(BOX, 8.0, 3.0), xp)
     curve = fsc(v, noisy)
     assert isinstance(curve, np.ndarray)  # a short per-shell curve comes back to the host
-    np.testing.assert_allclose(curve, fsc(vol, want_noisy), atol=1e-9)
+    np.testing.assert_allclose(curve, fsc(vol, want_noisy), atol=1e-6)
     assert curve[2] > 0.99 and curve[-1] < 0.9
