@@ -441,7 +441,7 @@ def _coarse_pass(images: FineImages, coords, shifts, offset_prior, model, refs, 
         own = inverse.ravel()[bounds[i] : bounds[i + 1]]
         r = (np.arange(K)[:, None] * J + own[None, :]).ravel()  # (K·c_i,) class-major
         r_x = xp.asarray(r)
-        C = cross_terms(Xs[i : i + 1, ...], cw[i : i + 1, ...], xp.take(ref_c, r_x, axis=0))[0]
+        C = cross_terms(Xs[i : i + 1, ...], cw[i : i + 1, ...], xp.take(ref_c, r_x, axis=0))[0, ...]
         lp = to_numpy(log_likelihood(C, xp.take(S[i, ...], r_x)[None, :], 0.0, model.scale_free))
         ang_prior = sampling.gaussian_orientation_prior(
             ang_c[own], part.previous[i], grid.local_sigma_deg

@@ -370,7 +370,7 @@ class _BackProjection:
         self.table, self.coords, self.stats = table, coords, stats
         self.padding, self.budget = padding_factor, budget_bytes
         self.keys, self.vals, self.wgts, self.bytes = [], [], [], 0
-        self.acc = {}  # accumulator index → (data, weight) where the table is
+        self.acc = DeviceAccumulators(stats, namespace(table.power))
 
     def add(self, keys, vals, wgts):
         self.keys.append(keys), self.vals.append(vals), self.wgts.append(wgts)
@@ -393,15 +393,28 @@ class _BackProjection:
         pf = self.padding
         for a in np.unique(acc_index):
             sel = np.flatnonzero(acc_index == a)
-            data, weight = self._accumulator(int(a))
+            data, weight = self.acc.get(int(a))
             sel_x = xp.asarray(sel)
             insert_points(data, weight, self.table.rotations[rows[sel]], self.coords,
                           xp.take(vals, sel_x, axis=0), xp.take(wgts, sel_x, axis=0), pf)  # fmt: skip
 
-    def _accumulator(self, a: int):
+    def store(self):
+        self.acc.store()
+
+
+class DeviceAccumulators:
+    """The statistics' accumulators a part inserts into, where its arrays live: views
+    for NumPy, device copies (made on first use) otherwise, written back by
+    :meth:`store`."""
+
+    def __init__(self, stats, xp):
+        self.stats, self.xp, self.acc = stats, xp, {}
+
+    def get(self, a: int):
+        """(data, weight) of accumulator ``a`` (2k + h)."""
         if a not in self.acc:
-            xp = namespace(self.table.power)
-            self.acc[a] = (xp.asarray(self.stats.data_acc[a]), xp.asarray(self.stats.weight_acc[a]))
+            s = self.stats
+            self.acc[a] = (self.xp.asarray(s.data_acc[a]), self.xp.asarray(s.weight_acc[a]))
         return self.acc[a]
 
     def store(self):

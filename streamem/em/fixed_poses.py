@@ -14,7 +14,7 @@ from streamem.core.backend import to_numpy
 from streamem.core.backprojector import insert_points
 from streamem.core.euler import euler_to_matrix
 from streamem.core.projector import project_points
-from streamem.em.fine_pass import FineImages, FineOutcome
+from streamem.em.fine_pass import DeviceAccumulators, FineImages, FineOutcome
 from streamem.em.kernels import log_likelihood, namespace, normalised_posterior
 
 
@@ -28,9 +28,9 @@ def fixed_pose_posterior(images: FineImages, part, model, refs, coords, stats) -
     rot = euler_to_matrix(poses[:, 0], poses[:, 1], poses[:, 2])  # (n, 3, 3)
     A = xp.stack([project_points(f, rot, coords) for f in refs])  # (K, n, M)
     Y = xp.conj(images.X0) * images.cw  # (n, M)
-    C = xp.sum(xp.real(Y)[None] * xp.real(A) - xp.imag(Y)[None] * xp.imag(A), axis=-1).mT
+    C = xp.sum(xp.real(Y)[None, ...] * xp.real(A) - xp.imag(Y)[None, ...] * xp.imag(A), axis=-1).mT
     power = xp.real(A) ** 2 + xp.imag(A) ** 2  # (K, n, M)
-    S = 0.5 * xp.sum(power * images.ctf2w[None], axis=-1).mT  # (n, K)
+    S = 0.5 * xp.sum(power * images.ctf2w[None, ...], axis=-1).mT  # (n, K)
     f64 = xp.float64
     logp = log_likelihood(xp.astype(C, f64), xp.astype(S, f64), images.norm[:, None],
                           model.scale_free)  # fmt: skip
@@ -42,6 +42,7 @@ def fixed_pose_posterior(images: FineImages, part, model, refs, coords, stats) -
     power_X = xp.real(images.X0) ** 2 + xp.imag(images.X0) ** 2
     halves = part.halves
     W_host = to_numpy(W)
+    accumulators = DeviceAccumulators(stats, xp)
     for k in range(K):
         wk = W[:, k][:, None]
         cross = xp.real(xp.conj(images.X0) * A[k, ...])
@@ -53,14 +54,14 @@ def fixed_pose_posterior(images: FineImages, part, model, refs, coords, stats) -
             s = xp.asarray(sel)
             w_s = xp.take(wk, s, axis=0)
             insert_points(
-                stats.data_acc[2 * k + h],
-                stats.weight_acc[2 * k + h],
+                *accumulators.get(2 * k + h),
                 rot[sel],
                 coords,
                 xp.astype(w_s * xp.take(images.X0 * images.cw, s, axis=0), xp.complex128),
                 w_s * xp.take(images.ctf2w, s, axis=0),
                 refs[k].padding_factor,
             )
+    accumulators.store()
     max_prob = np.max(W_host, axis=1)
     return FineOutcome(
         angles=poses,

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from streamem.core.backend import ifftshift, rfftn, xp_of
+from streamem.core.backend import ifftshift, rfftn
 from streamem.core.ctf import ctf_from_frequencies
+from streamem.em.kernels import namespace
 
 if TYPE_CHECKING:
     from streamem.em.estep import EStepModel
@@ -66,8 +67,9 @@ def fourier_data(images, metadata, coords, flat, pixel_size_A, optics, do_ctf=Tr
     """
     n, B = images.shape[0], images.shape[-1]
     images = xp.asarray(images)
-    X = rfftn(ifftshift(images, axes=(-2, -1)), axes=(-2, -1)).reshape(n, -1)[:, xp.asarray(flat)]
-    X = X.astype(xp.complex64)
+    X = rfftn(ifftshift(images, axes=(-2, -1)), axes=(-2, -1))
+    ns = namespace(X)  # standard calls: NumPy, CuPy and strict array-API namespaces alike
+    X = ns.astype(ns.take(ns.reshape(X, (n, -1)), ns.asarray(flat), axis=1), ns.complex64)
     groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), dtype=np.int64) - 1
     if groups.min() < 0 or groups.max() >= len(optics):
         raise ValueError("rlnOpticsGroup out of range of the optics groups")
@@ -105,12 +107,13 @@ def prepare_images(images, metadata, model: EStepModel, coords, flat, shell) -> 
     images: (n, B, B) float32, centred at B//2. metadata: RELION labels → (n,) arrays.
     """
     projectors = getattr(model, "projectors", None)  # class2d's model holds images instead
-    xp = xp_of(projectors[0].data) if projectors else np  # the E-step runs where they are
+    xp = namespace(projectors[0].data) if projectors else np  # the E-step runs where they are
     X, ctf, groups = fourier_data(
         images, metadata, coords, flat, model.pixel_size_A, model.optics, model.do_ctf, xp
     )
-    inv_s2 = xp.asarray(model.inv_sigma2[groups][:, shell].astype(np.float32))
-    norm = 0.5 * xp.sum((X.real**2 + X.imag**2) * inv_s2, axis=1, dtype=xp.float64)
+    inv_s2 = xp.asarray(np.asarray(model.inv_sigma2)[groups][:, shell].astype(np.float32))
+    power = (xp.real(X) ** 2 + xp.imag(X) ** 2) * inv_s2
+    norm = 0.5 * xp.sum(power, axis=1, dtype=xp.float64)
     prior = origins_px(metadata, model.pixel_size_A, images.shape[0])
     return PreparedImages(X, ctf, inv_s2, norm, prior)
 
