@@ -54,7 +54,6 @@ from streamem.em.inplane import (  # noqa: F401 (class2d's E-step; names kept im
     rotated_references,
 )
 from streamem.errors import InputError
-from streamem.io.model_star import write_model_star
 from streamem.io.mrc import read_map, write_map
 from streamem.io.store import ParticleStore
 
@@ -166,18 +165,8 @@ def classify2d(
             state["fractions"],
             state["resolutions"],
         )
-    return Class2DResult(
-        out_dir=ctx.out_dir,
-        class_images=state["class_images"],
-        fractions=state["fractions"],
-        resolutions_A=state["resolutions"],
-        class_numbers=np.asarray(state["classes"], np.int64),
-        pixel_size_A=store.pixel_size_A,
-        iterations=max(options.iterations, state["iteration"]),
-        truth_accuracy=state["accuracy"],
-        history=state["history"],
-        seconds=state["seconds"],
-    )
+    fields = engine.class_result_fields(ctx, state, options.iterations)
+    return Class2DResult(class_images=state["class_images"], **fields)
 
 
 #: What a class2d checkpoint must hold to be resumed from (runfiles.read_checkpoint).
@@ -198,10 +187,7 @@ class Class2DJob:
     ``dvp`` (K, B//2+1) data vs prior; see engine.Job)."""
 
     options: Class2DOptions
-    name: ClassVar[str] = "class2d"
-    state_keys: ClassVar[tuple[str, ...]] = STATE_KEYS
-    classifies: ClassVar[bool] = True
-    estep = staticmethod(expectation_2d)
+    kind: ClassVar[engine.JobKind] = engine.JobKind("class2d", True, expectation_2d)
 
     def start(self, ctx, checkpoint: dict | None) -> dict:
         o, B, p, K = self.options, ctx.box_size, ctx.pixel_size_A, self.options.n_classes
@@ -292,33 +278,17 @@ class Class2DJob:
         o, B, p, K = self.options, ctx.box_size, ctx.pixel_size_A, self.options.n_classes
         stack_name = f"{prefix.name}_classes.mrcs"
         write_map(ctx.out_dir / stack_name, state["class_images"], p)
-        general = engine.model_general(
-            ctx, state, stats, K, state["resolution_A"], B, o.tau2_fudge,
-            rlnPsiStep=float(360.0 / o.psi_deg.size),
-        )  # fmt: skip
-        classes = {
-            "rlnReferenceImage": [f"{k + 1:06d}@{stack_name}" for k in range(K)],
-            "rlnClassDistribution": np.asarray(state["fractions"], np.float64),
-            "rlnEstimatedResolution": np.asarray(state["resolutions"], np.float64),
-        }
-        curves = [{"rlnSsnrMap": np.asarray(d, np.float64)} for d in state["dvp"]]
-        write_model_star(
-            Path(f"{prefix}_model.star"), general, B, p, state["inv_sigma2"], curves, classes,
+        engine.write_model(
+            ctx, state, stats, prefix, B, o.tau2_fudge, {"rlnPsiStep": float(360.0 / o.psi_deg.size)},
+            [{"rlnSsnrMap": np.asarray(d, np.float64)} for d in state["dvp"]],
+            [f"{k + 1:06d}@{stack_name}" for k in range(K)],
             class_axes=("rlnSpectralIndex", "rlnResolution"),
         )  # fmt: skip
-        return {
-            "fractions": state["fractions"].tolist(),
-            "resolutions_A": state["resolutions"].tolist(),
-            "class_stack": stack_name,
-            "max_radius_px": state["radius"],
-        }
+        return {"class_stack": stack_name, "max_radius_px": state["radius"]}
 
     def log_line(self, state: dict, model, iteration: int, changed: float, seconds: float) -> str:
-        fractions = " ".join(f"{f:.3f}" for f in state["fractions"])
-        return (
-            f"class2d it {iteration:3d}  classes {fractions}  changed {100 * changed:5.1f}%"
-            f"  radius {int(state['radius']):2d}  {seconds:6.1f} s"
-        )
+        radius = f"radius {int(state['radius']):2d}"
+        return engine.class_log_line("class2d", iteration, state, changed, seconds, tail=radius)
 
 
 def plot_gallery(class_images, fractions, resolutions_A, fig=None):

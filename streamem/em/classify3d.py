@@ -1,11 +1,11 @@
-"""3D classification (RELION's class3d) as a streaming Dask job on the refine3d engine.
+"""3D classification (RELION's class3d) as a job definition on the one run loop.
 
-Per iteration, as in :mod:`streamem.em.refine`: the E-step model (the K class
-projectors, noise spectra, class fractions, sampling) is broadcast once; one task per
-store chunk runs :func:`streamem.em.estep.expectation` (refine3d's E-step with K
-classes stacked along the orientation axis), writes its particles'
-poses and rlnClassNumber into ``particles.zarr`` and returns statistics; these are
-tree-reduced and the M-step runs on the client.
+:class:`Class3DJob` for :func:`streamem.em.engine.run_job`: the E-step model is
+refine3d's (:class:`streamem.em.estep.EStepModel`) with a class axis: the K class
+projectors, used for the particles of both halves (``references_per_half`` False),
+the class fractions as log priors, seeded classes in the first iteration and fixed
+poses with ``skip_align``; each particle's rlnClassNumber is written with its pose.
+The M-step reconstructs each class from its two random-half accumulators.
 
 Decisions (RELION's class3d; where we differ, it is said):
 
@@ -44,32 +44,23 @@ Decisions (RELION's class3d; where we differ, it is said):
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
-import pandas as pd
 
 from streamem import validate as check
 from streamem.core.filters import lowpass
 from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.projector import make_projector
 from streamem.core.symmetry import symmetry_matrices
-from streamem.em import mstep, runfiles, runfolder
+from streamem.em import engine, mstep, runfolder
 from streamem.em.class_truth import ClassAccuracy
 from streamem.em.estep import EStepModel, SearchGrid, expectation
-from streamem.em.refine import (
-    _load_reference,
-    initial_noise,
-    run_estep,
-    solvent_mask_for,
-    work_box_for,
-)
 from streamem.errors import InputError
 from streamem.io.mrc import read_map, write_map
-from streamem.io.relion import write_star
-from streamem.io.store import ParticleStore, optics_params
+from streamem.io.store import ParticleStore
 
 log = logging.getLogger("streamem")
 
@@ -234,297 +225,175 @@ def classify3d(
     options.check_box(store.box_size, store.pixel_size_A)  # before the run folder is created
     if options.skip_align and not store.has_fields(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
         raise InputError(store.path, "--skip-align needs poses (rlnAngleRot/Tilt/Psi) in the store")
-    ref = None if continue_run else _load_reference(reference, store.box_size, store.pixel_size_A)
+    B, p = store.box_size, store.pixel_size_A
+    ref = None if continue_run else engine.load_reference(reference, B, p)
     with runfolder.claim(out_dir, "class3d", store, options, continue_run, STATE_KEYS) as run:
-        return _classify3d(store, ref, run, options, client)
+        ctx = engine.run_context(store, run, options, client)
+        state = engine.run_job(Class3DJob(options, ref), ctx)
+    fields = engine.class_result_fields(ctx, state, options.iterations)
+    return Class3DResult(maps=state["maps"], **fields)
 
 
 #: What a class3d checkpoint must hold to be resumed from (runfiles.read_checkpoint).
 STATE_KEYS = ("class_maps", "inv_sigma2", "sigma_offset_A", "fractions", "resolutions_A")
 
 
-def _classify3d(store, ref, run, options, client) -> Class3DResult:
-    """class3d's loop in a claimed run folder (``run.state``: the checkpoint to resume)."""
-    out_dir = run.out_dir
-    B, p = store.box_size, store.pixel_size_A
-    K = options.n_classes
-    diameter = options.particle_diameter_A or 0.8 * B * p
-    sym_mats = symmetry_matrices(options.symmetry)
-    optics = tuple(optics_params(g) for g in store.optics_groups)
-    do_ctf = options.do_ctf and store.has_fields(("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"))
-    results_path = out_dir / "particles.zarr"
-    mask = solvent_mask_for(B, p, diameter) if options.flatten_solvent else None
-    history, seconds = [], []
-    state = run.state
-    if state is not None:
-        if len(state["class_maps"]) != K:
-            raise InputError(out_dir, f"the run has {len(state['class_maps'])} classes, not {K}")
-        maps = np.stack([read_map(out_dir / name)[0] for name in state["class_maps"]])
-        inv_sigma2 = np.asarray(state["inv_sigma2"])
-        sigma_offset_A = state["sigma_offset_A"]
-        resolution_A = state.get("resolution_A", float(np.min(state["resolutions_A"])))
-        fractions = np.asarray(state["fractions"])
-        resolutions = np.asarray(state["resolutions_A"])
-        history = list(state.get("history", []))  # runs before 0.1 kept no history
-        prev_iteration = state["iteration"]
-        previous_classes = runfiles.read_results(results_path, prev_iteration)["rlnClassNumber"]
-        log.info("continuing from iteration %d", prev_iteration)
-    else:
-        maps = initial_references(
-            ref, K, options.ini_high_A, p, mask, options.perturbation, options.seed
+@dataclass(frozen=True)
+class Class3DJob:
+    """class3d for :func:`streamem.em.engine.run_job` (state: ``maps`` (K, B, B, B),
+    ``fractions`` (K,), ``resolutions`` (K,) Å, ``resolution_A`` (the best populated
+    class's), ``mask``; after an M-step ``fsc`` and ``ssnr`` (K, B//2+1); see engine.Job)."""
+
+    options: Class3DOptions
+    reference: np.ndarray | None  # the starting map (None when continuing)
+    kind: ClassVar[engine.JobKind] = engine.JobKind("class3d", True, expectation)
+
+    def start(self, ctx, checkpoint: dict | None) -> dict:
+        o, K, p = self.options, self.options.n_classes, ctx.pixel_size_A
+        mask = (
+            engine.solvent_mask_for(ctx.box_size, p, ctx.diameter_A) if o.flatten_solvent else None
         )
-        inv_sigma2 = initial_noise(store, client, options.split_every)
-        sigma_offset_A = options.offset_range_px * p / 2
-        resolution_A = options.ini_high_A
-        fractions = np.full(K, 1.0 / K)
-        resolutions = np.full(K, options.ini_high_A)
-        prev_iteration = None
-        previous_classes = None
-    lowres_iterations = (
-        options.iterations // 3 if options.lowres_iterations is None else options.lowres_iterations
-    )
-    true_classes = runfiles.true_classes(store)  # simulations: score every iteration
-    accuracy = None
-    for iteration in range((prev_iteration or 0) + 1, options.iterations + 1):
-        t0 = time.perf_counter()
-        b, radius = work_box_for(resolution_A, B, p)
-        if iteration <= lowres_iterations:
-            radius = min(radius, max(2.0, B * p / options.ini_high_A))
-        if options.strict_highres_A:
-            radius = min(radius, max(2.0, B * p / options.strict_highres_A))
+        if checkpoint is not None:
+            names = checkpoint["class_maps"]
+            if len(names) != K:
+                raise InputError(ctx.out_dir, f"the run has {len(names)} classes, not {K}")
+            resolutions = np.asarray(checkpoint["resolutions_A"])
+            return {
+                "mask": mask,
+                "maps": np.stack([read_map(ctx.out_dir / name)[0] for name in names]),
+                "resolution_A": checkpoint.get("resolution_A", float(np.min(resolutions))),
+                "fractions": np.asarray(checkpoint["fractions"]),
+                "resolutions": resolutions,
+            }
+        return {
+            "mask": mask,
+            "maps": initial_references(
+                self.reference, K, o.ini_high_A, p, mask, o.perturbation, o.seed
+            ),
+            "sigma_offset_A": o.offset_range_px * p / 2,
+            "resolution_A": o.ini_high_A,
+            "fractions": np.full(K, 1.0 / K),
+            "resolutions": np.full(K, o.ini_high_A),
+        }
+
+    def finished(self, state: dict) -> bool:
+        return state["iteration"] >= self.options.iterations
+
+    def model(self, ctx, state: dict, iteration: int) -> EStepModel:
+        o, B, p, mask = self.options, ctx.box_size, ctx.pixel_size_A, state["mask"]
+        b, radius = engine.work_box_for(state["resolution_A"], B, p)
+        lowres = o.iterations // 3 if o.lowres_iterations is None else o.lowres_iterations
+        if iteration <= lowres:
+            radius = min(radius, max(2.0, B * p / o.ini_high_A))
+        if o.strict_highres_A:
+            radius = min(radius, max(2.0, B * p / o.strict_highres_A))
         projectors = tuple(
             make_projector(
                 mstep.to_work_frame(m * mask if mask is not None else m, b),
-                options.padding_factor,
+                o.padding_factor,
                 max_radius_px=radius,
             )
-            for m in maps
+            for m in state["maps"]
         )
         grid = SearchGrid(
-            healpix_order=options.healpix_order,
+            healpix_order=o.healpix_order,
             oversampling=1,
-            offset_range_px=options.offset_range_px,
-            offset_step_px=options.offset_step_px,
-            local_sigma_deg=options.local_sigma_deg,
-            symmetry=options.symmetry,
+            offset_range_px=o.offset_range_px,
+            offset_step_px=o.offset_step_px,
+            local_sigma_deg=o.local_sigma_deg,
+            symmetry=o.symmetry,
         )
+        seeded = iteration == 1 and o.random_seeds and o.n_classes > 1
         with np.errstate(divide="ignore"):
-            log_fractions = np.log(fractions)
-        base = EStepModel(
+            log_prior = np.log(state["fractions"])
+        return EStepModel(
             projectors=projectors,
             box_size=B,
             work_box=b,
             pixel_size_A=p,
             max_radius_px=radius,
-            inv_sigma2=inv_sigma2,
-            optics=optics,
-            sigma_offset_A=sigma_offset_A,
+            inv_sigma2=state["inv_sigma2"],
+            optics=ctx.optics,
+            sigma_offset_A=state["sigma_offset_A"],
             grid=grid,
-            do_ctf=do_ctf,
-            particle_diameter_A=diameter,
-            memory_per_worker_bytes=options.memory_per_worker_bytes,
-            scale_free=iteration == 1 and not options.reference_on_data_scale,
-            n_classes=K,
+            do_ctf=ctx.do_ctf,
+            particle_diameter_A=ctx.diameter_A,
+            memory_per_worker_bytes=o.memory_per_worker_bytes,
+            scale_free=iteration == 1 and not o.reference_on_data_scale,
+            n_classes=o.n_classes,
             references_per_half=False,
-            log_class_prior=log_fractions,
-            class_seed=options.seed if iteration == 1 and options.random_seeds and K > 1 else None,
-            skip_align=options.skip_align,
-        )
-        model = base
-        stats = run_estep(
-            store,
-            results_path,
-            prev_iteration,
-            iteration,
-            model,
-            client,
-            expectation,
-            options.split_every,
-            name="class3d",
+            log_class_prior=log_prior,
+            class_seed=o.seed if seeded else None,
+            skip_align=o.skip_align,
         )
 
-        # -- M-step ----------------------------------------------------------------------
-        fsc_curves = np.zeros((K, B // 2 + 1))
-        ssnr_curves = np.zeros((K, B // 2 + 1))
-        new_maps = []
-        for k in range(K):
-            # τ² from the class's current reference once that is on the data's scale
-            # (after the first, scale-free iteration); from the half FSC before
-            use_reference = options.tau2_from == "reference" and not base.scale_free
-            m_b, fsc_b = reconstruct_class(
-                stats.data_acc[2 * k : 2 * k + 2],
-                stats.weight_acc[2 * k : 2 * k + 2],
-                b,
-                options.padding_factor,
-                options.tau2_fudge,
-                sym_mats,
-                tau2_prior=(
-                    mstep.tau2_from_map(maps[k] * mask if mask is not None else maps[k])
-                    if use_reference
-                    else None
-                ),
-            )
-            new_maps.append(mstep.to_full_frame(m_b, B))
-            n_used = min(len(fsc_b), int(radius) + 1)  # no data beyond the E-step's radius
-            fsc_curves[k, :n_used] = fsc_b[:n_used]
-            ssnr_b = mstep.data_vs_prior(
-                new_maps[-1] * mask if mask is not None else new_maps[-1],
-                stats.weight_acc[2 * k] + stats.weight_acc[2 * k + 1],
-                b,
-                options.padding_factor,
-                options.tau2_fudge,
-                sym_mats,
-            )
-            ssnr_curves[k, :n_used] = ssnr_b[:n_used]
-        maps = np.stack(new_maps)
-        total = max(float(stats.class_weight.sum()), 1e-30)
-        fractions = stats.class_weight / total
+    def maximise(self, ctx, state: dict, model: EStepModel, stats) -> dict:
+        """Each class from its random halves; fractions; per-class SSNR resolutions."""
+        maps, fsc_curves, ssnr_curves = self.reconstruct(ctx, state, model, stats)
+        fractions = stats.class_weight / max(float(stats.class_weight.sum()), 1e-30)
         # RELION's FSC-free estimate: where the class's SSNR (data vs prior) drops below 1
+        B, p = ctx.box_size, ctx.pixel_size_A
         resolutions = np.array([mstep.resolution_from_ssnr(c, B, p) for c in ssnr_curves])
-        populated = fractions > 0.5 / store.n_particles
-        resolution_A = (
-            float(resolutions[populated].min()) if populated.any() else options.ini_high_A
-        )
-        if not base.scale_free:
-            inv_sigma2 = mstep.update_inv_sigma2(inv_sigma2, stats.noise_power, stats.noise_count)
-        if not options.skip_align:
-            sigma_offset_A = mstep.update_sigma_offset_A(
-                stats.offset_sq_A2, stats.weight_sum, floor_A=p
-            )
+        populated = fractions > 0.5 / ctx.store.n_particles
+        best = float(resolutions[populated].min()) if populated.any() else self.options.ini_high_A
+        return {
+            **state,
+            "maps": maps,
+            "fractions": fractions,
+            "resolutions": resolutions,
+            "resolution_A": best,
+            "fsc": fsc_curves,
+            "ssnr": ssnr_curves,
+        }
 
-        # -- outputs ---------------------------------------------------------------------
-        prefix = runfiles.iteration_prefix(out_dir, iteration)
+    def reconstruct(self, ctx, state: dict, model: EStepModel, stats):
+        """(maps (K, B, B, B), random-half FSC (K, B//2+1), SSNR (K, B//2+1)) of the classes."""
+        o, B, b, mask = self.options, ctx.box_size, model.work_box, state["mask"]
+        sym_mats = symmetry_matrices(o.symmetry)
+        masked = (lambda m: m * mask) if mask is not None else (lambda m: m)
+        K = o.n_classes
+        fsc_curves, ssnr_curves = np.zeros((K, B // 2 + 1)), np.zeros((K, B // 2 + 1))
+        # τ² from the class's current reference once that is on the data's scale
+        # (after the first, scale-free iteration); from the half FSC before
+        use_reference = o.tau2_from == "reference" and not model.scale_free
+        n_used = int(model.max_radius_px) + 1  # no data beyond the E-step's radius
+        maps = []
+        for k in range(K):
+            halves = slice(2 * k, 2 * k + 2)
+            m_b, fsc_b = reconstruct_class(
+                stats.data_acc[halves], stats.weight_acc[halves], b, o.padding_factor,
+                o.tau2_fudge, sym_mats,
+                tau2_prior=mstep.tau2_from_map(masked(state["maps"][k])) if use_reference else None,
+            )  # fmt: skip
+            maps.append(mstep.to_full_frame(m_b, B))
+            n = min(len(fsc_b), n_used)
+            fsc_curves[k, :n] = fsc_b[:n]
+            ssnr_b = mstep.data_vs_prior(
+                masked(maps[-1]), stats.weight_acc[2 * k] + stats.weight_acc[2 * k + 1], b,
+                o.padding_factor, o.tau2_fudge, sym_mats,
+            )  # fmt: skip
+            ssnr_curves[k, :n] = ssnr_b[:n]
+        return np.stack(maps), fsc_curves, ssnr_curves
+
+    def write_outputs(self, ctx, state: dict, model: EStepModel, stats, prefix: Path) -> dict:
+        o, p, K = self.options, ctx.pixel_size_A, self.options.n_classes
         names = [f"{prefix.name}_class{k + 1:03d}.mrc" for k in range(K)]
         for k in range(K):
-            write_map(out_dir / names[k], maps[k], p)
-        results = runfiles.read_results(results_path, iteration)
-        runfiles.write_data_star(Path(f"{prefix}_data.star"), store, results)
-        general = {
-            "rlnCurrentResolution": resolution_A,
-            "rlnCurrentImageSize": b,
-            "rlnPixelSize": p,
-            "rlnOriginalImageSize": B,
-            "rlnNrClasses": K,
-            "rlnTau2FudgeFactor": options.tau2_fudge,
-            "rlnLogLikelihood": stats.loglik_sum,
-            "rlnSigmaOffsetsAngst": sigma_offset_A,
-            "rlnAngularSampling": grid.fine_angular_step_deg,
-        }
-        write_classes_model_star(
-            Path(f"{prefix}_model.star"),
-            general,
-            names,
-            fractions,
-            resolutions,
-            fsc_curves,
-            B,
-            p,
-            inv_sigma2,
-            ssnr_curves,
+            write_map(ctx.out_dir / names[k], state["maps"][k], p)
+        # rlnGoldStandardFsc: between the class's random halves; rlnSsnrMap: data vs prior
+        curves = [
+            {"rlnGoldStandardFsc": f, "rlnSsnrMap": s}
+            for f, s in zip(state["fsc"], state["ssnr"], strict=True)
+        ]
+        sampling = {"rlnAngularSampling": model.grid.fine_angular_step_deg}
+        engine.write_model(
+            ctx, state, stats, prefix, model.work_box, o.tau2_fudge, sampling, curves, names
         )
-        classes = results["rlnClassNumber"]
-        accuracy = runfiles.score_against_truth(prefix, true_classes, classes, K)
-        changed = (
-            float(np.mean(classes != previous_classes)) if previous_classes is not None else 1.0
-        )
-        previous_classes = classes
-        history.append(fractions.tolist())
-        seconds.append(time.perf_counter() - t0)
-        runfiles.write_checkpoint(
-            Path(f"{prefix}_optimiser.json"),
-            {
-                "iteration": iteration,
-                "fractions": fractions.tolist(),
-                "resolutions_A": resolutions.tolist(),
-                "class_maps": names,
-                "sigma_offset_A": sigma_offset_A,
-                "inv_sigma2": inv_sigma2.tolist(),
-                "truth_accuracy": accuracy.accuracy if accuracy is not None else None,
-                "resolution_A": resolution_A,
-                "history": history,
-                "run": run.record,  # store and options, checked by --continue
-            },
-        )
-        log.info(
-            "class3d it %3d  res %6.2f A  classes %s  changed %5.1f%%  box %3d  %6.1f s",
-            iteration,
-            resolution_A,
-            " ".join(f"{f:.3f}" for f in fractions),
-            100 * changed,
-            b,
-            time.perf_counter() - t0,
-        )
-        if accuracy is not None:
-            log.info("%s it %3d  %s", "class3d", iteration, accuracy.summary())
-        prev_iteration = iteration
-    return Class3DResult(
-        out_dir=out_dir,
-        maps=maps,
-        fractions=fractions,
-        resolutions_A=resolutions,
-        class_numbers=np.asarray(previous_classes, np.int64),
-        pixel_size_A=p,
-        iterations=max(options.iterations, prev_iteration or 0),
-        truth_accuracy=accuracy,
-        history=history,
-        seconds=seconds,
-    )
+        return {"class_maps": names, "resolution_A": state["resolution_A"]}
 
-
-def write_classes_model_star(
-    path,
-    general,
-    class_maps,
-    fractions,
-    resolutions_A,
-    fsc_curves,
-    box_size,
-    pixel_size_A,
-    inv_sigma2,
-    ssnr_curves=None,
-):
-    """RELION's class3d model STAR: general, classes table, per-class spectra, noise.
-
-    Per class: rlnSsnrMap (RELION's data vs prior, which gives rlnEstimatedResolution)
-    and rlnGoldStandardFsc, here the FSC between the class's random halves.
-    """
-    shells = np.arange(box_size // 2 + 1)
-    with np.errstate(divide="ignore"):
-        res = np.where(shells > 0, box_size * pixel_size_A / np.maximum(shells, 1), 999.0)
-    blocks = {
-        "model_general": pd.DataFrame([general]),
-        "model_classes": pd.DataFrame(
-            {
-                "rlnReferenceImage": list(class_maps),
-                "rlnClassDistribution": np.asarray(fractions, np.float64),
-                "rlnEstimatedResolution": np.asarray(resolutions_A, np.float64),
-            }
-        ),
-    }
-    for k, curve in enumerate(fsc_curves):
-        table = {
-            "rlnSpectralIndex": shells,
-            "rlnResolution": shells / (box_size * pixel_size_A),
-            "rlnAngstromResolution": res,
-            "rlnGoldStandardFsc": curve[: len(shells)],
-        }
-        if ssnr_curves is not None:
-            table["rlnSsnrMap"] = ssnr_curves[k][: len(shells)]
-        blocks[f"model_class_{k + 1}"] = pd.DataFrame(table)
-    for g, inv in enumerate(inv_sigma2):
-        with np.errstate(divide="ignore"):
-            sigma2 = np.where(inv > 0, 1.0 / np.maximum(inv, 1e-300), 0.0)
-        blocks[f"model_optics_group_{g + 1}"] = pd.DataFrame(
-            {"rlnSpectralIndex": shells, "rlnSigma2Noise": sigma2[: len(shells)]}
-        )
-    write_star(path, blocks)
-
-
-def read_classes_model_star(path) -> pd.DataFrame:
-    """The ``model_classes`` table of a run_itNNN_model.star (class2d or class3d)."""
-    import starfile
-
-    return starfile.read(path, always_dict=True)["model_classes"]
+    def log_line(self, state: dict, model, iteration: int, changed: float, seconds: float) -> str:
+        res, box = f"res {state['resolution_A']:6.2f} A  ", f"box {model.work_box:3d}"
+        return engine.class_log_line("class3d", iteration, state, changed, seconds, res, box)
 
 
 def class_fsc(maps: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ the iteration complete, and the job's log line.
 What every job shares also lives here: the initial noise spectra (:func:`initial_noise`,
 a pass over the store), the starting map (:func:`load_reference`), the work box for a
 resolution (:func:`work_box_for`), the solvent mask, the model.star general block
-(:func:`model_general`), ``--continue`` (the common state read back from a checkpoint),
+(:func:`write_model`), ``--continue`` (the common state read back from a checkpoint),
 and ``stop_after_iteration``. The run folder is claimed by the job's public function
 (:func:`streamem.em.runfolder.claim`) before :func:`run_job` runs in it.
 """
@@ -40,6 +40,7 @@ from streamem.dist.iteration import compute, run_chunks
 from streamem.em import mstep, runfiles
 from streamem.em.runfolder import Run
 from streamem.errors import InputError
+from streamem.io.model_star import SHELL_LABELS, write_model_star
 from streamem.io.mrc import read_map
 from streamem.io.results import create_results_arrays, read_results, write_data_star, write_results
 from streamem.io.store import ParticleStore, optics_params
@@ -97,20 +98,34 @@ def run_context(store: ParticleStore, run: Run, options, client, progress: bool 
     )
 
 
+@dataclass(frozen=True)
+class JobKind:
+    """What the engine knows of a job besides its hooks.
+
+    name: "refine3d", "class3d", "class2d" (graph names, log lines). classifies:
+    rlnClassNumber is the answer (truth scores, fractions' history, classes changed;
+    the state then holds ``fractions`` (K,) and ``resolutions`` (K,) Å, which the
+    checkpoint records as ``fractions`` and ``resolutions_A``). estep: ``(images,
+    metadata, model) -> (statistics, ChunkResult)``, a module-level function (it is sent
+    to the workers).
+    """
+
+    name: str
+    classifies: bool
+    estep: Callable
+
+
 class Job(Protocol):
     """A job's definition: what differs between refine3d, class3d and class2d.
 
     ``state`` is a dict the engine threads through the iterations. The engine owns its
     keys ``iteration`` (last complete one, 0 before the first), ``inv_sigma2`` ((G, B//2+1)
-    1/σ²), ``sigma_offset_A`` and, for classifications (``classifies``), ``classes``
+    1/σ²), ``sigma_offset_A`` and, for classifications (``kind.classifies``), ``classes``
     ((N,) rlnClassNumber of the last iteration), ``history`` (fractions per iteration,
     from ``state["fractions"]``), ``seconds`` and ``accuracy``; the job adds its own.
     """
 
-    name: str  # "refine3d", "class3d", "class2d": graph names
-    state_keys: tuple[str, ...]  # what a checkpoint must hold to be resumed from
-    classifies: bool  # rlnClassNumber is the answer: truth scores, history, changed
-    estep: Callable  # (images, metadata, model) -> (statistics, ChunkResult), module-level
+    kind: JobKind
 
     def start(self, ctx: RunContext, checkpoint: dict | None) -> dict:
         """The job's state: fresh (checkpoint None; ``sigma_offset_A`` included) or resumed."""
@@ -209,13 +224,11 @@ def statistics_bytes(model) -> int:
     ``references_per_half`` (refine3d) the projectors already count the halves.
     class2d (``class_images``): one (M,) row per class. Anything else: 0.
     """
-    base = getattr(model, "base", model)  # a model wrapping an EStepModel
-    projectors = getattr(base, "projectors", None)
+    projectors = getattr(model, "projectors", None)
     if projectors:
-        per_half = getattr(base, "references_per_half", True) and base is model
-        n_acc = len(projectors) if per_half else 2 * len(projectors)
+        n_acc = len(projectors) if model.references_per_half else 2 * len(projectors)
         voxels = math.prod(
-            half_cube_shape(padded_radius(base.max_radius_px, projectors[0].padding_factor))
+            half_cube_shape(padded_radius(model.max_radius_px, projectors[0].padding_factor))
         )
         return 12 * n_acc * voxels
     class_images = getattr(model, "class_images", None)
@@ -274,21 +287,76 @@ def solvent_mask_for(box_size: int, pixel_size_A: float, diameter_A: float) -> n
     return soft_sphere(box_size, radius_px, edge_px=max(3.0, 0.05 * box_size))
 
 
-def model_general(
-    ctx: RunContext, state: dict, stats, n_classes, resolution_A, image_size, tau2_fudge, **extra
-) -> dict:
-    """The model.star ``model_general`` row; ``extra``: the job's sampling label(s)."""
-    return {
-        "rlnCurrentResolution": resolution_A,
+def write_model(
+    ctx: RunContext,
+    state: dict,
+    stats,
+    prefix: Path,
+    image_size: int,
+    tau2_fudge: float,
+    sampling: dict,
+    curves: list[dict],
+    reference_images: list[str] | None = None,
+    class_axes: tuple[str, ...] = SHELL_LABELS,
+    noise_axes: tuple[str, ...] = ("rlnSpectralIndex",),
+) -> None:
+    """``{prefix}_model.star``: the general block every job writes, the job's curves.
+
+    state: ``resolution_A``, ``sigma_offset_A``, ``inv_sigma2`` (and, with
+    ``reference_images``, a classification's ``fractions`` and ``resolutions``).
+    image_size: the E-step's box; sampling: the job's sampling label(s) (RELION's
+    rlnAngularSampling, rlnPsiStep); curves: per class, label -> (B//2+1,) curve.
+    """
+    general = {
+        "rlnCurrentResolution": state["resolution_A"],
         "rlnCurrentImageSize": image_size,
         "rlnPixelSize": ctx.pixel_size_A,
         "rlnOriginalImageSize": ctx.box_size,
-        "rlnNrClasses": n_classes,
+        "rlnNrClasses": len(curves),
         "rlnTau2FudgeFactor": tau2_fudge,
         "rlnLogLikelihood": stats.loglik_sum,
         "rlnSigmaOffsetsAngst": state["sigma_offset_A"],
-        **extra,
+        **sampling,
     }
+    classes = None
+    if reference_images is not None:
+        classes = {
+            "rlnReferenceImage": list(reference_images),
+            "rlnClassDistribution": np.asarray(state["fractions"], np.float64),
+            "rlnEstimatedResolution": np.asarray(state["resolutions"], np.float64),
+        }
+    write_model_star(
+        Path(f"{prefix}_model.star"), general, ctx.box_size, ctx.pixel_size_A,
+        state["inv_sigma2"], curves, classes, class_axes, noise_axes,
+    )  # fmt: skip
+
+
+def class_result_fields(ctx: RunContext, state: dict, iterations: int) -> dict:
+    """The fields every classification's result has, from its last state (``iterations``:
+    the options' count; a continued run past it reports its own)."""
+    return {
+        "out_dir": ctx.out_dir,
+        "fractions": state["fractions"],
+        "resolutions_A": state["resolutions"],
+        "class_numbers": np.asarray(state["classes"], np.int64),
+        "pixel_size_A": ctx.pixel_size_A,
+        "iterations": max(iterations, state["iteration"]),
+        "truth_accuracy": state["accuracy"],
+        "history": state["history"],
+        "seconds": state["seconds"],
+    }
+
+
+def class_log_line(
+    name: str, iteration: int, state: dict, changed: float, seconds: float, head="", tail=""
+) -> str:
+    """A classification's log line: ``class3d it   3  res  12.00 A  classes 0.600 0.400
+    changed  12.5%  box  32     4.0 s`` (``head``: before the classes, ``tail``: after)."""
+    fractions = " ".join(f"{f:.3f}" for f in state["fractions"])
+    return (
+        f"{name} it {iteration:3d}  {head}classes {fractions}  changed {100 * changed:5.1f}%"
+        f"  {tail}  {seconds:6.1f} s"
+    )
 
 
 # -- the loop -----------------------------------------------------------------------------
@@ -313,9 +381,9 @@ def run_job(job: Job, ctx: RunContext, stop_after_iteration: int | None = None) 
             iteration,
             model,
             ctx.client,
-            job.estep,
+            job.kind.estep,
             ctx.split_every,
-            name=f"{job.name}-estep",  # task keys: "refine3d-estep-it001-<start>-..."
+            name=f"{job.kind.name}-estep",  # task keys: "refine3d-estep-it001-<start>-..."
             progress=ctx.progress,
         )
         state = job.maximise(ctx, _update_noise_and_offsets(ctx, state, model, stats), model, stats)
@@ -323,14 +391,16 @@ def run_job(job: Job, ctx: RunContext, stop_after_iteration: int | None = None) 
         results = read_results(ctx.results_path, iteration)
         write_data_star(Path(f"{prefix}_data.star"), ctx.store, results)
         fields = job.write_outputs(ctx, state, model, stats, prefix)
-        changed = _score_classes(job, ctx, state, results, prefix) if job.classifies else 1.0
+        changed = _score_classes(job, ctx, state, results, prefix) if job.kind.classifies else 1.0
         checkpoint = {
             "iteration": iteration,
             **fields,
             "sigma_offset_A": state["sigma_offset_A"],
             "inv_sigma2": np.asarray(state["inv_sigma2"]).tolist(),
         }
-        if job.classifies:
+        if job.kind.classifies:
+            checkpoint["fractions"] = np.asarray(state["fractions"]).tolist()
+            checkpoint["resolutions_A"] = np.asarray(state["resolutions"]).tolist()
             accuracy = state["accuracy"]
             checkpoint["truth_accuracy"] = accuracy.accuracy if accuracy is not None else None
             checkpoint["history"] = state["history"]
@@ -339,8 +409,8 @@ def run_job(job: Job, ctx: RunContext, stop_after_iteration: int | None = None) 
         runfiles.write_checkpoint(Path(f"{prefix}_optimiser.json"), checkpoint)
         state["iteration"] = iteration
         log.info("%s", job.log_line(state, model, iteration, changed, time.perf_counter() - t0))
-        if job.classifies and state["accuracy"] is not None:
-            log.info("%s it %3d  %s", job.name, iteration, state["accuracy"].summary())
+        if job.kind.classifies and state["accuracy"] is not None:
+            log.info("%s it %3d  %s", job.kind.name, iteration, state["accuracy"].summary())
         if stop_after_iteration is not None and iteration >= stop_after_iteration:
             if not job.finished(state):
                 log.info("stopped after iteration %d; resume with --continue", iteration)
@@ -362,10 +432,10 @@ def _start(job: Job, ctx: RunContext) -> dict:
             "sigma_offset_A": checkpoint["sigma_offset_A"],
             "history": list(checkpoint.get("history", [])),  # runs before 0.1 kept none
         }
-        if job.classifies:
+        if job.kind.classifies:
             state["classes"] = read_results(ctx.results_path, prev)["rlnClassNumber"]
         log.info("continuing from iteration %d", prev)
-    if job.classifies:
+    if job.kind.classifies:
         state.update(truth=runfiles.true_classes(ctx.store), accuracy=None, seconds=[])
     return {**state, **job.start(ctx, checkpoint)}
 

@@ -27,19 +27,11 @@ from streamem.core.fsc import resolution_at
 from streamem.core.projector import half_cube_shape, make_projector, padded_radius
 from streamem.core.symmetry import symmetry_matrices
 from streamem.em import engine, memory, mstep, runfiles, runfolder
-from streamem.em.engine import (  # noqa: F401 (class3d's imports, until it is ported)
-    initial_noise,
-    run_estep,
-    solvent_mask_for,
-    work_box_for,
-)
-from streamem.em.engine import load_reference as _load_reference  # noqa: F401
 from streamem.em.estep import EStepModel, SearchGrid, expectation
 from streamem.em.fourier_points import half_plane_points
 from streamem.em.memory import EStepShape
 from streamem.em.schedule import RefineSchedule, advance
 from streamem.errors import InputError
-from streamem.io.model_star import SHELL_LABELS, write_model_star
 from streamem.io.mrc import read_map, write_map
 from streamem.io.results import read_results
 from streamem.io.store import ParticleStore
@@ -239,10 +231,7 @@ class Refine3DJob:
 
     options: RefineOptions
     reference: np.ndarray | None  # the starting map (None when continuing)
-    name: ClassVar[str] = "refine3d"
-    state_keys: ClassVar[tuple[str, ...]] = STATE_KEYS
-    classifies: ClassVar[bool] = False
-    estep = staticmethod(expectation)
+    kind: ClassVar[engine.JobKind] = engine.JobKind("refine3d", False, expectation)
 
     def start(self, ctx, checkpoint: dict | None) -> dict:
         o, p = self.options, ctx.pixel_size_A
@@ -350,18 +339,14 @@ class Refine3DJob:
         }
 
     def write_outputs(self, ctx, state: dict, model: EStepModel, stats, prefix: Path) -> dict:
-        out_dir, B, p = ctx.out_dir, ctx.box_size, ctx.pixel_size_A
+        out_dir, p = ctx.out_dir, ctx.pixel_size_A
         half_names = [f"{prefix.name}_half{h + 1}_class001_unfil.mrc" for h in range(2)]
         for h in range(2):
             write_map(out_dir / half_names[h], state["halves"][h], p)
-        general = engine.model_general(
-            ctx, state, stats, 1, state["resolution_A"], model.work_box, self.options.tau2_fudge,
-            rlnAngularSampling=model.grid.fine_angular_step_deg,
-        )  # fmt: skip
-        write_model_star(
-            Path(f"{prefix}_model.star"), general, B, p, state["inv_sigma2"],
-            [{"rlnGoldStandardFsc": state["fsc"]}], class_axes=SHELL_LABELS,
-            noise_axes=("rlnSpectralIndex", "rlnResolution"),
+        engine.write_model(
+            ctx, state, stats, prefix, model.work_box, self.options.tau2_fudge,
+            {"rlnAngularSampling": model.grid.fine_angular_step_deg},
+            [{"rlnGoldStandardFsc": state["fsc"]}], noise_axes=("rlnSpectralIndex", "rlnResolution"),
         )  # fmt: skip
         if state["joined"]:
             self.write_final(ctx, state, stats, model.work_box, prefix)

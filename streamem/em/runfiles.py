@@ -20,7 +20,7 @@ import numpy as np
 from streamem.em.class_truth import class_accuracy
 from streamem.errors import InputError
 from streamem.io.relion import write_star
-from streamem.io.results import RESULT_FIELDS, read_results, write_data_star  # noqa: F401 (re-exported)
+from streamem.io.results import RESULT_FIELDS, read_results  # noqa: F401 (re-exported)
 from streamem.io.store import ParticleStore
 
 log = logging.getLogger("streamem")
