@@ -26,7 +26,8 @@ The steps follow CTFFIND4 (Rohou & Grigorieff 2015), with RELION's CTF
    curves (equiphase averaging, EPA: bins of 1/8 of a Thon ring period); the
    correlation of that average with the fitted ``CTF²`` in windows of two periods, from
    low to high frequency; the fit resolution is the frequency of the last window
-   before it drops below ``fit_threshold``. No window above it: the fit failed,
+   before it drops below ``fit_threshold``. No window above it, or a fit no better
+   than the best fit to pure noise (:data:`MIN_SIGNIFICANCE`): the fit failed,
    :data:`FAILED_RESOLUTION_A`. The figure of merit (``rlnCtfFigureOfMerit``) is the
    2-D score at the optimum (a correlation in [-1, 1]; noise gives about 0).
 """
@@ -45,6 +46,11 @@ DETREND_DEGREE = 4
 FAILED_RESOLUTION_A = 999.0
 #: Fewest radial pixels a fitting band may span (a few Thon rings).
 MIN_BAND_PX = 12
+#: Smallest significance ``FOM · sqrt(band pixels)`` of a fit that counts: a pure-noise
+#: spectrum's best fit reaches 4-5.5 (the correlation of noise with a model has standard
+#: deviation 1/sqrt(n), and the search takes the best of many models); weaker fits are
+#: flagged as failed.
+MIN_SIGNIFICANCE = 6.5
 #: EPA bins per Thon-ring period, and periods per correlation window.
 EPA_BINS_PER_PERIOD = 8
 EPA_WINDOW_PERIODS = 2
@@ -320,7 +326,8 @@ def fit_ctf(
     angle = (0.5 * np.degrees(np.arctan2(s, c))) % 180.0
     phase_deg = float(np.degrees(ph)) % 180.0 if search.phase_shift else 0.0
     diag = fit_resolution(spectrum, pixel_size_A, optics, m, c, s, ph, k_lo, search.fit_threshold)
-    fit = CtfFit(m + h, m - h, angle, phase_deg, fom, diag[0])
+    res = diag[0] if fom * np.sqrt(px.data.size) >= MIN_SIGNIFICANCE else FAILED_RESOLUTION_A
+    fit = CtfFit(m + h, m - h, angle, phase_deg, fom, res)
     return fit, diag[1]
 
 
