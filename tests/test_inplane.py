@@ -58,17 +58,17 @@ def _chunk(scale_free: bool = False):
     return imgs.astype(np.float32), metadata, model
 
 
-def _assert_same(a, b):
+def _assert_same(a, b, rtol=1e-5):
     (sa, ra), (sb, rb) = a, b
     for f in dataclasses.fields(sa):
         x, y = getattr(sa, f.name), getattr(sb, f.name)
         assert isinstance(y, np.ndarray | float | int), f.name  # statistics on the host
         scale = max(float(np.max(np.abs(x))), 1e-30)
-        assert np.max(np.abs(np.asarray(x) - np.asarray(y))) <= 1e-5 * scale, f.name
+        assert np.max(np.abs(np.asarray(x) - np.asarray(y))) <= rtol * scale, f.name
     for f in dataclasses.fields(ra):
         x, y = getattr(ra, f.name), getattr(rb, f.name)
         assert isinstance(y, np.ndarray), f.name
-        assert np.allclose(x, y, rtol=1e-5, atol=1e-12), f.name
+        assert np.allclose(x, y, rtol=rtol, atol=1e-12), f.name
 
 
 def _fourier_data_on_host(images, metadata, coords, flat, pixel_size_A, optics, do_ctf, xp):
@@ -101,29 +101,13 @@ def test_estep_arrays_are_array_api_clean(monkeypatch, scale_free):
     _assert_same(want, inplane.expectation_2d(images, metadata, both))
 
 
-def _fourier_data_is_strict_clean() -> bool:
-    coords, flat, _ = fourier_points.half_plane_points(8, 3.0)
-    try:
-        fourier_points.fourier_data(
-            np.zeros((1, 8, 8), np.float32), {}, coords, flat, 1.0,
-            (OpticsParams(300.0, 2.7, 0.1),), False, xps,
-        )  # fmt: skip
-    except (AttributeError, TypeError, IndexError):
-        return False
-    return True
-
-
-@pytest.mark.xfail(
-    not _fourier_data_is_strict_clean(),
-    reason="em/fourier_points.fourier_data (the E-step engineer's) still calls "
-    "ndarray-only methods (.reshape/.astype) on the device array",
-    strict=True,
-)
 def test_whole_estep_under_array_api_strict():
     """The whole chunk E-step, images moved to the model's namespace inside it."""
     images, metadata, model = _chunk()
     want = inplane.expectation_2d(images, metadata, model)
-    _assert_same(want, inplane.expectation_2d(images, metadata, to_device(model, xps)))
+    # the images' float32 FFTs differ in rounding (scipy.fft on NumPy, numpy.fft under
+    # array_api_strict): ~4e-5 relative in the posteriors, hence the looser tolerance
+    _assert_same(want, inplane.expectation_2d(images, metadata, to_device(model, xps)), 2e-4)
 
 
 def test_weighted_real_sums_is_the_weighted_sum():
