@@ -13,6 +13,7 @@ BENCH_MODULES = [
     "refine",
     "classify",
     "pick",
+    "ctf",
     "gpu_core",
     "estep_chunk",
     "class3d_accuracy",

@@ -261,8 +261,22 @@ def search_1d(
     return [(float(defoci[i]), float(phases[which[i]])) for i in idx]
 
 
-def _grid_2d(px, a, b, mean_A: float, phase: float, step_A: float, search: CtfSearch):
-    """Best (mean, c, s, phase) on a grid: mean ±1 step, (c, s) in the astigmatism disc."""
+def _subsample(px: _Pixels, step: int) -> _Pixels:
+    """Every ``step``-th band pixel, re-detrended (for the coarse 2-D grid: 4x faster)."""
+    sl = slice(None, None, step)
+    basis, _ = np.linalg.qr(px.basis[sl])
+    data = _project_out(basis, px.data[sl])
+    data = data / max(float(np.linalg.norm(data)), 1e-300)
+    return _Pixels(px.k2[sl], px.cos2[sl], px.sin2[sl], basis, data, px.radius_bin[sl])
+
+
+def _grid_2d(px, mean_A: float, phase: float, step_A: float, search: CtfSearch, optics):
+    """Best (mean, c, s, phase) on a grid: mean ±1 step, (c, s) in the astigmatism disc.
+
+    Scored on every 4th band pixel: the grid only has to land in the right basin.
+    """
+    px = _subsample(px, 4)
+    a, b = _gamma_terms(px.k2, optics)
     h = 0.5 * search.astigmatism_max_A
     n = int(np.ceil(h / step_A))
     cs = np.arange(-n, n + 1) * step_A
@@ -316,7 +330,7 @@ def fit_ctf(
     step = 1.0 / (4.0 * electron_wavelength_A(optics.voltage_kV) * k_hi * k_hi)
     fom, best = -np.inf, None
     for mean, phase in search_1d(px, optics, search):
-        start = _grid_2d(px, a, b, mean, phase, step, search)
+        start = _grid_2d(px, mean, phase, step, search, optics)
         x = _refine(px, a, b, start, step, search.phase_shift)
         score = float(_score_2d(px, a, b, x)[0])
         if score > fom:
