@@ -124,17 +124,21 @@ def fine_table(ang_c, J: int, pairs, grid, refs, coords) -> FineTable:
     position[union] = np.arange(union.size)
     rotations = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
     xp = namespace(refs[0].data)
-    parts, order = [], []
-    for k in np.unique(class_of):
-        sel = np.flatnonzero(class_of == k)
-        parts.append(project_points(refs[k], rotations[sel], coords))
-        order.append(sel)
-    table = parts[0] if len(parts) == 1 else xp.concat(parts)
-    if len(parts) > 1:  # back to the table's order (classes are contiguous already)
-        table = xp.take(table, xp.asarray(np.argsort(np.concatenate(order))), axis=0)
-    power = xp.real(table) ** 2 + xp.imag(table) ** 2
-    stacked = xp.astype(stacked_real(table), xp.float32)
+    stacked, power = [], []
+    for start in range(0, class_of.size, TABLE_BLOCK_ROWS):  # rows are sorted by class
+        rows = np.arange(start, min(class_of.size, start + TABLE_BLOCK_ROWS))
+        for k in np.unique(class_of[rows]):
+            sel = rows[class_of[rows] == k]
+            A = project_points(refs[k], rotations[sel], coords)  # (rows, M) complex
+            stacked.append(xp.astype(stacked_real(A), xp.float32))
+            power.append(xp.real(A) ** 2 + xp.imag(A) ** 2)
+    stacked = stacked[0] if len(stacked) == 1 else xp.concat(stacked, axis=0)
+    power = power[0] if len(power) == 1 else xp.concat(power, axis=0)
     return FineTable(angles, rotations, class_of, stacked, power, position, n_kids)
+
+
+#: Children projected at once: bounds the complex slices held while they are stacked.
+TABLE_BLOCK_ROWS = 4096
 
 
 def _groups(n_pairs: np.ndarray, cap_pairs: int):

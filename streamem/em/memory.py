@@ -103,13 +103,14 @@ def estep_stage_bytes(shape: EStepShape, n_images: int) -> dict[str, int]:
         scores += n * KJ * 24
     coarse = resident + refs + n * T * Mc * 32 + scores + T * per_image_j * 24
     significance = resident + n * T * per_image_j * 4 + T * per_image_j * 24
-    # fine table: children of every refined coarse orientation (refs complex64, power f32)
+    # fine table: children of every refined coarse orientation (stacked [Re, Im] f32, power f32)
     P = K * s.n_pairs
     rows = min(n * P, K * s.n_orientations_total) * s.n_kids
     table = rows * (12 * M + 96)
     # one padded group of the batched fine pass, and every image's noise row
     group = min(n * P, max(P, fine_group_pairs(s))) * fine_pair_bytes(s)
-    fine = resident + table + group + n * 8 * M
+    build = min(rows, 4096) * 8 * M  # a block of complex slices, while they are stacked
+    fine = resident + table + max(group, build) + n * 8 * M
     backprojection = resident + table + n * 8 * M + BP_FLUSH_FACTOR * bp_buffer_bytes(shape)
     return {
         "prepare": prepare,
