@@ -11,6 +11,12 @@
 - ``--speed-size`` (default 4096; 0: skip): one more micrograph of that size (a few
   particles: the time does not depend on the content), timed the same way.
 
+- ``--downstream``: the CTF job (:func:`streamem.ctf.job.estimate_ctf`) writes
+  ``micrographs_ctf.star``; particles are extracted (box 128, inverted contrast) once
+  with it and once with the simulator's ``micrographs.star`` (the true CTF), and each
+  store is reconstructed at the true poses (origins from the coordinates' sub-pixel
+  rest); the FSC of each map against the truth map at 0.5 gives two resolutions.
+
 Reported: per micrograph the true and estimated U, V, angle, the relative error of the
 mean defocus, the angle error (modulo 180°), FOM, fit resolution and seconds; then the
 median relative defocus error, the median and largest angle error where the true
@@ -43,6 +49,12 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--tile", type=int, default=512, help="spectrum tile in px (512)")
     p.add_argument("--speed-size", type=int, default=4096, help="also time one such (4096)")
     p.add_argument("--seed", type=int, default=1, help="simulation seed (1)")
+    p.add_argument(
+        "--downstream",
+        action="store_true",
+        help="also: streamem's ctf job, extract, reconstruct at the true poses with the "
+        "estimated and the true CTF, FSC against the truth map",
+    )
     p.set_defaults(func=run)
 
 
@@ -69,6 +81,7 @@ def measure(
     tile_px: int = 512,
     speed_size: int = 4096,
     seed: int = 1,
+    downstream: bool = False,
 ) -> dict:
     """Simulate, fit and time; returns rows (per micrograph) and the summary numbers."""
     import starfile
@@ -86,7 +99,8 @@ def measure(
             Path(tmp) / "mics",
             n_micrographs=n_micrographs,
             size_px=size,
-            particles_per_micrograph=max(10, (size // 128) ** 2 // 6),
+            # --downstream: denser (more particles, a finer FSC to compare)
+            particles_per_micrograph=max(10, (size // 128) ** 2 // (3 if downstream else 6)),
             **kw,
         )
         truth = starfile.read(sim.micrographs_star)["micrographs"]
@@ -102,6 +116,7 @@ def measure(
                 "fom": fit.figure_of_merit, "res": fit.max_resolution_A,
                 "seconds": t_spec + t_fit,
             })  # fmt: skip
+        fsc = _downstream(sim, Path(tmp)) if downstream else None
         speed = None
         if speed_size:
             big = simulate_micrographs(
@@ -123,7 +138,58 @@ def measure(
         "n_astigmatic": int(ang.size),
         "s_per_micrograph": float(np.mean([r["seconds"] for r in rows])),
         "speed": speed,
+        "downstream": fsc,
     }
+
+
+def _downstream(sim, tmp: Path) -> dict:
+    """Resolutions (Å, FSC 0.5 against the truth) with the estimated and the true CTF."""
+    from streamem.core.backprojector import reconstruct
+    from streamem.core.ctf import OpticsParams
+    from streamem.core.fsc import fsc, resolution_at
+    from streamem.ctf.job import ctf_inputs, estimate_ctf
+    from streamem.em.backproject_job import accumulate_from_poses
+    from streamem.io.mrc import read_map
+    from streamem.io.store import ParticleStore
+    from streamem.pick.extract import extract_particles
+
+    truth_map, pixel = read_map(sim.out_dir / "truth_class001.mrc")
+    box = truth_map.shape[0]
+    job = estimate_ctf(
+        ctf_inputs([str(sim.micrographs_star)], None, OpticsParams()), tmp / "ctf", plots=False
+    )
+    truth = sim.truth.copy()
+    truth["_key"] = [
+        (str(n).split("/")[-1], round(x, 3), round(y, 3))
+        for n, x, y in zip(truth.rlnMicrographName, truth.rlnCoordinateX, truth.rlnCoordinateY,
+                           strict=True)
+    ]  # fmt: skip
+    by_key = truth.set_index("_key")
+    out = {}
+    for label, star in (("estimated", job.star), ("true", sim.micrographs_star)):
+        path = tmp / f"{label}.zarr"
+        extract_particles(star, sim.coordinates_star, path, box_size=box, invert_contrast=True)
+        store = ParticleStore(path)
+        names = [str(n).split("/")[-1] for n in store.read_field("rlnMicrographName")]
+        x = np.asarray(store.read_field("rlnCoordinateX"))
+        y = np.asarray(store.read_field("rlnCoordinateY"))
+        rows = by_key.loc[[(n, round(a, 3), round(b, 3)) for n, a, b in zip(names, x, y,
+                                                                              strict=True)]]  # fmt: skip
+        # the window is centred on the rounded coordinate: the particle sits d px off,
+        # and RELION's origin re-centres it (-d · pixel size)
+        poses = {
+            "rlnAngleRot": rows.rlnAngleRot.to_numpy(np.float64),
+            "rlnAngleTilt": rows.rlnAngleTilt.to_numpy(np.float64),
+            "rlnAnglePsi": rows.rlnAnglePsi.to_numpy(np.float64),
+            "rlnOriginXAngst": -(x - np.rint(x)) * pixel,
+            "rlnOriginYAngst": -(y - np.rint(y)) * pixel,
+        }
+        acc = accumulate_from_poses(store, "star", poses)
+        vol = reconstruct(acc.data[0] + acc.data[1], acc.weight[0] + acc.weight[1], box, 2, None)
+        curve = fsc(np.asarray(vol), truth_map)
+        out[label] = float(resolution_at(curve, 0.5, box, pixel))
+        out["n_particles"] = store.n_particles
+    return out
 
 
 def format_table(r: dict) -> str:
@@ -150,6 +216,13 @@ def format_table(r: dict) -> str:
             f"one {s['size_px']} px micrograph: {s['spectrum_s'] + s['fit_s']:.2f} s "
             f"(read + spectrum {s['spectrum_s']:.2f} s, fit {s['fit_s']:.2f} s)"
         )
+    if r["downstream"]:
+        d = r["downstream"]
+        lines.append(
+            f"downstream ({d['n_particles']} particles, true poses, FSC 0.5 vs truth): "
+            f"estimated CTF {d['estimated']:.2f} A, true CTF {d['true']:.2f} A "
+            f"({100 * (d['estimated'] / d['true'] - 1):+.1f}%)"
+        )
     return "\n".join(lines)
 
 
@@ -163,6 +236,7 @@ def run(args) -> int:
         args.tile,
         args.speed_size,
         args.seed,
+        args.downstream,
     )
     print(
         f"CTF estimation, {r['size_px']}^2 px micrographs at {r['pixel_size_A']} A, "

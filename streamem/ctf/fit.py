@@ -208,10 +208,12 @@ def _gamma_terms(k2: np.ndarray, optics: OpticsParams):
 
 def _scores(models: np.ndarray, data: np.ndarray, basis: np.ndarray) -> np.ndarray:
     """Correlations ``(m,)`` of detrended models ``(m, n)`` with ``data`` (detrended, unit)."""
-    proj = models @ basis  # (m, d)
+    # einsum's own loops, not BLAS: OpenBLAS threads on these thin products run several
+    # times slower than one thread when the cores are busy (Dask threads, other jobs)
+    proj = np.einsum("mn,nd->md", models, basis)  # (m, d)
     norm2 = np.einsum("ij,ij->i", models, models) - np.einsum("ij,ij->i", proj, proj)
     # data is orthogonal to the basis, so <data, Q·model> = <data, model>
-    return (models @ data) / np.sqrt(np.maximum(norm2, 1e-300))
+    return np.einsum("mn,n->m", models, data) / np.sqrt(np.maximum(norm2, 1e-300))
 
 
 def _ctf2(a, b, defocus, phase_rad):

@@ -253,7 +253,7 @@ class CtfResult:
         return int((self.micrographs["rlnCtfMaxResolution"] >= FAILED_RESOLUTION_A).sum())
 
 
-def _star_name(mic: CtfMicrograph, star: Path | None, out_dir: Path) -> str:
+def _star_name(mic: CtfMicrograph, out_dir: Path) -> str:
     """The name to write: kept if it finds the file from ``out_dir`` or the cwd."""
     name = mic.name
     target = Path(mic.path)
@@ -311,7 +311,7 @@ def estimate_ctf(
             first = mics[0]
             raise InputError(first.path, f"{results[0]['error']} (no micrograph could be fitted)")
         table = inputs.columns.iloc[kept].reset_index(drop=True).copy()
-        table["rlnMicrographName"] = [_star_name(mics[i], inputs.star, out_dir) for i in kept]
+        table["rlnMicrographName"] = [_star_name(mics[i], out_dir) for i in kept]
         table["rlnOpticsGroup"] = [mics[i].optics_group for i in kept]
         labels = CTF_LABELS if search.phase_shift else CTF_LABELS[:-1]
         for label in labels:
