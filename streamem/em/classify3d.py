@@ -53,7 +53,6 @@ import numpy as np
 from streamem import validate as check
 from streamem.core.filters import lowpass
 from streamem.core.fsc import fsc as fourier_shell_correlation
-from streamem.core.projector import make_projector
 from streamem.core.symmetry import symmetry_matrices
 from streamem.em import engine, mstep, runfolder
 from streamem.em.class_truth import ClassAccuracy
@@ -280,21 +279,13 @@ class Class3DJob:
         return state["iteration"] >= self.options.iterations
 
     def model(self, ctx, state: dict, iteration: int) -> EStepModel:
-        o, B, p, mask = self.options, ctx.box_size, ctx.pixel_size_A, state["mask"]
+        o, B, p = self.options, ctx.box_size, ctx.pixel_size_A
         b, radius = engine.work_box_for(state["resolution_A"], B, p)
         lowres = o.iterations // 3 if o.lowres_iterations is None else o.lowres_iterations
         if iteration <= lowres:
             radius = min(radius, max(2.0, B * p / o.ini_high_A))
         if o.strict_highres_A:
             radius = min(radius, max(2.0, B * p / o.strict_highres_A))
-        projectors = tuple(
-            make_projector(
-                mstep.to_work_frame(m * mask if mask is not None else m, b),
-                o.padding_factor,
-                max_radius_px=radius,
-            )
-            for m in state["maps"]
-        )
         grid = SearchGrid(
             healpix_order=o.healpix_order,
             oversampling=1,
@@ -306,26 +297,14 @@ class Class3DJob:
         seeded = iteration == 1 and o.random_seeds and o.n_classes > 1
         with np.errstate(divide="ignore"):
             log_prior = np.log(state["fractions"])
-        return EStepModel(
-            projectors=projectors,
-            box_size=B,
-            work_box=b,
-            pixel_size_A=p,
-            max_radius_px=radius,
-            inv_sigma2=state["inv_sigma2"],
-            optics=ctx.optics,
-            sigma_offset_A=state["sigma_offset_A"],
-            grid=grid,
-            do_ctf=ctx.do_ctf,
-            particle_diameter_A=ctx.diameter_A,
-            memory_per_worker_bytes=o.memory_per_worker_bytes,
-            scale_free=iteration == 1 and not o.reference_on_data_scale,
+        return engine.estep_model_3d(
+            ctx, state, state["maps"], b, radius, grid, o, iteration,
             n_classes=o.n_classes,
             references_per_half=False,
             log_class_prior=log_prior,
             class_seed=o.seed if seeded else None,
             skip_align=o.skip_align,
-        )
+        )  # fmt: skip
 
     def maximise(self, ctx, state: dict, model: EStepModel, stats) -> dict:
         """Each class from its random halves; fractions; per-class SSNR resolutions."""

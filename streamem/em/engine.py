@@ -33,11 +33,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from streamem.core.masks import soft_sphere
-from streamem.core.projector import half_cube_shape, padded_radius
+from streamem.core.projector import half_cube_shape, make_projector, padded_radius
 from streamem.dist.device import model_on_device
 from streamem.dist.graph import map_chunks, tree_sum
 from streamem.dist.iteration import compute, run_chunks
 from streamem.em import mstep, runfiles
+from streamem.em.estep import EStepModel
 from streamem.em.runfolder import Run
 from streamem.errors import InputError
 from streamem.io.model_star import SHELL_LABELS, write_model_star
@@ -285,6 +286,48 @@ def solvent_mask_for(box_size: int, pixel_size_A: float, diameter_A: float) -> n
     """Soft sphere (B, B, B) of the particle diameter, edge 5% of the box (≥ 3 px)."""
     radius_px = 0.5 * diameter_A / pixel_size_A
     return soft_sphere(box_size, radius_px, edge_px=max(3.0, 0.05 * box_size))
+
+
+def estep_model_3d(
+    ctx: RunContext,
+    state: dict,
+    maps,
+    work_box: int,
+    radius: float,
+    grid,
+    options,
+    iteration,
+    **fields,
+) -> EStepModel:
+    """refine3d's and class3d's E-step model: the projectors of ``maps`` ((R, B, B, B),
+    times ``state["mask"]`` if any) in the work box to ``radius`` (Fourier pixels), the
+    noise and offset prior of ``state``; the first iteration fits the reference's scale
+    unless ``options.reference_on_data_scale``. ``fields``: the job's (classes, seeds)."""
+    mask = state["mask"]
+    projectors = tuple(
+        make_projector(
+            mstep.to_work_frame(m * mask if mask is not None else m, work_box),
+            options.padding_factor,
+            max_radius_px=float(radius),
+        )
+        for m in maps
+    )
+    return EStepModel(
+        projectors=projectors,
+        box_size=ctx.box_size,
+        work_box=work_box,
+        pixel_size_A=ctx.pixel_size_A,
+        max_radius_px=float(radius),
+        inv_sigma2=state["inv_sigma2"],
+        optics=ctx.optics,
+        sigma_offset_A=state["sigma_offset_A"],
+        grid=grid,
+        do_ctf=ctx.do_ctf,
+        particle_diameter_A=ctx.diameter_A,
+        memory_per_worker_bytes=options.memory_per_worker_bytes,
+        scale_free=iteration == 1 and not options.reference_on_data_scale,
+        **fields,
+    )
 
 
 def write_model(

@@ -24,7 +24,7 @@ from streamem import validate as check
 from streamem.core.filters import lowpass
 from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.fsc import resolution_at
-from streamem.core.projector import half_cube_shape, make_projector, padded_radius
+from streamem.core.projector import half_cube_shape, padded_radius
 from streamem.core.symmetry import symmetry_matrices
 from streamem.em import engine, memory, mstep, runfiles, runfolder
 from streamem.em.estep import EStepModel, SearchGrid, expectation
@@ -274,15 +274,6 @@ class Refine3DJob:
         b, radius = (
             engine.work_box_for(state["resolution_A"], B, p) if not final else (B, B // 2 - 1)
         )
-        mask = state["mask"]
-        projectors = tuple(
-            make_projector(
-                mstep.to_work_frame(h * mask if mask is not None else h, b),
-                o.padding_factor,
-                max_radius_px=float(radius),
-            )
-            for h in state["halves"]
-        )
         grid = SearchGrid(
             healpix_order=s.healpix_order,
             oversampling=s.oversampling,
@@ -291,21 +282,7 @@ class Refine3DJob:
             local_sigma_deg=s.local_sigma_deg,
             symmetry=o.symmetry,
         )
-        return EStepModel(
-            projectors=projectors,
-            box_size=B,
-            work_box=b,
-            pixel_size_A=p,
-            max_radius_px=float(radius),
-            inv_sigma2=state["inv_sigma2"],
-            optics=ctx.optics,
-            sigma_offset_A=state["sigma_offset_A"],
-            grid=grid,
-            do_ctf=ctx.do_ctf,
-            particle_diameter_A=ctx.diameter_A,
-            memory_per_worker_bytes=o.memory_per_worker_bytes,
-            scale_free=iteration == 1 and not o.reference_on_data_scale,
-        )
+        return engine.estep_model_3d(ctx, state, state["halves"], b, radius, grid, o, iteration)
 
     def maximise(self, ctx, state: dict, model: EStepModel, stats) -> dict:
         """Both halves from their own accumulators, their FSC and resolution; the schedule."""
