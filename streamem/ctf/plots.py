@@ -23,11 +23,15 @@ def _pyplot():
 def display_spectrum(half: np.ndarray, fitted_ctf2_half: np.ndarray) -> np.ndarray:
     """Centred ``(T, T)`` image: the measured spectrum left, the fitted CTF² right.
 
-    The measured half is log amplitude with each ring's mean and spread removed (so the
-    Thon rings show at every frequency); the fit is scaled to the same range.
+    The measured half is log amplitude, lightly smoothed, with each ring's mean and
+    spread removed (so the Thon rings show at every frequency); the fit is scaled to
+    the same range.
     """
+    from scipy.ndimage import gaussian_filter
+
     t = half.shape[0]
-    data = centred_full_spectrum(np.log(np.maximum(half, 1e-30)))
+    # a 1-px Gaussian: rings are several px wide, the pixel noise is not
+    data = gaussian_filter(centred_full_spectrum(np.log(np.maximum(half, 1e-30))), 1.0)
     c = np.arange(t) - t // 2
     r = np.rint(np.hypot(*np.meshgrid(c, c, indexing="ij"))).astype(np.int64)
     mean = np.bincount(r.ravel(), data.ravel()) / np.maximum(np.bincount(r.ravel()), 1)
