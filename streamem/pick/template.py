@@ -194,7 +194,9 @@ class TemplatePickParams:
     module docstring); ``ctf_intact_first_peak`` [--ctf_intact_first_peak];
     ``max_stddev_noise`` [--max_stddev_noise]; ``max_background_structure`` (None
     or 0: off; see :func:`background_structure`); ``downscale`` (False keeps the
-    full-size grid with the same filter, for tests).
+    full-size grid with the same filter, for tests); ``batched`` (False: the
+    reference scan loop, :func:`streamem.pick.scan.template_fom`); ``fft_workers``
+    (FFT threads of the batched scan; None: all cores, or STREAMEM_PICK_FFT_WORKERS).
     """
 
     particle_diameter_A: float
@@ -209,6 +211,8 @@ class TemplatePickParams:
     max_stddev_noise: float | None = None
     max_background_structure: float | None = MAX_BACKGROUND_STRUCTURE
     downscale: bool = True
+    batched: bool = True
+    fft_workers: int | None = None
 
     def __post_init__(self):
         if not self.particle_diameter_A > 0:
@@ -281,6 +285,8 @@ def pick_templates(
         min_dist_px,
         border_px,
         max_background_structure=p.max_background_structure,
+        batched=p.batched,
+        workers=p.fft_workers,
     )
     region = tuple(int(round(n * grid.scale)) for n in mic.shape)
     peaks = find_peaks(
