@@ -27,6 +27,9 @@ def _add_scheduler_arguments(g) -> None:
         metavar="SECONDS",
         help="give up on --scheduler after this long: its file, connection and handshake (30)",
     )
+    from streamem.dist.gateway import add_gateway_arguments
+
+    add_gateway_arguments(g)  # --gateway URL: a new dask-gateway cluster (dist/gateway.py)
 
 
 def add_scheduler_options(p) -> None:
@@ -65,6 +68,12 @@ def scheduler_client(args) -> Iterator:
     GPU cluster with ``--gpu`` (commands with :func:`add_gpu_option`), or None (threads)."""
     from streamem.dist.cluster import check_cluster_options, client_for
 
+    if getattr(args, "gateway", None):  # the gateway's workers compute (dist/gateway.py)
+        from streamem.dist.gateway import gateway_client_for_args
+
+        with gateway_client_for_args(args) as client:
+            yield client
+        return
     check_execution(args)
     gpu = getattr(args, "gpu", False)
     if not args.scheduler and not gpu:
@@ -102,6 +111,10 @@ def run_job(args, job):
     from streamem.dist.cluster import check_cluster_options, run_with_client
     from streamem.errors import InputError
 
+    if getattr(args, "gateway", None):  # a new dask-gateway cluster (dist/gateway.py)
+        from streamem.dist.gateway import run_on_gateway
+
+        return run_on_gateway(args, job)
     check_cluster_options(args.n_workers, args.threads_per_worker, args.scheduler_timeout)
     if args.scheduler and args.no_cluster:
         raise InputError(None, "give --scheduler or --no-cluster, not both")
