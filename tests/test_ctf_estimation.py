@@ -107,6 +107,7 @@ def test_pick_and_extract_read_micrographs_ctf_star(sim, fitted, tmp_path):
         assert d == pytest.approx(by_name[n.split("/")[-1]])
 
 
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
 def test_bad_micrographs_are_flagged_or_left_out(sim, tmp_path, caplog):
     rng = np.random.default_rng(3)
     folder = tmp_path / "in"

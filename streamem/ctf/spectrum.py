@@ -19,6 +19,7 @@ rings are wider than the box (low defocus).
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
 
 #: Smallest tile the fit accepts (pixels): a few Thon rings must fit in the band.
 MIN_TILE_PX = 64
@@ -84,7 +85,8 @@ def amplitude_spectrum(image: np.ndarray, tile_px: int = 512) -> np.ndarray:
         # one row of tiles at a time: (n_x, T, T) in memory, not the whole set
         row = np.stack([img[y0 : y0 + tile_px, x0 : x0 + tile_px] for x0 in xs])
         row = row - row.mean(axis=(1, 2), keepdims=True)
-        ft = np.fft.rfft2(row * taper, axes=(1, 2))
+        # scipy.fft keeps float32 (complex64): half the time of NumPy's complex128
+        ft = scipy.fft.rfft2(row * taper, axes=(1, 2), workers=1)
         power += np.sum(ft.real**2 + ft.imag**2, axis=0, dtype=np.float64)
     power /= len(ys) * len(xs)
     power[0, 0] = 0.0
