@@ -21,8 +21,15 @@ Phantoms (:func:`list_phantoms`):
 
 - ``asym``: 300 kDa, four domains (105, 80, 70, 45 kDa) in an irregular
   arrangement (about 130 Å long); ``asym-B`` is the same molecule with the 45 kDa
-  domain swung by 60° about its hinge (same mass, same frame: for 3D
+  domain swung by 55° about its hinge (same mass, same frame: for 3D
   classification).
+- ``asym-del``: ``asym`` lacking a small cap at one edge, 6.0% of its mass (the
+  pseudo-atoms nearest the atom farthest from the centre of mass, taken until their
+  mass reaches the fraction; the realised fraction is ``deletion_fraction``, within
+  one atom's 100 Da of the target), the small-difference state of issue 25 (a
+  consensus map averages it away). ``asym-del15`` removes 15% (an exaggerated
+  difference, for tests at box 32 with a few hundred particles). Same frame as
+  ``asym``: mixes ``asym:0.6,asym-del:0.4`` are for 3D classification.
 - ``C4``, ``D7``, ``T``, ``O``, ``I``: one asymmetric globule (70, 25, 25, 15 and
   6 kDa) at a general position, copied by the group's matrices
   (:func:`streamem.core.symmetry.symmetry_matrices`, RELION's axis conventions):
@@ -60,6 +67,9 @@ _SYMMETRIC = {
 }
 _ASYM_DOMAINS_KDA = (115.0, 90.0, 75.0, 50.0)
 _SWING_DEG = 55.0
+#: ``asym`` less an edge cap of this fraction of its mass (issue 25's small difference)
+_DELETIONS = {"asym-del": 0.06, "asym-del15": 0.15}
+_ASYM_FAMILY = ("asym", "asym-B", *_DELETIONS)
 
 
 @dataclass(frozen=True)
@@ -422,9 +432,35 @@ def _symmetric(name: str, seed: int, scale: float) -> PseudoAtoms:
     return whole.transformed(np.eye(3), -whole.centre_of_mass_A())
 
 
+def edge_deletion_mask(atoms: PseudoAtoms, fraction: float) -> np.ndarray:
+    """(n,) bool: the atoms kept when a cap of ``fraction`` of the mass is removed at an edge.
+
+    The cap: the atoms nearest the atom farthest from the centre of mass (a compact,
+    roughly spherical piece at the molecule's surface), in order of distance, until
+    their mass reaches ``fraction`` of the total.
+    """
+    com = atoms.centre_of_mass_A()
+    edge = atoms.positions_A[int(np.argmax(np.linalg.norm(atoms.positions_A - com, axis=1)))]
+    order = np.argsort(np.linalg.norm(atoms.positions_A - edge, axis=1), kind="stable")
+    removed_mass = np.cumsum(atoms.weights[order])
+    n_removed = int(np.searchsorted(removed_mass, fraction * atoms.weights.sum())) + 1
+    keep = np.ones(len(atoms), bool)
+    keep[order[:n_removed]] = False
+    return keep
+
+
+def deletion_fraction(name: str, box_A: float | None = None, seed: int = 0) -> float:
+    """The mass fraction that phantom ``name`` lacks relative to ``asym`` (0 for others)."""
+    name = _canonical(name)
+    if name not in _DELETIONS:
+        return 0.0
+    full = phantom_atoms("asym", box_A, seed).mass_kDa
+    return 1.0 - phantom_atoms(name, box_A, seed).mass_kDa / full
+
+
 def list_phantoms() -> list[str]:
     """Names accepted by :func:`phantom` and :func:`phantom_atoms`."""
-    return ["asym", "asym-B", *_SYMMETRIC]
+    return [*_ASYM_FAMILY, *_SYMMETRIC]
 
 
 def _canonical(name: str) -> str:
@@ -435,14 +471,17 @@ def _canonical(name: str) -> str:
 
 
 def _build(name: str, seed: int, scale: float) -> PseudoAtoms:
-    if name in ("asym", "asym-B"):
+    if name in _ASYM_FAMILY:
         a, b = _asym_pair(seed, scale)
+        if name in _DELETIONS:
+            keep = edge_deletion_mask(a, _DELETIONS[name])
+            return PseudoAtoms(a.positions_A[keep], a.weights[keep], a.sigmas_A[keep])
         return a if name == "asym" else b
     return _symmetric(name, seed, scale)
 
 
 def _fit_radius(name: str, seed: int, scale: float) -> float:
-    if name in ("asym", "asym-B"):  # both conformations share one scale
+    if name in _ASYM_FAMILY:  # every state shares one scale (that of asym and asym-B)
         return max(p.radius_A() for p in _asym_pair(seed, scale))
     return _build(name, seed, scale).radius_A()
 
