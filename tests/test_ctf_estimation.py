@@ -237,3 +237,20 @@ def test_tiles_cover_the_micrograph_and_spectrum_is_scale_free():
     b = amplitude_spectrum(10.0 * img + 3.0, 128)
     assert a.shape == (128, 65)
     np.testing.assert_allclose(b, 10.0 * a, rtol=1e-4)
+
+
+def test_scheduler_run_equals_threaded_run(sim, fitted, tmp_path):
+    from distributed import LocalCluster
+
+    out = tmp_path / "ctf"
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+        dashboard_address=None,
+    ) as cluster:  # fmt: skip
+        argv = ["ctf", str(sim.micrographs[0]), "--angpix", str(PIXEL_A), "--res-max", "3.5",
+                "--out", str(out), "--no-plots", "--scheduler", cluster.scheduler_address]  # fmt: skip
+        assert main(argv) == 0
+    one = starfile.read(out / "micrographs_ctf.star")["micrographs"].iloc[0]
+    ref = starfile.read(fitted / "micrographs_ctf.star")["micrographs"].iloc[0]
+    for label in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnCtfMaxResolution"):
+        assert one[label] == pytest.approx(ref[label], rel=1e-9), label
