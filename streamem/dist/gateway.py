@@ -147,8 +147,25 @@ def gateway_client(
                 client.close()
         finally:
             cluster.shutdown()
+            close_gateway(cluster.gateway)  # the cluster's own Gateway: closed, for good
     finally:
+        close_gateway(gateway)
+
+
+def close_gateway(gateway) -> None:
+    """Close a ``dask_gateway.Gateway`` once, for good.
+
+    ``Gateway.__del__`` closes again, and with current distributed its stopped loop
+    runner raises there ("Accessing the loop property while the loop is not running"),
+    printed as an ignored exception at exit; without the runner ``__del__`` skips it.
+    """
+    if "_loop_runner" not in gateway.__dict__:
+        return
+    try:
         gateway.close()
+    except RuntimeError:  # already closed (GatewayCluster.close closes its own Gateway)
+        pass
+    gateway.__dict__.pop("_loop_runner")
 
 
 def _ask(call, where: str):
