@@ -61,8 +61,9 @@ from streamem.core import sampling
 from streamem.core.backend import to_numpy
 from streamem.core.ctf import OpticsParams
 from streamem.core.euler import angular_distance_deg, euler_to_matrix
-from streamem.core.projector import FourierVolume, half_cube_shape, padded_radius, project_points
+from streamem.core.projector import FourierVolume, half_cube_shape, padded_radius
 from streamem.em import memory
+from streamem.em.coarse_pass import coarse_orientations, coarse_pass, coarse_radius_points
 from streamem.em.fine_pass import FineImages, fine_pass, fine_table
 from streamem.em.fixed_poses import fixed_pose_posterior
 from streamem.em.fourier_points import (
@@ -71,16 +72,9 @@ from streamem.em.fourier_points import (
     prepare_images,
     slice_metadata,
 )
-from streamem.em.kernels import (
-    coarse_log_posterior,
-    cross_terms,
-    log_likelihood,
-    namespace,
-    offset_log_prior,
-    ref_power_terms,
-)
+from streamem.em.kernels import namespace, offset_log_prior
 from streamem.em.memory import EStepShape
-from streamem.em.significance import significant_class_pairs
+from streamem.em.phases import PhaseTimer
 from streamem.em.statistics import ChunkResult, SufficientStatistics
 from streamem.errors import InputError
 
@@ -232,30 +226,6 @@ def class_log_priors(model: EStepModel, metadata, n: int) -> np.ndarray | None:
     return out
 
 
-def coarse_orientations(model: EStepModel):
-    """(rotations (J,3,3), angles (J,3)) of the global coarse grid, cached per model."""
-    key = ("coarse", model.grid.healpix_order, model.grid.symmetry)
-    if key not in model.coarse:
-        rotations, angles = sampling.orientation_grid(model.grid.healpix_order, model.grid.symmetry)
-        model.coarse[key] = (np.asarray(rotations), np.asarray(angles))
-    return model.coarse[key]
-
-
-def coarse_references(model, projectors, rotations, coords):
-    """(K·J, Mc) slices of the global coarse grid for the K classes (row k·J + j),
-    projected once per model and set of projectors.
-
-    Cached in the model (one per worker and iteration, shared by its tasks and
-    sub-batches): at box 128 the grid's slices are ~10 MB per class, and re-projecting
-    them per sub-batch would cost as much as a small sub-batch's GEMM.
-    """
-    key = ("refs", tuple(id(p) for p in projectors), coords.shape[0])
-    if key not in model.coarse:
-        refs = [project_points(p, rotations, coords) for p in projectors]
-        model.coarse[key] = refs[0] if len(refs) == 1 else namespace(refs[0]).concat(refs)
-    return model.coarse[key]
-
-
 def _halves(metadata, n: int) -> np.ndarray:
     """(n,) half set 0/1 of each particle (rlnRandomSubset − 1; alternating if absent)."""
     if "rlnRandomSubset" in metadata:
@@ -264,7 +234,7 @@ def _halves(metadata, n: int) -> np.ndarray:
 
 
 def expectation(
-    images: np.ndarray, metadata: dict[str, np.ndarray], model: EStepModel
+    images: np.ndarray, metadata: dict[str, np.ndarray], model: EStepModel, batched: bool = True
 ) -> tuple[SufficientStatistics, ChunkResult]:
     """E-step of one chunk: posterior over (class, orientation, translation), weighted
     back-projection, noise sums.
@@ -276,7 +246,9 @@ def expectation(
     budget (:func:`batch_size`); every image's posterior is the same whatever the
     sub-batch. Returns the statistics (2K accumulators, index 2k + h), compacted to
     single precision (:meth:`SufficientStatistics.compact`), and the per-particle
-    results (rlnClassNumber from 1).
+    results (rlnClassNumber from 1). The statistics' ``phase_seconds`` hold the seconds
+    of each phase (:mod:`streamem.em.phases`). ``batched=False``: the per-image coarse
+    pass and significance (the reference of :mod:`streamem.em.coarse_pass`).
     """
     n, B, K = images.shape[0], model.box_size, model.n_classes
     coords, flat, shell = half_plane_points(B, model.max_radius_px)
@@ -294,11 +266,13 @@ def expectation(
     shape = estep_shape(model, coords, previous)
     batch, bp_budget = batch_size(model, shape, n, stats.data_acc.size)
     parts = [(h, halves == h) for h in (0, 1)] if model.references_per_half else [(0, None)]
+    timer = PhaseTimer(stats.phase_seconds)
     for b0 in range(0, n, batch):
         sl = slice(b0, min(n, b0 + batch))
-        prep = prepare_images(
-            images[sl], slice_metadata(metadata, sl, n), model, coords, flat, shell
-        )
+        with timer("read_fft"):
+            prep = prepare_images(
+                images[sl], slice_metadata(metadata, sl, n), model, coords, flat, shell
+            )
         for h, members in parts:
             idx = np.arange(sl.stop - sl.start) if members is None else np.flatnonzero(members[sl])
             if idx.size == 0:
@@ -311,7 +285,7 @@ def expectation(
                 groups[sl][idx],
             )
             _expect_part(batch_part, prep, model, model.class_references(h), coords, shell,
-                         stats, result.view(sl), bp_budget)  # fmt: skip
+                         stats, result.view(sl), bp_budget, timer, batched)  # fmt: skip
         del prep
     return stats.compact(), result
 
@@ -330,9 +304,9 @@ class _Part:
 
 
 def _expect_part(part: _Part, prep: PreparedImages, model, refs, coords, shell, stats, result,
-                 bp_budget_bytes):  # fmt: skip
+                 bp_budget_bytes, timer: PhaseTimer, batched: bool = True):  # fmt: skip
     """E-step of the images ``part`` against the K references ``refs``: fills
-    ``result`` (the sub-batch's view) and adds to ``stats``."""
+    ``result`` (the sub-batch's view) and adds to ``stats`` (seconds into ``timer``)."""
     xp = namespace(refs[0].data)
     grid, p, B = model.grid, model.pixel_size_A, model.box_size
     idx_x = xp.asarray(part.idx)
@@ -343,27 +317,24 @@ def _expect_part(part: _Part, prep: PreparedImages, model, refs, coords, shell, 
     X0 = X * xp.asarray(sampling.shift_phases(coords, prior_px, B))  # on previous origins
     images = FineImages(X0, ctf, cw, ctf * cw, xp.take(prep.norm, idx_x, axis=0), prior_px)
     if model.skip_align:
-        out = fixed_pose_posterior(images, part, model, refs, coords, stats)
+        with timer("fine"):
+            out = fixed_pose_posterior(images, part, model, refs, coords, stats)
     else:
         shifts = np.asarray(sampling.translation_grid(grid.offset_range_px, grid.offset_step_px))
         offset_prior = offset_log_prior(
             prior_px[:, None, :] + shifts[None], model.sigma_offset_A, p
         )
         local = grid.local_sigma_deg is not None and part.previous is not None
-        ang_c, J, rows, logp = _coarse_pass(images, coords, shifts, offset_prior, model, refs,
-                                            part, local)  # fmt: skip
-        pairs = []
-        for lp, r in zip(logp, rows, strict=True):  # per image: (T, R_i) over rows r (R_i,)
-            t_idx, cols = significant_class_pairs(
-                lp, r // J, model.n_classes, model.adaptive_fraction,
-                model.max_significant, model.min_orientations,
-            )  # fmt: skip
-            pairs.append((t_idx, r[cols]))
-        del logp, rows  # (n, T, K·J): the largest array of the coarse pass
-        table = fine_table(ang_c, J, pairs, grid, refs, coords)
-        out = fine_pass(images, table, pairs, shifts, part, model, coords, stats, bp_budget_bytes)
-    _store(out, part, model, stats, result)
-    _add_noise(stats, out.noise_rows, part.groups, shell)
+        ang_c, J, pairs = coarse_pass(images, coords, shifts, offset_prior, model, refs, part,
+                                      local, timer, stats, batched)  # fmt: skip
+        with timer("projection"):
+            table = fine_table(ang_c, J, pairs, grid, refs, coords)
+        with timer("fine"):
+            out = fine_pass(images, table, pairs, shifts, part, model, coords, stats,
+                            bp_budget_bytes, timer)  # fmt: skip
+    with timer("fine"):
+        _store(out, part, model, stats, result)
+        _add_noise(stats, out.noise_rows, part.groups, shell)
 
 
 def _store(out, part: _Part, model, stats, result):
@@ -402,58 +373,6 @@ def _add_noise(stats, noise_rows, groups, shell):
         stats.noise_count[g] += sel.sum() * np.bincount(shell, minlength=n_shells)[:n_shells]
 
 
-def _coarse_pass(images: FineImages, coords, shifts, offset_prior, model, refs, part, local):
-    """Log-posteriors of the coarse samples of each image.
-
-    Global searches score the whole part against the K classes' HEALPix grids in one
-    GEMM; local searches score each image against the grid points near its previous
-    pose. Returns (angles (J, 3) of the scored orientations, J, per image the rows
-    k·J + j it scored (R_i,), per image its log-posterior (T, R_i) on the host).
-    """
-    grid, K, n, B = model.grid, model.n_classes, part.idx.size, model.box_size
-    xp = namespace(images.X0)
-    radius = np.hypot(coords[:, 0], coords[:, 1])  # the coarse radius's points: a prefix
-    Mc = int(np.searchsorted(radius, model.coarse_radius_px, side="right"))
-    phases = xp.asarray(sampling.shift_phases(coords[:Mc], shifts, B))  # (T, Mc)
-    Xs = images.X0[:, None, :Mc] * phases[None, :, :]  # (n, T, Mc)
-    cw, ctf2w = images.cw[:, :Mc], images.ctf2w[:, :Mc]
-    if not local:
-        rot_c, ang_c = coarse_orientations(model)
-        J = ang_c.shape[0]
-        ref_c = coarse_references(model, refs, rot_c, coords[:Mc])  # (K·J, Mc)
-        C = cross_terms(Xs, cw, ref_c)  # (n, T, K·J)
-        S = ref_power_terms(ctf2w, ref_c)  # (n, K·J)
-        row_prior = None if part.log_pi is None else xp.asarray(np.repeat(part.log_pi, J, axis=1))
-        lp = coarse_log_posterior(C, S, xp.asarray(offset_prior), model.scale_free, row_prior)
-        return ang_c, J, [np.arange(K * J)] * n, list(to_numpy(lp))
-    cands = [
-        np.asarray(sampling.local_orientations(prev, grid.healpix_order, 3 * grid.local_sigma_deg))
-        for prev in part.previous
-    ]
-    ang_c, inverse = np.unique(np.round(np.concatenate(cands), 6), axis=0, return_inverse=True)
-    J = ang_c.shape[0]
-    bounds = np.cumsum([0] + [c.shape[0] for c in cands])
-    rot_c = euler_to_matrix(ang_c[:, 0], ang_c[:, 1], ang_c[:, 2])
-    ref_c = xp.concat([project_points(f, rot_c, coords[:Mc]) for f in refs])  # (K·J, Mc)
-    S = ref_power_terms(ctf2w, ref_c)  # (n, K·J)
-    rows, logps = [], []
-    for i in range(n):
-        own = inverse.ravel()[bounds[i] : bounds[i + 1]]
-        r = (np.arange(K)[:, None] * J + own[None, :]).ravel()  # (K·c_i,) class-major
-        r_x = xp.asarray(r)
-        C = cross_terms(Xs[i : i + 1, ...], cw[i : i + 1, ...], xp.take(ref_c, r_x, axis=0))[0, ...]
-        lp = to_numpy(log_likelihood(C, xp.take(S[i, ...], r_x)[None, :], 0.0, model.scale_free))
-        ang_prior = sampling.gaussian_orientation_prior(
-            ang_c[own], part.previous[i], grid.local_sigma_deg
-        )
-        lp = lp + offset_prior[i][:, None] + np.tile(ang_prior, K)[None, :]
-        if part.log_pi is not None:
-            lp = lp + part.log_pi[i, r // J][None, :]
-        rows.append(r)
-        logps.append(lp)
-    return ang_c, J, rows, logps
-
-
 def estep_shape(model: EStepModel, coords, previous) -> EStepShape:
     """The sizes that set this E-step's memory (:class:`streamem.em.memory.EStepShape`).
 
@@ -461,8 +380,7 @@ def estep_shape(model: EStepModel, coords, previous) -> EStepShape:
     None (local searches need them).
     """
     grid = model.grid
-    radius = np.hypot(coords[:, 0], coords[:, 1])
-    Mc = int(np.searchsorted(radius, model.coarse_radius_px, side="right"))
+    Mc = coarse_radius_points(coords, model)
     n_psi = sampling.psi_angles(grid.healpix_order).size
     total = 12 * 4**grid.healpix_order * n_psi  # C1 grid: bounds any union of candidates
     local = grid.local_sigma_deg is not None and previous is not None

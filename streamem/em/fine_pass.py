@@ -44,6 +44,7 @@ from streamem.em.kernels import (
     stacked_real,
     weighted_image_sums,
 )
+from streamem.em.phases import PhaseTimer
 
 
 @dataclass(frozen=True)
@@ -155,13 +156,14 @@ def _groups(n_pairs: np.ndarray, cap_pairs: int):
 
 
 def fine_pass(images: FineImages, table: FineTable, pairs, shifts, part, model, coords, stats,
-              bp_budget_bytes=None) -> FineOutcome:  # fmt: skip
+              bp_budget_bytes=None, timer: PhaseTimer | None = None) -> FineOutcome:  # fmt: skip
     """The fine pass of a part's images (``part``: estep._Part) against ``table``.
 
     pairs: per image (translation indices (P_i,), coarse rows (P_i,)); shifts (T, 2)
     coarse translations (pixels). Back-projects into ``stats`` and returns the
     per-image results. Back-projection rows are flushed whenever they exceed
-    ``bp_budget_bytes`` (None: once at the end).
+    ``bp_budget_bytes`` (None: once at the end). ``timer`` gets the back-projection's
+    seconds (its flushes) as phase "backprojection".
     """
     grid, K, n = model.grid, model.n_classes, part.idx.size
     xp = namespace(images.X0)
@@ -174,7 +176,8 @@ def fine_pass(images: FineImages, table: FineTable, pairs, shifts, part, model, 
         xp.asarray(sampling.shift_phases(coords, sub, model.box_size)),  # (S, M)
         part, model,
     )  # fmt: skip
-    buffer = _BackProjection(table, coords, stats, part_padding(model), bp_budget_bytes)
+    timer = PhaseTimer() if timer is None else timer
+    buffer = _BackProjection(table, coords, stats, part_padding(model), bp_budget_bytes, timer)
     n_pairs = np.array([t.size for t, _ in pairs])
     shape = memory.EStepShape(
         model.box_size, coords.shape[0], 0, 0, 0, 0, K,
@@ -370,8 +373,9 @@ class _BackProjection:
     """Buffered back-projection rows of a part, keyed 2·(table row) + half; merged with
     segment sums and inserted per (class, half) into accumulator 2k + h."""
 
-    def __init__(self, table: FineTable, coords, stats, padding_factor: int, budget_bytes):
-        self.table, self.coords, self.stats = table, coords, stats
+    def __init__(self, table: FineTable, coords, stats, padding_factor: int, budget_bytes,
+                 timer: PhaseTimer):  # fmt: skip
+        self.table, self.coords, self.stats, self.timer = table, coords, stats, timer
         self.padding, self.budget = padding_factor, budget_bytes
         self.keys, self.vals, self.wgts, self.bytes = [], [], [], 0
         self.acc = DeviceAccumulators(stats, namespace(table.power))
@@ -385,6 +389,10 @@ class _BackProjection:
     def flush(self):
         if not self.keys:
             return
+        with self.timer("backprojection"):
+            self._flush()
+
+    def _flush(self):
         xp = namespace(self.table.power)
         used, vals, wgts = segment_sums(
             np.concatenate(self.keys),
@@ -403,7 +411,8 @@ class _BackProjection:
                           xp.take(vals, sel_x, axis=0), xp.take(wgts, sel_x, axis=0), pf)  # fmt: skip
 
     def store(self):
-        self.acc.store()
+        with self.timer("backprojection"):
+            self.acc.store()
 
 
 class DeviceAccumulators:

@@ -16,9 +16,11 @@ tests/test_estep_batching.py); the M-step works in double precision on its copy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
+
+from streamem.em.phases import add_seconds
 
 
 @dataclass
@@ -36,6 +38,9 @@ class SufficientStatistics:
     offset_change_A_sum: float     Σ change of the best offset (Å)
     n_with_previous: float         particles that had a previous pose
     class_weight: (K,) float64     Σ posterior weight per class (K = 1 in refine3d)
+    phase_seconds: {phase: s}      seconds per E-step phase, summed over tasks
+                                   (:mod:`streamem.em.phases`; not a statistic of the data)
+    coarse_flops: float            FLOPs of the coarse pass's GEMMs
     """
 
     data_acc: np.ndarray
@@ -49,6 +54,8 @@ class SufficientStatistics:
     offset_change_A_sum: float = 0.0
     n_with_previous: float = 0.0
     class_weight: np.ndarray | None = None
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    coarse_flops: float = 0.0
 
     @classmethod
     def empty(cls, grid_shape, n_optics_groups: int, n_shells: int, n_classes: int = 1):
@@ -86,6 +93,8 @@ class SufficientStatistics:
         self.offset_change_A_sum += other.offset_change_A_sum
         self.n_with_previous += other.n_with_previous
         self.class_weight = self.class_weight + other.class_weight
+        self.phase_seconds = add_seconds(self.phase_seconds, other.phase_seconds)
+        self.coarse_flops += other.coarse_flops
         return self
 
     def __add__(self, other: SufficientStatistics) -> SufficientStatistics:
@@ -101,6 +110,8 @@ class SufficientStatistics:
             offset_change_A_sum=self.offset_change_A_sum + other.offset_change_A_sum,
             n_with_previous=self.n_with_previous + other.n_with_previous,
             class_weight=self.class_weight + other.class_weight,
+            phase_seconds=add_seconds(self.phase_seconds, other.phase_seconds),
+            coarse_flops=self.coarse_flops + other.coarse_flops,
         )
 
 

@@ -1,0 +1,288 @@
+"""The coarse pass of the E-step and its significant samples, batched over the images
+of a part (pure functions over arrays, no I/O).
+
+Global searches score the whole part against the K classes' HEALPix grids in one GEMM
+((images·translations) × 2Mc) @ (2Mc × K·J). Local searches score each image against
+the grid points within 3σ of its previous pose: the union of the part's candidates is
+projected once, then images are scored in groups by a padded gather-GEMM: each image's
+own candidate rows (padded to the group's largest count, padding −inf) are gathered from
+the union's stacked [Re A, Im A] operand and one batched GEMM
+(g × T × 2Mc) @ (g × 2Mc × K·c) serves the group. Before, each image was one GEMM of
+T rows plus three copies of its candidates' slices (take, stack, cast) in a Python loop.
+
+Significance (:func:`significant_pairs`) is RELION's rule of
+:func:`streamem.em.significance.significant_class_pairs`, vectorised over the images
+of a block (and done class by class): the (translation, orientation) pairs holding
+``adaptive_fraction`` of an image's coarse posterior (at most ``max_significant``),
+plus its ``min_orientations`` best orientations at their best translations.
+
+``batched=False`` keeps the per-image loop (the reference the batched path is tested
+and benchmarked against).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streamem.core import sampling
+from streamem.core.backend import to_numpy
+from streamem.core.euler import euler_to_matrix
+from streamem.core.projector import project_points
+from streamem.em.kernels import (
+    coarse_log_posterior,
+    cross_terms,
+    log_likelihood,
+    namespace,
+    ref_power_terms,
+    stacked_real,
+)
+from streamem.em.phases import PhaseTimer, gemm_flops
+from streamem.em.significance import significant_class_pairs
+
+#: Bytes of gathered candidate slices per group of the local pass (float32 [Re, Im]):
+#: a group's batched GEMM runs at full speed from one image on, the bound keeps the
+#: gather a fixed transient (one image at box 128 is ~25 MB and runs alone).
+LOCAL_GATHER_BYTES = 32 * 2**20
+#: Bytes of one block of the batched significance (log-posteriors and their ranking
+#: temporaries, ~40 bytes per sample).
+SIGNIFICANCE_BLOCK_BYTES = 32 * 2**20
+
+
+def coarse_orientations(model):
+    """(rotations (J,3,3), angles (J,3)) of the global coarse grid, cached per model."""
+    key = ("coarse", model.grid.healpix_order, model.grid.symmetry)
+    if key not in model.coarse:
+        rotations, angles = sampling.orientation_grid(model.grid.healpix_order, model.grid.symmetry)
+        model.coarse[key] = (np.asarray(rotations), np.asarray(angles))
+    return model.coarse[key]
+
+
+def coarse_references(model, projectors, rotations, coords):
+    """(K·J, Mc) slices of the global coarse grid for the K classes (row k·J + j),
+    projected once per model and set of projectors.
+
+    Cached in the model (one per worker and iteration, shared by its tasks and
+    sub-batches): at box 128 the grid's slices are ~10 MB per class, and re-projecting
+    them per sub-batch would cost as much as a small sub-batch's GEMM.
+    """
+    key = ("refs", tuple(id(p) for p in projectors), coords.shape[0])
+    if key not in model.coarse:
+        refs = [project_points(p, rotations, coords) for p in projectors]
+        model.coarse[key] = refs[0] if len(refs) == 1 else namespace(refs[0]).concat(refs)
+    return model.coarse[key]
+
+
+def coarse_radius_points(coords, model) -> int:
+    """Mc: the work points within the coarse radius (a prefix: points sorted by radius)."""
+    radius = np.hypot(coords[:, 0], coords[:, 1])
+    return int(np.searchsorted(radius, model.coarse_radius_px, side="right"))
+
+
+def coarse_pass(images, coords, shifts, offset_prior, model, refs, part, local: bool,
+                timer: PhaseTimer, stats, batched: bool = True):  # fmt: skip
+    """Coarse log-posteriors of a part's images and their significant pairs.
+
+    images: fine_pass.FineImages; shifts (T, 2) px; offset_prior (n, T) float64; refs:
+    the K references; part: estep._Part; ``stats.coarse_flops`` gets the GEMMs' FLOPs.
+    Returns (angles (J, 3) of the scored orientations, J, per image (translation
+    indices (P,), rows k·J + j (P,))).
+    """
+    grid, K, n, B = model.grid, model.n_classes, part.idx.size, model.box_size
+    xp = namespace(images.X0)
+    Mc = coarse_radius_points(coords, model)
+    T = shifts.shape[0]
+    with timer("coarse_gemm"):
+        phases = xp.asarray(sampling.shift_phases(coords[:Mc], shifts, B))  # (T, Mc)
+        Xs = images.X0[:, None, :Mc] * phases[None, :, :]  # (n, T, Mc)
+    cw, ctf2w = images.cw[:, :Mc], images.ctf2w[:, :Mc]
+    fraction, cap, min_o = model.adaptive_fraction, model.max_significant, model.min_orientations
+    if not local:
+        with timer("projection"):
+            rot_c, ang_c = coarse_orientations(model)
+            J = ang_c.shape[0]
+            ref_c = coarse_references(model, refs, rot_c, coords[:Mc])  # (K·J, Mc)
+        with timer("coarse_gemm"):
+            C = cross_terms(Xs, cw, ref_c)  # (n, T, K·J)
+            S = ref_power_terms(ctf2w, ref_c)  # (n, K·J)
+            row_prior = (
+                None if part.log_pi is None else xp.asarray(np.repeat(part.log_pi, J, axis=1))
+            )
+            lp = coarse_log_posterior(C, S, xp.asarray(offset_prior), model.scale_free, row_prior)
+            lp = to_numpy(lp)
+        stats.coarse_flops += gemm_flops(n * T, 2 * Mc, K * J) + gemm_flops(n, Mc, K * J)
+        with timer("significance"):
+            if batched:
+                pairs = significant_pairs(lp.reshape(n, T, K, J), fraction, cap, min_o)
+            else:
+                pairs = [
+                    significant_class_pairs(lp_i, np.arange(K * J) // J, K, fraction, cap, min_o)
+                    for lp_i in lp
+                ]
+        return ang_c, J, pairs
+    cands = [
+        np.asarray(sampling.local_orientations(prev, grid.healpix_order, 3 * grid.local_sigma_deg))
+        for prev in part.previous
+    ]
+    ang_c, inverse = np.unique(np.round(np.concatenate(cands), 6), axis=0, return_inverse=True)
+    J = ang_c.shape[0]
+    bounds = np.cumsum([0] + [c.shape[0] for c in cands])
+    own = [inverse.ravel()[bounds[i] : bounds[i + 1]] for i in range(n)]
+    with timer("projection"):
+        rot_c = euler_to_matrix(ang_c[:, 0], ang_c[:, 1], ang_c[:, 2])
+        ref_c = xp.concat([project_points(f, rot_c, coords[:Mc]) for f in refs])  # (K·J, Mc)
+    with timer("coarse_gemm"):
+        S = ref_power_terms(ctf2w, ref_c)  # (n, K·J)
+        stats.coarse_flops += gemm_flops(n, Mc, K * J)
+        scores = _local_scores if batched else _local_scores_loop
+        lp = scores(Xs, cw, ref_c, S, own, ang_c, part, model, offset_prior, stats)
+    with timer("significance"):
+        if batched:
+            cols = significant_pairs(lp, fraction, cap, min_o)  # columns k·c + position
+            c_max = lp.shape[-1]
+            pairs = [(t, (c // c_max) * J + own[i][c % c_max]) for i, (t, c) in enumerate(cols)]
+        else:
+            pairs = []
+            for lp_i, own_i in zip(lp, own, strict=True):
+                r = (np.arange(K)[:, None] * J + own_i[None, :]).ravel()
+                t_idx, c = significant_class_pairs(lp_i, r // J, K, fraction, cap, min_o)
+                pairs.append((t_idx, r[c]))
+    return ang_c, J, pairs
+
+
+def _local_scores(Xs, cw, ref_c, S, own, ang_c, part, model, offset_prior, stats):
+    """Log-posteriors (n, T, K, c_max) float64 on the host of each image's own candidates
+    (position a of image i is union row own[i][a]; padding −inf), by padded gather-GEMMs
+    over groups of images. ang_c: (J, 3) the union's angles."""
+    xp = namespace(Xs)
+    n, T, Mc = Xs.shape
+    J = ang_c.shape[0]
+    K, c_max = model.n_classes, max(o.size for o in own)
+    own_pad = np.zeros((n, c_max), np.int64)
+    ang_prior = np.full((n, c_max), -np.inf)
+    for i, o in enumerate(own):  # the local prior, normalised over the image's candidates
+        own_pad[i, : o.size], own_pad[i, o.size :] = o, o[0]
+        ang_prior[i, : o.size] = sampling.gaussian_orientation_prior(
+            ang_c[o], part.previous[i], model.grid.local_sigma_deg
+        )
+    rows = (np.arange(K)[None, :, None] * J + own_pad[:, None, :]).reshape(n, K * c_max)
+    Y = xp.conj(Xs) * cw[:, None, :]  # (n, T, Mc)
+    lhs = xp.astype(xp.concat([xp.real(Y), -xp.imag(Y)], axis=-1), xp.float32)  # (n, T, 2Mc)
+    del Y
+    rhs = stacked_real(ref_c)  # (K·J, 2Mc) float32 (complex64 slices), stacked once per part
+    g = max(1, LOCAL_GATHER_BYTES // (K * c_max * 2 * Mc * 4))
+    out = np.empty((n, T, K * c_max))
+    for g0 in range(0, n, g):
+        sl = slice(g0, min(n, g0 + g))
+        m = sl.stop - sl.start
+        r = rows[sl]
+        A = xp.reshape(xp.take(rhs, xp.asarray(r.ravel()), axis=0), (m, K * c_max, 2 * Mc))
+        C = xp.matmul(lhs[sl, ...], A.mT)  # (m, T, K·c_max)
+        del A
+        S_g = xp.take_along_axis(S[sl, ...], xp.asarray(r), axis=1)  # (m, K·c_max)
+        out[sl] = to_numpy(log_likelihood(C, S_g[:, None, :], 0.0, model.scale_free))
+    stats.coarse_flops += gemm_flops(n * T, 2 * Mc, K * c_max)
+    # same sums, same order as the per-image loop: ((loglik + offset) + angular) + class
+    out = out.reshape(n, T, K, c_max)
+    out += offset_prior[:, :, None, None]
+    out += ang_prior[:, None, None, :]
+    if part.log_pi is not None:
+        out += part.log_pi[:, None, :, None]
+    return out
+
+
+def _local_scores_loop(Xs, cw, ref_c, S, own, ang_c, part, model, offset_prior, stats):
+    """The per-image reference of :func:`_local_scores`: one GEMM per image; returns per
+    image its log-posterior (T, K·c_i) over rows k·J + own[i] (class-major)."""
+    xp = namespace(Xs)
+    K, (n, T, Mc), J = model.n_classes, Xs.shape, ang_c.shape[0]
+    logps = []
+    for i in range(n):
+        r = (np.arange(K)[:, None] * J + own[i][None, :]).ravel()  # (K·c_i,) class-major
+        r_x = xp.asarray(r)
+        C = cross_terms(Xs[i : i + 1, ...], cw[i : i + 1, ...], xp.take(ref_c, r_x, axis=0))[0, ...]
+        stats.coarse_flops += gemm_flops(T, 2 * Mc, r.size)
+        lp = to_numpy(log_likelihood(C, xp.take(S[i, ...], r_x)[None, :], 0.0, model.scale_free))
+        ang_prior = sampling.gaussian_orientation_prior(
+            ang_c[own[i]], part.previous[i], model.grid.local_sigma_deg
+        )
+        lp = lp + offset_prior[i][:, None] + np.tile(ang_prior, K)[None, :]
+        if part.log_pi is not None:
+            lp = lp + part.log_pi[i, r // J][None, :]
+        logps.append(lp)
+    return logps
+
+
+def significant_pairs(lp, fraction: float, max_count: int, min_orientations: int,
+                      block_bytes: int = SIGNIFICANCE_BLOCK_BYTES):  # fmt: skip
+    """RELION's significant coarse pairs of many images, class by class.
+
+    lp: (n, T, K, C) log-posteriors on the host (padding and excluded samples −inf).
+    Per image and class: the pairs of
+    :func:`streamem.em.significance.significant_pair_mask` over that class's columns;
+    for K > 1 classes with no finite sample are skipped (as
+    :func:`~streamem.em.significance.significant_class_pairs`). Returns per image
+    (translation indices (P,), columns k·C + c (P,)), class-major then translation
+    then column (the per-image functions' order).
+    """
+    n, T, K, C = lp.shape
+    b = max(1, block_bytes // max(1, 40 * T * C))
+    out = []
+    for b0 in range(0, n, b):
+        block = lp[b0 : b0 + b]
+        m = block.shape[0]
+        mask = np.zeros((m, K, T, C), bool)
+        for k in range(K):
+            mask[:, k] = _pair_mask_rows(block[:, :, k, :], fraction, max_count, min_orientations)
+            if K > 1:
+                mask[~np.isfinite(block[:, :, k, :]).any(axis=(1, 2)), k] = False
+        i, k, t, c = np.nonzero(mask)
+        ends = np.searchsorted(i, np.arange(1, m + 1))
+        starts = np.concatenate([[0], ends[:-1]])
+        out.extend((t[s:e], k[s:e] * C + c[s:e]) for s, e in zip(starts, ends, strict=True))
+    return out
+
+
+def _pair_mask_rows(lp, fraction: float, max_count: int, min_orientations: int):
+    """:func:`streamem.em.significance.significant_pair_mask` of m images at once:
+    lp (m, T, C) → (m, T, C) bool."""
+    m, T, C = lp.shape
+    mask = _mask_rows(lp.reshape(m, T * C), fraction, max_count).reshape(m, T, C)
+    k = min(min_orientations, C)
+    if k > 0:
+        colmax = lp.max(axis=1)  # (m, C)
+        best_j = np.argpartition(-colmax, k - 1, axis=1)[:, :k] if k < C else np.tile(
+            np.arange(C), (m, 1)
+        )  # fmt: skip
+        finite = np.isfinite(np.take_along_axis(colmax, best_j, axis=1))
+        sub = np.take_along_axis(lp, np.broadcast_to(best_j[:, None, :], (m, T, k)), axis=2)
+        best_t = sub.argmax(axis=1)  # (m, k)
+        rows = np.broadcast_to(np.arange(m)[:, None], best_j.shape)
+        mask[rows[finite], best_t[finite], best_j[finite]] = True
+    return mask
+
+
+def _mask_rows(logp, fraction: float, max_count: int, log_floor: float = 30.0):
+    """:func:`streamem.em.significance.significant_mask` vectorised over rows:
+    logp (m, S) → (m, S) bool."""
+    m, S = logp.shape
+    top = logp.max(axis=1)
+    finite = np.isfinite(top)
+    safe = np.where(finite, top, 0.0).astype(logp.dtype)[:, None]
+    cand = logp >= safe - log_floor
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.where(cand, np.exp(logp - safe), 0.0).astype(logp.dtype)
+    total = p.sum(axis=1, keepdims=True)
+    k = min(max_count, S)
+    idx = np.argpartition(-p, k - 1, axis=1)[:, :k] if k < S else np.tile(np.arange(S), (m, 1))
+    p_k = np.take_along_axis(p, idx, axis=1)
+    order = np.argsort(-p_k, axis=1, kind="stable")
+    idx, p_k = np.take_along_axis(idx, order, axis=1), np.take_along_axis(p_k, order, axis=1)
+    before = np.cumsum(p_k, axis=1) - p_k  # mass of the more probable samples
+    keep = (before < fraction * total) & (p_k > 0)
+    keep[:, 0] = True
+    mask = np.zeros((m, S), bool)
+    rows = np.broadcast_to(np.arange(m)[:, None], idx.shape)
+    mask[rows[keep], idx[keep]] = True
+    mask[~finite] = False
+    mask[np.flatnonzero(~finite), np.argmax(logp[~finite], axis=1)] = True
+    return mask

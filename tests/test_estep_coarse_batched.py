@@ -1,0 +1,141 @@
+"""The batched coarse pass and significance (em/coarse_pass.py) give the per-image
+path's statistics and poses (global, local, two classes with priors), the batched
+significance picks the per-image rule's pairs, and the phase timer is exclusive and
+sums over tasks."""
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from streamem.core.projector import make_projector
+from streamem.em import mstep
+from streamem.em.coarse_pass import significant_pairs
+from streamem.em.estep import EStepModel, SearchGrid, expectation
+from streamem.em.phases import PHASES, PhaseTimer, phase_table
+from streamem.em.significance import significant_class_pairs
+from streamem.io.mrc import read_map
+from streamem.io.store import optics_params
+from streamem.simulate.particles import simulate_particles, truth_volume_paths
+
+BOX, PIXEL, N = 32, 4.5, 48
+STATS = ("data_acc", "weight_acc", "noise_power", "noise_count", "class_weight")
+SCALARS = ("offset_sq_A2", "weight_sum", "loglik_sum", "pose_change_deg_sum")
+POSES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    store = simulate_particles(
+        tmp_path_factory.mktemp("coarse_batched") / "p.zarr",
+        N,
+        box_size=BOX,
+        pixel_size_A=PIXEL,
+        snr=0.5,
+        seed=5,
+    )
+    truth, _ = read_map(truth_volume_paths(store.path)[0])
+    chunk = store.read_chunk(0, N, with_truth=True)
+    metadata = dict(chunk.metadata)
+    metadata["particle_index"] = np.arange(N)
+    rng = np.random.default_rng(4)
+    for label in POSES:
+        noise = rng.normal(0, 3.0, N) if "Angle" in label else 0.0
+        metadata[label] = chunk.truth[label] + noise
+    power = mstep.image_power(chunk.images, np.zeros(N, int), 1)
+    half = make_projector(truth, 2, max_radius_px=BOX // 2 - 1)
+    model = EStepModel(
+        projectors=(half, make_projector(truth[:, ::-1].copy(), 2, max_radius_px=BOX // 2 - 1)),
+        box_size=BOX,
+        work_box=BOX,
+        pixel_size_A=PIXEL,
+        max_radius_px=BOX // 2 - 1,
+        inv_sigma2=mstep.initial_inv_sigma2(power[0], power[1]),
+        optics=(optics_params(store.optics_groups[0]),),
+        sigma_offset_A=PIXEL,
+        grid=SearchGrid(healpix_order=2, offset_range_px=2, offset_step_px=1),
+    )
+    return chunk.images, metadata, model, truth
+
+
+def _models(model, truth):
+    local = replace(model, grid=replace(model.grid, healpix_order=3, local_sigma_deg=5.0))
+    other = make_projector(truth[::-1].copy(), 2, max_radius_px=BOX // 2 - 1)
+    classes = replace(
+        local,
+        projectors=(model.projectors[0], other),
+        n_classes=2,
+        references_per_half=False,
+        log_class_prior=np.log([0.7, 0.3]),
+    )
+    return {"global": model, "local": local, "local K=2": classes}
+
+
+@pytest.mark.parametrize("name", ["global", "local", "local K=2"])
+def test_batched_coarse_pass_gives_the_per_image_statistics(data, name):
+    images, metadata, model, truth = data
+    model = _models(model, truth)[name]
+    s_old, r_old = expectation(images, metadata, replace(model, coarse={}), batched=False)
+    s_new, r_new = expectation(images, metadata, replace(model, coarse={}), batched=True)
+    worst = 0.0
+    for f in STATS:
+        a, b = getattr(s_old, f), getattr(s_new, f)
+        worst = max(worst, float(np.abs(a - b).max() / np.abs(a).max()))
+    for f in SCALARS:
+        a, b = getattr(s_old, f), getattr(s_new, f)
+        worst = max(worst, abs(a - b) / max(abs(a), 1e-30))
+    print(f"{name}: largest relative difference {worst:.2e}")
+    assert worst < 1e-5, worst
+    for f in ("rot", "tilt", "psi", "origin_x_A", "origin_y_A", "class_number", "n_significant"):
+        np.testing.assert_array_equal(getattr(r_old, f), getattr(r_new, f), err_msg=f)
+    # both paths count the same useful GEMM work or more (padding), and time every phase
+    assert s_new.coarse_flops >= s_old.coarse_flops > 0
+    assert {"read_fft", "projection", "coarse_gemm", "significance", "fine"} <= set(
+        s_new.phase_seconds
+    )
+    assert "backprojection" in s_new.phase_seconds
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_batched_significance_is_the_per_image_rule(K):
+    rng = np.random.default_rng(K)
+    n, T, C = 7, 5, 40
+    lp = rng.normal(0, 3, (n, T, K, C)) * rng.uniform(0.2, 5, (n, 1, 1, 1))
+    lp[:, :, :, 33:] = -np.inf  # padding columns
+    lp[2, :, :, 10:] = -np.inf  # an image with fewer candidates
+    if K > 1:
+        lp[4, :, 1, :] = -np.inf  # a class this image never meets (a seeded class)
+    lp = lp.astype(np.float32)
+    got = significant_pairs(lp, 0.99, 12, 4, block_bytes=3 * 40 * T * C)  # blocks of 3
+    for i in range(n):
+        flat = lp[i].reshape(T, K * C)  # (T, K·C) class-major
+        t_ref, c_ref = significant_class_pairs(flat, np.arange(K * C) // C, K, 0.99, 12, 4)
+        np.testing.assert_array_equal(got[i][0], t_ref)
+        np.testing.assert_array_equal(got[i][1], c_ref)
+    if K > 1:
+        assert not np.any(got[4][1] // C == 1)
+
+
+def test_phase_timer_is_exclusive_and_sums():
+    timer = PhaseTimer()
+    with timer("fine"):
+        time.sleep(0.02)
+        with timer("backprojection"):
+            time.sleep(0.05)
+    s = timer.seconds
+    assert 0.045 < s["backprojection"] < 0.2
+    assert 0.015 < s["fine"] < 0.045  # the nested phase is not counted twice
+    from streamem.em.statistics import SufficientStatistics
+
+    a = SufficientStatistics.empty((3, 3, 2), 1, 4)
+    b = SufficientStatistics.empty((3, 3, 2), 1, 4)
+    a.phase_seconds.update(fine=1.0)
+    b.phase_seconds.update(fine=2.0, projection=0.5)
+    a.coarse_flops, b.coarse_flops = 1e9, 2e9
+    total = a + b
+    assert total.phase_seconds == {"fine": 3.0, "projection": 0.5}
+    a += b
+    assert a.phase_seconds == total.phase_seconds and a.coarse_flops == 3e9
+    line = phase_table({p: 1.0 for p in PHASES}, coarse_flops=4e9, sgemm_flops=8e9)
+    assert "(0.50 of SGEMM)" in line and line.startswith("read_fft 1.0")
