@@ -130,9 +130,10 @@ def register(sub) -> None:
     p.add_argument(
         "--max-background-structure",
         type=float,
-        default=1.6,
+        default=2.0,
         help="reject picks whose background holds this many times the "
-        "micrograph's median low-resolution contrast (carbon edges, ice); 0: off",
+        "micrograph's median low-resolution contrast (carbon edges, ice; default 2.0, "
+        "calibrated with the threshold on simulations); 0: off",
     )
     p.add_argument(
         "--log-diameter-min",

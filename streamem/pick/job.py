@@ -328,6 +328,22 @@ def _pick_one(
     }
 
 
+def _share_cores(params: TemplatePickParams, client, workers, n_micrographs: int):
+    """Split this machine's cores between the micrographs picked at once on local threads
+    (each batched scan would otherwise run its FFTs on all cores); a cluster's workers
+    (``client``) keep the default, all cores of their process."""
+    import dataclasses
+    import os
+
+    from streamem.io.threads import default_workers
+
+    if client is not None or params.fft_workers is not None:
+        return params
+    at_once = max(1, min(int(workers or default_workers()), n_micrographs))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return dataclasses.replace(params, fft_workers=max(1, (cores or 1) // at_once))
+
+
 def pick_micrographs(
     micrographs: Sequence[MicrographInput],
     out_dir: str | Path,
@@ -366,6 +382,7 @@ def pick_micrographs(
         if len(pixels) > 1:
             raise InputError(None, f"micrographs have different pixel sizes {sorted(pixels)}")
         bank = prepare_templates(np.asarray(templates, dtype=np.float32))
+        params = _share_cores(params, client, workers, len(micrographs))
     with atomic_output(out_dir, overwrite, inputs, "pick") as tmp:
         tmp.mkdir(parents=True)
         shared = dask.delayed(bank, name=f"pick-templates-{dask.base.tokenize(templates)}")

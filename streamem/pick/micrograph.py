@@ -25,7 +25,7 @@ from streamem.core.ctf import (
 OUTLIER_Z = 8.0  # RELION's --outlier_removal_zscore
 SHRINK_PARTICLE_MASK_PX = 2  # RELION's --shrink_particle_mask
 STRUCTURE_RESOLUTION_A = 20.0  # resolution of the background-structure test
-MAX_BACKGROUND_STRUCTURE = 1.6  # default rejection level of that test
+MAX_BACKGROUND_STRUCTURE = 2.0  # default rejection level (pick.template: the rule)
 
 # -- grids ------------------------------------------------------------------------------
 
