@@ -2,7 +2,11 @@
 
 - :mod:`streamem.pick.template`: CTF-modulated template matching on a micrograph
   downscaled to the low-pass filter's Nyquist, with RELION's probability-ratio
-  figure of merit;
+  figure of merit (conventions, defaults and their calibration); its parts:
+  :mod:`~streamem.pick.micrograph` (grids, normalisation, local statistics),
+  :mod:`~streamem.pick.bank` (template transforms and rotations),
+  :mod:`~streamem.pick.scan` (the FOM scan, reference loop, automatic scale) and
+  :mod:`~streamem.pick.fastscan` (the batched scan);
 - :mod:`streamem.pick.log`: template-free blob picking;
 - :mod:`streamem.pick.peaks`: peak search, suppression, one-to-one matching;
 - :mod:`streamem.pick.job`: the picking job (one Dask task per micrograph);
