@@ -339,7 +339,7 @@ def fit_ctf(
             fom, best = score, x
     m, c, s, ph = (float(v) for v in best)
     h = float(np.hypot(c, s))
-    angle = (0.5 * np.degrees(np.arctan2(s, c))) % 180.0
+    angle = float((0.5 * np.degrees(np.arctan2(s, c))) % 180.0)
     phase_deg = float(np.degrees(ph)) % 180.0 if search.phase_shift else 0.0
     diag = fit_resolution(spectrum, pixel_size_A, optics, m, c, s, ph, k_lo, search.fit_threshold)
     res = diag[0] if fom * np.sqrt(px.data.size) >= MIN_SIGNIFICANCE else FAILED_RESOLUTION_A
