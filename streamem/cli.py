@@ -34,6 +34,7 @@ COMMAND_MODULES = [
     "pick",
     "extract",
     "postprocess",
+    "cluster",
     "bench",
 ]
 

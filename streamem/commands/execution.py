@@ -6,6 +6,11 @@ one worker per visible GPU, each computing with CuPy (:mod:`streamem.dist.cluste
 with CuPy; with ``--no-cluster``, this process's threads do. What ``--gpu`` needs
 (CuPy, dask-cuda, a visible GPU) is checked first, by :func:`check_execution`, so a
 missing piece is one line and exit 2 before any output exists.
+
+Security (:mod:`streamem.dist.security`): a local cluster always uses TLS with a
+certificate of this run; ``--scheduler`` uses ``--tls-ca-file/--tls-cert/--tls-key``
+or the Dask config's ``distributed.comm.tls.*``. ``--dashboard-address`` moves a local
+cluster's dashboard off 127.0.0.1; ``--adapt MIN:MAX`` makes the local cluster adaptive.
 """
 
 from __future__ import annotations
@@ -27,6 +32,14 @@ def _add_scheduler_arguments(g) -> None:
         metavar="SECONDS",
         help="give up on --scheduler after this long: its file, connection and handshake (30)",
     )
+    g.add_argument(
+        "--tls-ca-file",
+        metavar="PEM",
+        help="TLS for --scheduler: the cluster's CA certificate (with --tls-cert, --tls-key; "
+        "default: distributed.comm.tls.* of the Dask config; streamem cluster certs DIR)",
+    )
+    g.add_argument("--tls-cert", metavar="PEM", help="TLS: this client's certificate")
+    g.add_argument("--tls-key", metavar="PEM", help="TLS: this client's private key")
     from streamem.dist.gateway import add_gateway_arguments
 
     add_gateway_arguments(g)  # --gateway URL: a new dask-gateway cluster (dist/gateway.py)
@@ -45,6 +58,27 @@ def add_gpu_option(p) -> None:
         action="store_true",
         help="compute on GPUs with CuPy: a dask-cuda cluster (one worker per GPU), or "
         "the GPU workers of --scheduler",
+    )
+    _add_dashboard_argument(p)
+
+
+def _add_dashboard_argument(g) -> None:
+    g.add_argument(
+        "--dashboard-address",
+        metavar="HOST:PORT",
+        help="where a local cluster's dashboard listens (default 127.0.0.1, a free port; "
+        "e.g. 0.0.0.0:8787 to show it to other machines)",
+    )
+
+
+def security_for(args):
+    """The client's ``Security`` for ``--scheduler`` (``--tls-*`` or the Dask config)."""
+    from streamem.dist.security import client_security
+
+    return client_security(
+        getattr(args, "tls_ca_file", None),
+        getattr(args, "tls_cert", None),
+        getattr(args, "tls_key", None),
     )
 
 
@@ -80,7 +114,13 @@ def scheduler_client(args) -> Iterator:
         yield None
         return
     check_cluster_options(None, None, args.scheduler_timeout)
-    with client_for(args.scheduler, gpu=gpu, scheduler_timeout_s=args.scheduler_timeout) as client:
+    with client_for(
+        args.scheduler,
+        gpu=gpu,
+        scheduler_timeout_s=args.scheduler_timeout,
+        security=security_for(args) if args.scheduler else None,
+        dashboard_address=getattr(args, "dashboard_address", None),
+    ) as client:
         yield client
 
 
@@ -101,6 +141,13 @@ def add_cluster_options(p) -> None:
     g.add_argument(
         "--no-cluster", action="store_true", help="run in this process on threads (no dashboard)"
     )
+    g.add_argument(
+        "--adapt",
+        metavar="MIN:MAX",
+        help="an adaptive local cluster: between MIN and MAX workers as the load asks "
+        "(instead of --n-workers)",
+    )
+    _add_dashboard_argument(g)
 
 
 def run_job(args, job):
@@ -118,7 +165,21 @@ def run_job(args, job):
     check_cluster_options(args.n_workers, args.threads_per_worker, args.scheduler_timeout)
     if args.scheduler and args.no_cluster:
         raise InputError(None, "give --scheduler or --no-cluster, not both")
+    adapt = None
+    if getattr(args, "adapt", None):
+        from streamem.dist.cluster import check_adapt, parse_adapt
+
+        for flag, given in (
+            ("--scheduler", args.scheduler),
+            ("--no-cluster", args.no_cluster),
+            ("--n-workers", args.n_workers),
+        ):
+            if given:
+                raise InputError(None, f"give --adapt or {flag}, not both")
+        adapt = parse_adapt(args.adapt)
+        check_adapt(adapt, args.gpu)
     check_execution(args)
+    security = security_for(args) if args.scheduler else None
     return run_with_client(
         job,
         use_cluster=not args.no_cluster,
@@ -127,6 +188,9 @@ def run_job(args, job):
         threads_per_worker=args.threads_per_worker,
         gpu=args.gpu,
         scheduler_timeout_s=args.scheduler_timeout,
+        security=security,
+        dashboard_address=getattr(args, "dashboard_address", None),
+        adapt=adapt,
     )
 
 

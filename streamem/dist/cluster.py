@@ -1,9 +1,17 @@
 """Clusters: a local one by default, an existing scheduler, or GPUs via dask-cuda.
 
-The default ``LocalCluster`` listens on localhost only. A remote scheduler is
-reached at ``--scheduler ADDRESS`` (``tls://`` addresses use the security
-settings of the Dask config, e.g. ``distributed.comm.tls.*``) or through a
-scheduler file.
+Every cluster started here uses TLS with a certificate made for this run
+(:func:`streamem.dist.security.local_security`): only the job's own client holds it,
+so no other process can submit work to the workers. Scheduler, workers and dashboard
+listen on 127.0.0.1 (the dashboard elsewhere only with ``dashboard_address``). With
+``adapt=(MIN, MAX)`` the local cluster adapts its worker count to the load
+(``LocalCluster.adapt``); the iteration graph survives workers that come and go
+(:mod:`streamem.dist.iteration`). A remote scheduler is reached at
+``--scheduler ADDRESS`` or through a scheduler file, with the certificates of
+``--tls-ca-file/--tls-cert/--tls-key`` or of the Dask config
+(:func:`streamem.dist.security.client_security`). A ``tls://`` address without
+certificates, a certificate from another CA and ``tcp://`` to a TLS scheduler are
+each refused with one line, at once.
 
 ``--scheduler`` is an address if it contains ``://`` or is ``HOST:PORT``; anything
 else is a scheduler file. A scheduler file that does not exist yet is waited for
@@ -64,6 +72,29 @@ DEFAULT_SCHEDULER_PORT = 8786
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):[^/\\]*$")
 
 
+# glibc's malloc thresholds for the workers (streamem bench refine-memory --allocator:
+# one refine3d E-step chunk of 128 images at box 128, full radius, child processes,
+# mean of 2 calls; a shared 2-core machine, so seconds are within ~20%):
+#   Dask nanny default (trim 64 KiB: fixes the mmap threshold at 128 KiB, every large
+#   temporary a fresh mmap, page faults)      39.6 s  peak 774 MiB, kept after 205 MiB
+#   both thresholds 256 MiB (our earlier choice) 14.8 s  peak 942 MiB, kept 374 MiB
+#   glibc defaults (dynamic mmap threshold)      17.1 s  peak 794 MiB, kept 226 MiB
+#   MALLOC_ARENA_MAX=2                           14.4 s  peak 793 MiB, kept 226 MiB
+#   both thresholds 32 MiB                       12.1 s  peak 805 MiB, kept 236 MiB
+# Since the E-step works in bounded sub-batches (streamem.em.memory), its big
+# temporaries are tens of MiB: 32 MiB thresholds reuse them from the heap (no page
+# faults) and hand larger ones (accumulators, chunk images) back to the system.
+# One BLAS thread per worker: the workers already use every core.
+#: The environment of every worker process streamem starts (the comment above).
+WORKER_ENV = {
+    "MALLOC_TRIM_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
 @contextmanager
 def client_for(
     scheduler: str | None = None,
@@ -72,11 +103,19 @@ def client_for(
     gpu: bool = False,
     memory_limit: str | None = "auto",
     scheduler_timeout_s: float = DEFAULT_SCHEDULER_TIMEOUT_S,
+    security=None,
+    dashboard_address: str | None = None,
+    adapt: tuple[int, int] | None = None,
 ) -> Iterator:
     """A ``distributed.Client`` for the job; closes what it started.
 
-    scheduler: None for a new local cluster, an address (``tcp://host:8786``), or
-    the path of a scheduler file (waited for up to ``scheduler_timeout_s``).
+    scheduler: None for a new local cluster (TLS with a temporary certificate), an
+    address (``tcp://host:8786``, ``tls://...``), or the path of a scheduler file
+    (waited for up to ``scheduler_timeout_s``). security: the client's
+    ``distributed.security.Security`` for a remote scheduler (None: the Dask config).
+    dashboard_address: where a local cluster's dashboard listens (default
+    ``127.0.0.1:0``, a free port on loopback). adapt: (minimum, maximum) workers of an
+    adaptive local cluster (``LocalCluster.adapt``) instead of ``n_workers``.
     Bad options and unreachable schedulers raise InputError before anything starts.
     """
     from distributed import Client, LocalCluster
@@ -88,8 +127,10 @@ def client_for(
     logging.getLogger("bokeh").setLevel(logging.ERROR)
 
     check_cluster_options(n_workers, threads_per_worker, scheduler_timeout_s)
+    if adapt is not None:
+        check_adapt(adapt, gpu)
     if scheduler:
-        client = connect_scheduler(scheduler, scheduler_timeout_s)
+        client = connect_scheduler(scheduler, scheduler_timeout_s, security)
         if gpu:  # the cluster's workers must have GPUs and CuPy (dask cuda worker)
             _register_device(client, where=f"--scheduler {scheduler}")
         _announce(client)
@@ -98,45 +139,38 @@ def client_for(
         finally:
             client.close()
         return
-    # glibc's malloc thresholds for the workers (streamem bench refine-memory --allocator:
-    # one refine3d E-step chunk of 128 images at box 128, full radius, child processes,
-    # mean of 2 calls; a shared 2-core machine, so seconds are within ~20%):
-    #   Dask nanny default (trim 64 KiB: fixes the mmap threshold at 128 KiB, every large
-    #   temporary a fresh mmap, page faults)      39.6 s  peak 774 MiB, kept after 205 MiB
-    #   both thresholds 256 MiB (our earlier choice) 14.8 s  peak 942 MiB, kept 374 MiB
-    #   glibc defaults (dynamic mmap threshold)      17.1 s  peak 794 MiB, kept 226 MiB
-    #   MALLOC_ARENA_MAX=2                           14.4 s  peak 793 MiB, kept 226 MiB
-    #   both thresholds 32 MiB                       12.1 s  peak 805 MiB, kept 236 MiB
-    # Since the E-step works in bounded sub-batches (streamem.em.memory), its big
-    # temporaries are tens of MiB: 32 MiB thresholds reuse them from the heap (no page
-    # faults) and hand larger ones (accumulators, chunk images) back to the system.
-    # One BLAS thread per worker: the workers already use every core.
-    worker_env = {
-        "MALLOC_TRIM_THRESHOLD_": str(32 * 2**20),
-        "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
-    dask.config.set({"distributed.nanny.pre-spawn-environ": worker_env})
+    dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENV})
+    from streamem.dist.security import local_security
+
+    dashboard_address = dashboard_address or "127.0.0.1:0"
+    cluster_security = local_security()  # TLS: only this process's client holds the key
     if gpu:
         check_gpu()
         from dask_cuda import LocalCUDACluster
 
         cluster = LocalCUDACluster(
-            **gpu_cluster_options(threads_per_worker, memory_limit, _importable("rmm"))
+            **gpu_cluster_options(
+                threads_per_worker,
+                memory_limit,
+                _importable("rmm"),
+                security=cluster_security,
+                dashboard_address=dashboard_address,
+            )
         )
     else:
         cluster = LocalCluster(
-            n_workers=n_workers,
+            n_workers=adapt[0] if adapt else n_workers,
             threads_per_worker=threads_per_worker,
             host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
+            dashboard_address=dashboard_address,
             memory_limit=memory_limit,
             silence_logs=logging.WARNING,
+            security=cluster_security,
         )
     try:
-        client = Client(cluster)
+        if adapt is not None:
+            cluster.adapt(minimum=adapt[0], maximum=adapt[1])
+        client = Client(cluster, security=cluster_security)
     except BaseException:
         cluster.close()
         raise
@@ -234,21 +268,29 @@ def check_gpu(need_dask_cuda: bool = True) -> None:
 
 
 def gpu_cluster_options(
-    threads_per_worker: int = 1, memory_limit: str | None = "auto", rmm_available: bool = False
+    threads_per_worker: int = 1,
+    memory_limit: str | None = "auto",
+    rmm_available: bool = False,
+    security=None,
+    dashboard_address: str = "127.0.0.1:0",
 ) -> dict:
     """Keyword arguments of ``dask_cuda.LocalCUDACluster`` (module docstring).
 
     One worker per visible GPU (``n_workers`` left to dask-cuda, which counts
-    ``CUDA_VISIBLE_DEVICES``); scheduler and dashboard on 127.0.0.1 (a free port);
-    with ``rmm_available`` an RMM pool behind CuPy's allocator, else CuPy's own pool.
+    ``CUDA_VISIBLE_DEVICES``); scheduler and dashboard on 127.0.0.1 (a free port,
+    unless ``dashboard_address``); TLS with ``security`` (LocalCUDACluster passes it
+    to LocalCluster, which then uses ``tls://``); with ``rmm_available`` an RMM pool
+    behind CuPy's allocator, else CuPy's own pool.
     """
     options = {
         "host": "127.0.0.1",
-        "dashboard_address": "127.0.0.1:0",
+        "dashboard_address": dashboard_address,
         "threads_per_worker": threads_per_worker,
         "memory_limit": memory_limit,
         "silence_logs": logging.WARNING,
     }
+    if security is not None:
+        options["security"] = security
     if rmm_available:
         options["rmm_pool_size"] = RMM_POOL_FRACTION
         options["rmm_allocator_external_lib_list"] = ["cupy"]
@@ -291,19 +333,44 @@ def check_cluster_options(
         )
 
 
+def check_adapt(adapt: tuple[int, int], gpu: bool = False) -> None:
+    """Refuse an ``--adapt MIN:MAX`` that cannot work (InputError)."""
+    low, high = adapt
+    if gpu:
+        raise InputError(None, "--adapt is for CPU clusters (--gpu has one worker per GPU)")
+    if low < 1 or high < low:
+        raise InputError(None, f"--adapt MIN:MAX needs 1 <= MIN <= MAX (got {low}:{high})")
+
+
+def parse_adapt(text: str) -> tuple[int, int]:
+    """``"MIN:MAX"`` as two integers (InputError otherwise; checked by :func:`check_adapt`)."""
+    low, sep, high = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        adapt = (int(low), int(high))
+    except ValueError:
+        raise InputError(f"--adapt {text}", "expected MIN:MAX, two whole numbers") from None
+    check_adapt(adapt)
+    return adapt
+
+
 def is_scheduler_address(scheduler: str) -> bool:
     """True for ``PROTOCOL://...`` or ``HOST:PORT``; False for a scheduler-file path."""
     return "://" in scheduler or bool(_HOST_PORT.match(scheduler))
 
 
-def check_scheduler_address(address: str, where: str) -> str:
+def check_scheduler_address(address: str, where: str, security=None) -> str:
     """A valid distributed address (``tcp://`` added to ``HOST:PORT``), else InputError.
 
     ``where`` names what the user gave (``--scheduler X`` or the scheduler file) in
-    the error. ``tls://`` and ``wss://`` need TLS settings in the Dask config.
+    the error. ``tls://`` and ``wss://`` need certificates (``security``, a
+    ``distributed.security.Security``; None: the Dask config), and certificates that
+    require encryption need a TLS address.
     """
     from distributed.comm import registry
     from distributed.comm.addressing import parse_host_port
+    from distributed.security import Security
 
     if "://" not in address:
         address = f"tcp://{address}"
@@ -323,24 +390,24 @@ def check_scheduler_address(address: str, where: str) -> str:
             raise InputError(where, f"no host in {address!r} (expected {scheme}://HOST:PORT)")
         if not 0 < port < 65536:
             raise InputError(where, f"port {port} is not between 1 and 65535")
-    if scheme in ("tls", "wss") and _tls_settings() is None:
+    security = security if security is not None else Security()
+    has_tls = security.get_connection_args("client").get("ssl_context") is not None
+    if scheme in ("tls", "wss") and not has_tls:
         raise InputError(
             where,
-            f"a {scheme}:// scheduler needs TLS settings (distributed.comm.tls.ca-file, "
-            "distributed.comm.tls.client.cert and .key in the Dask config, or "
-            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE etc.)",
+            f"a {scheme}:// scheduler needs TLS settings: --tls-ca-file, --tls-cert and "
+            "--tls-key (or distributed.comm.tls.ca-file, .client.cert and .client.key in "
+            "the Dask config; streamem cluster certs makes them)",
+        )
+    if scheme in ("tcp", "ws") and security.require_encryption:
+        raise InputError(
+            where,
+            f"TLS certificates are given but the address is {scheme}://: use tls://{loc}",
         )
     return address
 
 
-def _tls_settings():
-    """The client's ``ssl.SSLContext`` from the Dask config, or None when there is none."""
-    from distributed.security import Security
-
-    return Security().get_connection_args("client").get("ssl_context")
-
-
-def scheduler_file_address(path: Path, timeout_s: float) -> str:
+def scheduler_file_address(path: Path, timeout_s: float, security=None) -> str:
     """The address in a scheduler file, waiting up to ``timeout_s`` for the file to appear."""
     where = f"--scheduler {path}"
     deadline = time.monotonic() + timeout_s
@@ -373,22 +440,27 @@ def scheduler_file_address(path: Path, timeout_s: float) -> str:
                     f"not a Dask scheduler file: it {problem} (written by dask scheduler --scheduler-file)",
                 ) from None
             time.sleep(0.1)
-    return check_scheduler_address(address, f"{where} (address {address})")
+    return check_scheduler_address(address, f"{where} (address {address})", security)
 
 
-def connect_scheduler(scheduler: str, timeout_s: float = DEFAULT_SCHEDULER_TIMEOUT_S):
+def connect_scheduler(
+    scheduler: str, timeout_s: float = DEFAULT_SCHEDULER_TIMEOUT_S, security=None
+):
     """A ``distributed.Client`` on an existing scheduler, connected within ``timeout_s``.
 
     ``scheduler``: an address (``tcp://host:8786``, ``host:8786``, ``tls://...``) or a
-    scheduler file (waited for). Raises InputError with one line on any failure.
+    scheduler file (waited for). security: the client's certificates
+    (``distributed.security.Security``; None: the Dask config). Raises InputError
+    with one line on any failure, TLS refusals included.
     """
     from distributed import Client
     from distributed.security import Security
 
+    security = security if security is not None else Security()
     deadline = time.monotonic() + timeout_s
     if is_scheduler_address(scheduler):
         where = f"--scheduler {scheduler}"
-        address = check_scheduler_address(scheduler, where)
+        address = check_scheduler_address(scheduler, where, security)
     else:
         path = Path(scheduler).expanduser()
         if not (path.exists() or path.suffix == ".json" or len(path.parts) > 1):
@@ -397,9 +469,8 @@ def connect_scheduler(scheduler: str, timeout_s: float = DEFAULT_SCHEDULER_TIMEO
                 "not a scheduler address (tcp://HOST:PORT or HOST:PORT) nor a scheduler "
                 "file (an existing file, or a path ending in .json)",
             )
-        address = scheduler_file_address(path, timeout_s)
+        address = scheduler_file_address(path, timeout_s, security)
         where = f"--scheduler {scheduler} (address {address})"
-    security = Security()
     connection_args = security.get_connection_args("client")
     # a scheduler file that appeared at the last moment still gets a short connect
     remaining_s = max(deadline - time.monotonic(), 2.0)
@@ -457,9 +528,40 @@ def _probe(address: str, timeout_s: float, connection_args: dict, where: str) ->
                 f"{timeout_s:.0f} s (is it a Dask scheduler? is the protocol right?)",
             ) from None
         except (OSError, ValueError, TypeError) as exc:
-            raise InputError(
-                where, f"cannot connect to the Dask scheduler ({_reason(exc)})"
-            ) from None
+            from streamem.dist.security import refusal
+
+            reason = _reason(exc)
+            tls_line = refusal(reason, address)
+            if tls_line is None and scheme == "tcp" and _speaks_tls(address, left_s):
+                tls_line = (
+                    f"the scheduler speaks TLS: use tls://{loc} with its certificates "
+                    "(--tls-ca-file, --tls-cert, --tls-key)"
+                )
+            if tls_line is not None:
+                raise InputError(where, tls_line) from None
+            raise InputError(where, f"cannot connect to the Dask scheduler ({reason})") from None
+
+
+def _speaks_tls(address: str, timeout_s: float) -> bool:
+    """True if the peer at a ``tcp://`` address answers a TLS ClientHello (a TLS
+    scheduler resets distributed's plain-text handshake, which says nothing)."""
+    import ssl
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    host, port = parse_host_port(parse_address(address)[1], DEFAULT_SCHEDULER_PORT)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only asks whether TLS is spoken, sends nothing
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout_s, 5.0)) as raw:
+            with context.wrap_socket(raw):
+                return True
+    except ssl.SSLError as exc:
+        # a TLS server that wants our certificate still speaks TLS
+        return "ALERT" in str(exc).upper() or "CERTIFICATE" in str(exc).upper()
+    except OSError:
+        return False
 
 
 def _reason(exc: BaseException) -> str:

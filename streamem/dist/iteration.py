@@ -10,6 +10,29 @@ scheduler without one, optionally with a progress bar). A worker that died repea
 (``KilledWorker``) becomes one :class:`~streamem.errors.InputError` line that the
 caller words.
 
+Elastic runs: the model survives the loss of any worker because it is a RECOMPUTABLE
+TASK RESULT, not scattered data. :func:`broadcast` submits one task,
+``_unwrap(_Held(model))``, whose spec holds the model: the scheduler keeps that spec,
+one worker computes it (a copy), and every chunk task depends on its key; other
+workers fetch it from a peer when their first task needs it, workers that join
+mid-iteration included. If every worker holding it dies (the only worker of a
+cluster that is just growing from one, SIGKILLed), the scheduler recomputes the
+task from its spec on a live worker, and the chunk tasks go on. Scattered data
+(``client.scatter(..., broadcast=True)``, what this module did before) is lost for
+good when its last holder dies abruptly: the scheduler "forgets" the key, every task
+that needs it fails, and re-scattering cannot revive a graph already submitted;
+``replicate`` does not help either, since the Active Memory Manager
+(``ReduceReplicas``, on by default) drops replicas that no queued task needs, and a
+worker that joins later has none. The cost: the scheduler holds one copy of the
+model per iteration (the spec, released with the iteration's futures), and the model
+crosses the network client -> scheduler -> one worker (and is re-sent only after a
+loss). The chunk tasks and tree sum are pure (``map_chunks``/``tree_sum``: a result
+depends only on the chunk, the arguments and the model; random choices are seeded
+from them), so a task Dask reruns after a loss returns the same statistics and writes
+the same per-particle values into the same store region; the tree sum adds in a
+fixed order, so the iteration's statistics are bit-identical whichever workers ran
+what (given the same worker environment: one BLAS thread per worker).
+
 Layering (a decision, against ``DESIGN.md``'s order, which lists ``dist`` above
 ``em``): ``dist/`` holds GENERIC Dask helpers. They take callables and plain values,
 and never import ``streamem.em`` or ``streamem.pick``; so ``em/`` may import ``dist/``
@@ -21,6 +44,8 @@ knows nothing of what the tasks compute.
 from __future__ import annotations
 
 import sys
+import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,12 +55,37 @@ from streamem.dist.graph import map_chunks, split_every_for, tree_sum
 from streamem.errors import InputError
 
 
+class _Held:
+    """An opaque box, so Dask neither traverses the model (dataclasses, dicts, tuples
+    are graph syntax to it) nor hashes its arrays."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __reduce__(self):
+        return (_Held, (self.value,))
+
+
+def _unwrap(held: _Held) -> Any:
+    return held.value
+
+
 def broadcast(value: Any, client) -> Any:
-    """``value`` placed once where every task can read it (a future on every worker, or
-    a delayed for the threaded scheduler), so graphs refer to it instead of embedding it."""
+    """``value`` placed once where every task can read it, so graphs refer to it instead
+    of embedding it: a future of a task that returns it (recomputed by the scheduler if
+    the workers holding it die; module docstring), or a delayed for the threaded
+    scheduler."""
     if client is None:
         return dask.delayed(value, pure=False)
-    return client.scatter(value, broadcast=True, hash=False)
+    key = f"model-{uuid.uuid4().hex}"
+    model = dask.delayed(_unwrap, pure=False)(_Held(value), dask_key_name=key)
+    # the model is this graph's only large part, sent once: distributed's warning about
+    # large graphs (meant for data repeated in many tasks) does not apply
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+        return client.compute(model)
 
 
 def compute(graph, client, progress: bool = False) -> Any:
