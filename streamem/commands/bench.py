@@ -18,6 +18,7 @@ BENCH_MODULES = [
     "estep_chunk",
     "class3d_accuracy",
     "refine_memory",
+    "refine_phases",
     "chaos",
 ]
 

@@ -16,6 +16,7 @@ tests/test_estep_batching.py); the M-step works in double precision on its copy.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -81,7 +82,9 @@ class SufficientStatistics:
         )
 
     def __iadd__(self, other: SufficientStatistics) -> SufficientStatistics:
-        """In place: the reduction adds into one total instead of a new one per input."""
+        """In place: the reduction adds into one total instead of a new one per input.
+        Its seconds count as phase "reduction" of the total."""
+        t0 = time.perf_counter()
         self.data_acc += other.data_acc
         self.weight_acc += other.weight_acc
         self.noise_power += other.noise_power
@@ -95,10 +98,14 @@ class SufficientStatistics:
         self.class_weight = self.class_weight + other.class_weight
         self.phase_seconds = add_seconds(self.phase_seconds, other.phase_seconds)
         self.coarse_flops += other.coarse_flops
+        self.phase_seconds["reduction"] = (
+            self.phase_seconds.get("reduction", 0.0) + time.perf_counter() - t0
+        )
         return self
 
     def __add__(self, other: SufficientStatistics) -> SufficientStatistics:
-        return SufficientStatistics(
+        t0 = time.perf_counter()
+        total = SufficientStatistics(
             data_acc=self.data_acc + other.data_acc,
             weight_acc=self.weight_acc + other.weight_acc,
             noise_power=self.noise_power + other.noise_power,
@@ -113,6 +120,10 @@ class SufficientStatistics:
             phase_seconds=add_seconds(self.phase_seconds, other.phase_seconds),
             coarse_flops=self.coarse_flops + other.coarse_flops,
         )
+        total.phase_seconds["reduction"] = (
+            total.phase_seconds.get("reduction", 0.0) + time.perf_counter() - t0
+        )
+        return total
 
 
 @dataclass
