@@ -36,16 +36,9 @@ from streamem.em.kernels import (
     ref_power_terms,
     stacked_real,
 )
+from streamem.em.memory import LOCAL_GATHER_BYTES, SIGNIFICANCE_BLOCK_BYTES
 from streamem.em.phases import PhaseTimer, gemm_flops
 from streamem.em.significance import significant_class_pairs
-
-#: Bytes of gathered candidate slices per group of the local pass (float32 [Re, Im]):
-#: a group's batched GEMM runs at full speed from one image on, the bound keeps the
-#: gather a fixed transient (one image at box 128 is ~25 MB and runs alone).
-LOCAL_GATHER_BYTES = 32 * 2**20
-#: Bytes of one block of the batched significance (log-posteriors and their ranking
-#: temporaries, ~40 bytes per sample).
-SIGNIFICANCE_BLOCK_BYTES = 32 * 2**20
 
 
 def coarse_orientations(model):

@@ -101,8 +101,17 @@ def estep_stage_bytes(shape: EStepShape, n_images: int) -> dict[str, int]:
         scores += n * KJ * 4  # ref power terms (n, U) against the union
     if K > 1:  # class3d's row priors (n, K·J) float64 (and local: the angular prior)
         scores += n * KJ * 24
-    coarse = resident + refs + n * T * Mc * 32 + scores + T * per_image_j * 24
-    significance = resident + n * T * per_image_j * 4 + T * per_image_j * 24
+    # the batched significance ranks blocks of images (~40 B per sample, a bounded block)
+    ranking = min(SIGNIFICANCE_BLOCK_BYTES, n * T * per_image_j * 40)
+    if s.local:  # host float64 log-posteriors (n, T, K, c) and one group's gathered slices
+        scores += n * T * per_image_j * 8
+        gather = min(LOCAL_GATHER_BYTES, n * per_image_j * 2 * Mc * 4)
+        gather = max(gather, per_image_j * 2 * Mc * 4)  # one image runs alone
+    else:
+        gather = 0
+    coarse = resident + refs + n * T * Mc * 32 + scores + gather + T * per_image_j * 24
+    kept = n * T * per_image_j * (12 if s.local else 4)  # float32 scores, float64 if local
+    significance = resident + kept + max(ranking, T * per_image_j * 40)
     # fine table: children of every refined coarse orientation (stacked [Re, Im] f32, power f32)
     P = K * s.n_pairs
     rows = min(n * P, K * s.n_orientations_total) * s.n_kids
@@ -120,6 +129,12 @@ def estep_stage_bytes(shape: EStepShape, n_images: int) -> dict[str, int]:
         "backprojection": backprojection,
     }
 
+
+#: Bounds of the batched coarse pass's transients (bytes; :mod:`streamem.em.coarse_pass`
+#: uses these): one group's gathered candidate slices (local searches) and one block of
+#: the batched significance.
+LOCAL_GATHER_BYTES = 32 * 2**20
+SIGNIFICANCE_BLOCK_BYTES = 32 * 2**20
 
 #: Upper bound of one padded group of the batched fine pass (bytes): a group's
 #: batched GEMMs run at full speed from a few images on; a bound keeps the gathered
