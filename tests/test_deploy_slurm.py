@@ -259,7 +259,6 @@ def test_launcher_worker_env_is_the_local_clusters():
 
 def test_refine3d_through_slurm_equals_local(slurm, small_run, tmp_path):
     """A real SLURM job runs the workers (TLS, loopback); the map equals the local run's."""
-    import dask
     from distributed import Client
 
     from streamem.core.fsc import fsc
@@ -272,12 +271,6 @@ def test_refine3d_through_slurm_equals_local(slurm, small_run, tmp_path):
         partition="debug", interface="lo", security=launch.security_from_files(ca, cert, key),
         log_directory=str(tmp_path / "logs"),
     )  # fmt: skip
-    tls = {
-        "distributed.comm.require-encryption": True,
-        "distributed.comm.tls.ca-file": ca,
-        "distributed.comm.tls.client.cert": cert,
-        "distributed.comm.tls.client.key": key,
-    }
     try:
         cluster.scale(jobs=1)
         with Client(cluster, security=cluster.security) as client:
@@ -289,10 +282,11 @@ def test_refine3d_through_slurm_equals_local(slurm, small_run, tmp_path):
                 ["squeue", "-h", "-o", "%a %P %l %T"], capture_output=True, text=True
             ).stdout.split()
             assert jobs == ["streamem-test", "debug", "10:00", "RUNNING"], jobs
-            with dask.config.set(tls):
-                slurm_map = _refine(
-                    store, root, "slurm", "--scheduler", str(tmp_path / "scheduler.json")
-                )
+            # the client's side of TLS: streamem's own options, as a user gives them
+            slurm_map = _refine(
+                store, root, "slurm", "--scheduler", str(tmp_path / "scheduler.json"),
+                "--tls-ca-file", ca, "--tls-cert", cert, "--tls-key", key,
+            )  # fmt: skip
     finally:
         cluster.close()
     curve = fsc(local_map, slurm_map)
