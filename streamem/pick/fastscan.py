@@ -201,12 +201,7 @@ def scan_batched(prepared, bank: TemplateBank, filt, moments, psi_list, s_fixed,
         work = xp.empty((W, W, which.size), dtype=xp.float32)
         for base_psi, variants in groups:
             index, weight = plan.bilinear(base_psi, grid.size_px, P, lo, Pc, xp)
-            xp.take(Fc, index[0], axis=0, out=G)
-            G *= weight[0][:, None]
-            for corner in range(1, 4):
-                xp.take(Fc, index[corner], axis=0, out=tmp)
-                tmp *= weight[corner][:, None]
-                G += tmp
+            _interpolate(Fc, index, weight, G, tmp, xp)
             G90 = None
             for v, psi in variants:
                 if v in (1, 3):
@@ -227,6 +222,24 @@ def scan_batched(prepared, bank: TemplateBank, filt, moments, psi_list, s_fixed,
                 best.update(key, c, p, cls + start, psi, xp)
                 del cc
     return best
+
+
+CHUNK_BYTES = 2**21  # blocks of the big passes that stay in cache (2 MB)
+
+
+def _interpolate(Fc, index, weight, G, tmp, xp) -> None:
+    """``G = Σ_corners weight · Fc[index]`` (bilinear), block by block of frequencies."""
+    n_rows = G.shape[0]
+    step = max(1, CHUNK_BYTES // (G.shape[1] * 8))
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        g, t = G[r0:r1], tmp[: r1 - r0]
+        xp.take(Fc, index[0, r0:r1], axis=0, out=g)
+        g *= weight[0, r0:r1, None]
+        for corner in range(1, 4):
+            xp.take(Fc, index[corner, r0:r1], axis=0, out=t)
+            t *= weight[corner, r0:r1, None]
+            g += t
 
 
 def _negate_r(a, xp):
@@ -250,10 +263,20 @@ def _reduce(cc, mu, sigma, k: dict, s_fixed, xp, fom, work):
     ``cc`` ``(W, W, n)`` is overwritten; ``work`` is a buffer of its shape.
     """
     if s_fixed is None:
-        xp.multiply(mu[:, :, None], k["b"], out=work)
-        cc -= work  # cc' − μ b: same argmax as z (σ > 0)
-        j = xp.argmax(cc, axis=-1)
-        key = xp.take_along_axis(cc, j[:, :, None], axis=-1)[:, :, 0] / sigma
+        # cc' − μ b: same argmax as z (σ > 0); rows in blocks that stay in cache
+        W, n = cc.shape[0], cc.shape[-1]
+        step = max(1, CHUNK_BYTES // (cc.shape[1] * n * 4))
+        j = xp.empty((W, cc.shape[1]), dtype=xp.int64)
+        key = xp.empty((W, cc.shape[1]), dtype=xp.float32)
+        for r0 in range(0, W, step):
+            r1 = min(W, r0 + step)
+            blk, wk = cc[r0:r1], work[: r1 - r0]
+            xp.multiply(mu[r0:r1, :, None], k["b"], out=wk)
+            blk -= wk
+            jb = xp.argmax(blk, axis=-1)
+            j[r0:r1] = jb
+            key[r0:r1] = xp.take_along_axis(blk, jb[:, :, None], axis=-1)[:, :, 0]
+        key /= sigma
         c = key / k["e"][j]
     else:
         C = (cc - mu[:, :, None] * k["ma"]) / sigma[:, :, None]
