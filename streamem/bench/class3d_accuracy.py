@@ -1,15 +1,26 @@
 """``streamem bench class3d-accuracy``: class3d on a simulated 60/40 mix, against the truth.
 
-The mix of the two built-in conformations (``asym`` 60%, ``asym-B`` 40%; box 32,
-4 Å/px, SNR 0.2 unless given) is simulated with its true poses copied into the
-store's metadata (as after a consensus refinement; ``--pose-noise-deg`` adds seeded
-Gaussian errors of that size to each Euler angle and a third of it in Å to each
-origin), then classified into K=2 classes from conformation A's map, with
-``--search global`` (the stored poses are not used), ``local`` (σ 8° around them at
-HEALPix order 2, offsets ±2 px) or ``skip`` (--skip-align). Reported: the share of
-particles in their conformation's class, the estimated and true fraction of A,
-the median angular error and seconds per iteration. The numbers of issue 6's notes
-come from this command.
+Mixes (``--mix``, 60% ``asym`` and 40% of the other state; box 32, 4 Å/px, SNR 0.2
+unless given): ``conformations`` (``asym-B``: the 45 kDa domain swung by 55°),
+``small`` (``asym-del``: asym lacking a 6.0% edge cap, issue 25's small difference) or
+``small15`` (``asym-del15``, 15%: the exaggerated difference for small boxes).
+
+Workflows (``--workflow``):
+
+- ``poses`` (default): the true poses copied into the store's metadata (as after a
+  perfect consensus; ``--pose-noise-deg`` adds seeded Gaussian errors of that size to
+  each Euler angle and a third of it in Å to each origin), then class3d with
+  ``--search global`` (the stored poses are not used), ``local`` (σ 8° around them at
+  HEALPix order 2, offsets ±2 px) or ``skip`` (--skip-align).
+- ``consensus``: consensus-then-classify as a user runs it: refine3d of the whole set
+  from the complete state's map low-passed to 30 Å (``--refine-iterations``), then
+  ``class3d --from-refine`` with ``--search local`` or ``skip``.
+
+class3d starts from the complete state's map low-passed to ``--ini-high`` (K classes,
+``--k``). Reported: the share of particles in classes their state dominates (overall
+and per state: the purity of issue 25), the estimated and true fraction of the
+complete state, the median angular error and seconds per class3d iteration. The
+numbers of issue 6's and issue 25's notes come from this command.
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+#: --mix: the state mixed 40% with 60% of ``asym``
+MIXES = {"conformations": "asym-B", "small": "asym-del", "small15": "asym-del15"}
 POSE_LABELS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
 
 
@@ -34,11 +47,20 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--seed", type=int, default=3, help="simulation seed (default 3)")
     p.add_argument("--search", choices=("global", "local", "skip"), default="local")
     p.add_argument("--iterations", type=int, default=10)
-    p.add_argument("--tau2-from", choices=("fsc", "reference"), default="fsc")
+    p.add_argument("--tau2-from", choices=("reference", "fsc"), default="reference")
     p.add_argument("--tau2-fudge", type=float, default=4.0)
     p.add_argument("--pose-noise-deg", type=float, default=0.0)
     p.add_argument("--no-random-seeds", action="store_true")
     p.add_argument("--perturbation", type=float, default=0.0)
+    p.add_argument("--mix", choices=tuple(MIXES), default="conformations")
+    p.add_argument("--workflow", choices=("poses", "consensus"), default="poses")
+    p.add_argument("--box", type=int, default=32, help="pixels (default 32)")
+    p.add_argument("--pixel-size", type=float, default=4.0, help="Å (default 4)")
+    p.add_argument("--k", type=int, default=2, help="classes (default 2)")
+    p.add_argument("--ini-high", type=float, default=20.0, help="class3d start low-pass, Å")
+    p.add_argument("--lowres-iterations", type=int, default=3)
+    p.add_argument("--refine-iterations", type=int, default=8, help="consensus refine3d")
+    p.add_argument("--chunk-size", type=int, default=100)
     p.set_defaults(func=run)
 
 
@@ -48,48 +70,64 @@ def measure(
     seed=3,
     search="local",
     iterations=10,
-    tau2_from="fsc",
+    tau2_from="reference",
     tau2_fudge=4.0,
     pose_noise_deg=0.0,
     random_seeds=True,
     perturbation=0.0,
+    mix="conformations",
+    workflow="poses",
+    box_size=32,
+    pixel_size_A=4.0,
+    n_classes=2,
+    ini_high_A=20.0,
+    lowres_iterations=3,
+    refine_iterations=8,
+    chunk_size=100,
 ) -> dict:
     from streamem.core.euler import angular_distance_deg, euler_to_matrix
     from streamem.em import runfiles
     from streamem.em.classify3d import Class3DOptions, classify3d
+    from streamem.em.refine import RefineOptions, refine3d
+    from streamem.errors import InputError
     from streamem.io.mrc import read_map
     from streamem.simulate.particles import simulate_particles, truth_volume_paths
+    from streamem.simulate.phantoms import deletion_fraction
 
+    if workflow == "consensus" and search == "global":
+        raise InputError(None, "--workflow consensus classifies with --search local or skip")
+    other = MIXES[mix]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         store = simulate_particles(
-            root / "p.zarr", n_particles, box_size=32, pixel_size_A=4.0, snr=snr, seed=seed,
-            phantom=["asym", "asym-B"], mix=[0.6, 0.4], chunk_size=100, max_shift_A=4.0,
+            root / "p.zarr", n_particles, box_size=box_size, pixel_size_A=pixel_size_A,
+            snr=snr, seed=seed, phantom=["asym", other], mix=[0.6, 0.4],
+            chunk_size=chunk_size, max_shift_A=pixel_size_A,
         )  # fmt: skip
         truth = store.read_table("truth")
-        rng = np.random.default_rng([seed, 1])
-        for label in POSE_LABELS:
-            store.add_field(label, np.float64)
-        errors = {
-            label: rng.normal(
-                0, pose_noise_deg if "Angle" in label else pose_noise_deg / 3, n_particles
-            )
-            for label in POSE_LABELS
-        }
-        store.write_region(0, metadata={k: truth[k] + errors[k] for k in POSE_LABELS})
         reference, _ = read_map(truth_volume_paths(store.path)[0])
+        from_refine, refine_seconds = None, 0.0
+        if workflow == "poses":
+            _store_true_poses(store, truth, pose_noise_deg, seed)
+        else:
+            t0 = time.perf_counter()
+            refine_options = RefineOptions(ini_high_A=30.0, max_iterations=refine_iterations)
+            refine3d(store, reference, root / "refine", refine_options)
+            refine_seconds = time.perf_counter() - t0
+            from_refine = str(root / "refine")
         search_options = {
             "global": {},
             "local": dict(local_sigma_deg=8.0, offset_range_px=2.0, offset_step_px=1.0),
             "skip": dict(skip_align=True),
         }[search]
         options = Class3DOptions(
-            n_classes=2, iterations=iterations, lowres_iterations=3, healpix_order=2,
-            ini_high_A=20.0, tau2_from=tau2_from, tau2_fudge=tau2_fudge, seed=0,
-            random_seeds=random_seeds, perturbation=perturbation, **search_options,
+            n_classes=n_classes, iterations=iterations, lowres_iterations=lowres_iterations,
+            healpix_order=2, ini_high_A=ini_high_A, tau2_from=tau2_from, tau2_fudge=tau2_fudge,
+            seed=0, random_seeds=random_seeds, perturbation=perturbation,
+            from_refine=from_refine, **search_options,
         )  # fmt: skip
         t0 = time.perf_counter()
-        result = classify3d(store, reference, root / "run", options)
+        result = classify3d(store, None if from_refine else reference, root / "run", options)
         seconds = time.perf_counter() - t0
         poses = runfiles.read_results(root / "run" / "particles.zarr", result.iterations)
         found = euler_to_matrix(poses["rlnAngleRot"], poses["rlnAngleTilt"], poses["rlnAnglePsi"])
@@ -105,17 +143,40 @@ def measure(
         "true_fraction_a": float(np.mean(truth["rlnClassNumber"] == 1)),
         "median_angular_error_deg": float(np.median(angular_distance_deg(found, true))),
         "seconds_per_iteration": seconds / result.iterations,
+        "refine_seconds": refine_seconds,
+        "difference_fraction": deletion_fraction(other, box_size * pixel_size_A, seed),
+        "state": other,
     }
+
+
+def _store_true_poses(store, truth, pose_noise_deg: float, seed: int) -> None:
+    """The true poses (plus seeded errors) as the store's poses (a perfect consensus)."""
+    n = store.n_particles
+    rng = np.random.default_rng([seed, 1])
+    for label in POSE_LABELS:
+        store.add_field(label, np.float64)
+    errors = {
+        label: rng.normal(0, pose_noise_deg if "Angle" in label else pose_noise_deg / 3, n)
+        for label in POSE_LABELS
+    }
+    store.write_region(0, metadata={k: truth[k] + errors[k] for k in POSE_LABELS})
 
 
 def run(args) -> int:
     r = measure(
         args.n_particles, args.snr, args.seed, args.search, args.iterations, args.tau2_from,
         args.tau2_fudge, args.pose_noise_deg, not args.no_random_seeds, args.perturbation,
+        args.mix, args.workflow, args.box, args.pixel_size, args.k, args.ini_high,
+        args.lowres_iterations, args.refine_iterations, args.chunk_size,
     )  # fmt: skip
     per = " ".join(f"{k}:{100 * v:.1f}%" for k, v in r["per_truth"].items())
+    if r["difference_fraction"]:
+        print(f"mix                     asym 60% / {r['state']} 40% "
+              f"(lacks {100 * r['difference_fraction']:.1f}% of the mass)")  # fmt: skip
     print(f"correct                 {100 * r['accuracy']:.1f}%  (per true class {per})")
     print(f"fraction of A           {r['fraction_a']:.3f}  (true {r['true_fraction_a']:.3f})")
     print(f"median angular error    {r['median_angular_error_deg']:.2f}°")
     print(f"seconds per iteration   {r['seconds_per_iteration']:.1f}")
+    if r["refine_seconds"]:
+        print(f"consensus refine3d      {r['refine_seconds']:.0f} s")
     return 0

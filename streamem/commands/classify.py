@@ -18,6 +18,19 @@ def register(sub) -> None:
     p = sub.add_parser("class3d", help="3D classification into K classes", description=__doc__)
     p.add_argument("store", help="particle store (.zarr)")
     p.add_argument("--ref", help="starting map (MRC), same box and pixel size")
+    p.add_argument(
+        "--from-refine",
+        metavar="DIR",
+        default=None,
+        help="start from a finished refine3d run folder: its map (instead of --ref), poses "
+        "and noise model (consensus-then-classify; use with --local SIGMA or --skip-align)",
+    )
+    p.add_argument(
+        "--solvent-mask",
+        metavar="MASK.mrc",
+        default=None,
+        help="mask (values 0-1) applied to the references instead of the particle sphere",
+    )
     p.add_argument("--out", required=True, help="run folder (must be new or empty)")
     p.add_argument("--k", type=int, default=4, help="number of classes (default 4)")
     p.add_argument("--iterations", type=int, default=25)
@@ -34,6 +47,13 @@ def register(sub) -> None:
     p.add_argument("--skip-align", action="store_true", help="keep the stored poses; classify only")
     p.add_argument(
         "--tau2-fudge", type=float, default=4.0, help="regularisation (RELION class3d: 4)"
+    )
+    p.add_argument(
+        "--tau2-from",
+        choices=("reference", "fsc"),
+        default="reference",
+        help="signal power of each class: its current map's (RELION, default) or the FSC "
+        "of its random halves",
     )
     p.add_argument("--particle-diameter", type=float, default=None, help="Å (default 0.8 x box)")
     p.add_argument(
@@ -81,7 +101,9 @@ def run_class3d(args) -> int:
     from streamem.io.atomic import check_not_input
     from streamem.io.store import ParticleStore
 
-    check_not_input(args.out, [args.store, args.ref])  # before any work: never write into them
+    check_not_input(
+        args.out, [args.store, args.ref, args.from_refine, args.solvent_mask]
+    )  # before any work: never write into them
     # the options first (no file read), then the inputs, then the options against them
     options = Class3DOptions(
         n_classes=args.k,
@@ -92,6 +114,7 @@ def run_class3d(args) -> int:
         local_sigma_deg=args.local,
         skip_align=args.skip_align,
         tau2_fudge=args.tau2_fudge,
+        tau2_from=args.tau2_from,
         particle_diameter_A=args.particle_diameter,
         ini_high_A=args.ini_high,
         lowres_iterations=args.lowres_iterations,
@@ -102,11 +125,17 @@ def run_class3d(args) -> int:
         perturbation=args.perturbation,
         do_ctf=not args.no_ctf,
         memory_per_worker_bytes=memory_per_worker(args),
+        from_refine=str(Path(args.from_refine).absolute()) if args.from_refine else None,
+        solvent_mask=str(Path(args.solvent_mask).absolute()) if args.solvent_mask else None,
     )
     store = ParticleStore(args.store)
-    if not args.continue_run and args.ref is None:
-        raise InputError(None, "--ref is needed to start a run (only --continue goes without)")
-    if not args.continue_run and not Path(args.ref).exists():
+    if args.ref is not None and args.from_refine is not None:
+        raise InputError(None, "give --ref or --from-refine, not both")
+    if not args.continue_run and args.ref is None and args.from_refine is None:
+        raise InputError(
+            None, "--ref or --from-refine is needed to start a run (only --continue goes without)"
+        )
+    if not args.continue_run and args.ref is not None and not Path(args.ref).exists():
         raise InputError(args.ref, "reference map not found")
     options.check_box(store.box_size, store.pixel_size_A)
     result = run_job(

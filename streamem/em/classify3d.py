@@ -22,14 +22,20 @@ Decisions (RELION's class3d; where we differ, it is said):
   rlnClassNumber is the class of largest marginal posterior (summed over poses;
   RELION: the class of the single most probable sample).
 - No gold-standard halves: each class is reconstructed from all its particles. The
-  signal power τ² that regularises a class comes, by default (``tau2_from="fsc"``),
-  from the FSC between two reconstructions of the class from its particles' random
-  halves (rlnRandomSubset), corrected to the full set (2f/(1+f)). RELION takes τ² from
-  the class's current reference (``tau2_from="reference"``: fudge × the map's power).
-  On the 60/40 test mix both recover the classes; the reference's power favoured the
-  larger class (fractions 5 points off at 600 particles, and a collapse into one
-  class with ``tau2_fudge`` 1), the FSC did not. ``tau2_fudge`` multiplies τ² (RELION's
-  default for class3d: 4).
+  signal power τ² that regularises a class comes, by default (``tau2_from="reference"``,
+  RELION's), from the class's current reference (fudge × the masked map's power; the
+  FSC between the class's random halves in the first, scale-free iteration). The
+  alternative ``tau2_from="fsc"`` takes it from the FSC between two reconstructions of
+  the class from its particles' random halves (rlnRandomSubset), corrected to the full
+  set (2f/(1+f)). Issue 25 measured the two on a small difference (``asym`` vs
+  ``asym-del``, 6.0% of the mass, 60/40, true poses with --skip-align): the FSC's τ²
+  lets each class fit its own particles' noise at high frequency (the estimated
+  resolution runs 10 shells past the reference's, and the random initial split locks):
+  69% correct at box 64 (1,000 particles, SNR 0.1) and 69% at box 32 (400, SNR 0.2);
+  the reference's power keeps the unsupported shells shrunk as RELION does: 98.6% and
+  93%. (On the 60/40 mix of two conformations, issue 6 found the reference's power
+  favouring the larger class by 5 points at 600 particles.) ``tau2_fudge`` multiplies
+  τ² (RELION's default for class3d: 4).
 - The estimated resolution per class (rlnEstimatedResolution) is RELION's FSC-free
   one: the shell where the class's SSNR, τ²/σ²_rec with τ² from the new map's power
   (rlnSsnrMap), drops below 1. The random-half FSC is written as rlnGoldStandardFsc.
@@ -44,7 +50,7 @@ Decisions (RELION's class3d; where we differ, it is said):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -56,6 +62,7 @@ from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.symmetry import symmetry_matrices
 from streamem.em import engine, mstep, runfolder
 from streamem.em.class_truth import ClassAccuracy
+from streamem.em.consensus import ConsensusStart, copy_poses, read_consensus
 from streamem.em.estep import EStepModel, SearchGrid, expectation
 from streamem.errors import InputError
 from streamem.io.mrc import read_map, write_map
@@ -85,12 +92,14 @@ class Class3DOptions:
     flatten_solvent: bool = True
     perturbation: float = 0.0  # rms of random low-pass noise added per class start
     random_seeds: bool = True  # first iteration: each particle in one random class
-    tau2_from: str = "fsc"  # "fsc" (random halves of the class) or "reference" (RELION)
+    tau2_from: str = "reference"  # "reference" (RELION: the class's map) or "fsc" (its halves)
     seed: int = 0
     padding_factor: int = 2
     split_every: int = 8
     reference_on_data_scale: bool = False
     memory_per_worker_bytes: int | None = None  # --memory-per-worker: E-step budget (em.memory)
+    from_refine: str | None = None  # a refine3d run folder: its map, poses and noise (consensus)
+    solvent_mask: str | None = None  # --solvent_mask: MRC mask for the references (else a sphere)
 
     def __post_init__(self):
         # every value checked before any work (streamem.validate); messages name the CLI option
@@ -222,13 +231,24 @@ def classify3d(
     options = options or Class3DOptions()
     store = store if isinstance(store, ParticleStore) else ParticleStore(store)
     options.check_box(store.box_size, store.pixel_size_A)  # before the run folder is created
-    if options.skip_align and not store.has_fields(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
+    poses = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+    if options.skip_align and not options.from_refine and not store.has_fields(poses):
         raise InputError(store.path, "--skip-align needs poses (rlnAngleRot/Tilt/Psi) in the store")
     B, p = store.box_size, store.pixel_size_A
+    consensus = None
+    if options.from_refine:
+        # the consensus map is on the data's greyscale: no scale fit in iteration 1
+        options = replace(options, reference_on_data_scale=True)
+        if not continue_run:
+            consensus = read_consensus(options.from_refine, store)
+            reference = consensus.map
+    if not continue_run and reference is None:
+        raise InputError(None, "class3d needs a starting map (--ref or --from-refine)")
     ref = None if continue_run else engine.load_reference(reference, B, p)
+    mask = read_solvent_mask(options.solvent_mask, B) if options.solvent_mask else None
     with runfolder.claim(out_dir, "class3d", store, options, continue_run, STATE_KEYS) as run:
         ctx = engine.run_context(store, run, options, client)
-        state = engine.run_job(Class3DJob(options, ref), ctx)
+        state = engine.run_job(Class3DJob(options, ref, consensus, mask), ctx)
     fields = engine.class_result_fields(ctx, state, options.iterations)
     return Class3DResult(maps=state["maps"], **fields)
 
@@ -245,13 +265,15 @@ class Class3DJob:
 
     options: Class3DOptions
     reference: np.ndarray | None  # the starting map (None when continuing)
+    consensus: ConsensusStart | None = None  # --from-refine (None when continuing)
+    solvent_mask: np.ndarray | None = None  # --solvent-mask (B, B, B) in [0, 1]
     kind: ClassVar[engine.JobKind] = engine.JobKind("class3d", True, expectation)
 
     def start(self, ctx, checkpoint: dict | None) -> dict:
         o, K, p = self.options, self.options.n_classes, ctx.pixel_size_A
-        mask = (
-            engine.solvent_mask_for(ctx.box_size, p, ctx.diameter_A) if o.flatten_solvent else None
-        )
+        mask = self.solvent_mask
+        if mask is None and o.flatten_solvent:
+            mask = engine.solvent_mask_for(ctx.box_size, p, ctx.diameter_A)
         if checkpoint is not None:
             names = checkpoint["class_maps"]
             if len(names) != K:
@@ -264,7 +286,7 @@ class Class3DJob:
                 "fractions": np.asarray(checkpoint["fractions"]),
                 "resolutions": resolutions,
             }
-        return {
+        state = {
             "mask": mask,
             "maps": initial_references(
                 self.reference, K, o.ini_high_A, p, mask, o.perturbation, o.seed
@@ -274,6 +296,11 @@ class Class3DJob:
             "fractions": np.full(K, 1.0 / K),
             "resolutions": np.full(K, o.ini_high_A),
         }
+        if self.consensus is not None:  # the consensus's noise model, offsets and poses
+            c = self.consensus
+            copy_poses(c, ctx.results_path, ctx.store.n_particles, ctx.store.chunk_size)
+            state.update(inv_sigma2=c.inv_sigma2, sigma_offset_A=c.sigma_offset_A, start_poses=True)
+        return state
 
     def finished(self, state: dict) -> bool:
         return state["iteration"] >= self.options.iterations
@@ -373,6 +400,20 @@ class Class3DJob:
     def log_line(self, state: dict, model, iteration: int, changed: float, seconds: float) -> str:
         res, box = f"res {state['resolution_A']:6.2f} A  ", f"box {model.work_box:3d}"
         return engine.class_log_line("class3d", iteration, state, changed, seconds, res, box)
+
+
+def read_solvent_mask(path: str | Path, box_size: int) -> np.ndarray:
+    """A reference mask (B, B, B) float32 in [0, 1] from an MRC file (RELION's --solvent_mask)."""
+    if not Path(path).is_file():
+        raise InputError(path, "--solvent-mask: file not found")
+    mask, _ = read_map(path)
+    if mask.shape != (box_size,) * 3:
+        raise InputError(path, f"mask is {mask.shape}, particles need ({box_size},)*3")
+    if not np.isfinite(mask).all() or mask.min() < -1e-3 or mask.max() > 1 + 1e-3:
+        raise InputError(path, "--solvent-mask: values must lie in [0, 1]")
+    if mask.max() <= 0:
+        raise InputError(path, "--solvent-mask: the mask is empty")
+    return np.clip(mask, 0.0, 1.0).astype(np.float32)
 
 
 def class_fsc(maps: np.ndarray) -> np.ndarray:

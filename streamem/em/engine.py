@@ -420,7 +420,8 @@ def run_job(job: Job, ctx: RunContext, stop_after_iteration: int | None = None) 
         stats = run_estep(
             ctx.store,
             ctx.results_path,
-            state["iteration"] or None,
+            # iteration 0: poses a job put in its results before its first iteration
+            state["iteration"] or (0 if state.get("start_poses") else None),
             iteration,
             model,
             ctx.client,
