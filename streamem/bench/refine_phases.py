@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from streamem.bench.refine_memory import RssSampler, _Lines, simulate_store
-from streamem.em.phases import PHASES
+from streamem.em.phases import PHASES, phase_table
 
 
 def register_bench(bench_sub) -> None:
@@ -86,6 +86,8 @@ class _Recorder:
                 rec.current["compare"] = _compare(store, results_path, prev_iteration, model,
                                                   rec.compare)  # fmt: skip
             rec.rows.append(rec.current)
+            print(f"[refine-phases] it {iteration} E-step {rec.current['estep_s']:.1f} s: "
+                  f"{phase_table(stats.phase_seconds, stats.coarse_flops)}", flush=True)  # fmt: skip
             return stats
 
         def timed(name, fn):

@@ -53,9 +53,10 @@ Devices: the arrays of the size of the data live where the model's projectors do
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
+from astropy_healpix import healpy
 
 from streamem.core import sampling
 from streamem.core.backend import to_numpy
@@ -226,6 +227,25 @@ def class_log_priors(model: EStepModel, metadata, n: int) -> np.ndarray | None:
     return out
 
 
+def neighbourhood_order(previous: np.ndarray, halves: np.ndarray, grid: SearchGrid) -> np.ndarray:
+    """(n,) an order of a chunk's images that puts neighbours in orientation together.
+
+    Local searches project the union of a sub-batch's candidate orientations once:
+    sub-batches of images whose previous poses are close share most candidates. Images
+    are sorted by half set, then by the nested HEALPix pixel of their direction on a
+    grid whose pixels are about a neighbourhood (±3σ) wide (nested indices of nearby
+    pixels are close), then by a psi bin of the same width. Only the order of the
+    accumulators' sums changes. previous: (n, 3) (rot, tilt, psi) degrees.
+    """
+    width_deg = 6.0 * grid.local_sigma_deg
+    level = int(np.clip(np.round(np.log2(60.0 / width_deg)), 0, grid.healpix_order))
+    pixel = healpy.ang2pix(
+        2**level, np.deg2rad(previous[:, 1]), np.deg2rad(previous[:, 0]), nest=True
+    )
+    psi_bin = np.floor(np.mod(previous[:, 2], 360.0) / width_deg).astype(np.int64)
+    return np.lexsort((psi_bin, pixel, halves))
+
+
 def _halves(metadata, n: int) -> np.ndarray:
     """(n,) half set 0/1 of each particle (rlnRandomSubset − 1; alternating if absent)."""
     if "rlnRandomSubset" in metadata:
@@ -243,8 +263,9 @@ def expectation(
     (rlnRandomSubset picks the half; previous poses and origins set local searches,
     translations and ``skip_align``), plus "particle_index" (n,) int64 for seeded
     classes. The chunk is worked through in sub-batches sized to the task's memory
-    budget (:func:`batch_size`); every image's posterior is the same whatever the
-    sub-batch. Returns the statistics (2K accumulators, index 2k + h), compacted to
+    budget (:func:`batch_size`), in local searches images of close previous poses
+    together (:func:`neighbourhood_order`); every image's posterior is the same
+    whatever the sub-batch. Returns the statistics (2K accumulators, index 2k + h), compacted to
     single precision (:meth:`SufficientStatistics.compact`), and the per-particle
     results (rlnClassNumber from 1). The statistics' ``phase_seconds`` hold the seconds
     of each phase (:mod:`streamem.em.phases`). ``batched=False``: the per-image coarse
@@ -267,26 +288,31 @@ def expectation(
     batch, bp_budget = batch_size(model, shape, n, stats.data_acc.size)
     parts = [(h, halves == h) for h in (0, 1)] if model.references_per_half else [(0, None)]
     timer = PhaseTimer(stats.phase_seconds)
+    local = model.grid.local_sigma_deg is not None and previous is not None
+    order = neighbourhood_order(previous, halves, model.grid) if local else np.arange(n)
     for b0 in range(0, n, batch):
-        sl = slice(b0, min(n, b0 + batch))
+        sel = order[b0 : b0 + batch]  # the sub-batch's images (neighbours in local searches)
+        sub = ChunkResult(*(np.zeros(sel.size) for _ in range(9)))
         with timer("read_fft"):
             prep = prepare_images(
-                images[sl], slice_metadata(metadata, sl, n), model, coords, flat, shell
+                images[sel], slice_metadata(metadata, sel, n), model, coords, flat, shell
             )
         for h, members in parts:
-            idx = np.arange(sl.stop - sl.start) if members is None else np.flatnonzero(members[sl])
+            idx = np.arange(sel.size) if members is None else np.flatnonzero(members[sel])
             if idx.size == 0:
                 continue
             batch_part = _Part(
                 idx,
-                halves[sl][idx],
-                None if log_pi is None else log_pi[sl][idx],
-                None if previous is None else previous[sl][idx],
-                groups[sl][idx],
+                halves[sel][idx],
+                None if log_pi is None else log_pi[sel][idx],
+                None if previous is None else previous[sel][idx],
+                groups[sel][idx],
             )
             _expect_part(batch_part, prep, model, model.class_references(h), coords, shell,
-                         stats, result.view(sl), bp_budget, timer, batched)  # fmt: skip
+                         stats, sub, bp_budget, timer, batched)  # fmt: skip
         del prep
+        for f in fields(ChunkResult):
+            getattr(result, f.name)[sel] = getattr(sub, f.name)
     return stats.compact(), result
 
 
