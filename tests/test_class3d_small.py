@@ -114,19 +114,23 @@ def test_from_refine_refuses_what_is_not_a_finished_refinement(consensus, tmp_pa
 
 def test_solvent_mask_is_checked_and_used(consensus, tmp_path):
     root, store, _ = consensus
+    common = dict(n_classes=2, iterations=1, skip_align=True, from_refine=str(root / "refine"))
     bad = tmp_path / "bad.mrc"
     write_map(bad, np.full((BOX,) * 3, 2.0, np.float32), PIXEL)
     with pytest.raises(InputError, match=r"\[0, 1\]"):
-        classify3d(store, None, tmp_path / "o", Class3DOptions(solvent_mask=str(bad)))
+        classify3d(store, None, tmp_path / "o", Class3DOptions(solvent_mask=str(bad), **common))
+    assert not (tmp_path / "o").exists()  # refused before the run folder is made
     mask = np.zeros((BOX,) * 3, np.float32)
     mask[8:24, 8:24, 8:24] = 1.0
     write_map(tmp_path / "m.mrc", mask, PIXEL)
-    options = Class3DOptions(
-        n_classes=2, iterations=1, skip_align=True, from_refine=str(root / "refine"),
-        solvent_mask=str(tmp_path / "m.mrc"), flatten_solvent=True,
+    masked = classify3d(
+        store, None, tmp_path / "masked",
+        Class3DOptions(solvent_mask=str(tmp_path / "m.mrc"), **common),
     )  # fmt: skip
-    result = classify3d(store, None, tmp_path / "masked", options)
-    assert np.isfinite(result.maps).all()
+    sphere = classify3d(store, None, tmp_path / "sphere", Class3DOptions(**common))
+    assert np.isfinite(masked.maps).all()
+    # the references' τ² is the masked map's power: another mask, other maps
+    assert not np.allclose(masked.maps, sphere.maps, atol=1e-3 * np.abs(sphere.maps).max())
 
 
 def test_cli_from_refine(consensus, tmp_path, capsys):
@@ -143,3 +147,18 @@ def test_cli_from_refine(consensus, tmp_path, capsys):
     both = ["--ref", ref, "--from-refine", str(root / "refine"), "--out", str(tmp_path / "b")]
     assert main(base + both) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_bench_consensus_workflow_on_the_small_mix(capsys):
+    """``bench class3d-accuracy --mix small --workflow consensus`` runs end to end (tiny)."""
+    from streamem.bench.class3d_accuracy import measure
+
+    r = measure(
+        n_particles=60, search="skip", iterations=1, mix="small", workflow="consensus",
+        refine_iterations=2, chunk_size=30,
+    )  # fmt: skip
+    assert r["state"] == "asym-del" and r["difference_fraction"] == pytest.approx(0.06, abs=0.002)
+    assert set(r["per_truth"]) == {1, 2} and 0.0 <= r["accuracy"] <= 1.0
+    assert r["refine_seconds"] > 0 and r["seconds_per_iteration"] > 0
+    with pytest.raises(InputError, match="local or skip"):
+        measure(n_particles=60, search="global", workflow="consensus")
