@@ -282,9 +282,9 @@ def estimate_ctf(
     ``out_dir``'s folder; default: dask's threaded scheduler with ``workers`` threads.
     """
     from streamem.ctf.plots import plot_summary
+    from streamem.dist.tasks import run_tasks
     from streamem.io.atomic import atomic_output, check_output
     from streamem.io.relion import write_star
-    from streamem.io.threads import run_tasks
 
     search = search or CtfSearch()
     out_dir = Path(out_dir)

@@ -32,13 +32,13 @@ from dask.callbacks import Callback
 from mrcfile.utils import data_dtype_from_header
 
 from streamem import __version__
+from streamem.dist.tasks import run_tasks
 from streamem.errors import InputError
 from streamem.io.atomic import atomic_output, check_output
 from streamem.io.mrc import open_mrc, open_stack_mmap
 from streamem.io.relion import parse_image_names, read_particles_star
 from streamem.io.relion_export import relative_to
 from streamem.io.store import ParticleStore, create_store, default_chunk_size
-from streamem.io.threads import run_tasks
 
 MRC_HEADER_BYTES = 1024
 

@@ -21,11 +21,11 @@ import mrcfile
 import numpy as np
 import pandas as pd
 
+from streamem.dist.tasks import run_tasks
 from streamem.errors import InputError
 from streamem.io.atomic import atomic_output, check_output
 from streamem.io.relion import write_star
 from streamem.io.store import ParticleStore
-from streamem.io.threads import run_tasks
 
 
 def export_store(

@@ -253,11 +253,11 @@ def extract_particles(
     cluster (a ``distributed.Client``; its workers must see the micrographs and ``out``'s
     folder), else on ``workers`` threads.
     """
+    from streamem.dist.tasks import run_tasks
     from streamem.io.atomic import atomic_output, check_output
     from streamem.io.mrc import stack_shape
     from streamem.io.relion import read_coordinates_star, read_micrographs_star
     from streamem.io.store import create_store, default_chunk_size
-    from streamem.io.threads import run_tasks
 
     out = Path(out)
     check_output(out, overwrite, inputs=[micrographs_star, coords])

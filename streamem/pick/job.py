@@ -27,7 +27,7 @@ Tasks get paths and small parameter objects; the templates go to the workers onc
 :mod:`streamem.dist.device`) each task moves its micrograph to the device and takes
 the worker's device copy of the template bank (converted once per worker); picks and
 figure-of-merit maps come back to NumPy before they are written. The tasks run through
-:func:`streamem.io.threads.run_tasks`, the one helper of the I/O jobs: dask's threaded
+:func:`streamem.dist.tasks.run_tasks`, the one helper of the I/O jobs: dask's threaded
 scheduler here, or the ``client``'s cluster (``--scheduler``, ``--gpu``).
 """
 
@@ -335,7 +335,7 @@ def _share_cores(params: TemplatePickParams, client, workers, n_micrographs: int
     import dataclasses
     import os
 
-    from streamem.io.threads import default_workers
+    from streamem.dist.tasks import default_workers
 
     if client is not None or params.fft_workers is not None:
         return params
@@ -365,9 +365,9 @@ def pick_micrographs(
     command read (STAR file, templates); the output may touch neither them nor the
     micrographs.
     """
+    from streamem.dist.tasks import run_tasks
     from streamem.io.atomic import atomic_output, check_output
     from streamem.io.relion import write_star
-    from streamem.io.threads import run_tasks
 
     out_dir = Path(out_dir)
     inputs = [*inputs, *(m.path for m in micrographs)]

@@ -56,10 +56,10 @@ from streamem import __version__
 from streamem.core.backend import irfftn, rfftn
 from streamem.core.ctf import OpticsParams, ctf_rfft
 from streamem.core.euler import euler_to_matrix
+from streamem.dist.tasks import run_tasks
 from streamem.errors import InputError
 from streamem.io.atomic import atomic_output, check_output
 from streamem.io.mrc import write_map
-from streamem.io.threads import run_tasks
 from streamem.simulate.projection import RealSpaceProjector, shift_phases
 
 CARBON_THICKNESS_A = 100.0

@@ -1,4 +1,4 @@
-"""A bounded thread pool for I/O-bound Dask jobs (import, export, simulate, pick, extract).
+"""Independent Dask tasks of the I/O-bound jobs (import, export, simulate, pick, extract, ctf): a bounded thread pool here, or an existing cluster.
 
 Reading MRCS stacks and writing Zarr chunks release the GIL (file I/O, zstd), so
 dask's threaded scheduler with a few workers is enough, and memory stays at about
