@@ -39,6 +39,14 @@ Decisions (RELION's class3d; where we differ, it is said):
 - The estimated resolution per class (rlnEstimatedResolution) is RELION's FSC-free
   one: the shell where the class's SSNR, τ²/σ²_rec with τ² from the new map's power
   (rlnSsnrMap), drops below 1. The random-half FSC is written as rlnGoldStandardFsc.
+  The best populated class's estimate sets the next E-step's resolution (plus
+  RELION's 10 shells); ``strict_highres_A`` caps it (RELION's --strict_highres_exp).
+  With the FSC's τ² this schedule ran to 14 Å at box 64 (4 Å/px) on the 6% mix and the
+  split locked (69%); capped at 20 Å it gave 97.6%: the small difference is decided at
+  low resolution, and shells past the signal only add each class's own noise.
+- Consensus-then-classify (``from_refine``, :mod:`streamem.em.consensus`): a refine3d
+  run's final map (on the data's scale: no scale fit), noise model, offset prior and
+  poses (iteration 0 of the results, which local searches centre on).
 - Class fractions π_k = Σ posterior / N enter the log-posterior as log π_k.
 - Fixed angular sampling (``healpix_order``, fine pass one order finer), optional local
   searches (σ ``local_sigma_deg`` around each particle's previous pose), or
