@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from streamem.bench.refine_memory import RssSampler, _Lines, simulate_store
-from streamem.em.phases import PHASES, phase_table
+from streamem.em.phases import PHASES, add_seconds, phase_table
 
 
 def register_bench(bench_sub) -> None:
@@ -191,7 +191,7 @@ def print_report(r: dict) -> None:
     head = f"{'it':>3} {'step':>9} {'r px':>5} {'s':>6} " + " ".join(f"{p[:8]:>8}" for p in PHASES)
     print(head + f" {'GFLOP/s':>8} {'/SGEMM':>6} {'old s':>6} {'new s':>6} {'old/new':>7}")
     for row in r["rows"]:
-        ph = {**row["phases"], **row.get("client", {})}
+        ph = add_seconds(row["phases"], row.get("client", {}))
         grid = row["grid"]
         step = f"{grid.fine_angular_step_deg:.2f}{'L' if grid.local_sigma_deg else 'G'}"
         gemm = row["phases"].get("coarse_gemm", 0.0)

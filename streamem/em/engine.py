@@ -39,6 +39,7 @@ from streamem.dist.graph import map_chunks, tree_sum
 from streamem.dist.iteration import compute, run_chunks
 from streamem.em import mstep, runfiles
 from streamem.em.estep import EStepModel
+from streamem.em.phases import PhaseTimer, add_seconds, phase_table, sgemm_rate_flops
 from streamem.em.runfolder import Run
 from streamem.errors import InputError
 from streamem.io.model_star import SHELL_LABELS, write_model_star
@@ -158,14 +159,20 @@ def chunk_task(
     ``expectation_fn(images, metadata, model) -> (statistics, ChunkResult)`` is the
     job's E-step; ``model`` goes to this worker's device first (identity on CPUs).
     """
+    t0 = time.perf_counter()
     store = ParticleStore(store_path)
     chunk = store.read_chunk(start, stop)
     meta = dict(chunk.metadata)
     meta["particle_index"] = np.arange(start, stop)  # for seeded classes (class3d)
     if prev_iteration is not None:
         meta.update(read_results(results_path, prev_iteration, start, stop))
+    read_s = time.perf_counter() - t0
     stats, result = expectation_fn(chunk.images, meta, model_on_device(model))
+    t1 = time.perf_counter()
     write_results(results_path, iteration, start, result.as_columns())
+    stats.phase_seconds = add_seconds(  # the task's own phases (streamem.em.phases)
+        stats.phase_seconds, {"read_fft": read_s, "writing": time.perf_counter() - t1}
+    )
     return stats
 
 
@@ -413,9 +420,11 @@ def run_job(job: Job, ctx: RunContext, stop_after_iteration: int | None = None) 
     iteration is complete and the job is not finished.
     """
     state = _start(job, ctx)
+    sgemm = _sgemm_rate(ctx.client)
     while not job.finished(state):
         iteration = state["iteration"] + 1
         t0 = time.perf_counter()
+        timer = PhaseTimer()  # the run loop's phases; the tasks' come in the statistics
         model = job.model(ctx, state, iteration)
         stats = run_estep(
             ctx.store,
@@ -430,11 +439,16 @@ def run_job(job: Job, ctx: RunContext, stop_after_iteration: int | None = None) 
             name=f"{job.kind.name}-estep",  # task keys: "refine3d-estep-it001-<start>-..."
             progress=ctx.progress,
         )
-        state = job.maximise(ctx, _update_noise_and_offsets(ctx, state, model, stats), model, stats)
+        with timer("mstep"):
+            state = job.maximise(
+                ctx, _update_noise_and_offsets(ctx, state, model, stats), model, stats
+            )
         prefix = runfiles.iteration_prefix(ctx.out_dir, iteration)
-        results = read_results(ctx.results_path, iteration)
-        write_data_star(Path(f"{prefix}_data.star"), ctx.store, results)
-        fields = job.write_outputs(ctx, state, model, stats, prefix)
+        with timer("writing"):
+            results = read_results(ctx.results_path, iteration)
+            write_data_star(Path(f"{prefix}_data.star"), ctx.store, results)
+            fields = job.write_outputs(ctx, state, model, stats, prefix)
+        phase_s = add_seconds(stats.phase_seconds, timer.seconds)
         changed = _score_classes(job, ctx, state, results, prefix) if job.kind.classifies else 1.0
         checkpoint = {
             "iteration": iteration,
@@ -449,10 +463,15 @@ def run_job(job: Job, ctx: RunContext, stop_after_iteration: int | None = None) 
             checkpoint["truth_accuracy"] = accuracy.accuracy if accuracy is not None else None
             checkpoint["history"] = state["history"]
             state["seconds"].append(time.perf_counter() - t0)
+        checkpoint["phase_seconds"] = phase_s  # summed over the workers' threads
+        checkpoint["coarse_flops"] = stats.coarse_flops
+        checkpoint["sgemm_flops_per_thread"] = sgemm
         checkpoint["run"] = ctx.run.record  # store and options, checked by --continue
         runfiles.write_checkpoint(Path(f"{prefix}_optimiser.json"), checkpoint)
         state["iteration"] = iteration
         log.info("%s", job.log_line(state, model, iteration, changed, time.perf_counter() - t0))
+        log.info("%s it %3d  phases (s, all threads)  %s", job.kind.name, iteration,
+                 phase_table(phase_s, stats.coarse_flops, sgemm))  # fmt: skip
         if job.kind.classifies and state["accuracy"] is not None:
             log.info("%s it %3d  %s", job.kind.name, iteration, state["accuracy"].summary())
         if stop_after_iteration is not None and iteration >= stop_after_iteration:
@@ -460,6 +479,14 @@ def run_job(job: Job, ctx: RunContext, stop_after_iteration: int | None = None) 
                 log.info("stopped after iteration %d; resume with --continue", iteration)
                 return {**state, "stopped": True}
     return {**state, "stopped": False}
+
+
+def _sgemm_rate(client) -> float:
+    """One E-step thread's SGEMM rate (FLOP/s), measured once per process: on a worker
+    (whose BLAS runs one thread per task thread) when there is a client."""
+    if client is None:
+        return sgemm_rate_flops()
+    return float(client.submit(sgemm_rate_flops, pure=False).result())
 
 
 def _start(job: Job, ctx: RunContext) -> dict:
