@@ -57,6 +57,7 @@ class LoopbackCluster:
 
     def __init__(self, folder: Path, certs: Path | None = None) -> None:
         self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.certs = certs or write_certificates(self.folder / "certs")
         self.scheduler_file = self.folder / "scheduler.json"
         self.workers: dict[str, subprocess.Popen] = {}
@@ -216,17 +217,30 @@ class ChaosDriver(threading.Thread):
         if event.action == "add":
             self.log.append((done, "add", self.cluster.add_worker()))
             return
-        alive = sorted(self.cluster.alive())
-        victim = alive[int(self.rng.integers(len(alive)))]
         if event.action == "retire":
-            # graceful: the scheduler moves the worker's unique data away first
+            # graceful: the scheduler moves the worker's unique data to another worker
+            # first, so it needs one (workers added just before may still be starting)
+            names = self._registered(at_least=2)
+            victim = names[int(self.rng.integers(len(names)))]
             self.client.retire_workers(names=[victim], close_workers=True)
             self.cluster.workers[victim].wait(timeout=60)
         elif event.action == "kill":
+            alive = sorted(self.cluster.alive())
+            victim = alive[int(self.rng.integers(len(alive)))]
             self.cluster.kill(victim)
         else:
             raise ValueError(f"unknown action {event.action!r}")
         self.log.append((done, event.action, victim))
+
+    def _registered(self, at_least: int, timeout_s: float = 60) -> list[str]:
+        """Names of the workers the scheduler knows, once there are ``at_least``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+            names = sorted(str(w["name"]) for w in workers)
+            if len(names) >= at_least or time.monotonic() > deadline:
+                return names
+            time.sleep(0.1)
 
 
 def wait_for_workers(client, n: int, timeout_s: float = 60) -> None:
