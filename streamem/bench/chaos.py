@@ -243,6 +243,13 @@ class ChaosDriver(threading.Thread):
             time.sleep(0.1)
 
 
+def toy_chunk(start: int, stop: int, model: dict) -> float:
+    """A pure chunk task for the model-survival check (tests/test_elastic.py): sleeps
+    ``model["seconds"]``, returns ``model["scale"] * sum(range(start, stop))``."""
+    time.sleep(model["seconds"])
+    return float(np.arange(start, stop, dtype=np.float64).sum() * model["scale"])
+
+
 def wait_for_workers(client, n: int, timeout_s: float = 60) -> None:
     client.wait_for_workers(n, timeout=timeout_s)
 
