@@ -26,8 +26,6 @@ out, n, box, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.ar
 store = simulate_particles(out + "/p.zarr", n, box_size=box, pixel_size_A=3.0, snr=0.05, seed=0, chunk_size=chunk)
 ref = lowpass(read_map(truth_volume_paths(store.path)[0])[0], 30.0, 3.0)
 dask.config.set(scheduler="threads", num_workers=1)
-import streamem.em.refine as R
-R._compute = lambda graph, client: dask.compute(graph, scheduler="threads", num_workers=1)[0]
 reset_peak()
 base = status_kib("VmRSS")
 t0 = time.perf_counter()

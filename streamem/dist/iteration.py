@@ -88,6 +88,14 @@ def broadcast(value: Any, client) -> Any:
         return client.compute(model)
 
 
+def on_a_worker(fn: Callable[[], Any], client) -> Any:
+    """``fn()`` run once on one of ``client``'s workers (here if ``client`` is None):
+    for measurements that must see a worker's environment (its BLAS threads)."""
+    if client is None:
+        return fn()
+    return client.submit(fn, pure=False).result()
+
+
 def compute(graph, client, progress: bool = False) -> Any:
     """The value of a delayed ``graph``: on ``client`` (a ``distributed.Client``) or, if
     None, on Dask's threaded scheduler. ``progress``: a bar over the tasks, only in a

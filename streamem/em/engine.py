@@ -36,7 +36,7 @@ from streamem.core.masks import soft_sphere
 from streamem.core.projector import half_cube_shape, make_projector, padded_radius
 from streamem.dist.device import model_on_device
 from streamem.dist.graph import map_chunks, tree_sum
-from streamem.dist.iteration import compute, run_chunks
+from streamem.dist.iteration import compute, on_a_worker, run_chunks
 from streamem.em import mstep, runfiles
 from streamem.em.estep import EStepModel
 from streamem.em.phases import PhaseTimer, add_seconds, phase_table, sgemm_rate_flops
@@ -484,9 +484,7 @@ def run_job(job: Job, ctx: RunContext, stop_after_iteration: int | None = None) 
 def _sgemm_rate(client) -> float:
     """One E-step thread's SGEMM rate (FLOP/s), measured once per process: on a worker
     (whose BLAS runs one thread per task thread) when there is a client."""
-    if client is None:
-        return sgemm_rate_flops()
-    return float(client.submit(sgemm_rate_flops, pure=False).result())
+    return float(on_a_worker(sgemm_rate_flops, client))
 
 
 def _start(job: Job, ctx: RunContext) -> dict:
