@@ -15,61 +15,41 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from _estep_data import POSES as POSE_LABELS
+from _estep_data import refine_model, simulated_chunk, two_class_model
 
 from streamem.cli import main
-from streamem.core.projector import make_projector
 from streamem.em import memory, mstep
 from streamem.em.classify2d import Class2DModel, class2d_batch_size, expectation_2d
-from streamem.em.estep import EStepModel, SearchGrid, batch_size, estep_shape, expectation
+from streamem.em.estep import batch_size, estep_shape, expectation
 from streamem.em.fourier_points import half_plane_points
 from streamem.errors import InputError
-from streamem.io.mrc import read_map, write_map
+from streamem.io.mrc import write_map
 from streamem.io.store import optics_params
-from streamem.simulate.particles import simulate_particles, truth_volume_paths
+from streamem.simulate.particles import simulate_particles
 
 BOX, PIXEL, N = 24, 4.5, 48
-POSE_LABELS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
 POSE_FIELDS = ("rot", "tilt", "psi", "origin_x_A", "origin_y_A", "n_significant", "class_number")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    store = simulate_particles(
-        tmp_path_factory.mktemp("batching") / "p.zarr",
-        N,
-        box_size=BOX,
-        pixel_size_A=PIXEL,
-        snr=1.0,
-        seed=5,
+    store, chunk, metadata, truth = simulated_chunk(  # previous poses: the true ones
+        tmp_path_factory.mktemp("batching"), N, box=BOX, pixel_size_A=PIXEL, snr=1.0, seed=5
     )
-    truth, _ = read_map(truth_volume_paths(store.path)[0])
-    chunk = store.read_chunk(0, N, with_truth=True)
-    metadata = dict(chunk.metadata)
-    metadata["particle_index"] = np.arange(N)
-    for label in POSE_LABELS:
-        metadata[label] = chunk.truth[label]  # previous poses for local searches
     return store, chunk.images, metadata, truth
 
 
 def _model(store, images, truth, local_sigma_deg=None):
-    power = mstep.image_power(images, np.zeros(N, int), 1)
-    projector = make_projector(truth, 2, max_radius_px=BOX // 2 - 1)
-    return EStepModel(
-        projectors=(projector, projector),
-        box_size=BOX,
-        work_box=BOX,
+    return refine_model(
+        store,
+        images,
+        truth,
+        box=BOX,
         pixel_size_A=PIXEL,
-        max_radius_px=BOX // 2 - 1,
-        inv_sigma2=mstep.initial_inv_sigma2(power[0], power[1]),
-        optics=(optics_params(store.optics_groups[0]),),
-        sigma_offset_A=PIXEL,
-        grid=SearchGrid(
-            healpix_order=1 if local_sigma_deg is None else 2,
-            offset_range_px=2,
-            offset_step_px=1,
-            local_sigma_deg=local_sigma_deg,
-        ),
-        scale_free=True,
+        healpix_order=1 if local_sigma_deg is None else 2,
+        local_sigma_deg=local_sigma_deg,
+        flipped_half2=False,
     )
 
 
@@ -116,15 +96,7 @@ def test_refine3d_sub_batches_give_the_statistics_of_one_batch(data, local_sigma
 
 def test_class3d_sub_batches_give_the_statistics_of_one_batch(data):
     store, images, metadata, truth = data
-    base = _model(store, images, truth)
-    other = make_projector(truth[::-1].copy(), 2, max_radius_px=BOX // 2 - 1)
-    model = replace(
-        base,
-        projectors=(base.projectors[0], other),
-        n_classes=2,
-        references_per_half=False,
-        log_class_prior=np.log([0.5, 0.5]),
-    )
+    model = two_class_model(_model(store, images, truth), truth, log_class_prior=np.log([0.5, 0.5]))
     one = expectation(images, metadata, model)
     coords, _, _ = half_plane_points(BOX, model.max_radius_px)
     shape = estep_shape(model, coords, None)

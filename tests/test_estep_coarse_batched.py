@@ -8,67 +8,37 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from _estep_data import largest_relative_difference, refine_model, simulated_chunk, two_class_model
 
-from streamem.core.projector import make_projector
-from streamem.em import mstep
 from streamem.em.coarse_pass import significant_pairs
-from streamem.em.estep import EStepModel, SearchGrid, expectation
+from streamem.em.estep import expectation
 from streamem.em.phases import PHASES, PhaseTimer, phase_table
 from streamem.em.significance import significant_class_pairs
-from streamem.io.mrc import read_map
-from streamem.io.store import optics_params
-from streamem.simulate.particles import simulate_particles, truth_volume_paths
 
 BOX, PIXEL, N = 32, 4.5, 48
-STATS = ("data_acc", "weight_acc", "noise_power", "noise_count", "class_weight")
-SCALARS = ("offset_sq_A2", "weight_sum", "loglik_sum", "pose_change_deg_sum")
-POSES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    store = simulate_particles(
-        tmp_path_factory.mktemp("coarse_batched") / "p.zarr",
+    store, chunk, metadata, truth = simulated_chunk(
+        tmp_path_factory.mktemp("coarse_batched"),
         N,
-        box_size=BOX,
+        box=BOX,
         pixel_size_A=PIXEL,
         snr=0.5,
         seed=5,
+        pose_noise_seed=4,
+        pose_noise_deg=3.0,
     )
-    truth, _ = read_map(truth_volume_paths(store.path)[0])
-    chunk = store.read_chunk(0, N, with_truth=True)
-    metadata = dict(chunk.metadata)
-    metadata["particle_index"] = np.arange(N)
-    rng = np.random.default_rng(4)
-    for label in POSES:
-        noise = rng.normal(0, 3.0, N) if "Angle" in label else 0.0
-        metadata[label] = chunk.truth[label] + noise
-    power = mstep.image_power(chunk.images, np.zeros(N, int), 1)
-    half = make_projector(truth, 2, max_radius_px=BOX // 2 - 1)
-    model = EStepModel(
-        projectors=(half, make_projector(truth[:, ::-1].copy(), 2, max_radius_px=BOX // 2 - 1)),
-        box_size=BOX,
-        work_box=BOX,
-        pixel_size_A=PIXEL,
-        max_radius_px=BOX // 2 - 1,
-        inv_sigma2=mstep.initial_inv_sigma2(power[0], power[1]),
-        optics=(optics_params(store.optics_groups[0]),),
-        sigma_offset_A=PIXEL,
-        grid=SearchGrid(healpix_order=2, offset_range_px=2, offset_step_px=1),
+    model = refine_model(
+        store, chunk.images, truth, box=BOX, pixel_size_A=PIXEL, healpix_order=2, scale_free=False
     )
     return chunk.images, metadata, model, truth
 
 
 def _models(model, truth):
     local = replace(model, grid=replace(model.grid, healpix_order=3, local_sigma_deg=5.0))
-    other = make_projector(truth[::-1].copy(), 2, max_radius_px=BOX // 2 - 1)
-    classes = replace(
-        local,
-        projectors=(model.projectors[0], other),
-        n_classes=2,
-        references_per_half=False,
-        log_class_prior=np.log([0.7, 0.3]),
-    )
+    classes = two_class_model(local, truth, log_class_prior=np.log([0.7, 0.3]))
     return {"global": model, "local": local, "local K=2": classes}
 
 
@@ -78,13 +48,7 @@ def test_batched_coarse_pass_gives_the_per_image_statistics(data, name):
     model = _models(model, truth)[name]
     s_old, r_old = expectation(images, metadata, replace(model, coarse={}), batched=False)
     s_new, r_new = expectation(images, metadata, replace(model, coarse={}), batched=True)
-    worst = 0.0
-    for f in STATS:
-        a, b = getattr(s_old, f), getattr(s_new, f)
-        worst = max(worst, float(np.abs(a - b).max() / np.abs(a).max()))
-    for f in SCALARS:
-        a, b = getattr(s_old, f), getattr(s_new, f)
-        worst = max(worst, abs(a - b) / max(abs(a), 1e-30))
+    worst = largest_relative_difference(s_old, s_new)
     print(f"{name}: largest relative difference {worst:.2e}")
     assert worst < 1e-5, worst
     for f in ("rot", "tilt", "psi", "origin_x_A", "origin_y_A", "class_number", "n_significant"):

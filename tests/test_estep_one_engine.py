@@ -7,61 +7,37 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from _estep_data import largest_relative_difference, refine_model, simulated_chunk, two_class_model
 
-from streamem.core.projector import make_projector
-from streamem.em import mstep
-from streamem.em.estep import EStepModel, SearchGrid, expectation, seeded_classes
-from streamem.io.mrc import read_map
-from streamem.io.store import optics_params
-from streamem.simulate.particles import simulate_particles, truth_volume_paths
+from streamem.em.estep import expectation, seeded_classes
 
 BOX, PIXEL, N = 32, 4.5, 64
-POSES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
-STATS = ("data_acc", "weight_acc", "noise_power", "noise_count", "class_weight")
-SCALARS = ("offset_sq_A2", "weight_sum", "loglik_sum", "pose_change_deg_sum")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    store = simulate_particles(
-        tmp_path_factory.mktemp("one_engine") / "p.zarr",
+    store, chunk, metadata, truth = simulated_chunk(
+        tmp_path_factory.mktemp("one_engine"),
         N,
-        box_size=BOX,
+        box=BOX,
         pixel_size_A=PIXEL,
         snr=1.0,
         seed=8,
+        pose_noise_seed=2,
+        pose_noise_deg=2.0,  # previous poses a few degrees off, for local searches
     )
-    truth, _ = read_map(truth_volume_paths(store.path)[0])
-    chunk = store.read_chunk(0, N, with_truth=True)
-    metadata = dict(chunk.metadata)
-    metadata["particle_index"] = np.arange(N)
-    rng = np.random.default_rng(2)
-    for label in POSES:  # previous poses a few degrees off, for local searches
-        noise = rng.normal(0, 2.0, N) if "Angle" in label else 0.0
-        metadata[label] = chunk.truth[label] + noise
     return store, chunk.images, metadata, truth
 
 
 def _refine_model(store, images, truth, local_sigma_deg=None):
-    power = mstep.image_power(images, np.zeros(N, int), 1)
-    half1 = make_projector(truth, 2, max_radius_px=BOX // 2 - 1)
-    half2 = make_projector(truth[:, ::-1].copy(), 2, max_radius_px=BOX // 2 - 1)
-    return EStepModel(
-        projectors=(half1, half2),
-        box_size=BOX,
-        work_box=BOX,
+    return refine_model(
+        store,
+        images,
+        truth,
+        box=BOX,
         pixel_size_A=PIXEL,
-        max_radius_px=BOX // 2 - 1,
-        inv_sigma2=mstep.initial_inv_sigma2(power[0], power[1]),
-        optics=(optics_params(store.optics_groups[0]),),
-        sigma_offset_A=PIXEL,
-        grid=SearchGrid(
-            healpix_order=2 if local_sigma_deg is None else 3,
-            offset_range_px=2,
-            offset_step_px=1,
-            local_sigma_deg=local_sigma_deg,
-        ),
-        scale_free=True,
+        healpix_order=2 if local_sigma_deg is None else 3,
+        local_sigma_deg=local_sigma_deg,
     )
 
 
@@ -89,13 +65,7 @@ def test_class3d_with_one_class_is_refine3d_for_one_half(data, local_sigma_deg):
     s_c, r_c = expectation(images[sel], part, class3d)
     assert s_r.data_acc.shape == s_c.data_acc.shape == (2, *s_r.data_acc.shape[1:])
     assert np.abs(s_r.data_acc[0]).max() > 0 and not s_r.data_acc[1].any()
-    worst = 0.0
-    for name in STATS:
-        a, b = getattr(s_r, name), getattr(s_c, name)
-        worst = max(worst, float(np.abs(a - b).max() / np.abs(a).max()))
-    for name in SCALARS:
-        a, b = getattr(s_r, name), getattr(s_c, name)
-        worst = max(worst, abs(a - b) / max(abs(a), 1e-30))
+    worst = largest_relative_difference(s_r, s_c)
     print(f"largest relative difference {worst:.2e}")
     assert worst < 1e-5, worst
     for f in ("rot", "tilt", "psi", "origin_x_A", "origin_y_A", "class_number", "n_significant"):
@@ -104,16 +74,7 @@ def test_class3d_with_one_class_is_refine3d_for_one_half(data, local_sigma_deg):
 
 
 def _class_model(store, images, truth, **kw):
-    refine = _refine_model(store, images, truth)
-    other = make_projector(truth[::-1].copy(), 2, max_radius_px=BOX // 2 - 1)
-    return replace(
-        refine,
-        projectors=(refine.projectors[0], other),
-        n_classes=2,
-        references_per_half=False,
-        coarse={},
-        **kw,
-    )
+    return two_class_model(_refine_model(store, images, truth), truth, coarse={}, **kw)
 
 
 def test_seeded_classes_and_priors(data):
