@@ -29,12 +29,9 @@ ITERATION_LINE = re.compile(r"it\s+(\d+)\s+res\s+([\d.]+) A.*box\s+(\d+)\s+([\d.
 MEMORY_LOGGERS = ("distributed.worker.memory", "distributed.nanny.memory", "distributed.worker")
 
 
-def register_bench(bench_sub) -> None:
-    p = bench_sub.add_parser(
-        "refine-memory",
-        help="refine3d at box 128 on 2 workers: peak RSS per process and iteration",
-        description=__doc__,
-    )
+def add_refine_run_arguments(p) -> None:
+    """The simulated set and cluster of the refine benches (refine-memory, refine-phases):
+    5,000 particles of box 128 at 3.59 Å/px, SNR 0.05, 2 workers x 1 thread."""
     p.add_argument("--particles", type=int, default=5000)
     p.add_argument("--box", type=int, default=128)
     p.add_argument("--pixel-size", type=float, default=3.59, help="Å")
@@ -44,6 +41,15 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--max-iterations", type=int, default=25, help="the last one joins the halves")
     p.add_argument("--n-workers", type=int, default=2)
     p.add_argument("--threads-per-worker", type=int, default=1)
+
+
+def register_bench(bench_sub) -> None:
+    p = bench_sub.add_parser(
+        "refine-memory",
+        help="refine3d at box 128 on 2 workers: peak RSS per process and iteration",
+        description=__doc__,
+    )
+    add_refine_run_arguments(p)
     p.add_argument("--memory-per-worker", default=None, help="e.g. 4GiB (default: Dask's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -28,7 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from streamem.bench.refine_memory import RssSampler, _Lines, simulate_store
+from streamem.bench.refine_memory import (
+    RssSampler,
+    _Lines,
+    add_refine_run_arguments,
+    simulate_store,
+)
 from streamem.em.phases import PHASES, add_seconds, phase_table
 
 
@@ -38,15 +43,7 @@ def register_bench(bench_sub) -> None:
         help="refine3d on simulated data: seconds per phase and iteration",
         description=__doc__,
     )
-    p.add_argument("--particles", type=int, default=5000)
-    p.add_argument("--box", type=int, default=128)
-    p.add_argument("--pixel-size", type=float, default=3.59, help="Å")
-    p.add_argument("--snr", type=float, default=0.05)
-    p.add_argument("--chunk-size", type=int, default=1024)
-    p.add_argument("--particle-diameter", type=float, default=300.0, help="Å")
-    p.add_argument("--max-iterations", type=int, default=25, help="the last one joins the halves")
-    p.add_argument("--n-workers", type=int, default=2)
-    p.add_argument("--threads-per-worker", type=int, default=1)
+    add_refine_run_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", type=int, default=0, metavar="N",
                    help="per iteration, old vs new E-step on the first N particles")  # fmt: skip

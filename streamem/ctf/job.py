@@ -30,7 +30,6 @@ fitted at all, the job fails with the first reason (InputError, nothing written)
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import time
@@ -99,24 +98,14 @@ def ctf_inputs(
     inputs: Sequence[str], angpix: float | None, default_optics: OpticsParams
 ) -> CtfInputs:
     """Micrographs from one STAR file or from MRC files/patterns (module docstring)."""
-    from streamem.io.micrograph_read import micrograph_pixel_size_A
+    from streamem.io.micrograph_read import expand_micrograph_paths, micrograph_pixel_size_A
 
     if not inputs:
         raise InputError(None, "no micrographs given")
     if len(inputs) == 1 and str(inputs[0]).endswith(".star"):
         return _star_inputs(Path(inputs[0]), angpix, default_optics)
-    paths: list[str] = []
-    for item in inputs:
-        if str(item).endswith(".star"):
-            raise InputError(item, "give one micrographs STAR file, or MRC files")
-        found = sorted(glob.glob(str(item))) if any(c in str(item) for c in "*?[") else [item]
-        if not found:
-            raise InputError(item, "no micrograph matches this pattern")
-        paths += found
     mics = []
-    for p in paths:
-        if not Path(p).is_file():
-            raise InputError(p, "micrograph not found")
+    for p in expand_micrograph_paths(inputs):
         if not str(p).lower().endswith(MRC_SUFFIXES):
             raise InputError(p, "micrographs must be MRC files (or one STAR file)")
         pixel = angpix or micrograph_pixel_size_A(p)

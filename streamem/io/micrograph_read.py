@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import glob
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +82,23 @@ def read_micrograph(path: str | Path, warn: bool = True) -> tuple[np.ndarray, fl
     if image.ndim != 2:
         raise InputError(path, f"a micrograph must be one 2-D image, got shape {image.shape}")
     return image, pixel
+
+
+def expand_micrograph_paths(inputs: Sequence[str]) -> list[str]:
+    """MRC files and glob patterns as given on a command line -> existing files, in order.
+
+    A STAR file among several inputs, a pattern that matches nothing and a file that
+    does not exist each raise InputError naming it (pick and ctf take one micrographs
+    STAR file, or MRC files)."""
+    paths: list[str] = []
+    for item in inputs:
+        if str(item).endswith(".star"):
+            raise InputError(item, "give one micrographs STAR file, or MRC files")
+        found = sorted(glob.glob(str(item))) if any(c in str(item) for c in "*?[") else [item]
+        if not found:
+            raise InputError(item, "no micrograph matches this pattern")
+        paths += found
+    for p in paths:
+        if not Path(p).is_file():
+            raise InputError(p, "micrograph not found")
+    return paths

@@ -33,7 +33,6 @@ scheduler here, or the ``client``'s cluster (``--scheduler``, ``--gpu``).
 
 from __future__ import annotations
 
-import glob
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,6 +79,7 @@ def micrograph_inputs(
     inputs: Sequence[str], angpix: float | None = None, use_ctf: bool = True
 ) -> list[MicrographInput]:
     """Micrographs from one STAR file or from MRC files/patterns (module docstring)."""
+    from streamem.io.micrograph_read import expand_micrograph_paths
     from streamem.io.mrc import stack_shape
     from streamem.io.relion import read_micrographs_star
     from streamem.io.store import optics_params
@@ -118,17 +118,7 @@ def micrograph_inputs(
                 )
             )
     else:
-        paths: list[str] = []
-        for item in inputs:
-            if str(item).endswith(".star"):
-                raise InputError(item, "give one micrographs STAR file, or MRC files")
-            found = sorted(glob.glob(str(item))) if any(c in str(item) for c in "*?[") else [item]
-            if not found:
-                raise InputError(item, "no micrograph matches this pattern")
-            paths += found
-        for p in paths:
-            if not Path(p).is_file():
-                raise InputError(p, "micrograph not found")
+        for p in expand_micrograph_paths(inputs):
             if not str(p).lower().endswith(MRC_SUFFIXES):
                 raise InputError(p, "micrographs must be MRC files (or one STAR file)")
             stack_shape(p)  # validates the header against the file size
