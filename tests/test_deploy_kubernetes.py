@@ -105,7 +105,11 @@ def test_manifests_refer_to_each_other():
     assert set(clusters) == {"streamem", "streamem-gpu"}
     (autoscaler,) = [d for d in docs if d["kind"] == "DaskAutoscaler"]
     assert autoscaler["spec"]["cluster"] in clusters
-    assert 1 <= autoscaler["spec"]["minimum"] <= autoscaler["spec"]["maximum"]
+    # the autoscaled cluster starts inside the autoscaler's range, and never scales to 0
+    # workers (a run would stall with its tasks unassigned)
+    low, high = autoscaler["spec"]["minimum"], autoscaler["spec"]["maximum"]
+    replicas = clusters[autoscaler["spec"]["cluster"]]["spec"]["worker"]["replicas"]
+    assert low >= 1 and low <= replicas <= high and high > low
     dask_cli = {ep.name for ep in entry_points(group="dask_cli")}
     assert {"scheduler", "worker"} <= dask_cli  # `dask scheduler`, `dask worker` exist here
     for name, cluster in clusters.items():

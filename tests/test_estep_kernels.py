@@ -148,7 +148,8 @@ def test_batched_posterior_kernels_match_the_per_row_ones():
         ref, n = significant_weights(W[row], 0.9)
         np.testing.assert_allclose(kept[row], ref, rtol=1e-12)
         assert count[row] == n
-    assert 1 <= count.min() and count.max() < 50
+    # the rule really trims: some rows keep fewer samples than they have non-zero weights
+    assert (count < np.count_nonzero(W, axis=1)).any()
     Wr = rng.random((3, 4, 5))
     Y = (rng.normal(size=(3, 4, 7)) + 1j * rng.normal(size=(3, 4, 7))).astype(np.complex64)
     np.testing.assert_allclose(

@@ -10,11 +10,10 @@ from streamem.core.ctf import ctf_rfft
 from streamem.errors import InputError
 from streamem.io.mrc import read_map
 from streamem.io.store import ParticleStore
+from streamem.simulate.particle_draws import ParticleSimParams, draw_particles
 from streamem.simulate.particles import (
-    ParticleSimParams,
     background_mask,
     clean_images,
-    draw_particles,
     make_images,
     signal_variance,
     simulate_particles,
