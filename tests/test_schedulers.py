@@ -14,7 +14,6 @@ peer; demo refuses an unreachable scheduler before creating its folder.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import pandas as pd
 import pytest
 import starfile
 
+from streamem.bench.chaos import stop_processes
 from streamem.cli import main
 from streamem.io.mrc import read_map
 from streamem.io.store import ParticleStore
@@ -172,16 +172,7 @@ def start_worker(scheduler_file: Path, cwd: Path) -> subprocess.Popen:
     )
 
 
-def stop(*procs: subprocess.Popen) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+stop = stop_processes  # the process groups these tests start
 
 
 def wait_for_workers(scheduler_file: Path, n: int = 1, timeout_s: float = 60) -> None:

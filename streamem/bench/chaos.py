@@ -125,16 +125,21 @@ class LoopbackCluster:
         return [n for n, p in self.workers.items() if p.poll() is None]
 
     def close(self) -> None:
-        procs = [*self.workers.values(), self.scheduler]
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop_processes(*self.workers.values(), self.scheduler)
+
+
+def stop_processes(*procs: subprocess.Popen) -> None:
+    """SIGTERM each process group started with ``start_new_session``, then SIGKILL those
+    still alive after 20 s."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def _count_estep_tasks(dask_scheduler=None) -> int:
