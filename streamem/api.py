@@ -6,6 +6,13 @@ result = sm.refine3d(store, "ref.mrc", "run")
 result.plot()
 classes = sm.class3d(store, "ref.mrc", "class3d", sm.Class3DOptions(n_classes=4))
 classes.plot(); classes.truth_accuracy  # on simulated data
+mask = sm.mask_create("run/run_class001.mrc", out="mask.mrc", threshold=0.02)
+
+Every CLI verb has a function here (:data:`VERBS`; ``cluster`` and ``bench`` are
+CLI-only, :data:`CLI_ONLY` says why). refine3d, class2d, class3d, select, simulate and
+demo are Python functions taking an options dataclass and a ``distributed.Client``
+(:data:`CLI_NAMES` maps each CLI option to its parameter); the others run the
+command's own code with the CLI's options as keywords (:mod:`streamem.api_cli`).
 """
 
 from __future__ import annotations
@@ -15,6 +22,22 @@ from pathlib import Path
 
 import numpy as np
 
+from streamem.api_verbs import (
+    CLI_NAMES,
+    CLI_ONLY,
+    EXECUTION_OPTIONS,
+    ctf,
+    export,
+    extract,
+    import_particles,
+    info,
+    local_resolution,
+    mask_create,
+    pick,
+    postprocess,
+    reconstruct,
+    simulate_micrographs,
+)
 from streamem.em.classify2d import Class2DOptions, Class2DResult
 from streamem.em.classify2d import classify2d as class2d
 from streamem.em.classify3d import Class3DOptions, Class3DResult
@@ -40,7 +63,44 @@ __all__ = [
     "oracle",
     "angular_errors_deg",
     "demo",
+    "import_particles",
+    "export",
+    "info",
+    "reconstruct",
+    "ctf",
+    "pick",
+    "extract",
+    "postprocess",
+    "mask_create",
+    "local_resolution",
+    "simulate_micrographs",
+    "VERBS",
+    "CLI_ONLY",
+    "CLI_NAMES",
+    "EXECUTION_OPTIONS",
 ]
+
+
+def _verbs() -> dict:
+    return {
+        "demo": demo,
+        "simulate": simulate,
+        "simulate-micrographs": simulate_micrographs,
+        "import": import_particles,
+        "export": export,
+        "info": info,
+        "reconstruct": reconstruct,
+        "refine3d": refine3d,
+        "class3d": class3d,
+        "class2d": class2d,
+        "select": select,
+        "ctf": ctf,
+        "pick": pick,
+        "extract": extract,
+        "mask-create": mask_create,
+        "postprocess": postprocess,
+        "local-resolution": local_resolution,
+    }
 
 
 def oracle(store, symmetry_matrices=None, client=None) -> tuple[np.ndarray, np.ndarray, float]:
@@ -164,3 +224,7 @@ def _demo_in(
         "iterations": result.iterations,
         "result": result,
     }
+
+
+#: CLI verb -> the Python function doing it (every verb but :data:`CLI_ONLY`'s).
+VERBS = _verbs()
