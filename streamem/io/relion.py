@@ -23,7 +23,7 @@ Writing a store out as STAR + MRCS stacks is :mod:`streamem.io.relion_export`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +347,47 @@ def write_star(path: str | Path, blocks: dict[str, pd.DataFrame | dict[str, Any]
                 k: str(v) if isinstance(v, float | np.floating) else v for k, v in block.items()
             }
     starfile.write(out, path)
+
+
+#: Rows formatted at a time by :func:`write_star_streamed` (bounded client memory).
+STAR_ROWS_PER_BLOCK = 16384
+
+
+def write_star_streamed(
+    path: str | Path,
+    blocks: dict[str, pd.DataFrame | dict[str, Any] | Iterable[pd.DataFrame]],
+) -> None:
+    """:func:`write_star` with loop blocks given as an iterable of row blocks.
+
+    A block that is neither a DataFrame nor a dict is an iterable of DataFrames with the
+    same columns (consecutive rows of one loop), formatted and written one at a time, so
+    memory is one row block however long the loop. The text is :func:`write_star`'s for
+    the concatenated table, line for line (starfile's own block writers and
+    ``to_csv`` settings; only the ``# Created by`` time stamp differs between runs).
+    """
+    from starfile.writer import loop_block, package_info, simple_block
+
+    with open(path, "w") as f:
+        f.write(f"{package_info()}\n\n\n")
+        for name, block in blocks.items():
+            if isinstance(block, dict):
+                values = {
+                    k: str(v) if isinstance(v, float | np.floating) else v for k, v in block.items()
+                }
+                f.writelines(f"{line}\n" for line in simple_block(name, values))
+                continue
+            parts = [block] if isinstance(block, pd.DataFrame) else block
+            header = None
+            for part in parts:
+                lines = list(loop_block(name, format_floats(part)))
+                n_head = 3 + len(part.columns)  # data_NAME, "", loop_, one line per label
+                if header is None:
+                    header = lines[:n_head]
+                    f.writelines(f"{line}\n" for line in header)
+                f.writelines(f"{line}\n" for line in lines[n_head:-2])  # rows, not the ""s
+            if header is None:
+                raise ValueError(f"loop block {name!r} has no row blocks (not even an empty one)")
+            f.write("\n\n")
 
 
 # -- micrographs and coordinates (pick, extract) ----------------------------------------

@@ -8,7 +8,9 @@ stack is written by one task from one chunk, with bounded memory). Stacks are fl
 folder, and the name the particle had before (when the store knows it) is kept as
 ``rlnImageOriginalName`` unless that column already exists. Floats are written with
 the shortest text that reads back to the same number, so a round trip
-STAR -> store -> STAR keeps every value. Ground truth fields are not exported.
+STAR -> store -> STAR keeps every value. Ground truth fields are not exported. The STAR file is streamed a block of rows at a
+time (:func:`streamem.io.relion.write_star_streamed`), so the client's memory does not
+grow with N.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pandas as pd
 from streamem.dist.tasks import run_tasks
 from streamem.errors import InputError
 from streamem.io.atomic import atomic_output, check_output
-from streamem.io.relion import write_star
+from streamem.io.relion import STAR_ROWS_PER_BLOCK, write_star_streamed
 from streamem.io.store import ParticleStore
 
 
@@ -55,28 +57,21 @@ def export_store(
     check_output(stacks_dir, overwrite, inputs)
     if star_path.resolve().is_relative_to(stacks_dir.resolve()):
         raise InputError(star_path, f"the STAR file may not lie inside --stacks-dir {stacks_dir}")
-    n = store.n_particles
     bounds, stack_names = stack_layout(store, images_per_stack)
-
-    particles = particles_table(store)
     stacks_rel = relative_to(stacks_dir.absolute(), star_path.absolute().parent)
-    names = np.empty(n, dtype=object)
-    for (start, stop), stack in zip(bounds, stack_names, strict=True):
-        names[start:stop] = [f"{i:06d}@{stacks_rel}/{stack}" for i in range(1, stop - start + 1)]
-    if "rlnImageName" in particles.columns and "rlnImageOriginalName" not in particles.columns:
-        pos = list(particles.columns).index("rlnImageName") + 1
-        particles.insert(pos, "rlnImageOriginalName", particles["rlnImageName"])
-    if "rlnImageName" in particles.columns:
-        particles["rlnImageName"] = names
-    else:
-        particles.insert(0, "rlnImageName", names)
+    per_stack = bounds[0][1] - bounds[0][0]
+    n, rows = store.n_particles, STAR_ROWS_PER_BLOCK
+    particles = (
+        _particles_block(store, s, min(s + rows, n), stacks_rel, stack_names, per_stack)
+        for s in range(0, n, rows)
+    )
     optics = optics_table(store)
 
     with atomic_output(star_path, overwrite, inputs, "export") as tmp_star:
         with atomic_output(stacks_dir, overwrite, inputs, "export") as tmp_dir:
             write_stacks(store, tmp_dir, bounds, stack_names, workers, client)
         # the stacks are in place before the STAR file that names them
-        write_star(tmp_star, {"optics": optics, "particles": particles})
+        write_star_streamed(tmp_star, {"optics": optics, "particles": particles})
     return star_path
 
 
@@ -124,12 +119,40 @@ def relative_to(target: Path, base: Path) -> str:
         return target.as_posix()
 
 
-def particles_table(store: ParticleStore) -> pd.DataFrame:
-    """Metadata fields as a table, in the column order of the source STAR file."""
-    table = store.read_table("metadata")
+def particles_table(store: ParticleStore, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+    """Metadata fields of particles ``[start, stop)`` (all by default) as a table, in the
+    column order of the source STAR file."""
+    table = store.read_table("metadata", start, stop)
     first = [c for c in store.facts.get("provenance", {}).get("star_columns", []) if c in table]
     order = first + sorted(c for c in table if c not in first)
     return pd.DataFrame({c: table[c] for c in order})
+
+
+def _particles_block(
+    store: ParticleStore,
+    start: int,
+    stop: int,
+    stacks_rel: str,
+    stack_names: list[str],
+    per_stack: int,
+) -> pd.DataFrame:
+    """Rows ``[start, stop)`` of the exported particles table: the metadata with
+    ``rlnImageName`` pointing into the new stacks (particle i is image ``i % per_stack``
+    of stack ``i // per_stack``) and the old name kept as ``rlnImageOriginalName``."""
+    particles = particles_table(store, start, stop)
+    names = np.array(
+        [f"{i % per_stack + 1:06d}@{stacks_rel}/{stack_names[i // per_stack]}"
+         for i in range(start, stop)],
+        dtype=object,
+    )  # fmt: skip
+    if "rlnImageName" in particles.columns and "rlnImageOriginalName" not in particles.columns:
+        pos = list(particles.columns).index("rlnImageName") + 1
+        particles.insert(pos, "rlnImageOriginalName", particles["rlnImageName"])
+    if "rlnImageName" in particles.columns:
+        particles["rlnImageName"] = names
+    else:
+        particles.insert(0, "rlnImageName", names)
+    return particles
 
 
 def optics_table(store: ParticleStore) -> pd.DataFrame:

@@ -4,18 +4,22 @@
 iteration NNN (:data:`RESULT_FIELDS`), written region by region by the E-step tasks
 (one chunk each, so no two tasks write the same Zarr chunk) and read back by the next
 iteration's tasks, the outputs and ``streamem select``. ``run_itNNN_data.star`` is the
-store's particle table with those results, in RELION 3.1's form (optics + particles).
+store's particle table with those results, in RELION 3.1's form (optics + particles),
+streamed a block of rows at a time from the store and the results Zarr
+(:func:`write_data_star`), so the client's memory does not grow with N.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import zarr
 
-from streamem.io.relion import write_star
+from streamem.io.relion import STAR_ROWS_PER_BLOCK, write_star_streamed
 from streamem.io.store import ParticleStore
 
 #: label -> dtype of the per-particle results (floats start as NaN, classes as 0).
@@ -68,15 +72,50 @@ def read_results(
     return {label: np.asarray(arrays[label][sl]) for label in order}
 
 
-def write_data_star(path: Path, store: ParticleStore, results: dict) -> None:
-    """Particles with this iteration's poses, RELION 3.1 (optics + particles)."""
-    table = store.read_table()
-    table.update(results)
+@dataclass(frozen=True)
+class StoredResults:
+    """Iteration ``iteration``'s results in ``results_path``, read a range at a time."""
+
+    results_path: str | Path
+    iteration: int
+
+    def read(self, start: int, stop: int) -> dict:
+        return read_results(str(self.results_path), self.iteration, start, stop)
+
+
+def write_data_star(
+    path: Path,
+    store: ParticleStore,
+    results: Mapping[str, np.ndarray] | StoredResults,
+    rows_per_block: int = STAR_ROWS_PER_BLOCK,
+) -> None:
+    """Particles with this iteration's poses, RELION 3.1 (optics + particles).
+
+    Streamed: the store's metadata and the results (a ``{label: (N,) array}`` mapping, or
+    :class:`StoredResults` read from the results Zarr) are read ``rows_per_block``
+    particles at a time and written as they come, so the client's memory does not grow
+    with N. Columns: the store's fields, then the results' labels not among them (a
+    result replaces a store field of the same label in place), then ``rlnImageName``
+    (``NNNNNN@STORE`` for a store without stacks) if the store has none.
+    """
+    n = store.n_particles
+    blocks = (
+        _data_block(store, results, start, min(start + rows_per_block, n))
+        for start in range(0, n, rows_per_block)
+    )
+    optics = pd.DataFrame(store.optics_groups)
+    write_star_streamed(path, {"optics": optics, "particles": blocks})
+
+
+def _data_block(store: ParticleStore, results, start: int, stop: int) -> pd.DataFrame:
+    table = store.read_table("metadata", start, stop)
+    if isinstance(results, StoredResults):
+        table.update(results.read(start, stop))
+    else:
+        table.update({label: np.asarray(col)[start:stop] for label, col in results.items()})
     if "rlnImageName" not in table:
         # a simulated store has no stacks: refer to the store (streamem export writes stacks)
         table["rlnImageName"] = np.array(
-            [f"{i + 1:06d}@{store.path.name}" for i in range(store.n_particles)], dtype=object
+            [f"{i + 1:06d}@{store.path.name}" for i in range(start, stop)], dtype=object
         )
-    particles = pd.DataFrame(table)
-    optics = pd.DataFrame(store.optics_groups)
-    write_star(path, {"optics": optics, "particles": particles})
+    return pd.DataFrame(table, index=pd.RangeIndex(start, stop))

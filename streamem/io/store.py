@@ -292,9 +292,16 @@ class ParticleStore:
             raise InputError(self.path, f"store has no field {group}/{label}") from None
         return self._read(arr, f"{group}/{label}", 0, self.n_particles)
 
-    def read_table(self, group: str = "metadata") -> dict[str, np.ndarray]:
-        """Every field of ``group`` as ``{label: (N,) array}``, checked."""
-        return self._read_group(self._root(), group, 0, self.n_particles)
+    def read_table(
+        self, group: str = "metadata", start: int = 0, stop: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Every field of ``group`` as ``{label: (stop - start,) array}``, checked.
+
+        All particles by default; a range reads only the chunks it covers (what the
+        streamed STAR writers use, so the client never holds the whole table).
+        """
+        stop = self.n_particles if stop is None else min(int(stop), self.n_particles)
+        return self._read_group(self._root(), group, int(start), stop)
 
     def array_names(self) -> list[str]:
         """``images`` and every ``metadata/<label>`` and ``truth/<label>`` array."""
@@ -349,7 +356,9 @@ class ParticleStore:
     def _read_group(self, root, group: str, start: int, stop: int) -> dict[str, np.ndarray]:
         if group not in root:
             return {}
-        return {k: self._read(a, f"{group}/{k}", start, stop) for k, a in root[group].arrays()}
+        # by label: zarr lists a group's arrays in no fixed order, and STAR columns must not move
+        arrays = sorted(root[group].arrays(), key=lambda item: item[0])
+        return {k: self._read(a, f"{group}/{k}", start, stop) for k, a in arrays}
 
     # -- writing -------------------------------------------------------------------------
     def write_region(
