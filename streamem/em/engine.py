@@ -44,7 +44,13 @@ from streamem.em.runfolder import Run
 from streamem.errors import InputError
 from streamem.io.model_star import SHELL_LABELS, write_model_star
 from streamem.io.mrc import read_map
-from streamem.io.results import create_results_arrays, read_results, write_data_star, write_results
+from streamem.io.results import (
+    StoredResults,
+    create_results_arrays,
+    read_results,
+    write_data_star,
+    write_results,
+)
 from streamem.io.store import ParticleStore, optics_params
 
 log = logging.getLogger("streamem")
@@ -445,8 +451,10 @@ def run_job(job: Job, ctx: RunContext, stop_after_iteration: int | None = None) 
             )
         prefix = runfiles.iteration_prefix(ctx.out_dir, iteration)
         with timer("writing"):
-            results = read_results(ctx.results_path, iteration)
-            write_data_star(Path(f"{prefix}_data.star"), ctx.store, results)
+            # streamed from particles.zarr; a classification also scores the whole table
+            results = read_results(ctx.results_path, iteration) if job.kind.classifies else {}
+            stored = StoredResults(ctx.results_path, iteration)
+            write_data_star(Path(f"{prefix}_data.star"), ctx.store, stored)
             fields = job.write_outputs(ctx, state, model, stats, prefix)
         phase_s = add_seconds(stats.phase_seconds, timer.seconds)
         changed = _score_classes(job, ctx, state, results, prefix) if job.kind.classifies else 1.0
