@@ -130,6 +130,17 @@ class Class2DResult:
     def plot(self, fig=None):
         return plot_gallery(self.class_images, self.fractions, self.resolutions_A, fig=fig)
 
+    def __repr__(self) -> str:
+        from streamem.display import short_repr
+
+        return short_repr("Class2DResult", out_dir=self.out_dir, iterations=self.iterations,
+                          class_images=self.class_images)  # fmt: skip
+
+    def _repr_html_(self) -> str:
+        from streamem.display import class2d_html
+
+        return class2d_html(self)  # table of classes, gallery
+
 
 def classify2d(
     store: str | Path | ParticleStore,

@@ -166,6 +166,17 @@ class Class3DResult:
         ax.legend()
         return ax
 
+    def __repr__(self) -> str:
+        from streamem.display import short_repr
+
+        return short_repr("Class3DResult", out_dir=self.out_dir, iterations=self.iterations,
+                          maps=self.maps)  # fmt: skip
+
+    def _repr_html_(self) -> str:
+        from streamem.display import class3d_html
+
+        return class3d_html(self)  # table of classes, map slices, fractions per iteration
+
 
 def initial_references(
     reference: np.ndarray,

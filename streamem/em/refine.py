@@ -64,6 +64,17 @@ class RefineResult:
         ax.set_title(f"{self.resolution_A:.2f} Å")
         return ax
 
+    def __repr__(self) -> str:
+        from streamem.display import short_repr
+
+        return short_repr("RefineResult", out_dir=self.out_dir, resolution_A=self.resolution_A,
+                          iterations=self.iterations, map=self.map)  # fmt: skip
+
+    def _repr_html_(self) -> str:
+        from streamem.display import refine_html
+
+        return refine_html(self)  # table, FSC, map slices, angular distribution
+
 
 @dataclass(frozen=True)
 class RefineOptions:

@@ -404,6 +404,11 @@ class ParticleStore:
     def __repr__(self) -> str:
         return f"ParticleStore({str(self.path)!r}, N={self.n_particles}, box={self.box_size})"
 
+    def _repr_html_(self) -> str:
+        from streamem.display import store_html
+
+        return store_html(self)  # streamem info's table and the first images
+
     def __reduce__(self):
         return (ParticleStore, (str(self.path),))
 
