@@ -20,6 +20,8 @@ BENCH_MODULES = [
     "refine_memory",
     "refine_phases",
     "chaos",
+    "star_write",
+    "out_of_core",
 ]
 
 
