@@ -134,7 +134,13 @@ def register(sub) -> None:
     p.add_argument(
         "--particles-per-micrograph", type=int, default=100, help="particles sharing a defocus"
     )
-    p.add_argument("--relion", default=None, metavar="DIR", help="also write DIR/particles.star")
+    p.add_argument(
+        "--relion",
+        default=None,
+        metavar="DIR",
+        help="also write DIR/particles.star (+ MRCS stacks) and DIR/truth.star (true poses, "
+        "origins, CTF and classes)",
+    )
     p.set_defaults(func=run)
 
     m = sub.add_parser(
@@ -252,6 +258,7 @@ def run(args) -> int:
         print(f"truth volume {path}")
     if args.relion:
         print(f"RELION particles {Path(args.relion) / 'particles.star'}")
+        print(f"RELION truth {Path(args.relion) / 'truth.star'}")
     return 0
 
 

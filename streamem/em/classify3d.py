@@ -68,7 +68,7 @@ from streamem import validate as check
 from streamem.core.filters import lowpass
 from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.symmetry import symmetry_matrices
-from streamem.em import engine, mstep, runfolder
+from streamem.em import engine, mstep, runfiles, runfolder
 from streamem.em.class_truth import ClassAccuracy
 from streamem.em.consensus import ConsensusStart, copy_poses, read_consensus
 from streamem.em.estep import EStepModel, SearchGrid, expectation
@@ -414,6 +414,11 @@ class Class3DJob:
         engine.write_model(
             ctx, state, stats, prefix, model.work_box, o.tau2_fudge, sampling, curves, names
         )
+        iteration = runfiles.prefix_iteration(prefix)
+        if iteration >= o.iterations:  # the final one: what viewers open, pictures
+            maps = dict(zip(names, state["maps"], strict=True))
+            runfiles.write_view_files(ctx, iteration, maps, state["mask"], K)
+            runfiles.write_class_pictures(ctx.out_dir, state, p)
         return {"class_maps": names, "resolution_A": state["resolution_A"]}
 
     def log_line(self, state: dict, model, iteration: int, changed: float, seconds: float) -> str:

@@ -353,8 +353,11 @@ class Refine3DJob:
             stats.data_acc, stats.weight_acc, fsc[: b // 2 + 1], b, o.padding_factor,
             o.tau2_fudge, symmetry_matrices(o.symmetry),
         )  # fmt: skip
-        write_map(out_dir / "run_class001.mrc", mstep.to_full_frame(joined, B), p)
+        final_map = mstep.to_full_frame(joined, B)
+        write_map(out_dir / "run_class001.mrc", final_map, p)
+        maps = {"run_class001.mrc": final_map}
         for h in range(2):
+            maps[f"run_half{h + 1}_class001_unfil.mrc"] = state["halves"][h]
             write_map(out_dir / f"run_half{h + 1}_class001_unfil.mrc", state["halves"][h], p)
         for suffix in ("data.star", "model.star"):
             src = Path(f"{prefix}_{suffix}")
@@ -362,6 +365,8 @@ class Refine3DJob:
         runfiles.plot_fsc(
             out_dir / "run_fsc.png", {"gold-standard": fsc}, B, p, state["resolution_A"]
         )
+        iteration = runfiles.prefix_iteration(prefix)
+        runfiles.write_view_files(ctx, iteration, maps, state["mask"], n_classes=1)
 
     def log_line(self, state: dict, model, iteration: int, changed: float, seconds: float) -> str:
         pose_change, offset_change_px = state["changes"]

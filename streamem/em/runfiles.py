@@ -6,6 +6,12 @@
 (``--continue`` resumes from the newest usable one). Per-particle results live in
 ``particles.zarr`` (:mod:`streamem.io.results`; ``RESULT_FIELDS`` and ``read_results``
 are re-exported here for the readers of run folders: select, benches).
+
+At the final iteration refine3d and class3d also write what viewers open
+(:func:`write_view_files`): ``run_classNNN_angdist.bild`` per class (RELION's format,
+:mod:`streamem.io.bild`), ``run_angdist.png`` (HEALPix heat map), ``run_mask.mrc`` (the
+solvent mask used) and ``run_chimerax.cxc`` (:mod:`streamem.io.chimerax`); class3d adds
+``run_class_slices.png`` and ``run_class_sizes.png`` (:mod:`streamem.em.plots`).
 """
 
 from __future__ import annotations
@@ -17,8 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from streamem.em import angdist, plots
 from streamem.em.class_truth import class_accuracy
 from streamem.errors import InputError
+from streamem.io.bild import angdist_bild
+from streamem.io.chimerax import ShownMap, chimerax_script, map_level
+from streamem.io.mrc import write_map
 from streamem.io.relion import write_star
 from streamem.io.results import RESULT_FIELDS, read_results  # noqa: F401 (re-exported)
 from streamem.io.store import ParticleStore
@@ -37,14 +47,21 @@ def write_checkpoint(path: Path, state: dict) -> None:
     folder is fsynced: after a crash or power loss the checkpoint is either the old one
     or the complete new one, and the maps it names (written before it) are on disk.
     """
+    write_run_text(path, json.dumps(state, indent=1))
+
+
+def write_run_text(path: Path, text: str) -> Path:
+    """Write a run folder's text file atomically and durably (``NAME.partial``, fsync,
+    rename over ``NAME``, fsync the folder); the run folder is the job's own."""
     path = Path(path)
-    tmp = path.with_suffix(".json.partial")
+    tmp = path.with_name(path.name + ".partial")
     with open(tmp, "w") as f:
-        f.write(json.dumps(state, indent=1))
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_folder(path.parent)
+    return path
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -194,3 +211,59 @@ def plot_fsc(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def prefix_iteration(prefix: Path) -> int:
+    """NNN of a ``run_itNNN`` prefix."""
+    return int(Path(prefix).name[len("run_it") :])
+
+
+def write_view_files(
+    ctx, iteration: int, maps: dict[str, np.ndarray], mask: np.ndarray | None, n_classes: int
+) -> list[str]:
+    """What viewers open, from iteration ``iteration``'s results; returns the names.
+
+    ctx: the job's :class:`streamem.em.engine.RunContext` (out_dir, results_path,
+    box_size, pixel_size_A, diameter_A). maps: file name (in the run folder, already
+    written) -> (B, B, B) map, shown first then as hidden meshes after the first
+    ``n_classes`` (the halves). mask: (B, B, B) in [0, 1], written as ``run_mask.mrc``.
+    Per class, the particles of that class (rlnClassNumber; all of them when
+    ``n_classes`` is 1) give ``run_classNNN_angdist.bild``; all classes together
+    ``run_angdist.png``.
+    """
+    out, B, p = Path(ctx.out_dir), ctx.box_size, ctx.pixel_size_A
+    results = read_results(ctx.results_path, iteration)
+    rot, tilt = results["rlnAngleRot"], results["rlnAngleTilt"]
+    classes = results["rlnClassNumber"] if n_classes > 1 else np.ones(len(rot), np.int64)
+    counts = angdist.class_direction_counts(rot, tilt, classes, n_classes)
+    bilds = [f"run_class{k + 1:03d}_angdist.bild" for k in range(n_classes)]
+    for name, c in zip(bilds, counts, strict=True):
+        write_run_text(out / name, angdist_bild(c, B, p, ctx.diameter_A / 2))
+    titles = [f"class {k + 1}" for k in range(n_classes)] if n_classes > 1 else None
+    plots.plot_angdist(out / "run_angdist.png", counts, titles)
+    shown = [
+        ShownMap(name, map_level(v, ctx.diameter_A, p), "surface" if i < n_classes else "mesh",
+                 shown=i < n_classes)
+        for i, (name, v) in enumerate(maps.items())
+    ]  # fmt: skip
+    written = [*bilds, "run_angdist.png", "run_chimerax.cxc"]
+    if mask is not None:
+        write_map(out / "run_mask.mrc", mask, p)
+        shown.append(ShownMap("run_mask.mrc", 0.5, "mesh", shown=False))
+        written.append("run_mask.mrc")
+    write_run_text(out / "run_chimerax.cxc", chimerax_script(shown, bilds))
+    return written
+
+
+def write_class_pictures(out_dir: Path, state: dict, pixel_size_A: float) -> list[str]:
+    """class3d's ``run_class_slices.png`` (each class's central slices) and
+    ``run_class_sizes.png`` (fractions over iterations, this one included: the engine
+    appends it to ``state["history"]`` after the outputs)."""
+    out = Path(out_dir)
+    plots.plot_class_slices(
+        out / "run_class_slices.png", state["maps"], state["fractions"], state["resolutions"],
+        pixel_size_A,
+    )  # fmt: skip
+    history = [*state.get("history", []), np.asarray(state["fractions"]).tolist()]
+    plots.plot_class_sizes(out / "run_class_sizes.png", history)
+    return ["run_class_slices.png", "run_class_sizes.png"]

@@ -115,6 +115,8 @@ _RUN_NAME = (
     r"run_it\d{3}_[A-Za-z0-9_]+\.(?:mrc|mrcs|star|json|png)"
     r"|run_(?:class\d{3}|half[12]_class\d{3}_unfil)\.mrc"
     r"|run_(?:data|model)\.star|run_fsc\.png|run_classes\.(?:png|mrcs)"
+    r"|run_class\d{3}_angdist\.bild|run_(?:angdist|class_slices|class_sizes)\.png"
+    r"|run_chimerax\.cxc|run_mask\.mrc|run_[A-Za-z0-9_]+\.(?:bild|cxc)\.partial"
     r"|particles\.zarr"
 )
 _RUN_FILE = re.compile(

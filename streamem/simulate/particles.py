@@ -328,8 +328,8 @@ def simulate_particles(
     e.g. ``["asym", "asym-B"]`` for two classes).
     ``mix``: one fraction per volume (normalised; default equal). See the module
     docstring for the image formation and what is stored. ``relion_dir``: also write
-    ``relion_dir/particles.star`` and its MRCS stacks (RELION 3.1). The chunk tasks
-    run on ``client``'s cluster (a ``distributed.Client``; its workers must see the
+    ``relion_dir/particles.star`` and its MRCS stacks (RELION 3.1), and ``truth.star``
+    (:mod:`streamem.io.truth_star`). The chunk tasks run on ``client``'s cluster (a ``distributed.Client``; its workers must see the
     output's folder), else on ``workers`` threads (default: all cores). ``inputs``:
     files the volumes were read from (no output may touch them).
     """
@@ -382,6 +382,7 @@ def simulate_particles(
         check_not_input(relion_dir, inputs)
         check_output(Path(relion_dir) / "particles.star", overwrite, inputs)
         check_output(Path(relion_dir) / "particles_stacks", overwrite, inputs)
+        check_output(Path(relion_dir) / "truth.star", overwrite, inputs)
 
     projectors = [RealSpaceProjector(v, order=params.interpolation_order) for v in volumes]
     s_var = signal_variance(params, projectors)
@@ -437,6 +438,10 @@ def simulate_particles(
         export_store(
             out_path, Path(relion_dir) / "particles.star", overwrite=overwrite, client=client
         )
+        from streamem.io.truth_star import write_truth_star
+
+        relion = Path(relion_dir)
+        write_truth_star(store, relion / "particles.star", relion / "truth.star", overwrite)
     return store
 
 
