@@ -329,7 +329,8 @@ def simulate_particles(
     ``mix``: one fraction per volume (normalised; default equal). See the module
     docstring for the image formation and what is stored. ``relion_dir``: also write
     ``relion_dir/particles.star`` and its MRCS stacks (RELION 3.1), and ``truth.star``
-    (:mod:`streamem.io.truth_star`). The chunk tasks run on ``client``'s cluster (a ``distributed.Client``; its workers must see the
+    (:mod:`streamem.io.truth_star`). The chunk tasks run on ``client``'s cluster (a
+    ``distributed.Client``; its workers must see the
     output's folder), else on ``workers`` threads (default: all cores). ``inputs``:
     files the volumes were read from (no output may touch them).
     """
