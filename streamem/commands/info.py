@@ -107,10 +107,9 @@ def verify_store(store: ParticleStore, client=None, progress: bool = True) -> li
 
 
 def _bar(total: int, enabled: bool):
-    from tqdm import tqdm
+    from streamem.dist.progress import chunk_bar
 
-    # disable=None: silent when stderr is not a terminal (a log file, a test)
-    return tqdm(total=total, unit="chunk", desc="verify", disable=None if enabled else True)
+    return chunk_bar(total, "verify", enabled)  # none in a log file or a test
 
 
 def _task_progress(bar):

@@ -99,20 +99,23 @@ def on_a_worker(fn: Callable[[], Any], client) -> Any:
 def compute(graph, client, progress: bool = False) -> Any:
     """The value of a delayed ``graph``: on ``client`` (a ``distributed.Client``) or, if
     None, on Dask's threaded scheduler. ``progress``: a bar over the tasks, only in a
-    terminal (text) or notebook (bars would flood a log file)."""
-    progress = progress and sys.stdout.isatty()
+    terminal (text) or notebook (a widget), none in a log or CI
+    (:func:`streamem.dist.progress.progress_mode`)."""
+    from streamem.dist.progress import progress_mode
+
+    mode = progress_mode(sys.stdout) if progress else None
     if client is None:
-        if progress:
+        if mode is not None:
             from dask.diagnostics import ProgressBar
 
             with ProgressBar(minimum=2.0):
                 return dask.compute(graph, scheduler="threads")[0]
         return dask.compute(graph, scheduler="threads")[0]
     future = client.compute(graph)
-    if progress:
+    if mode is not None:
         from distributed import progress as show_progress
 
-        show_progress(future, multi=False)
+        show_progress(future, multi=False, notebook=mode == "widget")
     return future.result()
 
 

@@ -192,13 +192,14 @@ def _store_optics(optics: pd.DataFrame, box: int, header_voxel_A: float, star: P
 
 
 class _Progress(Callback):
-    """tqdm bar over finished chunk tasks (silent when stderr is not a terminal)."""
+    """tqdm bar over finished chunk tasks (a widget in Jupyter, text in a terminal, none
+    in a log: :func:`streamem.dist.progress.chunk_bar`)."""
 
     def __init__(self, total: int, enabled: bool):
         super().__init__()
-        from tqdm import tqdm
+        from streamem.dist.progress import chunk_bar
 
-        self.bar = tqdm(total=total, unit="chunk", desc="import", disable=None if enabled else True)
+        self.bar = chunk_bar(total, "import", enabled)
 
     def _posttask(self, key, result, dsk, state, worker_id):
         self.bar.update(1)

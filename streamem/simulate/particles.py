@@ -470,13 +470,14 @@ def _jsonable(d):
 
 
 class _Progress(Callback):
-    """tqdm bar over finished chunk tasks (silent when stderr is not a terminal)."""
+    """tqdm bar over finished chunk tasks (a widget in Jupyter, text in a terminal, none
+    in a log: :func:`streamem.dist.progress.chunk_bar`)."""
 
     def __init__(self, total: int):
         super().__init__()
-        from tqdm import tqdm
+        from streamem.dist.progress import chunk_bar
 
-        self.bar = tqdm(total=total, unit="chunk", desc="simulate", disable=None)
+        self.bar = chunk_bar(total, "simulate")
 
     def _posttask(self, key, result, dsk, state, worker_id):
         if str(key).startswith("simulate-") and not str(key).startswith("simulate-volumes"):
