@@ -6,7 +6,9 @@ iteration NNN (:data:`RESULT_FIELDS`), written region by region by the E-step ta
 iteration's tasks, the outputs and ``streamem select``. ``run_itNNN_data.star`` is the
 store's particle table with those results, in RELION 3.1's form (optics + particles),
 streamed a block of rows at a time from the store and the results Zarr
-(:func:`write_data_star`), so the client's memory does not grow with N.
+(:func:`write_data_star`), so the client's memory does not grow with N; its
+``rlnImageName`` names images RELION opens from the run folder
+(:mod:`streamem.io.run_images`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pandas as pd
 import zarr
 
 from streamem.io.relion import STAR_ROWS_PER_BLOCK, write_star_streamed
+from streamem.io.run_images import RunImageNames
 from streamem.io.store import ParticleStore
 
 #: label -> dtype of the per-particle results (floats start as NaN, classes as 0).
@@ -95,27 +98,28 @@ def write_data_star(
     :class:`StoredResults` read from the results Zarr) are read ``rows_per_block``
     particles at a time and written as they come, so the client's memory does not grow
     with N. Columns: the store's fields, then the results' labels not among them (a
-    result replaces a store field of the same label in place), then ``rlnImageName``
-    (``NNNNNN@STORE`` for a store without stacks) if the store has none.
+    result replaces a store field of the same label in place), then ``rlnImageName`` if
+    the store has none; image names are relative to ``path``'s folder
+    (:class:`streamem.io.run_images.RunImageNames`).
     """
     n = store.n_particles
+    images = RunImageNames(store, Path(path).absolute().parent)
     blocks = (
-        _data_block(store, results, start, min(start + rows_per_block, n))
+        _data_block(store, results, start, min(start + rows_per_block, n), images)
         for start in range(0, n, rows_per_block)
     )
     optics = pd.DataFrame(store.optics_groups)
     write_star_streamed(path, {"optics": optics, "particles": blocks})
 
 
-def _data_block(store: ParticleStore, results, start: int, stop: int) -> pd.DataFrame:
+def _data_block(
+    store: ParticleStore, results, start: int, stop: int, images: RunImageNames
+) -> pd.DataFrame:
     table = store.read_table("metadata", start, stop)
     if isinstance(results, StoredResults):
         table.update(results.read(start, stop))
     else:
         table.update({label: np.asarray(col)[start:stop] for label, col in results.items()})
-    if "rlnImageName" not in table:
-        # a simulated store has no stacks: refer to the store (streamem export writes stacks)
-        table["rlnImageName"] = np.array(
-            [f"{i + 1:06d}@{store.path.name}" for i in range(start, stop)], dtype=object
-        )
+    # images RELION opens from the run folder (io.run_images: the rule)
+    table["rlnImageName"] = images.names(start, stop, table.get("rlnImageName"))
     return pd.DataFrame(table, index=pd.RangeIndex(start, stop))
