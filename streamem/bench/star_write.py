@@ -57,8 +57,8 @@ def register_bench(bench_sub) -> None:
 
 
 def make_metadata(store_path: Path, results_path: Path, n: int, chunk: int, seed: int = 0):
-    """A store of ``n`` particles' metadata (box 16, images not written) and iteration 1's
-    results, written ``chunk`` particles at a time (memory: one chunk)."""
+    """A store of ``n`` particles' metadata (box 16, images not written; sharded by default
+    above 100,000) and iteration 1's results, written one shard (or chunk) at a time."""
     from streamem.io.results import RESULT_FIELDS, create_results_arrays, write_results
     from streamem.io.store import create_store
 
@@ -79,8 +79,8 @@ def make_metadata(store_path: Path, results_path: Path, n: int, chunk: int, seed
     create_results_arrays(results_path, 1, n, chunk)
     rng = np.random.default_rng(seed)
     per_mic = 200
-    for s in range(0, n, chunk):
-        i = np.arange(s, min(s + chunk, n))
+    for s, e in store.write_bounds():  # shards of a large store: whole ones per write
+        i = np.arange(s, e)
         k = len(i)
         mic = i // per_mic
         meta = {

@@ -106,6 +106,7 @@ def select_particles(
                 if k not in ("rlnOpticsGroup", "rlnRandomSubset")
             },
             chunk_size=store.chunk_size,
+            shard_size=None,  # written in selected runs that do not align with shards
             truth_fields=truth_fields,
             provenance={
                 "command": "select",

@@ -7,7 +7,8 @@ file (:mod:`streamem.io.relion`), every stack's MRC header against its file size
 stack lengths, square images of one box size that matches the optics'
 ``rlnImageSize``, and one pixel size. Then the store is created under a
 temporary name and images are streamed in by a threaded Dask job with one task
-per store chunk: the task memory-maps the stacks it needs, gathers its images,
+per store chunk, or per shard in a sharded store (``shard_size``; the default above
+100,000 particles, :mod:`streamem.io.store`): the task memory-maps the stacks it needs, gathers its images,
 rejects NaN/Inf, and writes its region. Memory is about ``workers`` x one chunk
 whatever the number of particles. The store is renamed into place only when every
 chunk is written, so a failed import leaves nothing behind.
@@ -218,6 +219,7 @@ def import_particles(
     seed: int = 0,
     workers: int | None = None,
     client=None,
+    shard_size: int | None | str = "auto",
 ) -> ParticleStore:
     """Import a RELION particle STAR file, or a cryoSPARC ``.cs``/``.csg`` particle file
     (:mod:`streamem.io.cryosparc`), and its stacks into a new store at ``out_path``.
@@ -225,6 +227,8 @@ def import_particles(
     ``chunk_size`` particles per store chunk (default: ~64 MiB of images);
     ``workers`` threads (default: up to 4), or the chunk tasks run on ``client``'s
     cluster (a ``distributed.Client``; its workers must see the stacks and the output).
+    ``shard_size``: particles per Zarr shard (None: unsharded; ``"auto"``: sharded above
+    100,000 particles); one task writes one shard.
     Raises InputError, before writing anything, on any problem with the inputs or the
     output path. The provenance records the source relative to the store's folder.
     """
@@ -266,10 +270,11 @@ def import_particles(
             fields={k: (str if v.dtype == object else v.dtype) for k, v in columns.items()},
             chunk_size=chunk_size,
             provenance=provenance,
+            shard_size=shard_size,
         )
         store.write_region(0, metadata=columns)
         tasks = []
-        for start, stop in store.chunk_bounds():
+        for start, stop in store.write_bounds():  # one task per shard: none shares one
             ids = plan.stack_ids[start:stop]
             used, local = np.unique(ids, return_inverse=True)
             tasks.append(

@@ -8,7 +8,23 @@ Layout (``FORMAT_VERSION`` 1)::
       metadata/<label>  (N,) one array per RELION STAR label, chunks (C,), dims (particle,)
       truth/<label>     (N,) optional ground truth from ``streamem simulate``
       attrs["streamem"] = {format, version, n_particles, box_size, pixel_size_A,
-                           chunk_size, optics_groups: [RELION optics rows], provenance}
+                           chunk_size, shard_size, optics_groups: [RELION optics rows],
+                           provenance}
+
+Sharding. A store may keep its arrays in Zarr v3 shards (the sharding codec) of S
+particles, S a multiple of C: ``images`` shards (S, B, B) of inner chunks (C, B, B),
+every field shards (S,) of chunks (C,), so one file (or object) holds S particles and a
+million-particle store is a few thousand files instead of hundreds of thousands.
+``create_store(shard_size=S)`` asks for it; stores of more than
+:data:`SHARD_ABOVE_PARTICLES` particles get it by default (:func:`default_shard_size`,
+shards of about 256 MiB of images). The unit of *work* stays the inner chunk: jobs
+read ``chunk_bounds()`` ranges, and the sharding codec reads an inner chunk alone (the
+shard's index, then its bytes). The unit of *writing* is the shard
+(:meth:`ParticleStore.write_bounds`): two tasks writing parts of one shard would each
+rewrite the whole shard and one would silently lose the other's images (zarr-python
+#3514, dask #12583), so :meth:`ParticleStore.write_region` refuses a write that does
+not cover whole shards, and the writers (import, simulate, extract) run one task
+per shard. Unsharded stores have ``shard_size`` None and write per chunk as before.
 
 Named dimensions and the pixel size on ``images`` make the store open in the
 ecosystem as it is: ``xarray.open_zarr(STORE)`` gives ``images`` with dims
@@ -111,6 +127,34 @@ def default_chunk_size(box_size: int, target_bytes: int = 64 * 2**20) -> int:
     return max(16, int(target_bytes // (4 * box_size * box_size)))
 
 
+#: Stores of more particles than this are sharded by default.
+SHARD_ABOVE_PARTICLES = 100_000
+
+
+def default_shard_size(
+    n_particles: int, box_size: int, chunk_size: int, target_bytes: int = 256 * 2**20
+) -> int | None:
+    """Particles per shard by default: None (unsharded) up to :data:`SHARD_ABOVE_PARTICLES`,
+    else the multiple of ``chunk_size`` closest to ``target_bytes`` of float32 images
+    (at least one chunk)."""
+    if n_particles <= SHARD_ABOVE_PARTICLES:
+        return None
+    per_chunk = 4 * box_size * box_size * chunk_size
+    return chunk_size * max(1, round(target_bytes / per_chunk))
+
+
+def aligned_shard_size(shard_size: int | None, chunk_size: int, n_particles: int) -> int | None:
+    """``shard_size`` rounded up to a multiple of ``chunk_size`` (shards hold whole inner
+    chunks); None when unsharded or when one shard would be one chunk (nothing gained)."""
+    if not shard_size:
+        return None
+    if shard_size < 0:
+        raise InputError(None, f"--shard-size must be positive (got {shard_size})")
+    shard = -(-int(shard_size) // chunk_size) * chunk_size
+    shard = min(shard, -(-n_particles // chunk_size) * chunk_size)
+    return shard if shard > chunk_size else None
+
+
 def create_store(
     path: str | Path,
     n_particles: int,
@@ -121,8 +165,13 @@ def create_store(
     chunk_size: int | None = None,
     truth_fields: Mapping[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
+    shard_size: int | None | str = "auto",
 ) -> ParticleStore:
     """Create an empty store at ``path`` (which must not exist) and return it.
+
+    ``shard_size``: particles per shard (rounded up to a multiple of the chunk size;
+    None or 0: unsharded; ``"auto"``: :func:`default_shard_size`). See the module
+    docstring, *Sharding*.
 
     ``fields`` and ``truth_fields`` map RELION labels to NumPy dtypes (``str`` for
     text). ``optics_groups`` are RELION optics rows (``rlnOpticsGroup``,
@@ -134,11 +183,15 @@ def create_store(
         raise ValueError("a store needs at least one particle")
     chunk_size = int(chunk_size or default_chunk_size(box_size))
     chunk_size = max(1, min(chunk_size, n_particles))
+    if shard_size == "auto":
+        shard_size = default_shard_size(n_particles, box_size, chunk_size)
+    shard = aligned_shard_size(shard_size, chunk_size, n_particles)
     root = zarr.open_group(str(path), mode="w-", zarr_format=3)
     root.create_array(
         "images",
         shape=(n_particles, box_size, box_size),
         chunks=(chunk_size, box_size, box_size),
+        shards=(shard, box_size, box_size) if shard else None,
         dtype="float32",
         compressors=_compressors(),
         fill_value=np.nan,
@@ -149,7 +202,7 @@ def create_store(
     for sub, spec in (("metadata", all_fields), ("truth", truth_fields or {})):
         grp = root.require_group(sub)
         for label, dtype in spec.items():
-            _create_field(grp, label, n_particles, chunk_size, dtype)
+            _create_field(grp, label, n_particles, chunk_size, dtype, shard)
     root.attrs["streamem"] = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -157,6 +210,7 @@ def create_store(
         "box_size": int(box_size),
         "pixel_size_A": float(pixel_size_A),
         "chunk_size": chunk_size,
+        "shard_size": shard,
         "optics_groups": [_jsonable(g) for g in optics_groups],
         "provenance": provenance or {},
         "every_chunk_stored": True,
@@ -164,13 +218,14 @@ def create_store(
     return ParticleStore(path)
 
 
-def _create_field(grp, label: str, n: int, chunk_size: int, dtype) -> None:
+def _create_field(grp, label: str, n: int, chunk_size: int, dtype, shard: int | None) -> None:
     dt = str if dtype in (str, "str", object) or np.dtype(dtype).kind in "OUS" else np.dtype(dtype)
     fill = "" if dt is str else (0 if np.dtype(dt).kind in "iub" else np.nan)
     grp.create_array(
         label,
         shape=(n,),
         chunks=(chunk_size,),
+        shards=(shard,) if shard else None,
         dtype=dt,
         fill_value=fill,
         compressors=_compressors(),
@@ -247,10 +302,23 @@ class ParticleStore:
     def optics_groups(self) -> list[dict[str, Any]]:
         return list(self.facts["optics_groups"])
 
+    @property
+    def shard_size(self) -> int | None:
+        """Particles per shard, or None for an unsharded store."""
+        return int(self.facts["shard_size"]) if self.facts.get("shard_size") else None
+
     def chunk_bounds(self) -> list[tuple[int, int]]:
-        """(start, stop) of each chunk along N, in order."""
+        """(start, stop) of each chunk along N, in order: the unit of work of reading jobs."""
         n, c = self.n_particles, self.chunk_size
         return [(s, min(s + c, n)) for s in range(0, n, c)]
+
+    def write_bounds(self) -> list[tuple[int, int]]:
+        """(start, stop) of each unit of writing: shards when sharded, else chunks.
+
+        Writers run one task per range (:meth:`write_region` refuses other ranges).
+        """
+        n, w = self.n_particles, self.shard_size or self.chunk_size
+        return [(s, min(s + w, n)) for s in range(0, n, w)]
 
     def _root(self, mode: str = "r"):
         return zarr.open_group(str(self.path), mode=mode)
@@ -368,27 +436,45 @@ class ParticleStore:
         metadata: Mapping[str, np.ndarray] | None = None,
         truth: Mapping[str, np.ndarray] | None = None,
     ) -> int:
-        """Write particles ``[start, start + n)``; returns n. Regions should be chunk-aligned."""
+        """Write particles ``[start, start + n)``; returns n.
+
+        Regions should be chunk-aligned; in a sharded store they must cover whole shards
+        (:meth:`write_bounds`: one range, or several consecutive ones): anything else is
+        refused with ValueError, because concurrent writers of one shard lose data.
+        """
         root = self._root("r+")
         n = 0
         if images is not None:
             images = np.asarray(images, dtype=np.float32)
             n = images.shape[0]
+            self._check_aligned(start, n)
             root["images"].with_config(_WRITE_EVERY_CHUNK)[start : start + n] = images
         for sub, values in (("metadata", metadata), ("truth", truth)):
             for label, col in (values or {}).items():
                 col = np.asarray(col)
+                self._check_aligned(start, col.shape[0])
                 n = max(n, col.shape[0])
                 arr = root[sub][label].with_config(_WRITE_EVERY_CHUNK)
                 arr[start : start + col.shape[0]] = col
         return n
+
+    def _check_aligned(self, start: int, n: int) -> None:
+        shard = self.shard_size
+        if shard is None:
+            return
+        stop = start + n
+        if start % shard or (stop % shard and stop != self.n_particles):
+            raise ValueError(
+                f"{self.path}: write of particles {start}-{stop - 1} does not cover whole "
+                f"shards of {shard} particles (write one task per shard: write_bounds())"
+            )
 
     def add_field(self, label: str, dtype, group: str = "metadata") -> None:
         """Create a per-particle field (e.g. poses after a refinement), all fill value."""
         root = self._root("r+")
         grp = root.require_group(group)
         if label not in grp:
-            _create_field(grp, label, self.n_particles, self.chunk_size, dtype)
+            _create_field(grp, label, self.n_particles, self.chunk_size, dtype, self.shard_size)
             # stored as its fill value now: written region by region later, a region not
             # yet written reads as NaN/0/"", and a chunk absent from storage stays an error
             arr = grp[label]

@@ -343,7 +343,7 @@ def extract_particles(
         tasks = []
         mic_index = parts["_mic"].to_numpy()
         xs, ys = parts["rlnCoordinateX"].to_numpy(), parts["rlnCoordinateY"].to_numpy()
-        for start, stop in store.chunk_bounds():
+        for start, stop in store.write_bounds():  # one task per shard of a sharded store
             groups_in = []
             for k in pd.unique(mic_index[start:stop]):
                 sel = np.nonzero(mic_index[start:stop] == k)[0] + start

@@ -312,6 +312,7 @@ def simulate_particles(
     amplitude_contrast: float = 0.1,
     bfactor_A2: float = 0.0,
     chunk_size: int | None = None,
+    shard_size: int | None | str = "auto",
     ctf: bool = True,
     particles_per_micrograph: int = 100,
     overwrite: bool = False,
@@ -416,6 +417,7 @@ def simulate_particles(
             optics_groups=[_optics_row(params)],
             fields=fields,
             chunk_size=chunk,
+            shard_size=shard_size,  # one task per shard (write_bounds)
             truth_fields=TRUTH_FIELDS,
             provenance=provenance,
         )
@@ -425,7 +427,7 @@ def simulate_particles(
         from streamem.dist.graph import map_chunks
 
         tasks = map_chunks(
-            simulate_chunk, store.chunk_bounds(), str(store.path), params, shared, noise_sigma,
+            simulate_chunk, store.write_bounds(), str(store.path), params, shared, noise_sigma,
             name="simulate",
         )  # fmt: skip
         callbacks = [_Progress(len(tasks))] if progress and client is None else []
