@@ -30,6 +30,14 @@ def register(sub) -> None:
     p.add_argument(
         "--chunk-size", type=int, default=None, help="particles per store chunk (default ~64 MiB)"
     )
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="particles per Zarr shard, a multiple of the chunk size (0: unsharded; "
+        "default: ~256 MiB shards above 100,000 particles)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument(
         "--require-ctf", action="store_true", help="fail if the STAR file has no CTF parameters"
@@ -43,6 +51,7 @@ def register(sub) -> None:
 def check_options(args) -> None:
     """Every numeric option, before any file is read (InputError naming the option)."""
     check.at_least("--chunk-size", args.chunk_size, 1)
+    check.at_least("--shard-size", args.shard_size, 0)
     check.seed("--seed", args.seed)
     check.at_least("--workers", args.workers, 1)
 
@@ -60,6 +69,7 @@ def run(args) -> int:
             seed=args.seed,
             workers=args.workers,
             client=client,
+            shard_size="auto" if args.shard_size is None else args.shard_size,
         )
     seconds = time.perf_counter() - t0
     mb = store.n_particles * store.box_size**2 * 4 / 1e6

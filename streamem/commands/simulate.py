@@ -132,6 +132,14 @@ def register(sub) -> None:
     p.add_argument("--no-ctf", action="store_true", help="no CTF (and no CTF fields)")
     p.add_argument("--chunk-size", type=int, default=None, help="particles per store chunk")
     p.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="particles per Zarr shard, a multiple of the chunk size (0: unsharded; "
+        "default: ~256 MiB shards above 100,000 particles)",
+    )
+    p.add_argument(
         "--particles-per-micrograph", type=int, default=100, help="particles sharing a defocus"
     )
     p.add_argument(
@@ -204,6 +212,7 @@ def _check_particle_options(args) -> None:
     check.non_negative("--preferred-spread", args.preferred_spread, "degrees")
     check.non_negative("--max-shift", args.max_shift, "Å")
     check.at_least("--chunk-size", args.chunk_size, 1)
+    check.at_least("--shard-size", args.shard_size, 0)
     check.at_least("--particles-per-micrograph", args.particles_per_micrograph, 1)
 
 
@@ -244,6 +253,7 @@ def run(args) -> int:
             max_shift_A=args.max_shift,
             **_imaging(args),
             chunk_size=args.chunk_size,
+            shard_size="auto" if args.shard_size is None else args.shard_size,
             ctf=not args.no_ctf,
             particles_per_micrograph=args.particles_per_micrograph,
             overwrite=args.overwrite,
