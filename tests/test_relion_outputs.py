@@ -211,3 +211,36 @@ def test_class3d_writes_angdist_per_class_and_pictures(project):
     assert all(c > 0 for c in cylinders[: len(set(classes))])
     lines = (out / "run_chimerax.cxc").read_text().splitlines()
     assert "open run_it002_class001.mrc" in lines and "open run_it002_class002.mrc" in lines
+
+
+def test_write_stacks_and_solvent_mask_for_a_store_without_stacks(project, tmp_path):
+    """refine3d --write-stacks --solvent-mask on a simulated store (no stacks): the run's
+    STAR files name RUN/Particles stacks holding the store's images; the mask is used
+    (run_mask.mrc is it) and run_fsc.png is written with the masked FSC."""
+    import mrcfile
+
+    from streamem.core.masks import soft_sphere
+
+    _, sim, _, truth = project
+    mask_path = tmp_path / "mask.mrc"
+    mask = np.asarray(soft_sphere(BOX, 0.35 * BOX, 2.0), np.float32)
+    from streamem.io.mrc import write_map
+
+    write_map(mask_path, mask, PIXEL)
+    ref = tmp_path / "ref.mrc"
+    write_map(ref, truth, PIXEL)
+    out = tmp_path / "run"
+    args = ["refine3d", str(sim.path), "--ref", str(ref), "--out", str(out), "--no-cluster"]
+    args += ["--max-iterations", "2", "--healpix-order", "1", "--offset-range", "2"]
+    args += ["--offset-step", "1", "--write-stacks", "--solvent-mask", str(mask_path)]
+    assert main(args) == 0
+    used, _ = read_map(out / "run_mask.mrc")
+    assert np.allclose(used, mask, atol=1e-6)
+    names = starfile.read(out / "run_data.star", always_dict=True)["particles"]["rlnImageName"]
+    assert names.iloc[0].split("@")[1].startswith("Particles/particles_")
+    indices, stacks = parse_image_names(names, out / "run_data.star")
+    images = sim.read_chunk(0, N).images
+    for i in (0, N // 2, N - 1):
+        with mrcfile.mmap(stacks[i], mode="r") as mrc:
+            assert np.array_equal(mrc.data[indices[i]], images[i])
+    assert (out / "run_fsc.png").is_file()

@@ -13,7 +13,7 @@ from streamem.errors import InputError
 
 def register(sub) -> None:
     from streamem.commands.execution import add_cluster_options, add_continue_option
-    from streamem.commands.refine3d import add_memory_option
+    from streamem.commands.refine3d import add_memory_option, add_write_stacks_option
 
     p = sub.add_parser("class3d", help="3D classification into K classes", description=__doc__)
     p.add_argument("store", help="particle store (.zarr)")
@@ -88,6 +88,7 @@ def register(sub) -> None:
         help="add seeded low-pass noise of this rms (x the map's) to each class's start",
     )
     p.add_argument("--no-ctf", action="store_true")
+    add_write_stacks_option(p)
     add_continue_option(p)
     add_memory_option(p)
     add_cluster_options(p)
@@ -140,7 +141,9 @@ def run_class3d(args) -> int:
     options.check_box(store.box_size, store.pixel_size_A)
     result = run_job(
         args,
-        lambda client: classify3d(store, args.ref, args.out, options, client, args.continue_run),
+        lambda client: classify3d(
+            store, args.ref, args.out, options, client, args.continue_run, args.write_stacks
+        ),
     )
     for k, (f, r) in enumerate(zip(result.fractions, result.resolutions_A, strict=True)):
         print(f"class {k + 1:3d}  fraction {f:.3f}  resolution {r:6.2f} Å")

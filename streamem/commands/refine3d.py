@@ -40,8 +40,12 @@ def register(sub) -> None:
     p.add_argument(
         "--solvent-mask",
         default=None,
-        help="not yet supported; soft sphere from --particle-diameter",
+        metavar="MASK.mrc",
+        help="mask (values in [0, 1], the store's box) for solvent flattening and the masked "
+        "FSC of run_fsc.png (RELION's --solvent_mask; default: a soft sphere of "
+        "--particle-diameter)",
     )
+    add_write_stacks_option(p)
     add_continue_option(p)
     add_memory_option(p)
     add_cluster_options(p)
@@ -60,6 +64,16 @@ def add_memory_option(p) -> None:
     )
 
 
+def add_write_stacks_option(p) -> None:
+    """``--write-stacks``: MRCS stacks in RUN/Particles for a store without (refine3d, class3d)."""
+    p.add_argument(
+        "--write-stacks",
+        action="store_true",
+        help="a store without stacks (simulated, extracted) is first written as MRCS stacks "
+        "into RUN/Particles, so the run's STAR files name images RELION opens",
+    )
+
+
 def memory_per_worker(args) -> int | None:
     """``--memory-per-worker`` in bytes (None when not given); InputError if not a size."""
     from streamem.em.memory import parse_bytes
@@ -72,9 +86,8 @@ def run(args) -> int:
     from streamem.io.atomic import check_not_input
     from streamem.io.store import ParticleStore
 
-    check_not_input(args.out, [args.store, args.ref])  # before any work: never write into them
-    if args.solvent_mask:
-        raise InputError(args.solvent_mask, "--solvent-mask is not supported yet")
+    # before any work: never write into them
+    check_not_input(args.out, [args.store, args.ref, args.solvent_mask])
     # options first (no file touched), then the inputs, then the options against the store
     options = RefineOptions(
         particle_diameter_A=args.particle_diameter,
@@ -88,6 +101,7 @@ def run(args) -> int:
         max_iterations=args.max_iterations,
         do_ctf=not args.no_ctf,
         memory_per_worker_bytes=memory_per_worker(args),
+        solvent_mask=str(Path(args.solvent_mask).absolute()) if args.solvent_mask else None,
     )
     store = ParticleStore(args.store)
     if not Path(args.ref).exists():
@@ -96,7 +110,14 @@ def run(args) -> int:
     result = run_job(
         args,
         lambda client: refine3d(
-            store, args.ref, args.out, options, client, args.continue_run, progress=True
+            store,
+            args.ref,
+            args.out,
+            options,
+            client,
+            args.continue_run,
+            progress=True,
+            write_stacks=args.write_stacks,
         ),
     )
     print(f"final resolution {result.resolution_A:.2f} Å after {result.iterations} iterations")

@@ -234,6 +234,7 @@ def classify3d(
     options: Class3DOptions | None = None,
     client=None,
     continue_run: bool = False,
+    write_stacks: bool = False,
 ) -> Class3DResult:
     """RELION's 3D classification: K classes from one reference.
 
@@ -245,7 +246,8 @@ def classify3d(
     to ``options.iterations`` (RELION's --continue). The job holds ``out_dir``
     (:func:`streamem.em.runfolder.claim`): one job at a time, continued only on the
     same store with the same options, restartable when it died before its first
-    checkpoint.
+    checkpoint. write_stacks: a store without stacks is first written as MRCS stacks
+    into ``out_dir/Particles``, which the run's STAR files name.
     """
     options = options or Class3DOptions()
     store = store if isinstance(store, ParticleStore) else ParticleStore(store)
@@ -267,7 +269,7 @@ def classify3d(
     mask = read_solvent_mask(options.solvent_mask, B) if options.solvent_mask else None
     with runfolder.claim(out_dir, "class3d", store, options, continue_run, STATE_KEYS) as run:
         ctx = engine.run_context(store, run, options, client)
-        state = engine.run_job(Class3DJob(options, ref, consensus, mask), ctx)
+        state = engine.run_job(Class3DJob(options, ref, consensus, mask, write_stacks), ctx)
     fields = engine.class_result_fields(ctx, state, options.iterations)
     return Class3DResult(maps=state["maps"], **fields)
 
@@ -286,6 +288,7 @@ class Class3DJob:
     reference: np.ndarray | None  # the starting map (None when continuing)
     consensus: ConsensusStart | None = None  # --from-refine (None when continuing)
     solvent_mask: np.ndarray | None = None  # --solvent-mask (B, B, B) in [0, 1]
+    write_stacks: bool = False  # --write-stacks: MRCS stacks in RUN/Particles first
     kind: ClassVar[engine.JobKind] = engine.JobKind("class3d", True, expectation)
 
     def start(self, ctx, checkpoint: dict | None) -> dict:
@@ -305,6 +308,8 @@ class Class3DJob:
                 "fractions": np.asarray(checkpoint["fractions"]),
                 "resolutions": resolutions,
             }
+        if self.write_stacks:
+            runfiles.write_stacks_for_relion(ctx)
         state = {
             "mask": mask,
             "maps": initial_references(

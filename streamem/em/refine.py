@@ -101,6 +101,7 @@ class RefineOptions:
     split_every: int = 8
     padding_factor: int = 2  # --pad
     memory_per_worker_bytes: int | None = None  # --memory-per-worker: E-step budget (em.memory)
+    solvent_mask: str | None = None  # --solvent_mask: MRC mask (else a soft sphere), masked FSC
     reference_on_data_scale: bool = (
         False  # else the first iteration fits the scale (--firstiter_cc)
     )
@@ -191,6 +192,7 @@ def refine3d(
     continue_run: bool = False,
     progress: bool = False,
     stop_after_iteration: int | None = None,
+    write_stacks: bool = False,
 ) -> RefineResult:
     """RELION's 3D auto-refine: gold-standard halves, regularised likelihood.
 
@@ -200,6 +202,10 @@ def refine3d(
     continue_run: resume from the newest complete iteration in ``out_dir``.
     progress: a progress bar over each iteration's chunks.
     stop_after_iteration: stop (resumably) once this iteration is complete.
+    write_stacks: a store without stacks is first written as MRCS stacks into
+    ``out_dir/Particles``, which the run's STAR files name (:mod:`streamem.io.run_images`).
+    ``options.solvent_mask``: an MRC mask (RELION's --solvent_mask) for solvent flattening
+    and the masked FSC of ``run_fsc.png``.
     The job holds ``out_dir`` (:func:`streamem.em.runfolder.claim`): one job at a time,
     continued only on the same store with the same options, restartable when it died
     before its first checkpoint.
@@ -209,9 +215,15 @@ def refine3d(
     options.check_box(store.box_size, store.pixel_size_A)  # before the run folder is created
     B, p = store.box_size, store.pixel_size_A
     ref = None if continue_run else engine.load_reference(reference, B, p)
+    mask = None
+    if options.solvent_mask:
+        from streamem.em.classify3d import read_solvent_mask  # class3d's reader (one rule)
+
+        mask = read_solvent_mask(options.solvent_mask, B)
+    job = Refine3DJob(options, ref, mask, write_stacks)
     with runfolder.claim(out_dir, "refine3d", store, options, continue_run, STATE_KEYS) as run:
         ctx = engine.run_context(store, run, options, client, progress)
-        state = engine.run_job(Refine3DJob(options, ref), ctx, stop_after_iteration)
+        state = engine.run_job(job, ctx, stop_after_iteration)
     if state["stopped"]:
         halves = state["halves"]
         return RefineResult(
@@ -242,6 +254,8 @@ class Refine3DJob:
 
     options: RefineOptions
     reference: np.ndarray | None  # the starting map (None when continuing)
+    solvent_mask: np.ndarray | None = None  # --solvent-mask (B, B, B) in [0, 1]
+    write_stacks: bool = False  # --write-stacks: MRCS stacks in RUN/Particles first
     kind: ClassVar[engine.JobKind] = engine.JobKind("refine3d", False, expectation)
 
     def start(self, ctx, checkpoint: dict | None) -> dict:
@@ -271,10 +285,17 @@ class Refine3DJob:
                 ),
             }
         check_estep_memory(ctx.store, o, ctx.client)  # refuse before iteration 1 (one line)
-        mask = (
-            engine.solvent_mask_for(ctx.box_size, p, ctx.diameter_A) if o.flatten_solvent else None
-        )
-        return {**state, "mask": mask}
+        if self.write_stacks and checkpoint is None:
+            runfiles.write_stacks_for_relion(ctx)
+        return {**state, "mask": self.mask(ctx)}
+
+    def mask(self, ctx) -> np.ndarray | None:
+        """The solvent mask: --solvent-mask's, else a soft sphere (unless not flattening)."""
+        if self.solvent_mask is not None:
+            return self.solvent_mask
+        if not self.options.flatten_solvent:
+            return None
+        return engine.solvent_mask_for(ctx.box_size, ctx.pixel_size_A, ctx.diameter_A)
 
     def finished(self, state: dict) -> bool:
         return state["schedule"].converged
@@ -362,9 +383,11 @@ class Refine3DJob:
         for suffix in ("data.star", "model.star"):
             src = Path(f"{prefix}_{suffix}")
             (out_dir / f"run_{suffix}").write_bytes(src.read_bytes())
-        runfiles.plot_fsc(
-            out_dir / "run_fsc.png", {"gold-standard": fsc}, B, p, state["resolution_A"]
-        )
+        curves = {"gold-standard": fsc}
+        if self.solvent_mask is not None:  # the halves' FSC inside --solvent-mask
+            m, halves = self.solvent_mask, state["halves"]
+            curves["masked"] = fourier_shell_correlation(halves[0] * m, halves[1] * m)
+        runfiles.plot_fsc(out_dir / "run_fsc.png", curves, B, p, state["resolution_A"])
         iteration = runfiles.prefix_iteration(prefix)
         runfiles.write_view_files(ctx, iteration, maps, state["mask"], n_classes=1)
 

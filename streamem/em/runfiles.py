@@ -267,3 +267,16 @@ def write_class_pictures(out_dir: Path, state: dict, pixel_size_A: float) -> lis
     history = [*state.get("history", []), np.asarray(state["fractions"]).tolist()]
     plots.plot_class_sizes(out / "run_class_sizes.png", history)
     return ["run_class_slices.png", "run_class_sizes.png"]
+
+
+def write_stacks_for_relion(ctx) -> None:
+    """``--write-stacks``: a store without stacks as MRCS stacks in ``RUN/Particles``,
+    before iteration 1, so every STAR file of the run names images RELION opens
+    (:mod:`streamem.io.run_images`); a store with its own stacks keeps naming those."""
+    from streamem.io.run_images import write_run_stacks
+
+    if ctx.store.has_fields(("rlnImageName",)):
+        log.info("--write-stacks: the store names its own stacks (rlnImageName); none written")
+        return
+    folder = write_run_stacks(ctx.store, ctx.out_dir, ctx.client)
+    log.info("--write-stacks: %d images in %s", ctx.store.n_particles, folder)

@@ -117,6 +117,7 @@ _RUN_NAME = (
     r"|run_(?:data|model)\.star|run_fsc\.png|run_classes\.(?:png|mrcs)"
     r"|run_class\d{3}_angdist\.bild|run_(?:angdist|class_slices|class_sizes)\.png"
     r"|run_chimerax\.cxc|run_mask\.mrc|run_[A-Za-z0-9_]+\.(?:bild|cxc)\.partial"
+    r"|Particles"
     r"|particles\.zarr"
 )
 _RUN_FILE = re.compile(
