@@ -159,21 +159,38 @@ def verb_function(
     verb: str, name: str, result: Callable[[argparse.Namespace], Any], returns: str
 ) -> Callable[..., Any]:
     """A Python function running ``streamem VERB``; it returns ``result(namespace)``
-    (``returns`` describes it in the docstring)."""
+    (``returns`` describes it in the docstring). The parser is built on first use, so
+    importing the API does not import every command module."""
+    return _Verb(verb, name, result, returns)
 
-    def function(*args: Any, **kwargs: Any) -> Any:
-        status, namespace = run_verb(verb, *args, **kwargs)
+
+class _Verb:
+    """A CLI verb as a callable, with the parser's signature and help as its own."""
+
+    def __init__(self, verb: str, name: str, result: Callable, returns: str) -> None:
+        self._verb, self._result, self._returns = verb, result, returns
+        self.__name__ = self.__qualname__ = name
+        self.__module__ = "streamem.api"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        status, namespace = run_verb(self._verb, *args, **kwargs)
         if status != 0:
-            raise InputError(None, f"streamem {verb} ended with exit status {status}")
-        return result(namespace)
+            raise InputError(None, f"streamem {self._verb} ended with exit status {status}")
+        return self._result(namespace)
 
-    function.__name__ = function.__qualname__ = name
-    function.__doc__ = (
-        f"``streamem {verb}`` from Python: the same options, as keywords named like the "
-        f"CLI's (``--chunk-size`` -> ``chunk_size``); ``client``: a ``distributed.Client`` "
-        f"whose cluster runs the work (instead of ``scheduler=``).\n\nReturns {returns}.\n\n"
-        f"Run ``inspect.signature(streamem.api.{name})`` for the options and their defaults; "
-        f"the command's help:\n\n{_subparsers()[verb].format_help()}"
-    )
-    function.__signature__ = _signature(verb)  # Jupyter's ? and help() list the options
-    return function
+    @functools.cached_property
+    def __signature__(self) -> inspect.Signature:  # Jupyter's ? and help() read it
+        return _signature(self._verb)
+
+    @property
+    def __doc__(self) -> str:  # type: ignore[override]
+        return (
+            f"``streamem {self._verb}`` from Python: the same options, as keywords named like "
+            f"the CLI's (``--chunk-size`` -> ``chunk_size``); ``client``: a "
+            f"``distributed.Client`` whose cluster runs the work (instead of ``scheduler=``)."
+            f"\n\nReturns {self._returns}.\n\nThe command's help:\n\n"
+            f"{_subparsers()[self._verb].format_help()}"
+        )
+
+    def __repr__(self) -> str:
+        return f"<streamem.api.{self.__name__}: streamem {self._verb}>"
