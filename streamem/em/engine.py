@@ -34,6 +34,7 @@ import numpy as np
 
 from streamem.core.masks import soft_sphere
 from streamem.core.projector import half_cube_shape, make_projector, padded_radius
+from streamem.dist.dashboard import publish_iteration
 from streamem.dist.device import model_on_device
 from streamem.dist.graph import map_chunks, tree_sum
 from streamem.dist.iteration import compute, on_a_worker, run_chunks
@@ -482,6 +483,9 @@ def run_job(job: Job, ctx: RunContext, stop_after_iteration: int | None = None) 
                  phase_table(phase_s, stats.coarse_flops, sgemm))  # fmt: skip
         if job.kind.classifies and state["accuracy"] is not None:
             log.info("%s it %3d  %s", job.kind.name, iteration, state["accuracy"].summary())
+        publish_iteration(ctx.client, job.kind.name, ctx=ctx, iteration=iteration, state=state,
+                          model=model, stats=stats, phase_seconds=phase_s, changed=changed,
+                          seconds=time.perf_counter() - t0)  # fmt: skip
         if stop_after_iteration is not None and iteration >= stop_after_iteration:
             if not job.finished(state):
                 log.info("stopped after iteration %d; resume with --continue", iteration)
