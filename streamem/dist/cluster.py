@@ -185,11 +185,13 @@ def client_for(
 
 
 def _announce(client) -> None:
+    from streamem.dist.dashboard import announce_page
     from streamem.dist.quiet import quiet_input_errors
 
     quiet_input_errors(client)  # bad input in a task: one line, not a worker traceback
     n = len(client.scheduler_info().get("workers", {}))
     log.info("Dask: %d workers, dashboard %s", n, client.dashboard_link)
+    announce_page(client)  # the /streamem page (a scheduler plugin); logs its link
 
 
 def run_with_client(job, use_cluster: bool = True, **cluster_options):
