@@ -109,7 +109,6 @@ CLI_NAMES: dict[str, dict[str, str]] = {
     "refine3d": {
         **_EM,
         "auto_local_healpix_order": "local_from_order",
-        "solvent_mask": "flatten_solvent",  # the CLI refuses a file: a soft sphere only
     },
     "class3d": {
         **_EM,
