@@ -12,8 +12,10 @@ dataclasses and, for commands without one, right after parsing
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import logging
+import re
 import sys
 
 from streamem import __version__
@@ -39,12 +41,65 @@ COMMAND_MODULES = [
 ]
 
 
+def show_default(value) -> str:
+    """A default as ``--help`` shows it: floats in their shortest form (30.0 -> 30)."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return " ".join(show_default(v) for v in value)
+    return str(value)
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` shows every option's default: ``(default: X)`` is added to the help of
+    an option whose default is not None/False/suppressed, unless its help already says
+    ``default X`` or ends with ``(X)``. An option with a None default says in its own help what happens
+    without it (``tests/test_cli_options.py`` checks both)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or (isinstance(default, list | tuple | str) and not default)
+            or "%(default)" in text
+        ):
+            return text
+        shown = show_default(default)
+        said = rf"default:?\s+{re.escape(shown)}(?![\w.])|\({re.escape(shown)}\)\s*$"
+        if re.search(said, text):  # "... (default 30)", "... (30)"
+            return text
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings:  # no help: still its default
+            action.help = self._get_help_string(copy.copy(action)) or None
+        return super()._format_action(action)
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        action = copy.copy(action)
+        action.help = self._get_help_string(action)
+        return super()._expand_help(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (``streamem CMD: error: ...``, exit 2).
 
     argparse prints the usage before the error; the project's standard for bad input
-    is one line, and ``--help`` still shows the usage. Subparsers inherit the class.
+    is one line, and ``--help`` still shows the usage. Subparsers inherit the class
+    (argparse's ``add_parser`` makes them of the parent's type), and with it the
+    :class:`DefaultsFormatter`, so every command's ``--help`` shows its defaults.
     """
+
+    def __init__(self, *args, **kwargs):
+        formatter = kwargs.get("formatter_class", DefaultsFormatter)
+        if not issubclass(formatter, DefaultsFormatter):  # e.g. RawDescriptionHelpFormatter
+            formatter = type(f"Defaults{formatter.__name__}", (DefaultsFormatter, formatter), {})
+        kwargs["formatter_class"] = formatter
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")

@@ -75,8 +75,8 @@ CASES = [
     # refine3d: the reported ones first
     ("refine3d", "--particle-diameter=-50", "--particle-diameter must be positive (Å), got -50"),
     ("refine3d", "--particle-diameter 500", "--particle-diameter 500 Å is larger than the box"),
-    ("refine3d", "--max-iterations 0", "--max-iterations must be >= 2"),
-    ("refine3d", "--max-iterations 1", "--max-iterations must be >= 2"),
+    ("refine3d", "--iterations 0", "--iterations must be >= 2"),
+    ("refine3d", "--iterations 1", "--iterations must be >= 2"),
     ("refine3d", "--offset-step 0", "--offset-step must be positive"),
     ("refine3d", "--offset-range=-1", "--offset-range must be >= 0"),
     ("refine3d", "--healpix-order=-1", "--healpix-order must be a HEALPix order in 0..7"),
@@ -122,7 +122,7 @@ CASES = [
     ("pick", "--psi-step 0", "--psi-step must be in (0, 360]"),
     ("pick", "--healpix-order=-1", "--healpix-order must be a HEALPix order"),
     ("pick", "--sym X5", "--sym: unknown symmetry group 'X5'"),
-    ("pick", "--workers 0", "--workers must be >= 1"),
+    ("pick", "--n-workers 0", "--n-workers must be >= 1"),
     ("pick", "--lowpass=-1", "--lowpass must be >= 0"),
     ("pick", "--template-scale 0", "--template-scale must be positive"),
     (
@@ -136,7 +136,7 @@ CASES = [
     ("extract", "--bg-radius 0", "--bg-radius must be positive"),
     ("simulate", "--n-particles 0", "--n-particles must be >= 1"),
     ("simulate", "--box 4", "--box must be >= 8"),
-    ("simulate", "--pixel-size 0", "--pixel-size must be positive"),
+    ("simulate", "--angpix 0", "--angpix must be positive"),
     ("simulate", "--snr 0", "--snr must be positive"),
     ("simulate", "--chunk-size 0", "--chunk-size must be >= 1"),
     ("simulate", "--junk 1.5", "--junk must be in [0, 1]"),
@@ -179,7 +179,7 @@ def test_bad_option_is_one_line_before_any_work(inputs, tmp_path, capsys, comman
     "make, expected",
     [
         (lambda: RefineOptions(particle_diameter_A=-50), "--particle-diameter must be positive"),
-        (lambda: RefineOptions(max_iterations=0), "--max-iterations must be >= 2"),
+        (lambda: RefineOptions(max_iterations=0), "--iterations must be >= 2"),
         (lambda: RefineOptions(offset_step_px=0), "--offset-step must be positive"),
         (lambda: RefineOptions(healpix_order=-1), "--healpix-order must be a HEALPix order"),
         (lambda: RefineOptions(healpix_order=2.5), "--healpix-order must be an integer"),

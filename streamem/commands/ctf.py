@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 from streamem import validate as check
-from streamem.commands.execution import add_scheduler_options, scheduler_client
+from streamem.commands.execution import add_scheduler_options, add_threads_option, scheduler_client
 from streamem.errors import InputError
 
 
@@ -63,7 +63,7 @@ def register(sub) -> None:
         help="fit resolution: where the fit's correlation with the spectrum falls below this (0.3)",
     )
     p.add_argument("--no-plots", action="store_true", help="no PNGs")
-    p.add_argument("--workers", type=int, default=None, help="threads (default: a few)")
+    add_threads_option(p, "threads (default: a few)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     add_scheduler_options(p)
     p.set_defaults(func=run)
@@ -87,7 +87,7 @@ def check_options(args) -> None:
     check.positive("--defocus-max", args.defocus_max, "Å")
     check.non_negative("--astigmatism-max", args.astigmatism_max, "Å")
     check.number("--fit-threshold", args.fit_threshold)
-    check.at_least("--workers", args.workers, 1)
+    check.at_least("--n-workers", args.workers, 1)
 
 
 def run(args) -> int:

@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from streamem.commands.execution import add_cluster_options, run_job
+from streamem.commands.execution import add_cluster_options, add_old_spelling, run_job
 
 log = logging.getLogger("streamem")
 
@@ -27,10 +27,14 @@ def register(sub) -> None:
     p.add_argument("--out", default="streamem-demo", help="output folder (default streamem-demo)")
     p.add_argument("--n-particles", type=int, default=2000)
     p.add_argument("--box", type=int, default=40)
-    p.add_argument("--pixel-size", type=float, default=3.6, help="Å")
+    angpix = p.add_argument("--angpix", dest="pixel_size", type=float, default=3.6, help="Å")
+    add_old_spelling(p, angpix, "--pixel-size")
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-iterations", type=int, default=10)
+    iterations = p.add_argument(
+        "--iterations", dest="max_iterations", type=int, default=10, help="refine3d's, at most"
+    )
+    add_old_spelling(p, iterations, "--max-iterations")
     p.add_argument("--overwrite", action="store_true")
     add_cluster_options(p)
     p.set_defaults(func=run)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from streamem import validate as check
-from streamem.commands.execution import add_scheduler_options, scheduler_client
+from streamem.commands.execution import add_scheduler_options, add_threads_option, scheduler_client
 from streamem.io.cryosparc import export_cs
 from streamem.io.relion_export import export_store
 from streamem.io.store import ParticleStore
@@ -33,7 +33,7 @@ def register(sub) -> None:
         "--images-per-stack", type=int, default=None, help="default: the store's chunk size"
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("-j", "--workers", type=int, default=None, help="I/O threads (default <= 4)")
+    add_threads_option(p, "I/O threads (default <= 4)")
     add_scheduler_options(p)
     p.set_defaults(func=run)
 
@@ -41,7 +41,7 @@ def register(sub) -> None:
 def check_options(args) -> None:
     """Every numeric option, before any file is read (InputError naming the option)."""
     check.at_least("--images-per-stack", args.images_per_stack, 1)
-    check.at_least("--workers", args.workers, 1)
+    check.at_least("--n-workers", args.workers, 1)
 
 
 def run(args) -> int:

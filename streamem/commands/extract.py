@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from streamem import validate as check
-from streamem.commands.execution import add_scheduler_options, scheduler_client
+from streamem.commands.execution import add_scheduler_options, add_threads_option, scheduler_client
 
 
 def register(sub) -> None:
@@ -47,7 +47,7 @@ def register(sub) -> None:
     )
     p.add_argument("--chunk-size", type=int, default=None, help="particles per store chunk")
     p.add_argument("--seed", type=int, default=0, help="seed of the random half sets (0)")
-    p.add_argument("--workers", type=int, default=None, help="threads (default: a few)")
+    add_threads_option(p, "threads (default: a few)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     add_scheduler_options(p)
     p.set_defaults(func=run)
@@ -69,7 +69,7 @@ def check_options(args) -> None:
     check.positive("--angpix", args.angpix, "Å")
     check.at_least("--chunk-size", args.chunk_size, 1)
     check.seed("--seed", args.seed)
-    check.at_least("--workers", args.workers, 1)
+    check.at_least("--n-workers", args.workers, 1)
 
 
 def run(args) -> int:

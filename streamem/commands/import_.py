@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from streamem import validate as check
-from streamem.commands.execution import add_scheduler_options, scheduler_client
+from streamem.commands.execution import add_scheduler_options, add_threads_option, scheduler_client
 from streamem.io.importer import import_particles
 
 
@@ -43,7 +43,7 @@ def register(sub) -> None:
         "--require-ctf", action="store_true", help="fail if the STAR file has no CTF parameters"
     )
     p.add_argument("--seed", type=int, default=0, help="seed for rlnRandomSubset when absent")
-    p.add_argument("-j", "--workers", type=int, default=None, help="I/O threads (default <= 4)")
+    add_threads_option(p, "I/O threads (default <= 4)")
     add_scheduler_options(p)
     p.set_defaults(func=run)
 
@@ -53,7 +53,7 @@ def check_options(args) -> None:
     check.at_least("--chunk-size", args.chunk_size, 1)
     check.at_least("--shard-size", args.shard_size, 0)
     check.seed("--seed", args.seed)
-    check.at_least("--workers", args.workers, 1)
+    check.at_least("--n-workers", args.workers, 1)
 
 
 def run(args) -> int:

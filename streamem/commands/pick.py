@@ -24,6 +24,7 @@ from streamem import validate as check
 from streamem.commands.execution import (
     add_gpu_option,
     add_scheduler_options,
+    add_threads_option,
     check_execution,
     scheduler_client,
 )
@@ -148,7 +149,7 @@ def register(sub) -> None:
         help="LoG: largest diameter A (default 1.2 x --particle-diameter or the reference's)",
     )
     p.add_argument("--write-fom-maps", action="store_true", help="write FOM maps (MRC)")
-    p.add_argument("--workers", type=int, default=None, help="threads (default: a few)")
+    add_threads_option(p, "threads (default: a few)")
     p.add_argument("--seed", type=int, default=0, help="seed for the noise padding (0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     add_scheduler_options(p)
@@ -202,7 +203,7 @@ def check_options(args) -> None:
             f"--log-diameter-min ({args.log_diameter_min:g} Å) is larger than "
             f"--log-diameter-max ({args.log_diameter_max:g} Å): need min <= max",
         )
-    check.at_least("--workers", args.workers, 1)
+    check.at_least("--n-workers", args.workers, 1)
     check.seed("--seed", args.seed)
 
 

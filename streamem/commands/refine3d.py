@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from streamem.commands.execution import add_cluster_options, add_continue_option, run_job
+from streamem.commands.execution import (
+    add_cluster_options,
+    add_continue_option,
+    add_old_spelling,
+    run_job,
+)
 from streamem.errors import InputError
 
 
@@ -35,7 +40,14 @@ def register(sub) -> None:
         default=3,
         help="coarse order from which searches are local (RELION: 4)",
     )
-    p.add_argument("--max-iterations", type=int, default=25)
+    iterations = p.add_argument(
+        "--iterations",
+        dest="max_iterations",
+        type=int,
+        default=25,
+        help="at most this many (the last joins the halves; it stops sooner once converged)",
+    )
+    add_old_spelling(p, iterations, "--max-iterations")
     p.add_argument("--no-ctf", action="store_true")
     p.add_argument(
         "--solvent-mask",

@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from streamem import validate as check
-from streamem.commands.execution import add_scheduler_options, scheduler_client
+from streamem.commands.execution import (
+    add_old_spelling,
+    add_scheduler_options,
+    add_threads_option,
+    scheduler_client,
+)
 from streamem.errors import InputError
 
 MODEL_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz")
@@ -38,9 +43,7 @@ def resolve_volume(spec: str, box_size: int, pixel_size_A: float, seed: int = 0)
         if vol.shape != (box_size,) * 3:
             raise InputError(spec, f"map shape {vol.shape} does not match --box {box_size}")
         if voxel > 0 and abs(voxel - pixel_size_A) > 0.01 * pixel_size_A:
-            raise InputError(
-                spec, f"voxel size {voxel:.4g} A differs from --pixel-size {pixel_size_A}"
-            )
+            raise InputError(spec, f"voxel size {voxel:.4g} A differs from --angpix {pixel_size_A}")
         return vol
     if Path(spec).exists():
         raise InputError(spec, "unknown volume file type (use .pdb/.cif or .mrc)")
@@ -85,7 +88,10 @@ def parse_range(text: str, option: str) -> tuple[float, float]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--box", type=int, default=128, help="box size in pixels (default 128)")
-    p.add_argument("--pixel-size", type=float, default=1.5, help="pixel size in A (default 1.5)")
+    angpix = p.add_argument(
+        "--angpix", dest="pixel_size", type=float, default=1.5, help="pixel size in Å (default 1.5)"
+    )
+    add_old_spelling(p, angpix, "--pixel-size")
     p.add_argument("--snr", type=float, default=0.05, help="signal-to-noise ratio (default 0.05)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     src = p.add_mutually_exclusive_group()
@@ -99,7 +105,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cs", type=float, default=2.7, help="spherical aberration, mm (2.7)")
     p.add_argument("--amplitude-contrast", type=float, default=0.1, help="Q0 (default 0.1)")
     p.add_argument("--bfactor", type=float, default=0.0, help="CTF B-factor envelope, A^2 (0)")
-    p.add_argument("--workers", type=int, default=None, help="threads (default: all cores)")
+    add_threads_option(p, "threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     add_scheduler_options(p)
 
@@ -190,7 +196,7 @@ def _check_geometry(args) -> None:
     """The options shared by both simulations, before any volume is read (InputError
     naming the option)."""
     check.at_least("--box", args.box, 8)  # smaller boxes leave no room for a particle
-    check.positive("--pixel-size", args.pixel_size, "Å")
+    check.positive("--angpix", args.pixel_size, "Å")
     check.positive("--snr", args.snr)
     check.seed("--seed", args.seed)
     lo, _ = parse_range(args.defocus, "--defocus")
@@ -201,7 +207,7 @@ def _check_geometry(args) -> None:
     check.fraction("--amplitude-contrast", args.amplitude_contrast, open_high=True)
     # the envelope exp(-B k^2 / 4): a negative B would amplify the noise-free signal
     check.non_negative("--bfactor", args.bfactor, "Å^2")
-    check.at_least("--workers", args.workers, 1)
+    check.at_least("--n-workers", args.workers, 1)
 
 
 def _check_particle_options(args) -> None:

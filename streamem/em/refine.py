@@ -117,7 +117,7 @@ class RefineOptions:
         check.at_least("--auto-local-healpix-order", self.local_from_order, 0)
         check.healpix_order("max_order", self.max_order)
         # one iteration plus the final one with the halves joined
-        check.at_least("--max-iterations", self.max_iterations, 2)
+        check.at_least("--iterations", self.max_iterations, 2)
         check.at_least("split_every", self.split_every, 2)  # a tree reduction's fan-in
         check.at_least("padding_factor", self.padding_factor, 1)
 
@@ -403,7 +403,7 @@ class Refine3DJob:
 
 
 def with_max_iterations(schedule: RefineSchedule, max_iterations: int) -> RefineSchedule:
-    """A resumed schedule bounded by ``--max-iterations`` as given now (it may change
+    """A resumed schedule bounded by ``--iterations`` as given now (it may change
     on ``--continue``). A run already at or past its final iteration is left as it is:
     the halves are about to be, or were, joined."""
     if schedule.final_iteration or schedule.converged:

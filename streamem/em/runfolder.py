@@ -73,7 +73,7 @@ OPTION_NAMES = {
     "offset_range_px": "--offset-range",
     "offset_step_px": "--offset-step",
     "local_from_order": "--auto-local-healpix-order",
-    "max_iterations": "--max-iterations",
+    "max_iterations": "--iterations",
     "iterations": "--iterations",
     "n_classes": "--k",
     "local_sigma_deg": "--local",
