@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.fft
@@ -163,65 +164,113 @@ def _angle_groups(psi_list: np.ndarray, symmetric: bool) -> list[tuple[float, li
 
 
 def scan_batched(prepared, bank: TemplateBank, filt, moments, psi_list, s_fixed, workers=None):
-    """The batched scan (module docstring); returns :class:`streamem.pick.scan._Best`."""
-    from streamem.pick.scan import _batch_size, _Best, _fom
+    """The batched scan (module docstring); returns :class:`streamem.pick.scan._Best`.
+
+    On NumPy the angle groups of each template batch are split into ``workers``
+    contiguous runs scanned on as many threads (one FFT thread each: NumPy and
+    pocketfft release the GIL, so the interpolation and the reduction run in parallel
+    too, not only the FFTs); the threads' bests are merged in angle order with the same
+    strict ``>`` as one thread, so the result is the sequential scan's, bit for bit.
+    Each thread holds its own buffers: the template batch is cut to keep the total
+    within :data:`TARGET_ELEMENTS`.
+    """
+    from streamem.pick.scan import _batch_size, _Best
 
     grid = prepared.grid
     xp = xp_of(prepared.ft)
-    W, Wh = grid.work_px, grid.work_px // 2 + 1
+    W = grid.work_px
     nthreads = fft_workers(workers)
-    mean_a, mean_a2, energy, npix = moments
-    cc_scale = grid.scale**2 / npix
     plan = DiscPlan(grid, xp)
-    lo, Pc = _crop(bank, plan, grid.size_px)
-    P = bank.ft.shape[-1]
-    Y = (prepared.ft * filt).astype(xp.complex64).reshape(-1, 1)  # (N, 1)
-    Yc = xp.conj(Y)
-    mu, sigma = prepared.local_mean, prepared.local_std
-    # conj(T̂)·Y is the conjugate of T̂·conj(Y): its map is that of T̂·conj(Y) at −r, so
-    # those angles are reduced against μ, σ at −r and their results flipped back (one
-    # pass over the batch fewer than conjugating the spectra)
-    mu_f, sigma_f = _negate_r(mu, xp), _negate_r(sigma, xp)
     groups = _angle_groups(psi_list, plan.perm is not None)
+    n_runs = min(nthreads, len(groups)) if xp.__name__ == "numpy" else 1
+    scan = _Scan(prepared, bank, filt, moments, s_fixed, plan, xp, nthreads // n_runs)
     n = bank.n_templates
-    nb = _batch_size(n, W, TARGET_ELEMENTS)
+    nb = _batch_size(n, W, TARGET_ELEMENTS / n_runs)
+    runs = [list(r) for r in np.array_split(np.arange(len(groups)), n_runs)]
     best = _Best.empty(W, xp)
-    for start in range(0, n, nb):
-        which = np.arange(start, min(n, start + nb))
-        e = npix / np.sqrt(energy[which]) if s_fixed is None else np.ones(which.size)
-        # frequency-major crop of the padded transforms, each template scaled so that the
-        # inverse FFT gives cc' = cc · e directly
-        crop = bank.ft[start : start + which.size, lo : lo + Pc, lo : lo + Pc]
-        Fc = crop.reshape(which.size, Pc * Pc).T * xp.asarray(cc_scale * e, dtype=xp.float32)
+    with ThreadPoolExecutor(max_workers=n_runs) as pool:
+        for start in range(0, n, nb):
+            which = np.arange(start, min(n, start + nb))
+            batch = scan.batch(which)
+            parts = pool.map(batch.scan, [[groups[i] for i in run] for run in runs])
+            for part in parts:  # in angle order: ties keep the earlier angle
+                best.update(part.key, part.c, part.p, part.cls, part.psi, xp)
+    return best
+
+
+class _Scan:
+    """What every template batch and angle of one micrograph's scan shares."""
+
+    def __init__(self, prepared, bank, filt, moments, s_fixed, plan, xp, fft_threads: int):
+        grid = prepared.grid
+        self.grid, self.bank, self.plan, self.xp = grid, bank, plan, xp
+        self.s_fixed, self.fft_threads = s_fixed, max(1, fft_threads)
+        self.mean_a, self.mean_a2, self.energy, self.npix = moments
+        self.cc_scale = grid.scale**2 / self.npix
+        self.lo, self.Pc = _crop(bank, plan, grid.size_px)
+        self.Y = (prepared.ft * filt).astype(xp.complex64).reshape(-1, 1)  # (N, 1)
+        self.Yc = xp.conj(self.Y)
+        self.mu, self.sigma = prepared.local_mean, prepared.local_std
+        # conj(T̂)·Y is the conjugate of T̂·conj(Y): its map is that of T̂·conj(Y) at −r,
+        # so those angles are reduced against μ, σ at −r and their results flipped back
+        # (one pass over the batch fewer than conjugating the spectra)
+        self.mu_f, self.sigma_f = _negate_r(self.mu, xp), _negate_r(self.sigma, xp)
+
+    def batch(self, which: np.ndarray) -> _Batch:
+        """The frequency-major crop of templates ``which``, each scaled so that the
+        inverse FFT gives cc' = cc · e directly."""
+        xp, lo, Pc = self.xp, self.lo, self.Pc
+        e = self.npix / np.sqrt(self.energy[which]) if self.s_fixed is None else np.ones(which.size)
+        crop = self.bank.ft[which[0] : which[-1] + 1, lo : lo + Pc, lo : lo + Pc]
+        Fc = crop.reshape(which.size, Pc * Pc).T * xp.asarray(self.cc_scale * e, dtype=xp.float32)
         Fc = xp.ascontiguousarray(Fc.astype(xp.complex64))
-        consts = _batch_constants(which, e, mean_a, mean_a2, xp)
-        shape = (W * Wh, which.size)
+        consts = _batch_constants(which, e, self.mean_a, self.mean_a2, xp)
+        return _Batch(self, int(which[0]), Fc, consts)
+
+
+class _Batch:
+    """One template batch of a :class:`_Scan`; :meth:`scan` runs some of its angles."""
+
+    def __init__(self, scan: _Scan, start: int, Fc, consts: dict):
+        self.s, self.start, self.Fc, self.consts = scan, start, Fc, consts
+
+    def scan(self, groups):
+        """The best over ``groups`` (from :func:`_angle_groups`), a new ``_Best``."""
+        from streamem.pick.scan import _Best, _fom
+
+        s, xp = self.s, self.s.xp
+        W = s.grid.work_px
+        Wh = W // 2 + 1
+        n = self.Fc.shape[1]
+        shape = (W * Wh, n)
         spectra = xp.empty(shape, dtype=xp.complex64)  # the FFT's input
         G, tmp = xp.empty(shape, dtype=xp.complex64), xp.empty(shape, dtype=xp.complex64)
-        work = xp.empty((W, W, which.size), dtype=xp.float32)
+        work = xp.empty((W, W, n), dtype=xp.float32)
+        P = s.bank.ft.shape[-1]
+        best = _Best.empty(W, xp)
         for base_psi, variants in groups:
-            index, weight = plan.bilinear(base_psi, grid.size_px, P, lo, Pc, xp)
-            _interpolate(Fc, index, weight, G, tmp, xp)
+            index, weight = s.plan.bilinear(base_psi, s.grid.size_px, P, s.lo, s.Pc, xp)
+            _interpolate(self.Fc, index, weight, G, tmp, xp)
             G90 = None
             for v, psi in variants:
                 if v in (1, 3):
                     if G90 is None:
-                        G90 = xp.take(G, plan.perm, axis=0)
-                        G90 = xp.where(plan.flip, xp.conj(G90), G90)
+                        G90 = xp.take(G, s.plan.perm, axis=0)
+                        G90 = xp.where(s.plan.flip, xp.conj(G90), G90)
                     T = G90
                 else:
                     T = G
                 flipped = v in (0, 1)  # conj(T̂)·Y, as T̂·conj(Y) at −r
-                xp.multiply(T, Yc if flipped else Y, out=spectra)
-                cc = _irfft2_batch(spectra.reshape(W, Wh, which.size), W, xp, nthreads)
-                m, sd = (mu_f, sigma_f) if flipped else (mu, sigma)
-                out = _reduce(cc, m, sd, consts, s_fixed, xp, _fom, work)
+                xp.multiply(T, s.Yc if flipped else s.Y, out=spectra)
+                cc = _irfft2_batch(spectra.reshape(W, Wh, n), W, xp, s.fft_threads)
+                m, sd = (s.mu_f, s.sigma_f) if flipped else (s.mu, s.sigma)
+                out = _reduce(cc, m, sd, self.consts, s.s_fixed, xp, _fom, work)
                 if flipped:
                     out = tuple(_negate_r(a, xp) for a in out)
                 key, c, p, cls = out
-                best.update(key, c, p, cls + start, psi, xp)
+                best.update(key, c, p, cls + self.start, psi, xp)
                 del cc
-    return best
+        return best
 
 
 CHUNK_BYTES = 2**21  # blocks of the big passes that stay in cache (2 MB)
