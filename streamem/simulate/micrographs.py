@@ -50,6 +50,7 @@ from pathlib import Path
 import dask
 import numpy as np
 import pandas as pd
+import scipy.special
 import starfile
 
 from streamem import __version__
@@ -198,7 +199,7 @@ def _micrograph(m: int, params: MicrographSimParams, projector, noise_sigma: flo
     if p.carbon_edge:
         centre, radius = _carbon(rng, s)
         dist = np.hypot(yy - centre[0], xx - centre[1]) - radius  # > 0 on carbon
-        carbon = 1.0 / (1.0 + np.exp(-dist / 2.0))  # soft 2-pixel edge
+        carbon = scipy.special.expit(dist / 2.0)  # soft 2-pixel edge (no overflow far away)
         texture = rng.standard_normal((s, s)).astype(np.float32)
         thick_px = CARBON_THICKNESS_A / p.pixel_size_A
         carbon_pot = CARBON_DENSITY * thick_px * carbon * (1.0 + 0.15 * texture)
