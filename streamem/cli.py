@@ -53,8 +53,8 @@ def show_default(value) -> str:
 class DefaultsFormatter(argparse.HelpFormatter):
     """``--help`` shows every option's default: ``(default: X)`` is added to the help of
     an option whose default is not None/False/suppressed, unless its help already says
-    ``default X`` or ends with ``(X)``. An option with a None default says in its own help what happens
-    without it (``tests/test_cli_options.py`` checks both)."""
+    ``default X`` or ends with ``(X)``. An option with a None default says in its own
+    help what happens without it (``tests/test_cli_options.py`` checks both)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
