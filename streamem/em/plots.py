@@ -7,8 +7,10 @@
   B//2), one row per class, with its fraction and resolution.
 - :func:`plot_class_sizes`: class fractions over iterations (one line per class).
 
-Each takes the numbers and a path; none reads run files. At box 128 with 4 classes each
-takes ~0.2-0.4 s, so the jobs write them at the final iteration only.
+Each takes the numbers and a path; none reads run files. Measured at box 128 with 4
+classes on the loaded 2-core build machine: slices 0.7 s, angular distribution 1.0 s,
+sizes 0.3 s (over the 0.5 s a picture per iteration may cost), so the jobs write them
+at the final iteration only.
 """
 
 from __future__ import annotations
