@@ -88,8 +88,8 @@ def check_not_input(path: PathLike, inputs: Iterable[PathLike | None] = ()) -> N
     """
     out = Path(path).resolve()
     for given in inputs:
-        if given is None or str(given) == "":
-            continue
+        if given is None or str(given) == "" or "://" in str(given):
+            continue  # a store URL (s3://...) is no local path: a local output is not in it
         inp = Path(given).resolve()
         if _same(out, inp):
             raise InputError(path, f"output is the input {given}; choose another output path")

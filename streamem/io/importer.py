@@ -9,7 +9,8 @@ stack lengths, square images of one box size that matches the optics'
 temporary name and images are streamed in by a threaded Dask job with one task
 per store chunk, or per shard in a sharded store (``shard_size``; the default above
 100,000 particles, :mod:`streamem.io.store`): the task memory-maps the stacks it needs, gathers its images,
-rejects NaN/Inf, and writes its region. Memory is about ``workers`` x one chunk
+rejects NaN/Inf, and writes its region. The output may be a store URL
+(``s3://bucket/p.zarr``, :mod:`streamem.io.store_url`): written in place, marked last. Memory is about ``workers`` x one chunk
 whatever the number of particles. The store is renamed into place only when every
 chunk is written, so a failed import leaves nothing behind.
 
@@ -40,6 +41,7 @@ from streamem.io.mrc import open_mrc, open_stack_mmap
 from streamem.io.relion import parse_image_names, read_particles_star
 from streamem.io.relion_export import relative_to
 from streamem.io.store import ParticleStore, create_store, default_chunk_size
+from streamem.io.store_url import is_url, remote_output
 
 MRC_HEADER_BYTES = 1024
 
@@ -235,7 +237,9 @@ def import_particles(
     star_path = Path(star_path)
     if chunk_size is not None and chunk_size < 1:
         raise InputError(None, f"--chunk-size must be at least 1 (got {chunk_size})")
-    check_output(out_path, overwrite, inputs=[star_path])
+    remote = is_url(out_path)  # s3://...: written in place (io.store_url.remote_output)
+    if not remote:
+        check_output(out_path, overwrite, inputs=[star_path])
     signs = None
     if star_path.suffix.lower() in (".cs", ".csg"):
         from streamem.io.cryosparc import read_cryosparc
@@ -255,12 +259,19 @@ def import_particles(
     provenance = {
         "command": "import",
         # relative, so a project moved with its store still points at its source
-        "source": relative_to(star_path.absolute(), Path(out_path).absolute().parent),
+        "source": str(star_path.absolute())
+        if remote
+        else relative_to(star_path.absolute(), Path(out_path).absolute().parent),
         "star_columns": list(particles.columns),
         "streamem_version": __version__,
     }
     inputs = [star_path, *plan.stacks]  # the output may touch none of them
-    with atomic_output(out_path, overwrite, inputs=inputs, command="import") as tmp:
+    writing = (
+        remote_output(out_path, overwrite, command="import")
+        if remote
+        else atomic_output(out_path, overwrite, inputs=inputs, command="import")
+    )
+    with writing as tmp:
         store = create_store(
             tmp,
             n_particles=n,
@@ -279,7 +290,7 @@ def import_particles(
             used, local = np.unique(ids, return_inverse=True)
             tasks.append(
                 dask.delayed(_import_chunk, pure=True)(
-                    str(Path(tmp).absolute()),  # workers have their own working folder
+                    str(store.path),  # absolute (workers have their own folder) or a URL
                     start,
                     [plan.stacks[k] for k in used],
                     local.astype(np.int64),

@@ -11,6 +11,8 @@ Layout (``FORMAT_VERSION`` 1)::
                            chunk_size, shard_size, optics_groups: [RELION optics rows],
                            provenance}
 
+A store may live on object storage (``s3://bucket/p.zarr``): :mod:`streamem.io.store_url`.
+
 Sharding. A store may keep its arrays in Zarr v3 shards (the sharding codec) of S
 particles, S a multiple of C: ``images`` shards (S, B, B) of inner chunks (C, B, B),
 every field shards (S,) of chunks (C,), so one file (or object) holds S particles and a
@@ -76,6 +78,7 @@ from streamem.io.store_checks import (  # noqa: F401  (re-exported: callers impo
     read_checked,
     stored_keys,
 )
+from streamem.io.store_url import StoreURL, filesystem, is_url
 
 FORMAT_NAME = "streamem-particles"
 FORMAT_VERSION = 1
@@ -247,8 +250,9 @@ class ParticleStore:
     """
 
     def __init__(self, path: str | Path):
-        # absolute: tasks receive this path, and a worker's working folder is not ours
-        self.path = Path(path).absolute()
+        # absolute: tasks receive this path, and a worker's working folder is not ours;
+        # a URL (s3://bucket/p.zarr) stays one (io.store_url: a remote store)
+        self.path = StoreURL(path) if is_url(path) else Path(path).absolute()
         if not self.path.exists():
             raise InputError(self.path, "particle store not found")
         try:
@@ -511,5 +515,8 @@ def optics_params(group: Mapping[str, Any]):
 
 
 def store_size_bytes(path: str | Path) -> int:
-    """Bytes on disk under a store folder."""
+    """Bytes on disk under a store folder (or in the objects under a store URL)."""
+    if is_url(path):
+        fs, root = filesystem(path)
+        return int(fs.du(root))
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
