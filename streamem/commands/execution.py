@@ -11,6 +11,15 @@ Security (:mod:`streamem.dist.security`): a local cluster always uses TLS with a
 certificate of this run; ``--scheduler`` uses ``--tls-ca-file/--tls-cert/--tls-key``
 or the Dask config's ``distributed.comm.tls.*``. ``--dashboard-address`` moves a local
 cluster's dashboard off 127.0.0.1; ``--adapt MIN:MAX`` makes the local cluster adaptive.
+
+Option spellings are one per meaning across the commands, RELION's where it has one
+(issue 18): ``--angpix`` (pixel size, Å), ``--n-workers`` (local Dask workers of a job's
+cluster; for the I/O commands without one, this process's threads), ``--iterations``
+(class3d/class2d run that many; refine3d at most that many). The old spellings
+(``--pixel-size``, ``--workers``, ``-j``, ``--max-iterations``) still parse for one
+release, hidden from ``--help`` and silently (a note on stderr would break the
+one-line error of a bad value given with them; :func:`add_old_spelling`,
+:data:`OLD_SPELLINGS`).
 """
 
 from __future__ import annotations
@@ -18,6 +27,29 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+#: old spelling -> the one that replaced it (kept as hidden aliases for one release)
+OLD_SPELLINGS = {
+    "--pixel-size": "--angpix",
+    "--workers": "--n-workers",
+    "-j": "--n-workers",
+    "--max-iterations": "--iterations",
+}
+
+
+def add_old_spelling(p, action: argparse.Action, *old: str) -> None:
+    """Let ``old`` spellings (keys of :data:`OLD_SPELLINGS`) of the option ``action``
+    (what ``add_argument`` returned) parse as it does, hidden from ``--help``."""
+    p.add_argument(
+        *old, dest=action.dest, type=action.type, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+
+
+def add_threads_option(p, help: str) -> None:
+    """``--n-workers N`` of the I/O commands (import, export, simulate, ctf, pick,
+    extract): threads of this process (dest ``workers``; old ``--workers``, ``-j``)."""
+    action = p.add_argument("--n-workers", dest="workers", type=int, default=None, help=help)
+    add_old_spelling(p, action, "--workers", "-j")
 
 
 def _add_scheduler_arguments(g) -> None:
@@ -154,7 +186,7 @@ def add_cluster_options(p) -> None:
     g.add_argument(
         "--n-workers", type=int, default=None, help="local workers (default: one per core)"
     )
-    g.add_argument("--threads-per-worker", type=int, default=1)
+    g.add_argument("--threads-per-worker", type=int, default=1, help="threads of each worker")
     g.add_argument(
         "--gpu",
         action="store_true",
@@ -225,6 +257,6 @@ def add_continue_option(parser) -> None:
         action="store_true",
         help="resume the run in --out after its newest complete iteration (an unreadable "
         "newest checkpoint falls back to the one before). The same store and options are "
-        "needed; safe to change: --max-iterations/--iterations and the execution options "
+        "needed; safe to change: --iterations and the execution options "
         "(the first iteration's --seed/--no-random-seeds/--perturbation are ignored)",
     )
