@@ -7,18 +7,19 @@ How it is wired, with distributed's own extension points:
   kB of numbers and PNGs) to the scheduler's event log, topic ``streamem``
   (``Client.log_event``). Without a client (threads, ``--no-cluster``) it does nothing;
   a failure to publish is logged and never stops the run.
-- The SCHEDULER serves: :class:`~streamem.dist.dashboard_server.DashboardPlugin`, a ``SchedulerPlugin`` registered by
-  :func:`announce_page` wherever streamem starts or connects a cluster
-  (:func:`streamem.dist.cluster.client_for`; idempotent, so a second job on the same
-  scheduler registers nothing new), adds three tornado handlers to the scheduler's HTTP
-  application (``Scheduler.http_application``, the dashboard's server): ``/streamem``
-  (the page, :func:`streamem.dist.dashboard_page.render_page`), ``/streamem/fragment``
-  (its body, re-fetched by the page every 2 s) and ``/streamem/state.json``. They read
-  the run's messages from the event log (``Scheduler.get_events``), so a page opened
-  late shows the whole run, and the plugin counts the E-step's chunk tasks itself, from
-  the scheduler's task transitions (``SchedulerPlugin.transition``): keys
-  ``"{job}-estep-itNNN-{start}-{token}"`` (:func:`streamem.em.engine.run_estep`) seen
-  and finished (state ``memory``; a chunk recomputed after a lost worker counts once).
+- The SCHEDULER serves: :class:`~streamem.dist.dashboard_server.DashboardPlugin`, a
+  ``SchedulerPlugin`` registered by :func:`announce_page` wherever streamem starts or
+  connects a cluster (:func:`streamem.dist.cluster.client_for`; idempotent, so a
+  second job on the same scheduler registers nothing new), adds three tornado handlers
+  to the scheduler's HTTP application (``Scheduler.http_application``, the dashboard's
+  server): ``/streamem`` (the page, :func:`streamem.dist.dashboard_page.render_page`),
+  ``/streamem/fragment`` (its body, re-fetched by the page every 2 s) and
+  ``/streamem/state.json``. They read the run's messages from the event log
+  (``Scheduler.get_events``), so a page opened late shows the whole run, and the plugin
+  counts the E-step's chunk tasks itself, from the scheduler's task transitions
+  (``SchedulerPlugin.transition``): keys ``"{job}-estep-itNNN-{start}-{token}"``
+  (:func:`streamem.em.engine.run_estep`) seen and finished (state ``memory``; a chunk
+  recomputed after a lost worker counts once).
 
 A remote scheduler (``--scheduler``) needs streamem importable in ITS environment:
 the plugin is unpickled and runs there. Without it the job runs as before and logs one
@@ -51,9 +52,9 @@ def page_link(client) -> str | None:
 
 
 def announce_page(client) -> bool:
-    """Register :class:`~streamem.dist.dashboard_server.DashboardPlugin` on ``client``'s scheduler (idempotent) and log
-    the page's link; False (and one warning) when the scheduler cannot run it (streamem
-    not importable there)."""
+    """Register :class:`~streamem.dist.dashboard_server.DashboardPlugin` on ``client``'s
+    scheduler (idempotent) and log the page's link; False (and one warning) when the
+    scheduler cannot run it (streamem not importable there)."""
     from streamem.dist.dashboard_server import DashboardPlugin
 
     try:

@@ -87,16 +87,21 @@ def svg_plot(
     y_range: tuple[float, float] | None = None,
     hlines: Sequence[float] = (),
     size_px: tuple[int, int] = (420, 260),
+    integer_x: bool = False,
 ) -> str:
     """An inline SVG line plot: ``series`` of (label, xs, ys) (None or NaN points are
-    skipped), dashed grey lines at the ``hlines`` values, a legend."""
+    skipped), dashed grey lines at the ``hlines`` values, a legend; ``integer_x``: ticks
+    at whole numbers only (iterations)."""
     width, height = size_px
     left, right, top, bottom = 52, 12, 12, 40
     points = [
-        [(float(x), float(y)) for x, y in zip(xs, ys, strict=False)
-         if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+        [
+            (float(x), float(y))
+            for x, y in zip(xs, ys, strict=False)
+            if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
+        ]
         for _, xs, ys in series
-    ]  # fmt: skip
+    ]
     xs = [x for line in points for x, _ in line] or [0.0, 1.0]
     ys = [y for line in points for _, y in line] or [0.0, 1.0]
     x0, x1 = min(xs), max(xs)
@@ -115,36 +120,69 @@ def svg_plot(
         f'<rect x="{left}" y="{top}" width="{width - left - right}" '
         f'height="{height - top - bottom}" fill="none" stroke="#888"/>',
     ]
-    for value in (y0, (y0 + y1) / 2, y1):
-        parts.append(f'<text x="{left - 4}" y="{sy(value) + 4:.1f}" text-anchor="end">'
-                     f"{value:.3g}</text>")  # fmt: skip
-    for value in (x0, (x0 + x1) / 2, x1):
-        parts.append(f'<text x="{sx(value):.1f}" y="{height - bottom + 14}" '
-                     f'text-anchor="middle">{value:.3g}</text>')  # fmt: skip
-    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 6}" '
-                 f'text-anchor="middle">{html.escape(x_label)}</text>')  # fmt: skip
-    parts.append(f'<text x="12" y="{(top + height - bottom) / 2}" text-anchor="middle" '
-                 f'transform="rotate(-90 12 {(top + height - bottom) / 2})">'
-                 f"{html.escape(y_label)}</text>")  # fmt: skip
+    for value in _ticks(y0, y1):
+        parts.append(
+            f'<text x="{left - 4}" y="{sy(value) + 4:.1f}" text-anchor="end">{value:.3g}</text>'
+        )
+    for value in _ticks(x0, x1, integer_x):
+        parts.append(
+            f'<text x="{sx(value):.1f}" y="{height - bottom + 14}" '
+            f'text-anchor="middle">{value:.3g}</text>'
+        )
+    parts.append(
+        f'<text x="{(left + width - right) / 2}" y="{height - 6}" '
+        f'text-anchor="middle">{html.escape(x_label)}</text>'
+    )
+    parts.append(
+        f'<text x="12" y="{(top + height - bottom) / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 12 {(top + height - bottom) / 2})">'
+        f"{html.escape(y_label)}</text>"
+    )
     for value in hlines:
         if y0 <= value <= y1:
-            parts.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(value):.1f}" '
-                         f'y2="{sy(value):.1f}" stroke="#999" stroke-dasharray="4 3"/>')  # fmt: skip
+            parts.append(
+                f'<line x1="{left}" x2="{width - right}" y1="{sy(value):.1f}" '
+                f'y2="{sy(value):.1f}" stroke="#999" stroke-dasharray="4 3"/>'
+            )
     for k, ((label, _, _), line) in enumerate(zip(series, points, strict=True)):
         colour = _COLOURS[k % len(_COLOURS)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in line)
-        parts.append(f'<polyline class="series" fill="none" stroke="{colour}" '
-                     f'stroke-width="1.5" points="{path}"/>')  # fmt: skip
-        parts.append(f'<text x="{width - right - 4}" y="{top + 14 + 13 * k}" fill="{colour}" '
-                     f'text-anchor="end">{html.escape(label)}</text>')  # fmt: skip
+        parts.append(
+            f'<polyline class="series" fill="none" stroke="{colour}" '
+            f'stroke-width="1.5" points="{path}"/>'
+        )
+        parts.append(
+            f'<text x="{width - right - 4}" y="{top + 14 + 13 * k}" fill="{colour}" '
+            f'text-anchor="end">{html.escape(label)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
 
+def _ticks(low: float, high: float, integer: bool = False, most: int = 6) -> list[float]:
+    """Round tick values in [low, high]: multiples of 1, 2 or 5 times a power of ten
+    (whole numbers if ``integer``), at most ``most`` of them."""
+    span = high - low
+    base = 10.0 ** math.floor(math.log10(span / most)) if span > 0 else 1.0
+    step = next(m * base for m in (1, 2, 5, 10) if span / (m * base) <= most)
+    step = max(1.0, round(step)) if integer else step
+    first = math.ceil(low / step - 1e-9)
+    return [k * step for k in range(first, math.floor(high / step + 1e-9) + 1)]
+
+
 def _table(rows: list[dict]) -> str:
-    header = ("it", "resolution (Å)", "angular step (°)", "pose change (°)",
-              "offset change (px)", "classes changed", "class sizes", "box", "seconds",
-              "phases (s, all threads)")  # fmt: skip
+    header = (
+        "it",
+        "resolution (Å)",
+        "angular step (°)",
+        "pose change (°)",
+        "offset change (px)",
+        "classes changed",
+        "class sizes",
+        "box",
+        "seconds",
+        "phases (s, all threads)",
+    )
     out = ['<table id="iterations"><tr>', *(f"<th>{h}</th>" for h in header), "</tr>"]
     for row in rows:
         step = _text(row.get("angular_step_deg"))
@@ -199,22 +237,26 @@ def render_body(state: dict) -> str:
         f'{int(latest["iteration"])}</span>, resolution <span id="resolution">{_text(res)}'
         f"</span> Å</h2>",
         f"<p>run folder {html.escape(str(state['run']))}; {int(latest['n_particles'])} "
-        f"particles, box {int(latest['box_size'])} px of {float(latest['pixel_size_A']):.3g} Å</p>",
+        f"particles, box {int(latest['box_size'])} px of "
+        f"{float(latest['pixel_size_A']):.3g} Å</p>",
         _progress(state.get("progress")),
         _table(rows),
     ]
     fsc = latest.get("fsc")
     if fsc:
         series = [(k, fsc["frequency_per_A"], c) for k, c in fsc["curves"].items()]
-        parts.append(_section(f"FSC, iteration {int(latest['iteration'])}", svg_plot(
-            series, "spatial frequency (1/Å)", "FSC", "fsc-plot", (min(0.0, _low(series)), 1.0),
-            hlines=(0.143, 0.5))))  # fmt: skip
+        y_range = (min(0.0, _low(series)), 1.0)
+        plot = svg_plot(
+            series, "spatial frequency (1/Å)", "FSC", "fsc-plot", y_range, hlines=(0.143, 0.5)
+        )
+        parts.append(_section(f"FSC, iteration {int(latest['iteration'])}", plot))
     images = latest.get("images") or []
     if images:
-        width = 64 * 2 if latest["job"] == "class2d" else 160
-        title = "class averages" if latest["job"] == "class2d" else "central sections"
+        class2d = latest["job"] == "class2d"
+        width, title = (128, "class averages") if class2d else (160, "central sections")
         tiles = "".join(
-            f'<figure style="display:inline-block;margin:4px">{_img(i.get("png"), i.get("label", ""), width)}'
+            '<figure style="display:inline-block;margin:4px">'
+            f"{_img(i.get('png'), i.get('label', ''), width)}"
             f"<figcaption>{html.escape(str(i.get('label', '')))}</figcaption></figure>"
             for i in images
         )
@@ -223,13 +265,17 @@ def render_body(state: dict) -> str:
         its = [r["iteration"] for r in rows]
         K = len(rows[-1]["class_sizes"])
         series = [(f"class {k + 1}", its, [_size(r, k) for r in rows]) for k in range(K)]
-        parts.append(_section("class sizes", svg_plot(
-            series, "iteration", "fraction of particles", "class-sizes", (0.0, 1.0))))  # fmt: skip
+        plot = svg_plot(
+            series, "iteration", "fraction of particles", "class-sizes", (0.0, 1.0), integer_x=True
+        )
+        parts.append(_section("class sizes", plot))
     angdist = latest.get("angdist")
     if angdist:
-        caption = (f"tilt 0–180° (top to bottom) by rot −180–180°, 10° bins; "
-                   f"{int(angdist['n_poses'])} of {int(angdist['n_particles'])} particles, "
-                   f"most in a bin {int(angdist['max_count'])}")  # fmt: skip
+        caption = (
+            f"tilt 0–180° (top to bottom) by rot −180–180°, 10° bins; "
+            f"{int(angdist['n_poses'])} of {int(angdist['n_particles'])} particles, "
+            f"most in a bin {int(angdist['max_count'])}"
+        )
         body = f'<div id="angdist">{_img(angdist.get("png"), "angular distribution", 432)}'
         parts.append(_section("angular distribution", f"{body}<p>{caption}</p></div>"))
     return "".join(parts)

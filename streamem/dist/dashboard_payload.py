@@ -48,8 +48,15 @@ def png_base64(image: np.ndarray, cmap: str = "gray") -> str:
     low, high = (image[finite].min(), image[finite].max()) if finite.any() else (0.0, 1.0)
     image = np.where(finite, image, low)
     buffer = io.BytesIO()
-    imsave(buffer, image, cmap=cmap, vmin=low, vmax=high if high > low else low + 1, format="png",
-           origin="lower")  # fmt: skip
+    imsave(
+        buffer,
+        image,
+        cmap=cmap,
+        vmin=low,
+        vmax=high if high > low else low + 1,
+        format="png",
+        origin="lower",
+    )
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -82,9 +89,14 @@ def _curve(values) -> list[float | None]:
 
 
 def iteration_row(
-    iteration: int, state: dict, model, stats, phase_seconds: dict,
-    changed: float, seconds: float,
-) -> dict:  # fmt: skip
+    iteration: int,
+    state: dict,
+    model,
+    stats,
+    phase_seconds: dict,
+    changed: float,
+    seconds: float,
+) -> dict:
     """One row of the page's table: resolution (Å), angular step (degrees; ``local`` for
     local searches), pose change (degrees) and offset change (pixels), the fraction of
     particles that changed class (classifications), class sizes (fractions), work box
@@ -94,13 +106,15 @@ def iteration_row(
     psi = getattr(model, "psi_deg", None)
     if step is None and psi is not None and len(psi):
         step = 360.0 / len(psi)  # class2d: the in-plane step
-    if "changes" in state:  # refine3d: its M-step's own averages
+    n = getattr(stats, "n_with_previous", 0.0)
+    if not n:  # no previous poses (the first iteration): no change to show
+        pose_change = offset_change = None
+    elif "changes" in state:  # refine3d: its M-step's own averages
         pose_change, offset_change = state["changes"]
     else:
-        n = getattr(stats, "n_with_previous", 0.0)
-        pose_change = stats.pose_change_deg_sum / n if n else None
         p = getattr(model, "pixel_size_A", None)
-        offset_change = stats.offset_change_A_sum / n / p if n and p else None
+        pose_change = stats.pose_change_deg_sum / n
+        offset_change = stats.offset_change_A_sum / n / p if p else None
     fractions = state.get("fractions")
     return {
         "iteration": int(iteration),
@@ -144,8 +158,12 @@ def _images(state: dict) -> list[dict]:
         out = []
         for k, image in enumerate(state["class_images"]):
             share = f" {100 * float(fractions[k]):.1f}%" if fractions is not None else ""
-            out.append({"label": f"class {k + 1}{share}",
-                        "png": png_base64(downsample(image, MAX_CLASS_PX))})  # fmt: skip
+            out.append(
+                {
+                    "label": f"class {k + 1}{share}",
+                    "png": png_base64(downsample(image, MAX_CLASS_PX)),
+                }
+            )
         return out
     else:
         return []
@@ -157,8 +175,8 @@ def _images(state: dict) -> list[dict]:
 
 
 def _angular_distribution(results_path: Path, iteration: int, n_particles: int) -> dict | None:
-    """Counts of (tilt, rot) in 10° bins of the iteration's first poses, as a PNG;
-    None when the results have no 3-D poses (class2d)."""
+    """Counts of (tilt, rot) in 10° bins of the iteration's first poses (rot wrapped to
+    [-180, 180)), as a PNG; None when the results have no 3-D poses (class2d)."""
     from streamem.io.results import read_results
 
     n = min(n_particles, MAX_POSE_ROWS)
@@ -168,16 +186,23 @@ def _angular_distribution(results_path: Path, iteration: int, n_particles: int) 
         return None
     if "rlnAngleRot" not in poses or "rlnAngleTilt" not in poses:
         return None
+    tilt = np.asarray(poses["rlnAngleTilt"], np.float64)
+    rot = np.mod(np.asarray(poses["rlnAngleRot"], np.float64) + 180.0, 360.0) - 180.0
+    ok = np.isfinite(tilt) & np.isfinite(rot)  # particles without a pose are left out
     counts, _, _ = np.histogram2d(
-        np.asarray(poses["rlnAngleTilt"], np.float64),
-        np.asarray(poses["rlnAngleRot"], np.float64),
+        np.clip(tilt[ok], 0.0, 180.0),
+        rot[ok],
         bins=ANGDIST_BINS,
         range=((0, 180), (-180, 180)),
     )
     # rows: tilt 0..180 top to bottom, as RELION's plots and streamem.display draw it
     image = np.kron(counts[::-1], np.ones((4, 4)))
-    return {"png": png_base64(image, cmap="viridis"), "n_poses": int(counts.sum()),
-            "n_particles": int(n_particles), "max_count": int(counts.max())}  # fmt: skip
+    return {
+        "png": png_base64(image, cmap="viridis"),
+        "n_poses": int(counts.sum()),
+        "n_particles": int(n_particles),
+        "max_count": int(counts.max()),
+    }
 
 
 def iteration_payload(
@@ -207,9 +232,7 @@ def iteration_payload(
         "pixel_size_A": float(ctx.pixel_size_A),
         "box_size": int(ctx.box_size),
         "n_particles": n_particles,
-        "row": iteration_row(
-            iteration, state, model, stats, phase_seconds, changed, seconds
-        ),  # fmt: skip
+        "row": iteration_row(iteration, state, model, stats, phase_seconds, changed, seconds),
         "fsc": _fsc(state, ctx.box_size, ctx.pixel_size_A),
         "images": _images(state),
         "angdist": _angular_distribution(ctx.results_path, iteration, n_particles),
