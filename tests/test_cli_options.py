@@ -78,11 +78,10 @@ def test_help_of_a_real_command_lists_defaults(capsys):
 
 @pytest.mark.parametrize("name,parser", COMMANDS, ids=[n for n, _ in COMMANDS])
 def test_one_spelling(name, parser):
-    """No command shows an old spelling (bench's own options excepted: benchmarks of
-    the lead, not user commands); each old spelling of a command maps to the new one."""
+    """No command, bench included, shows an old spelling; each old spelling of a
+    command maps to the new one."""
     shown = {s for a in _options(parser) for s in a.option_strings}
-    if not name.startswith("bench"):
-        assert not shown & set(OLD_SPELLINGS), (name, shown & set(OLD_SPELLINGS))
+    assert not shown & set(OLD_SPELLINGS), (name, shown & set(OLD_SPELLINGS))
     hidden = {
         s: a for a in parser._actions if a.help == argparse.SUPPRESS for s in a.option_strings
     }

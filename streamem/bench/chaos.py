@@ -317,6 +317,8 @@ def compare(got: np.ndarray, want: np.ndarray) -> dict:
 
 
 def register_bench(bench_sub) -> None:
+    from streamem.commands.execution import add_old_spelling
+
     p = bench_sub.add_parser(
         "chaos",
         help="refine3d on a TLS loopback cluster with a worker SIGKILLed at seeded moments",
@@ -326,7 +328,10 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--box", type=int, default=24)
     p.add_argument("--chunk-size", type=int, default=10)
     p.add_argument("--iterations", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2, help="workers during each run (2)")
+    a = p.add_argument(
+        "--n-workers", dest="workers", type=int, default=2, help="workers during each run"
+    )
+    add_old_spelling(p, a, "--workers")
     p.add_argument("--moments", type=int, default=10, help="seeded kill moments (10)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)

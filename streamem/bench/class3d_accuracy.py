@@ -37,6 +37,8 @@ POSE_LABELS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", 
 
 
 def register_bench(bench_sub) -> None:
+    from streamem.commands.execution import add_old_spelling
+
     p = bench_sub.add_parser(
         "class3d-accuracy",
         help="class3d on a simulated two-conformation mix, scored against the truth",
@@ -55,7 +57,8 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--mix", choices=tuple(MIXES), default="conformations")
     p.add_argument("--workflow", choices=("poses", "consensus"), default="poses")
     p.add_argument("--box", type=int, default=32, help="pixels (default 32)")
-    p.add_argument("--pixel-size", type=float, default=4.0, help="Å (default 4)")
+    a = p.add_argument("--angpix", dest="pixel_size", type=float, default=4.0, help="Å")
+    add_old_spelling(p, a, "--pixel-size")
     p.add_argument("--k", type=int, default=2, help="classes (default 2)")
     p.add_argument("--ini-high", type=float, default=20.0, help="class3d start low-pass, Å")
     p.add_argument("--lowres-iterations", type=int, default=3)

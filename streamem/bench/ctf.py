@@ -1,7 +1,7 @@
 """``streamem bench ctf``: CTF estimation against the simulator's truth, and its speed.
 
 - Micrographs from :func:`streamem.simulate.micrographs.simulate_micrographs`
-  (``--size`` px at ``--pixel-size`` Å, defocus ``--defocus-min``..``--defocus-max``,
+  (``--size`` px at ``--angpix`` Å, defocus ``--defocus-min``..``--defocus-max``,
   astigmatism 0..``--astigmatism`` Å, SNR 0.05 in the particle discs, a carbon edge and
   two ice blobs, the ``asym`` phantom in a 128 px box), not timed.
 - Timed, one micrograph at a time (NumPy's FFTs and element-wise work use one thread;
@@ -35,6 +35,8 @@ import numpy as np
 
 def register_bench(bench_sub) -> None:
     """Add ``ctf`` to ``streamem bench``."""
+    from streamem.commands.execution import add_old_spelling
+
     p = bench_sub.add_parser(
         "ctf",
         help="CTF estimation: errors against the simulated truth, s/micrograph",
@@ -42,7 +44,10 @@ def register_bench(bench_sub) -> None:
     )
     p.add_argument("--size", type=int, default=2048, help="micrograph size in px (2048)")
     p.add_argument("--n-micrographs", type=int, default=8, help="micrographs (8)")
-    p.add_argument("--pixel-size", type=float, default=1.5, help="pixel size in A (1.5)")
+    a = p.add_argument(
+        "--angpix", dest="pixel_size", type=float, default=1.5, help="pixel size in A"
+    )
+    add_old_spelling(p, a, "--pixel-size")
     p.add_argument("--defocus-min", type=float, default=5000.0, help="A (5000)")
     p.add_argument("--defocus-max", type=float, default=35000.0, help="A (35000)")
     p.add_argument("--astigmatism", type=float, default=1000.0, help="largest U - V, A (1000)")

@@ -48,6 +48,8 @@ print(json.dumps({"seconds": seconds, "peak_kib": peak_kib, "base_kib": base_kib
 
 
 def register_bench(bench_sub) -> None:
+    from streamem.commands.execution import add_old_spelling
+
     p = bench_sub.add_parser(
         "import",
         help="import MB/s vs cp of the same stacks; peak RSS at 2k vs 20k particles",
@@ -58,7 +60,10 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--stacks", type=int, default=10, help="number of MRCS stacks K")
     p.add_argument("--box", type=int, default=128)
     p.add_argument("--chunk-size", type=int, default=0, help="store chunk (0: default)")
-    p.add_argument("--workers", type=int, default=0, help="import threads (0: default)")
+    a = p.add_argument(
+        "--n-workers", dest="workers", type=int, default=0, help="import threads (0: default)"
+    )
+    add_old_spelling(p, a, "--workers")
     p.add_argument("--workdir", default=None, help="where to write the data (default: tmp)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.set_defaults(func=run)

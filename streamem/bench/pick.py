@@ -2,7 +2,7 @@
 
 Set-up (not timed): micrographs from
 :func:`streamem.simulate.micrographs.simulate_micrographs` (``--size`` px at
-``--pixel-size`` Å, ``--particles`` copies of the ``asym`` phantom in a ``--box`` box,
+``--angpix`` Å, ``--particles`` copies of the ``asym`` phantom in a ``--box`` box,
 a carbon edge and ice blobs, known coordinates); templates: projections of the
 phantom at the HEALPix directions of ``--healpix-order`` (1: 48), in-plane step
 ``--psi-step``, RELION's 20 Å low-pass (``--lowpass``).
@@ -10,7 +10,7 @@ phantom at the HEALPix directions of ``--healpix-order`` (1: 48), in-plane step
 Timed, per micrograph, in the same run (so the ratio holds on a loaded machine):
 
 - **template, batched**: :func:`streamem.pick.template.pick_templates` with the
-  batched scan (:mod:`streamem.pick.fastscan`), the FFTs on ``--workers`` threads
+  batched scan (:mod:`streamem.pick.fastscan`), angle groups on ``--n-workers`` threads
   (default: all cores of this process);
 - **template, reference loop**: the same with ``batched=False`` (the scan as it was:
   per psi and template batch, interpolate, filter, correlate; FFTs on one thread);
@@ -40,20 +40,32 @@ import numpy as np
 
 def register_bench(bench_sub) -> None:
     """Add ``pick`` to ``streamem bench``."""
+    from streamem.commands.execution import add_old_spelling
+
     p = bench_sub.add_parser(
         "pick",
         help="template (batched vs reference scan) and LoG picking s/micrograph, recall, FDR",
         description=__doc__,
     )
     p.add_argument("--size", type=int, default=2048, help="micrograph size in px (2048)")
-    p.add_argument("--pixel-size", type=float, default=3.59, help="pixel size in A (3.59)")
+    a = p.add_argument(
+        "--angpix", dest="pixel_size", type=float, default=3.59, help="pixel size in A"
+    )
+    add_old_spelling(p, a, "--pixel-size")
     p.add_argument("--box", type=int, default=128, help="phantom box in px (128)")
     p.add_argument("--particles", type=int, default=100, help="particles per micrograph (100)")
     p.add_argument("--n-micrographs", type=int, default=1, help="micrographs timed (1)")
     p.add_argument("--healpix-order", type=int, default=1, help="template directions (1: 48)")
     p.add_argument("--psi-step", type=float, default=5.0, help="in-plane step, degrees (5)")
     p.add_argument("--lowpass", type=float, default=20.0, help="low-pass filter in A (20)")
-    p.add_argument("--workers", type=int, default=None, help="FFT threads (all cores)")
+    a = p.add_argument(
+        "--n-workers",
+        dest="workers",
+        type=int,
+        default=None,
+        help="scan threads (default: all cores)",
+    )
+    add_old_spelling(p, a, "--workers")
     p.add_argument(
         "--no-reference", action="store_true", help="skip the (slow) reference scan loop"
     )

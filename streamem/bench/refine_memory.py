@@ -32,13 +32,20 @@ MEMORY_LOGGERS = ("distributed.worker.memory", "distributed.nanny.memory", "dist
 def add_refine_run_arguments(p) -> None:
     """The simulated set and cluster of the refine benches (refine-memory, refine-phases):
     5,000 particles of box 128 at 3.59 Å/px, SNR 0.05, 2 workers x 1 thread."""
+    from streamem.commands.execution import add_old_spelling
+
     p.add_argument("--particles", type=int, default=5000)
     p.add_argument("--box", type=int, default=128)
-    p.add_argument("--pixel-size", type=float, default=3.59, help="Å")
+    a = p.add_argument("--angpix", dest="pixel_size", type=float, default=3.59, help="Å")
+    add_old_spelling(p, a, "--pixel-size")
     p.add_argument("--snr", type=float, default=0.05)
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--particle-diameter", type=float, default=300.0, help="Å")
-    p.add_argument("--max-iterations", type=int, default=25, help="the last one joins the halves")
+    a = p.add_argument(
+        "--iterations", dest="max_iterations", type=int, default=25,
+        help="at most this many; the last one joins the halves",
+    )  # fmt: skip
+    add_old_spelling(p, a, "--max-iterations")
     p.add_argument("--n-workers", type=int, default=2)
     p.add_argument("--threads-per-worker", type=int, default=1)
 

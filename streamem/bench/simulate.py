@@ -39,6 +39,8 @@ print(json.dumps({"seconds": seconds, "peak_kib": status_kib("VmHWM"), "base_kib
 
 
 def register_bench(bench_sub) -> None:
+    from streamem.commands.execution import add_old_spelling
+
     p = bench_sub.add_parser(
         "simulate",
         help="simulate: particles/s and peak RSS at N vs 10 N particles",
@@ -47,11 +49,17 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--small", type=int, default=10_000, help="small set N (default 10000)")
     p.add_argument("--factor", type=int, default=10, help="large set = factor x N (10)")
     p.add_argument("--box", type=int, default=128, help="box in pixels (128)")
-    p.add_argument("--pixel-size", type=float, default=1.5, help="pixel size in A (1.5)")
+    a = p.add_argument(
+        "--angpix", dest="pixel_size", type=float, default=1.5, help="pixel size in A"
+    )
+    add_old_spelling(p, a, "--pixel-size")
     p.add_argument(
         "--chunk-size", type=int, default=0, help="store chunk, both sizes (0: store default)"
     )
-    p.add_argument("--workers", type=int, default=0, help="threads (0: all cores)")
+    a = p.add_argument(
+        "--n-workers", dest="workers", type=int, default=0, help="threads (0: all cores)"
+    )
+    add_old_spelling(p, a, "--workers")
     p.add_argument("--workdir", default=None, help="where to write the stores (default: tmp)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.set_defaults(func=run)
