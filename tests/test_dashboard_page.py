@@ -4,14 +4,18 @@ scheduler plugin before any run, and a small refine3d watched in headless Chromi
 import json
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
+import msgpack
 import numpy as np
 import pytest
 
+from streamem.bench.chaos import stop_processes
 from streamem.core.filters import lowpass
 from streamem.dist import dashboard_page
 from streamem.dist.cluster import client_for
@@ -50,8 +54,8 @@ def _message(run, iteration, resolution_A, fractions=(1.0,), job="refine3d", png
             "phase_seconds": {"coarse": 1.5, "mstep": 0.5},
         },
         "fsc": {
-            "frequency_per_A": list(shells / (BOX * PIXEL)),
-            "curves": {"gold-standard": list(np.exp(-shells / 4.0))},
+            "frequency_per_A": (shells / (BOX * PIXEL)).tolist(),
+            "curves": {"gold-standard": np.exp(-shells / 4.0).tolist()},
         },
         "images": [{"label": "map z", "png": png or png_base64(np.eye(8))}],
         "angdist": None,
@@ -131,7 +135,7 @@ def test_payloads_of_class3d_and_class2d(tmp_path):
     grid = SimpleNamespace(fine_angular_step_deg=7.5, local_sigma_deg=None)
     model = SimpleNamespace(grid=grid, work_box=20, pixel_size_A=PIXEL)
     payload = iteration_payload("class3d", **_fake_iteration(tmp_path, class3d, model, 10.0))
-    json.dumps(payload)  # plain data only, so msgpack carries it too
+    msgpack.packb(payload)  # plain data only (Client.log_event refuses anything else)
     row = payload["row"]
     assert row["angular_step_deg"] == 7.5 and row["class_sizes"] == [0.75, 0.25]
     assert row["pose_change_deg"] == 3.0 and row["offset_change_px"] == pytest.approx(0.4)
@@ -208,6 +212,29 @@ def test_page_before_any_run(cluster_client):
     assert url.endswith("/streamem") and url.startswith("http://127.0.0.1:")
     assert dashboard_page.NO_RUN in _get(url)
     assert json.loads(_get(url + "/state.json"))["run"] is None
+
+
+def test_page_on_a_remote_scheduler(tmp_path):
+    """A scheduler in another process (``dask scheduler``, as on a cluster) gets the
+    plugin from the job's client and serves what the client publishes."""
+    scheduler_file = tmp_path / "scheduler.json"
+    dask = str(Path(sys.executable).with_name("dask"))
+    scheduler = subprocess.Popen(
+        [dask, "scheduler", "--scheduler-file", str(scheduler_file), "--host", "127.0.0.1",
+         "--port", "0", "--dashboard-address", "127.0.0.1:0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        with client_for(scheduler=str(scheduler_file), scheduler_timeout_s=60) as client:
+            url = page_link(client)
+            assert dashboard_page.NO_RUN in _get(url)
+            assert client.run_on_scheduler(lambda dask_scheduler: "streamem-dashboard" in
+                                           dask_scheduler.plugins)  # fmt: skip
+            client.log_event(dashboard_page.TOPIC, _message("/remote/run", 1, 21.0))
+            body = _get(url)
+            assert 'id="current-iteration">iteration 1<' in body and "/remote/run" in body
+    finally:
+        stop_processes(scheduler)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
