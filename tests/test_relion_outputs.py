@@ -45,17 +45,17 @@ def test_angdist_bild_is_relions_format():
     rot, tilt = pixel_directions(2)
     counts = np.zeros(192, np.int64)
     counts[[3, 100, 150]] = [10, 5, 1]
-    radius_A, box, pixel = 40.0, 32, 2.5
-    text = angdist_bild(counts, box, pixel, radius_A)
-    assert text.splitlines()[0] == ".color 1 0 0"
-    assert sum(line.startswith(".cylinder") for line in text.splitlines()) == 3
+    box, pixel = 32, 2.5
+    radius_A = box * pixel / 2  # RELION: R = offset = ori_size * pixel_size / 2
+    text = angdist_bild(counts, box, pixel)
+    assert [line.split()[0] for line in text.splitlines()] == [".color", ".cylinder"] * 3
     path = Path(pytest.importorskip("tempfile").mkdtemp()) / "a.bild"
     path.write_text(text)
     bild = read_bild(path)
     centre = box * pixel / 2
     vec = bild["ends"] - bild["starts"]
     lengths = np.linalg.norm(vec, axis=1)
-    # cylinders start at the particle radius from the map's centre, in Å
+    # cylinders start at R from the map's centre, in Å
     assert np.allclose(np.linalg.norm(bild["starts"] - centre, axis=1), radius_A, atol=1e-2)
     # along the pixel's direction (cos rot sin tilt, sin rot sin tilt, cos tilt)
     r, t = np.deg2rad(rot[[3, 100, 150]]), np.deg2rad(tilt[[3, 100, 150]])
@@ -67,7 +67,11 @@ def test_angdist_bild_is_relions_format():
     # colour from blue (few) to red (many): (c, 0, 1 - c), c larger for more
     c = bild["colors"]
     assert np.allclose(c[:, 1], 0) and np.allclose(c[:, 0] + c[:, 2], 1, atol=1e-3)
-    assert c[0, 0] > c[1, 0] > c[2, 0]
+    assert c[0, 0] >= c[1, 0] > c[2, 0]  # 10 and 5 both clip at +5 sigma
+    # RELION's colour scale: (count - mean) / std over all 192 directions, clipped to
+    # [-1, 5], mapped to [0, 1]
+    z = np.clip((np.array([10, 5, 1]) - counts.mean()) / counts.std(), -1, 5)
+    assert np.allclose(c[:, 0], z / 6 + 1 / 6, atol=1e-3)
     assert np.allclose(bild["widths"], 0.5 * np.pi * radius_A * 15.0 / 360, atol=1e-2)
 
 

@@ -238,7 +238,7 @@ def write_view_files(
     counts = angdist.class_direction_counts(rot, tilt, classes, n_classes)
     bilds = [f"run_class{k + 1:03d}_angdist.bild" for k in range(n_classes)]
     for name, c in zip(bilds, counts, strict=True):
-        write_run_text(out / name, angdist_bild(c, B, p, ctx.diameter_A / 2))
+        write_run_text(out / name, angdist_bild(c, B, p))
     titles = [f"class {k + 1}" for k in range(n_classes)] if n_classes > 1 else None
     plots.plot_angdist(out / "run_angdist.png", counts, titles)
     shown = [

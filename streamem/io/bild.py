@@ -1,18 +1,20 @@
 """RELION's angular-distribution ``.bild`` file (ChimeraX/Chimera BILD), written and read.
 
-RELION writes ``run_classNNN_angdist.bild`` (``MlModel::writeBildFileOrientationalDistribution``)
-as one cylinder per viewing direction that holds particles, pointing outward from the
-map's centre; we write the same shape (following RELION's source as we remember it, not
-checked line by line):
+RELION writes ``run_classNNN_angdist.bild`` (``MlModel::write`` calls
+``HealpixSampling::writeBildFileOrientationalDistribution(pdf, fn, R, offset)`` with
+``R = offset = ori_size · pixel_size / 2``, Rmax_frac 0.3, width_frac 0.5; checked
+against RELION's ``src/healpix_sampling.cpp``) as one cylinder per viewing direction
+that holds particles, pointing outward; we write the same:
 
-- line 1 ``.color 1 0 0``, then per HEALPix pixel with ``count > 0``:
-  ``.color c 0 1-c`` and ``.cylinder x1 y1 z1 x2 y2 z2 width``;
-- c = clip((count − mean) / std, −1, 5) / 6 + 1/6 over the pixels with particles
-  (blue: few, red: many; 1/6 where all counts are equal);
-- the cylinder runs along the direction v = (cos rot · sin tilt, sin rot · sin tilt,
-  cos tilt) from R·v to (R + 0.3·R·count/max count)·v, R the particle radius (Å), plus
-  the map's centre (box/2 × pixel size, Å, on each axis): coordinates are in Å in the
-  map's frame, as ChimeraX places a map whose origin is 0;
+- per HEALPix direction with ``count > 0``: ``.color c 0 1-c`` and
+  ``.cylinder x1 y1 z1 x2 y2 z2 width`` (no other lines);
+- c = clip((count − mean) / std, −1, 5) / 6 + 1/6 with the mean and standard
+  deviation over *all* directions, empty ones included (RELION's ``computeStats`` of
+  the whole pdf; 1/6 where the std is 0);
+- the cylinder runs along v = (cos rot · sin tilt, sin rot · sin tilt, cos tilt) from
+  R·v to (R + 0.3·R·count/max count)·v, plus the map's centre (R on each axis), with
+  R half the box in Å: coordinates are in Å in the map's frame, as ChimeraX places a
+  map whose origin is 0;
 - width = 0.5 · π · R · step / 360 Å, step the HEALPix pixel size in degrees (60/2**order).
 
 :func:`read_bild` parses such a file back into (colours, starts, ends, widths) arrays.
@@ -31,27 +33,21 @@ LENGTH_FRACTION = 0.3  # RELION's Rmax_frac: the longest cylinder is 0.3 R
 WIDTH_FRACTION = 0.5  # RELION's width_frac
 
 
-def angdist_bild(
-    counts: np.ndarray,
-    box_size: int,
-    pixel_size_A: float,
-    radius_A: float,
-) -> str:
+def angdist_bild(counts: np.ndarray, box_size: int, pixel_size_A: float) -> str:
     """The text of RELION's angdist ``.bild`` for ``counts`` ((12 * 4**order,)
     particles per nested HEALPix pixel, :func:`streamem.em.angdist.direction_counts`).
 
-    radius_A: where the cylinders start (the particle radius, Å). The run folder's
-    writer (:func:`streamem.em.runfiles.write_run_text`) puts it on disk atomically.
+    The run folder's writer (:func:`streamem.em.runfiles.write_run_text`) puts it on disk atomically.
     """
     counts = np.asarray(counts, np.float64)
     order = int(round(math.log(counts.size / 12, 4)))
     rot, tilt = pixel_directions(order)
     v = unit_directions(rot, tilt)  # (P, 3)
-    centre_A = box_size * pixel_size_A / 2.0
-    lines = [".color 1 0 0"]
+    radius_A = centre_A = box_size * pixel_size_A / 2.0
+    lines = []
     used = counts > 0
     if used.any():
-        mean, std, top = counts[used].mean(), counts[used].std(), counts[used].max()
+        mean, std, top = counts.mean(), counts.std(), counts.max()
         width = WIDTH_FRACTION * math.pi * radius_A * (60.0 / 2**order) / 360.0
         for p in np.flatnonzero(used):
             z = (counts[p] - mean) / std if std > 0 else 0.0
@@ -62,7 +58,7 @@ def angdist_bild(
             lines.append(
                 ".cylinder " + " ".join(f"{x:.3f}" for x in (*start, *end)) + f" {width:.3f}"
             )
-    return "\n".join(lines) + "\n"
+    return "".join(line + "\n" for line in lines)
 
 
 def read_bild(path: str | Path) -> dict[str, np.ndarray]:
