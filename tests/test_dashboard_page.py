@@ -154,6 +154,12 @@ def test_payloads_of_class3d_and_class2d(tmp_path):
                                                        "class 3 20.0%"]  # fmt: skip
     html = dashboard_page.render_body(dashboard_page.page_state([(1.0, payload)]))
     assert "class averages" in html and html.count("data:image/png;base64,") == 3
+    halves = rng.random((2, BOX, BOX, BOX))
+    refine = {"resolution_A": 30.0, "halves": halves, "fsc": rng.random(BOX // 2 + 1)}
+    payload = iteration_payload("refine3d", **_fake_iteration(tmp_path, refine, model, 10.0))
+    assert [i["label"] for i in payload["images"]] == ["map z", "map y", "map x"]
+    assert payload["images"][1]["png"] == png_base64(halves.mean(axis=0)[:, BOX // 2])
+    assert list(payload["fsc"]["curves"]) == ["gold-standard"]
 
 
 def test_plugin_counts_chunks_and_publishing_never_breaks_the_run(tmp_path, caplog):

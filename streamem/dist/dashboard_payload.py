@@ -113,8 +113,8 @@ def iteration_row(
         pose_change, offset_change = state["changes"]
     else:
         p = getattr(model, "pixel_size_A", None)
-        pose_change = stats.pose_change_deg_sum / n
-        offset_change = stats.offset_change_A_sum / n / p if p else None
+        pose_change = getattr(stats, "pose_change_deg_sum", math.nan) / n
+        offset_change = getattr(stats, "offset_change_A_sum", math.nan) / n / p if p else None
     fractions = state.get("fractions")
     return {
         "iteration": int(iteration),
@@ -145,33 +145,34 @@ def _fsc(state: dict, box_size: int, pixel_size_A: float) -> dict | None:
     }
 
 
-def _images(state: dict) -> list[dict]:
-    """Labelled PNGs: three central sections per 3-D map (refine3d: the mean of the
-    halves; class3d: each class) or the class averages (class2d)."""
-    if state.get("halves") is not None:
-        maps, names = [np.mean(state["halves"], axis=0)], ["map"]
-    elif state.get("maps") is not None:
-        maps = list(state["maps"])
-        names = [f"class {k + 1}" for k in range(len(maps))]
-    elif state.get("class_images") is not None:
-        fractions = state.get("fractions")
-        out = []
-        for k, image in enumerate(state["class_images"]):
-            share = f" {100 * float(fractions[k]):.1f}%" if fractions is not None else ""
-            out.append(
-                {
-                    "label": f"class {k + 1}{share}",
-                    "png": png_base64(downsample(image, MAX_CLASS_PX)),
-                }
-            )
-        return out
-    else:
-        return []
+def _section_images(name: str, volumes) -> list[dict]:
+    """PNGs of the z, y and x central sections of the mean of ``volumes`` (each (B, B, B);
+    the sections are averaged, no mean map is made)."""
+    cuts = [central_sections(np.asarray(volume)) for volume in volumes]
     return [
-        {"label": f"{name} {axis}", "png": png_base64(downsample(section))}
-        for name, volume in zip(names, maps, strict=True)
-        for axis, section in central_sections(np.asarray(volume))
-    ]
+        {"label": f"{name} {axis}",
+         "png": png_base64(downsample(np.mean([c[j][1] for c in cuts], axis=0)))}
+        for j, axis in enumerate("zyx")
+    ]  # fmt: skip
+
+
+def _images(state: dict) -> list[dict]:
+    """Labelled PNGs: three central sections per 3-D map (refine3d: of the mean of the
+    halves; class3d: of each class) or the class averages (class2d)."""
+    if state.get("halves") is not None:
+        return _section_images("map", state["halves"])
+    if state.get("maps") is not None:
+        return [image for k, volume in enumerate(state["maps"])
+                for image in _section_images(f"class {k + 1}", [volume])]  # fmt: skip
+    if state.get("class_images") is None:
+        return []
+    fractions = state.get("fractions")
+    return [
+        {"label": f"class {k + 1}" + (f" {100 * float(fractions[k]):.1f}%"
+                                      if fractions is not None else ""),
+         "png": png_base64(downsample(image, MAX_CLASS_PX))}
+        for k, image in enumerate(state["class_images"])
+    ]  # fmt: skip
 
 
 def _angular_distribution(results_path: Path, iteration: int, n_particles: int) -> dict | None:
