@@ -66,7 +66,7 @@ def fsspec_conf(monkeypatch):
 def relion(tmp_path_factory):
     """A simulated set written as RELION STAR + MRCS, and its truth map."""
     root = tmp_path_factory.mktemp("s3data")
-    argv = ["simulate", str(root / "sim.zarr"), "--n-particles", "48", "--box", "16"]
+    argv = ["simulate", str(root / "sim.zarr"), "--n-particles", "32", "--box", "16"]
     argv += ["--pixel-size", "5", "--snr", "1", "--seed", "4", "--relion", str(root / "relion")]
     assert main(argv) == 0
     return root / "relion" / "particles.star", root / "sim_truth_class001.mrc"
@@ -81,16 +81,14 @@ def test_import_refine_from_s3_equals_local(s3, fsspec_conf, relion, tmp_path, c
 
     remote, local = ParticleStore(url), ParticleStore(tmp_path / "p.zarr")
     assert str(remote.path) == url and remote.shard_size == 32
-    np.testing.assert_array_equal(remote.read_chunk(0, 48).images, local.read_chunk(0, 48).images)
+    np.testing.assert_array_equal(remote.read_chunk(0, 32).images, local.read_chunk(0, 32).images)
     assert remote.read_table().keys() == local.read_table().keys()
     assert not (tmp_path / "s3:").exists()  # nothing written locally under a mangled URL
 
-    # the same refinement; the S3 one on a local cluster whose worker reads from S3
-    common = ["--ref", str(truth), "--max-iterations", "2", "--ini-high", "20"]
-    assert main(["refine3d", url, "--out", str(tmp_path / "r_s3"), *common, *opts,
-                 "--n-workers", "1", "--threads-per-worker", "2"]) == 0  # fmt: skip
-    assert main(["refine3d", str(local.path), "--out", str(tmp_path / "r_local"), *common,
-                 "--no-cluster"]) == 0  # fmt: skip
+    # the same refinement (tasks on threads: each opens the URL and reads its chunk)
+    common = ["--ref", str(truth), "--max-iterations", "2", "--ini-high", "20", "--no-cluster"]
+    assert main(["refine3d", url, "--out", str(tmp_path / "r_s3"), *common, *opts]) == 0
+    assert main(["refine3d", str(local.path), "--out", str(tmp_path / "r_local"), *common]) == 0
     for half in (1, 2):
         name = f"run_it001_half{half}_class001_unfil.mrc"
         with (
@@ -102,6 +100,30 @@ def test_import_refine_from_s3_equals_local(s3, fsspec_conf, relion, tmp_path, c
     b = starfile.read(tmp_path / "r_local" / "run_it001_data.star")["particles"]
     for label in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst"):
         np.testing.assert_allclose(a[label].to_numpy(), b[label].to_numpy(), atol=1e-6)
+
+
+def _worker_reads(url: str, start: int, stop: int):
+    import os
+
+    return os.getpid(), ParticleStore(url).read_chunk(start, stop).images
+
+
+def test_a_cluster_worker_reads_its_chunk_from_s3(s3, fsspec_conf, relion, tmp_path):
+    """A worker process (started after --storage-options configured this one) opens the
+    URL itself with the inherited fsspec configuration."""
+    import os
+
+    from streamem.dist.cluster import client_for
+    from streamem.io.importer import import_particles
+    from streamem.io.store_url import configure_storage
+
+    configure_storage(s3)
+    url = f"s3://{BUCKET}/w.zarr"
+    store = import_particles(relion[0], url, chunk_size=16, progress=False)
+    with client_for(n_workers=1, threads_per_worker=1) as client:
+        pid, images = client.submit(_worker_reads, url, 16, 32).result(timeout=120)
+    assert pid != os.getpid()
+    np.testing.assert_array_equal(images, store.read_chunk(16, 32).images)
 
 
 def test_remote_output_safety(s3, fsspec_conf, relion, capsys):
@@ -116,7 +138,7 @@ def test_remote_output_safety(s3, fsspec_conf, relion, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "output exists" in err[0], err
     assert main(["import", str(star), url, "--overwrite", *opts]) == 0
-    assert ParticleStore(url).n_particles == 48
+    assert ParticleStore(url).n_particles == 32
 
     fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
     fs.pipe_file(f"{BUCKET}/theirs.zarr/zarr.json", b"{}")  # somebody else's data
