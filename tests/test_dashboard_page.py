@@ -174,6 +174,11 @@ def test_plugin_counts_chunks_and_publishing_never_breaks_the_run(tmp_path, capl
     assert plugin.progress() == {"job": "refine3d", "iteration": 2, "done": 1, "total": 3,
                                  "erred": 0}  # fmt: skip
     assert plugin.state()["run"] is None  # no scheduler: no events
+    first, second = _message("/r", 1, 20.0), _message("/r", 2, 18.0)
+    for message in (first, second):
+        plugin.log_event(dashboard_page.TOPIC, message)
+    assert first["images"] == [] and first["row"]["iteration"] == 1  # the row stays
+    assert len(second["images"]) == 1  # only the newest message keeps its images
 
     class Broken:
         dashboard_link = "http://127.0.0.1:1/status"

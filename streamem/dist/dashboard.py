@@ -19,7 +19,10 @@ How it is wired, with distributed's own extension points:
   counts the E-step's chunk tasks itself, from the scheduler's task transitions
   (``SchedulerPlugin.transition``): keys ``"{job}-estep-itNNN-{start}-{token}"``
   (:func:`streamem.em.engine.run_estep`) seen and finished (state ``memory``; a chunk
-  recomputed after a lost worker counts once).
+  recomputed after a lost worker counts once). The log keeps up to 1000 messages a
+  topic (``distributed.admin.low-level-log-length``); the plugin empties the images of
+  every message but the newest (the page shows only those), so a long class3d run costs
+  the scheduler kilobytes per iteration, not the ~1 MB of its images.
 
 A remote scheduler (``--scheduler``) needs streamem importable in ITS environment:
 the plugin is unpickled and runs there. Without it the job runs as before and logs one

@@ -35,6 +35,7 @@ class DashboardPlugin(SchedulerPlugin):
         self.scheduler = None
         # (job, iteration) -> {"seen": set of keys, "done": set, "erred": set}
         self.esteps: OrderedDict[tuple[str, int], dict[str, set]] = OrderedDict()
+        self.with_images: dict | None = None  # the one message that keeps its images
 
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
@@ -50,6 +51,16 @@ class DashboardPlugin(SchedulerPlugin):
                 (PAGE_PATH + "/state.json", StateHandler, page),
             ],
         )
+
+    def log_event(self, topic: str, msg) -> None:
+        """Keep images (the largest part, up to ~1 MB for class3d at box 128) only in the
+        newest message: the event log holds up to ``distributed.admin.low-level-log-length``
+        (1000) messages a topic, and the page shows only the newest images."""
+        if topic != TOPIC or not isinstance(msg, dict) or "images" not in msg:
+            return
+        previous, self.with_images = self.with_images, msg
+        if previous is not None and previous is not msg:
+            previous["images"], previous["angdist"] = [], None
 
     def transition(self, key, start, finish, *args, **kwargs) -> None:
         if not isinstance(key, str):
