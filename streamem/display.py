@@ -186,10 +186,16 @@ def store_html(store, n_images: int = 8) -> str:
     images = store.read_chunk(0, n).images
 
     def draw(fig):
-        for i, image in enumerate(images):
-            ax = fig.add_subplot(1, n, i + 1)
-            ax.imshow(image, cmap="gray", origin="lower")
-            ax.set_title(str(i), fontsize=7)
-            ax.axis("off")
+        draw_images(fig, images)
 
     return _page("particle store", table(rows), figure_img(draw, (1.0 * n, 1.2)))
+
+
+def draw_images(fig, images: np.ndarray) -> None:
+    """Images ``(n, B, B)`` in one row of ``fig``, numbered (y up, as RELION shows them)."""
+    n = len(images)
+    for i, image in enumerate(images):
+        ax = fig.add_subplot(1, n, i + 1)
+        ax.imshow(image, cmap="gray", origin="lower")
+        ax.set_title(str(i), fontsize=7)
+        ax.axis("off")

@@ -106,6 +106,12 @@ def test_store_renders_its_description_and_first_images(tmp_path):
     assert "<table" in page and "particles" in page and "20" in page
     assert len(_png_sizes(page)) == 1
     assert len(repr(store)) < 300
+    from matplotlib.figure import Figure
+
+    fig = store.plot(Figure(), n_images=5)
+    shown = [ax.images[0].get_array() for ax in fig.axes]
+    assert len(shown) == 5
+    np.testing.assert_array_equal(shown[3], store.read_chunk(0, 5).images[3])
 
 
 def test_repr_html_escapes_paths():

@@ -499,6 +499,17 @@ class ParticleStore:
 
         return store_html(self)  # streamem info's table and the first images
 
+    def plot(self, fig=None, n_images: int = 8):
+        """The first ``n_images`` images in a row of ``fig`` (default: a new pyplot figure)."""
+        from streamem.display import draw_images
+
+        if fig is None:
+            import matplotlib.pyplot as plt
+
+            fig = plt.figure(figsize=(1.0 * n_images, 1.2))
+        draw_images(fig, self.read_chunk(0, min(n_images, self.n_particles)).images)
+        return fig
+
     def __reduce__(self):
         return (ParticleStore, (str(self.path),))
 
