@@ -289,3 +289,32 @@ def test_refine3d_page_in_chromium(cluster_client, tmp_path):
     shot = tmp_path / "page.png"
     _chromium(f"--screenshot={shot}", "--window-size=1280,1600", url, tmp_path=tmp_path)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_class3d_page_in_chromium(cluster_client, tmp_path):
+    """class3d on the page: per-class sections, the class-sizes plot with one line per
+    class, the iteration and the table, as rendered by headless Chromium."""
+    from streamem.em.classify3d import Class3DOptions, classify3d
+
+    store = simulate_particles(tmp_path / "p.zarr", N, box_size=BOX, pixel_size_A=PIXEL, snr=0.3,
+                               seed=4, chunk_size=CHUNK, max_shift_A=3.0)  # fmt: skip
+    ref = lowpass(read_map(truth_volume_paths(store.path)[0])[0], 30.0, PIXEL)
+    options = Class3DOptions(n_classes=2, iterations=2, healpix_order=1, offset_range_px=2.0,
+                             offset_step_px=1.0, seed=0)  # fmt: skip
+    result = classify3d(store, ref, tmp_path / "class3d", options, client=cluster_client)
+    url = page_link(cluster_client)
+    final = json.loads(_get(url + "/state.json"))
+    assert final["job"] == "class3d" and len(final["rows"]) == result.iterations
+    sizes = final["rows"][-1]["class_sizes"]
+    assert len(sizes) == 2 and sum(sizes) == pytest.approx(1.0, abs=1e-3)
+    dom = _chromium("--dump-dom", url, tmp_path=tmp_path).stdout
+    assert f'id="current-iteration">iteration {result.iterations}<' in dom
+    lines = dom.split('<svg id="class-sizes"')[1].split("</svg>")[0]
+    assert lines.count("<polyline") == 2  # one line per class
+    slices = dom.split('<div id="map-slices">')[1].split("</div>")[0]
+    assert slices.count("data:image/png;base64,") == 2 * 3  # three sections per class
+    assert "class 1" in slices and "class 2" in slices
+    shot = tmp_path / "class3d.png"
+    _chromium(f"--screenshot={shot}", "--window-size=1280,1600", url, tmp_path=tmp_path)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
