@@ -450,7 +450,8 @@ def batch_size(
     thread_bytes = memory.thread_memory_bytes(model.memory_per_worker_bytes)
     resident = memory.resident_bytes(n_images, shape.box_size, accumulator_voxels, 1)
     resident += _model_bytes(model)
-    budget = memory.workspace_budget_bytes(thread_bytes, resident)
+    images_bytes = n_images * shape.box_size**2 * 4
+    budget = memory.workspace_budget_bytes(thread_bytes, resident, chunk_images_bytes=images_bytes)
     what = f"box {shape.box_size}, {shape.n_points} Fourier points, {shape.n_orientations} orientations"
     if budget <= 0:
         raise InputError(

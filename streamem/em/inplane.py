@@ -260,7 +260,8 @@ def class2d_batch_size(model: Class2DModel, n_images: int, n_points: int, n_refs
     thread_bytes = memory.thread_memory_bytes(model.memory_per_worker_bytes)
     resident = n_images * model.box_size**2 * 4 + memory.class2d_fixed_bytes(n_points, n_refs)
     resident += math.prod(model.class_images.shape) * 4  # float32 (any namespace)
-    budget = memory.workspace_budget_bytes(thread_bytes, resident)
+    images_bytes = n_images * model.box_size**2 * 4
+    budget = memory.workspace_budget_bytes(thread_bytes, resident, chunk_images_bytes=images_bytes)
     what = f"class2d, box {model.box_size}, {n_points} Fourier points, {n_refs} references"
     if budget <= 0:
         raise InputError(

@@ -7,7 +7,7 @@ and the back-projection buffers grow with images × significant samples × Fouri
 points. So every E-step (refine3d, class3d, class2d) works through its chunk in
 sub-batches of images whose peak, at every stage, stays within a budget:
 
-    budget = min(MAX_WORKSPACE_BYTES, WORKSPACE_FRACTION · memory per thread − resident)
+    budget = min(MAX_WORKSPACE_BYTES − images, WORKSPACE_FRACTION · memory per thread − resident)
 
 ``memory per thread`` is the Dask worker's memory limit over its threads (inside a
 task), ``--memory-per-worker`` over the threads where given, or, on the threaded
@@ -22,7 +22,10 @@ number of significant samples is taken at its cap. ``MAX_WORKSPACE_BYTES`` caps 
 workspace where memory is plentiful: beyond a few dozen images per sub-batch the
 GEMMs run at full speed already (measured, :mod:`streamem.bench.refine_memory`),
 and a bounded working set keeps the worker's peak RSS, and what glibc keeps of it,
-small.
+small. The chunk's images (``images``) count against that cap, so that a task's peak
+is the same for chunks of 256 or 4,096 images (bigger chunks get smaller sub-batches;
+the reduction of the tasks' statistics is bounded the same way: chained tree nodes,
+:func:`streamem.dist.graph.tree_sum`).
 """
 
 from __future__ import annotations
@@ -273,12 +276,19 @@ def local_threads() -> int:
     return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
 
 
-def workspace_budget_bytes(thread_bytes: int, resident: int, capped: bool = True) -> int:
+def workspace_budget_bytes(
+    thread_bytes: int, resident: int, capped: bool = True, chunk_images_bytes: int = 0
+) -> int:
     """E-step workspace of a task: a share of its thread's memory less what is resident,
-    at most ``MAX_WORKSPACE_BYTES`` unless ``capped`` is False (may be ≤ 0: then nothing
-    fits)."""
+    at most ``MAX_WORKSPACE_BYTES`` less the chunk's images (``chunk_images_bytes``, so
+    that images + workspace, and with them the task's peak, do not grow with the chunk
+    size; never below a quarter of the cap) unless ``capped`` is False (may be ≤ 0:
+    then nothing fits)."""
     limit = int(WORKSPACE_FRACTION * thread_bytes - resident)
-    return min(MAX_WORKSPACE_BYTES, limit) if capped else limit
+    if not capped:
+        return limit
+    cap = max(MAX_WORKSPACE_BYTES - chunk_images_bytes, MAX_WORKSPACE_BYTES // 4)
+    return min(cap, limit)
 
 
 def resident_bytes(
