@@ -179,6 +179,15 @@ def mark_output(tmp: Path, final: Path, command: str | None) -> None:
 # -- checks before work ---------------------------------------------------------------
 
 
+def _looks_like_url(path: PathLike) -> bool:
+    """``s3://b/p.zarr``, also after ``Path()`` made it ``s3:/b/p.zarr`` (a first component
+    of two or more letters and a colon: a URL scheme, not a Windows drive)."""
+    text = str(path)
+    first = Path(text).parts[0] if text else ""
+    scheme = re.fullmatch(r"([A-Za-z][A-Za-z0-9+.-]+):", first)
+    return "://" in text or (scheme is not None and scheme[1].lower() != "file")
+
+
 def check_output(
     path: PathLike,
     overwrite: bool = False,
@@ -190,6 +199,8 @@ def check_output(
     exists without ``overwrite``, if it exists but streamem did not write it, or if its
     folder is not writable.
     """
+    if _looks_like_url(path):  # Path() folds s3://b/p.zarr into a local s3:/b/p.zarr
+        raise InputError(path, "a URL output is written only by import (a particle store)")
     path = Path(path)
     check_not_input(path, inputs)
     if path.exists() or path.is_symlink():
