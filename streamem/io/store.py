@@ -15,8 +15,10 @@ A store may live on object storage (``s3://bucket/p.zarr``): :mod:`streamem.io.s
 
 Sharding. A store may keep its arrays in Zarr v3 shards (the sharding codec) of S
 particles, S a multiple of C: ``images`` shards (S, B, B) of inner chunks (C, B, B),
-every field shards (S,) of chunks (C,), so one file (or object) holds S particles and a
-million-particle store is a few thousand files instead of hundreds of thousands.
+every field plain chunks (S,) (one per shard: a field's shard would hold only S small
+values, and zarr reads sub-ranges of sharded 1-D arrays several times slower), so one
+file (or object) per array holds S particles and a million-particle store is a few
+thousand files instead of hundreds of thousands.
 ``create_store(shard_size=S)`` asks for it; stores of more than
 :data:`SHARD_ABOVE_PARTICLES` particles get it by default (:func:`default_shard_size`,
 shards of about 256 MiB of images). The unit of *work* stays the inner chunk: jobs
@@ -227,8 +229,10 @@ def _create_field(grp, label: str, n: int, chunk_size: int, dtype, shard: int | 
     grp.create_array(
         label,
         shape=(n,),
-        chunks=(chunk_size,),
-        shards=(shard,) if shard else None,
+        # a sharded store's fields: plain chunks of a whole shard (S,), as few files as
+        # shards and aligned with the writers' shards; zarr reads sub-ranges of a sharded
+        # 1-D array several times slower, and a field's shard would be only S values
+        chunks=(shard or chunk_size,),
         dtype=dt,
         fill_value=fill,
         compressors=_compressors(),
