@@ -15,7 +15,7 @@ from streamem.errors import InputError
 def test_tiny_out_of_core_pass(tmp_path, capsys):
     out = tmp_path / "r.json"
     argv = ["bench", "out-of-core", "--target-gb", "0.001", "--box", "16", "--small", "100"]
-    argv += ["--chunk-size", "128", "--shard-size", "256", "--pixel-size", "8"]
+    argv += ["--chunk-size", "128", "--shard-size", "256", "--angpix", "8"]
     argv += ["--n-workers", "1", "--workdir", str(tmp_path), "--json", str(out)]
     assert main(argv) == 0
     report = json.loads(out.read_text())

@@ -45,7 +45,7 @@ def register_bench(bench_sub) -> None:
     )
     p.add_argument("--target-gb", type=float, default=None, help="store size (default 2x RAM)")
     p.add_argument("--box", type=int, default=128)
-    p.add_argument("--pixel-size", type=float, default=3.59, help="Å")
+    p.add_argument("--angpix", dest="pixel_size", type=float, default=3.59, help="Å")
     p.add_argument("--small", type=int, default=5000, help="particles of the in-memory store")
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--shard-size", type=int, default=4096)
