@@ -65,8 +65,12 @@ CLI_ONLY = {
 
 #: Execution options of the hand-written verbs: they take a ``distributed.Client``
 #: (``client=``) instead, made as the user likes (LocalCluster, a scheduler address, ...).
+#: ``--storage-options`` is fsspec's configuration of store URLs: in Python, call
+#: :func:`streamem.io.store_url.configure_storage_options` once (or set fsspec's own
+#: configuration), then pass ``"s3://bucket/p.zarr"`` or a ParticleStore of it.
 EXECUTION_OPTIONS = frozenset(
     {
+        "storage_options",
         "scheduler",
         "scheduler_timeout",
         "tls_ca_file",

@@ -51,6 +51,7 @@ from streamem.em import runfiles
 from streamem.errors import InputError
 from streamem.io import atomic, runlock
 from streamem.io.store import ParticleStore
+from streamem.io.store_url import is_url
 
 log = logging.getLogger("streamem")
 
@@ -144,7 +145,9 @@ def store_identity(store: ParticleStore) -> dict:
             digest.update(f"{label}:{values.dtype.str}:".encode())
             digest.update(values.tobytes())
     return {
-        "path": str(Path(store.path).resolve()),
+        # a URL (io.store_url.StoreURL) is its own identity; Path() would fold s3:// into
+        # a local path under the working folder
+        "path": str(store.path) if is_url(store.path) else str(Path(store.path).resolve()),
         "n_particles": store.n_particles,
         "box_size": store.box_size,
         "pixel_size_A": store.pixel_size_A,
