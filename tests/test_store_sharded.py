@@ -10,6 +10,7 @@ from __future__ import annotations
 import dask
 import numpy as np
 import pytest
+from _relion_data import image_of, make_dataset
 
 from streamem.errors import InputError
 from streamem.io.importer import import_particles
@@ -19,7 +20,6 @@ from streamem.io.store import (
     create_store,
     default_shard_size,
 )
-from tests._relion_data import image_of, make_dataset
 
 N, BOX, CHUNK, SHARD = 300, 16, 20, 60
 
