@@ -3,9 +3,10 @@
 :func:`run_chunks` is the per-iteration graph of refine3d, class3d and class2d
 (:mod:`streamem.em.engine`): the shared model is broadcast to the workers once
 (:func:`broadcast`), one task per store chunk runs the job's chunk task, the returned
-statistics are tree-summed (:func:`streamem.dist.graph.tree_sum`, with ``split_every``
-lowered for big statistics by :func:`~streamem.dist.graph.split_every_for`; on a local
-cluster big statistics are folded here instead, :func:`fold_here`) and computed (:func:`compute`: on a ``distributed.Client``, or on Dask's threaded
+statistics are tree-summed (:func:`streamem.dist.graph.tree_sum`; big statistics with
+chained nodes, so a worker holds at most two of them for the sum, whatever the number
+of chunks) and
+computed (:func:`compute`: on a ``distributed.Client``, or on Dask's threaded
 scheduler without one, optionally with a progress bar). A worker that died repeatedly
 (``KilledWorker``) becomes one :class:`~streamem.errors.InputError` line that the
 caller words.
@@ -43,7 +44,6 @@ knows nothing of what the tasks compute.
 
 from __future__ import annotations
 
-import operator
 import sys
 import uuid
 import warnings
@@ -52,7 +52,7 @@ from typing import Any
 
 import dask
 
-from streamem.dist.graph import map_chunks, split_every_for, tree_sum
+from streamem.dist.graph import CHAIN_BYTES, map_chunks, tree_sum
 from streamem.errors import InputError
 
 
@@ -136,59 +136,19 @@ def run_chunks(
 
     bounds: (start, stop) per chunk; args: small values (paths, numbers); shared: one
     object every task reads (the model), broadcast once (None: passed as None). item_bytes: the size of one
-    task's result, to lower the tree's fan-in (:func:`split_every_for`). killed_message:
+    task's result: from :data:`~streamem.dist.graph.CHAIN_BYTES` on, the tree's nodes
+    are chained (two inputs per sum task: peak memory of the reduction independent of
+    the chunk count; measured at box 128: :mod:`streamem.bench.refine_memory`). killed_message:
     if given, a ``KilledWorker`` (a worker died repeatedly running a task, usually out
     of memory) raises ``InputError(None, killed_message)`` instead; the caller says
     what the user can do.
     """
     shared = broadcast(shared, client) if shared is not None else None
     parts = map_chunks(task, bounds, *args, shared, name=name)
+    graph = tree_sum(parts, split_every, name=f"{name}-sum", chained=item_bytes >= CHAIN_BYTES)
     try:
-        if item_bytes >= FOLD_HERE_BYTES and _is_local(client):
-            return fold_here(parts, client, progress, desc=name)
-        fan_in = split_every_for(item_bytes, split_every)
-        return compute(tree_sum(parts, fan_in, name=f"{name}-sum"), client, progress)
+        return compute(graph, client, progress)
     except Exception as exc:
         if killed_message is None or type(exc).__name__ != "KilledWorker":
             raise
         raise InputError(None, killed_message) from None
-
-
-#: Task results at least this big are folded by the client on a local cluster.
-FOLD_HERE_BYTES = 32 * 2**20
-
-
-def _is_local(client) -> bool:
-    """A cluster this process started on this machine (results cross no network)."""
-    from distributed import LocalCluster
-
-    return client is not None and isinstance(getattr(client, "cluster", None), LocalCluster)
-
-
-def fold_here(parts, client, progress: bool = False, desc: str = "chunks") -> Any:
-    """``parts[0] + parts[1] + ...`` added here, in chunk order, as the tasks finish.
-
-    Why: a worker runs one E-step at a time, so a tree's sum task waits behind the
-    E-step running on its worker while the finished statistics it needs stay in memory
-    there (at box 128, ~200 MB each); with many chunks per worker they pile up
-    (measured: a worker at 2.6 GiB with chunks of 256, 1.2 GiB with chunks of 4,096,
-    ``streamem bench refine-memory``). Fetched in order and released at once, a
-    worker holds at most the statistics it has just finished (and one finished out of
-    order), whatever the number of chunks; this process holds the running total and one
-    input, which the M-step needs here anyway. The order is fixed (chunk order), so the
-    sum is the same whichever workers ran what. Only on a local cluster: on a remote
-    one the tree sum keeps the statistics off the network to this process.
-    """
-    from streamem.dist.progress import chunk_bar
-
-    futures = client.compute(list(parts))
-    total = None
-    with chunk_bar(len(futures), desc, enabled=progress) as bar:
-        for i, future in enumerate(futures):
-            part = future.result()
-            futures[i] = None  # the worker frees it once no future refers to it
-            future.release()
-            # the first part is this process's own copy: adding into it in place is safe
-            total = part if total is None else operator.iadd(total, part)
-            bar.update(1)
-    return total
