@@ -186,30 +186,12 @@ def test_cli_refuses_before_iteration_1(data, tmp_path, capsys):
     assert "not a size" in capsys.readouterr().err
 
 
-def test_chained_tree_sum_is_the_same_sum_with_two_inputs_per_task():
-    """Big statistics are reduced with chained nodes: the same additions in the same
-    order as the plain tree (bit-identical), but no sum task takes more than two inputs,
-    so a worker never gathers a node's inputs at once."""
-    import dask
+def test_split_every_is_lowered_for_big_statistics():
+    from streamem.dist.graph import split_every_for
 
-    from streamem.dist.graph import tree_sum
-
-    rng = np.random.default_rng(0)
-    values = [rng.standard_normal(1000).astype(np.float32) for _ in range(21)]
-    parts = [dask.delayed(v.copy)() for v in values]
-    plain = tree_sum(parts, 8, name="plain")
-    chained = tree_sum(parts, 8, name="chain", chained=True)
-    a, b = dask.compute(plain, chained, scheduler="sync")
-    np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(a, np.sum(values, axis=0), rtol=1e-5, atol=1e-5)
-    graph = dict(chained.__dask_graph__())
-    sums = [k for k in graph if str(k).startswith("chain-")]
-    assert len(sums) == 20  # one two-input task per addition
-    for key in sums:
-        assert len(chained.dask.dependencies[key]) <= 2
-    assert (
-        max(len(plain.dask.dependencies[k]) for k in plain.dask if str(k).startswith("plain-")) == 8
-    )
+    assert split_every_for(10 * 2**20) == 8
+    assert split_every_for(200 * 10**6) == 2  # refine3d at box 128
+    assert split_every_for(2 * 2**30) == 2
 
 
 def test_a_worker_killed_mid_iteration_stops_the_run_with_one_line(tmp_path):

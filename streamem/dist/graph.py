@@ -25,50 +25,36 @@ def _sum_many(*parts):
     return total
 
 
-def tree_sum(
-    parts: Sequence[Delayed], split_every: int = 8, name: str = "reduce", chained: bool = False
-) -> Delayed:
+def tree_sum(parts: Sequence[Delayed], split_every: int = 8, name: str = "reduce") -> Delayed:
     """Sum delayed values in a tree whose nodes take ``split_every`` inputs.
 
     Order is preserved (left to right), so the result does not depend on timing.
-    ``chained``: each node is a left fold of two-input sums (``((a + b) + c) + ...``)
-    instead of one task over all its inputs: the same additions in the same order (the
-    same bits), but a sum task needs only two inputs on one worker and each input is
-    freed as soon as it is added, so a worker never gathers a node's ``split_every``
-    inputs at once. For big items (refine3d's statistics at a full box are ~200 MB)
-    that bounds the memory of the reduction whatever the number of chunks; the folds
-    add ``split_every − 1`` cheap sequential steps per level.
     """
     if split_every < 2:
         raise ValueError(f"split_every must be at least 2 (got {split_every})")
     if not parts:
         raise ValueError("nothing to reduce")
     level = list(parts)
-    token = dask.base.tokenize(*[p.key for p in level], chained)[:12]
+    token = dask.base.tokenize(*[p.key for p in level])[:12]
     depth = 0
     while len(level) > 1:
-        nodes = []
-        for i in range(0, len(level), split_every):
-            group = level[i : i + split_every]
-            key = f"{name}-{depth}-{i}-{token}"
-            if len(group) == 1:
-                nodes.append(group[0])
-            elif not chained:
-                nodes.append(dask.delayed(_sum_many, pure=True)(*group, dask_key_name=key))
-            else:
-                total = group[0]
-                for j, part in enumerate(group[1:], start=1):
-                    total = dask.delayed(_sum_many, pure=True)(
-                        total, part, dask_key_name=f"{key}-{j}"
-                    )
-                nodes.append(total)
-        level = nodes
+        level = [
+            dask.delayed(_sum_many, pure=True)(
+                *level[i : i + split_every], dask_key_name=f"{name}-{depth}-{i}-{token}"
+            )
+            if len(level[i : i + split_every]) > 1
+            else level[i]
+            for i in range(0, len(level), split_every)
+        ]
         depth += 1
     return level[0]
 
 
-#: Results at least this big are reduced with chained nodes (:func:`tree_sum`).
-CHAIN_BYTES = 32 * 2**20
+def split_every_for(item_bytes: int, split_every: int = 8, node_bytes: int = 512 * 2**20) -> int:
+    """Inputs per reduction node for items of ``item_bytes``: ``split_every``, lowered
+    (to at least 2) so that a node's inputs fit ``node_bytes`` (512 MiB: at box 128 a
+    refine3d statistics object is 200 MB, and a node holds its inputs and a total)."""
+    return int(max(2, min(split_every, node_bytes // max(1, item_bytes))))
 
 
 def map_chunks(

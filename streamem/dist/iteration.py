@@ -3,9 +3,8 @@
 :func:`run_chunks` is the per-iteration graph of refine3d, class3d and class2d
 (:mod:`streamem.em.engine`): the shared model is broadcast to the workers once
 (:func:`broadcast`), one task per store chunk runs the job's chunk task, the returned
-statistics are tree-summed (:func:`streamem.dist.graph.tree_sum`; big statistics with
-chained nodes, so a worker holds at most two of them for the sum, whatever the number
-of chunks) and
+statistics are tree-summed (:func:`streamem.dist.graph.tree_sum`, with ``split_every``
+lowered for big statistics by :func:`~streamem.dist.graph.split_every_for`) and
 computed (:func:`compute`: on a ``distributed.Client``, or on Dask's threaded
 scheduler without one, optionally with a progress bar). A worker that died repeatedly
 (``KilledWorker``) becomes one :class:`~streamem.errors.InputError` line that the
@@ -52,7 +51,7 @@ from typing import Any
 
 import dask
 
-from streamem.dist.graph import CHAIN_BYTES, map_chunks, tree_sum
+from streamem.dist.graph import map_chunks, split_every_for, tree_sum
 from streamem.errors import InputError
 
 
@@ -136,16 +135,15 @@ def run_chunks(
 
     bounds: (start, stop) per chunk; args: small values (paths, numbers); shared: one
     object every task reads (the model), broadcast once (None: passed as None). item_bytes: the size of one
-    task's result: from :data:`~streamem.dist.graph.CHAIN_BYTES` on, the tree's nodes
-    are chained (two inputs per sum task: peak memory of the reduction independent of
-    the chunk count; measured at box 128: :mod:`streamem.bench.refine_memory`). killed_message:
+    task's result, to lower the tree's fan-in (:func:`split_every_for`). killed_message:
     if given, a ``KilledWorker`` (a worker died repeatedly running a task, usually out
     of memory) raises ``InputError(None, killed_message)`` instead; the caller says
     what the user can do.
     """
     shared = broadcast(shared, client) if shared is not None else None
     parts = map_chunks(task, bounds, *args, shared, name=name)
-    graph = tree_sum(parts, split_every, name=f"{name}-sum", chained=item_bytes >= CHAIN_BYTES)
+    fan_in = split_every_for(item_bytes, split_every)
+    graph = tree_sum(parts, fan_in, name=f"{name}-sum")
     try:
         return compute(graph, client, progress)
     except Exception as exc:
