@@ -45,6 +45,18 @@ def add_old_spelling(p, action: argparse.Action, *old: str) -> None:
     )
 
 
+def add_shard_size_option(p) -> None:
+    """``--shard-size N`` of the commands that write a store (import, simulate)."""
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="particles per Zarr shard, a multiple of the chunk size (0: unsharded; "
+        "default: ~256 MiB shards above 100,000 particles)",
+    )
+
+
 def add_threads_option(p, help: str) -> None:
     """``--n-workers N`` of the I/O commands (import, export, simulate, ctf, pick,
     extract): threads of this process (dest ``workers``; old ``--workers``, ``-j``)."""

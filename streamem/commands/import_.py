@@ -13,7 +13,12 @@ from __future__ import annotations
 import time
 
 from streamem import validate as check
-from streamem.commands.execution import add_scheduler_options, add_threads_option, scheduler_client
+from streamem.commands.execution import (
+    add_scheduler_options,
+    add_shard_size_option,
+    add_threads_option,
+    scheduler_client,
+)
 from streamem.io.importer import import_particles
 
 
@@ -30,14 +35,7 @@ def register(sub) -> None:
     p.add_argument(
         "--chunk-size", type=int, default=None, help="particles per store chunk (default ~64 MiB)"
     )
-    p.add_argument(
-        "--shard-size",
-        type=int,
-        default=None,
-        metavar="N",
-        help="particles per Zarr shard, a multiple of the chunk size (0: unsharded; "
-        "default: ~256 MiB shards above 100,000 particles)",
-    )
+    add_shard_size_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument(
         "--require-ctf", action="store_true", help="fail if the STAR file has no CTF parameters"

@@ -16,6 +16,7 @@ from streamem import validate as check
 from streamem.commands.execution import (
     add_old_spelling,
     add_scheduler_options,
+    add_shard_size_option,
     add_threads_option,
     scheduler_client,
 )
@@ -137,14 +138,7 @@ def register(sub) -> None:
     p.add_argument("--max-shift", type=float, default=3.0, help="max shift in A (default 3)")
     p.add_argument("--no-ctf", action="store_true", help="no CTF (and no CTF fields)")
     p.add_argument("--chunk-size", type=int, default=None, help="particles per store chunk")
-    p.add_argument(
-        "--shard-size",
-        type=int,
-        default=None,
-        metavar="N",
-        help="particles per Zarr shard, a multiple of the chunk size (0: unsharded; "
-        "default: ~256 MiB shards above 100,000 particles)",
-    )
+    add_shard_size_option(p)
     p.add_argument(
         "--particles-per-micrograph", type=int, default=100, help="particles sharing a defocus"
     )
