@@ -183,7 +183,8 @@ def _looks_like_url(path: PathLike) -> bool:
     """``s3://b/p.zarr``, also after ``Path()`` made it ``s3:/b/p.zarr`` (a first component
     of two or more letters and a colon: a URL scheme, not a Windows drive)."""
     text = str(path)
-    first = Path(text).parts[0] if text else ""
+    parts = Path(text).parts  # () for "." and ""
+    first = parts[0] if parts else ""
     scheme = re.fullmatch(r"([A-Za-z][A-Za-z0-9+.-]+):", first)
     return "://" in text or (scheme is not None and scheme[1].lower() != "file")
 
