@@ -22,10 +22,10 @@ number of significant samples is taken at its cap. ``MAX_WORKSPACE_BYTES`` caps 
 workspace where memory is plentiful: beyond a few dozen images per sub-batch the
 GEMMs run at full speed already (measured, :mod:`streamem.bench.refine_memory`),
 and a bounded working set keeps the worker's peak RSS, and what glibc keeps of it,
-small. The chunk's images (``images``) count against that cap, so that a task's peak
-is the same for chunks of 256 or 4,096 images (bigger chunks get smaller sub-batches;
-the reduction of the tasks' statistics is bounded the same way: chained tree nodes,
-:func:`streamem.dist.graph.tree_sum`).
+small. The chunk's images (``images``) count against that cap, so that a task's own
+peak does not grow with the chunk size (bigger chunks get smaller sub-batches). Not
+bounded here: finished statistics a worker holds until their tree-sum task runs
+(measured to grow with the number of chunks at box 128; see issue 15's notes).
 """
 
 from __future__ import annotations
