@@ -23,9 +23,11 @@ workspace where memory is plentiful: beyond a few dozen images per sub-batch the
 GEMMs run at full speed already (measured, :mod:`streamem.bench.refine_memory`),
 and a bounded working set keeps the worker's peak RSS, and what glibc keeps of it,
 small. The chunk's images (``images``) count against that cap, so that a task's own
-peak does not grow with the chunk size (bigger chunks get smaller sub-batches). Not
-bounded here: finished statistics a worker holds until their tree-sum task runs
-(measured to grow with the number of chunks at box 128; see issue 15's notes).
+peak does not grow with the chunk size (bigger chunks get smaller sub-batches).
+Finished statistics waiting for their tree-sum task are bounded by the scheduler, not
+here: the chunk tasks are queued on the scheduler (root-ish, :mod:`streamem.dist.iteration`),
+so a cluster holds a few partial sums (``split_every`` per tree level), whatever the
+number of chunks.
 """
 
 from __future__ import annotations
