@@ -169,7 +169,7 @@ def test_plugin_counts_chunks_and_publishing_never_breaks_the_run(tmp_path, capl
         plugin.transition(f"refine3d-estep-it002-{start}-{token}", "released", "waiting",
                           stimulus_id="s")  # fmt: skip
     plugin.transition(f"refine3d-estep-it002-0-{token}", "processing", "memory", stimulus_id="s")
-    plugin.transition(f"refine3d-estep-it002-sum-0-0-{token}", "processing", "memory")
+    plugin.transition(f"statistics-sum-refine3d-estep-it002-0-0-{token}", "processing", "memory")
     plugin.transition(("refine3d-estep-it002", 0), "processing", "memory")
     assert plugin.progress() == {"job": "refine3d", "iteration": 2, "done": 1, "total": 3,
                                  "erred": 0}  # fmt: skip

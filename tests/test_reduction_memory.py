@@ -12,6 +12,7 @@ import pytest
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from streamem.dist.graph import map_chunks, tree_sum
 from streamem.dist.iteration import run_chunks
 
 ITEM_BYTES = 256 * 2**20  # as big as box-128 statistics: a fan-in of 2
@@ -76,3 +77,11 @@ def test_chunk_results_held_do_not_grow_with_the_number_of_chunks(n_chunks):
     assert max_queued > n_chunks // 2, "chunk tasks were handed to workers up front"
     # two threads, fan-in 2: a few leaves waiting for their sibling; not a share of N
     assert 2 <= max_held <= 6, max_held
+
+
+def test_tree_sum_refuses_a_name_in_the_parts_task_group():
+    parts = map_chunks(_chunk, [(0, 1), (1, 2)], {"scale": 1.0}, name="refine3d-estep-it001")
+    # the name run_chunks used to give: key_split puts the sums among the chunks
+    with pytest.raises(ValueError, match="task group"):
+        tree_sum(parts, 2, name="refine3d-estep-it001-sum")
+    assert tree_sum(parts, 2, name="statistics-sum-refine3d-estep-it001").compute()[0] == 1.0

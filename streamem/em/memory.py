@@ -26,8 +26,8 @@ small. The chunk's images (``images``) count against that cap, so that a task's 
 peak does not grow with the chunk size (bigger chunks get smaller sub-batches).
 Finished statistics waiting for their tree-sum task are bounded by the scheduler, not
 here: the chunk tasks are queued on the scheduler (root-ish, :mod:`streamem.dist.iteration`),
-so a cluster holds a few partial sums (``split_every`` per tree level), whatever the
-number of chunks.
+so a cluster holds a few finished chunks per tree level and thread, whatever the
+number of chunks (:func:`streamem.dist.graph.tree_sum`).
 """
 
 from __future__ import annotations
