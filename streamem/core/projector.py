@@ -31,6 +31,7 @@ same layout (complex128 / float64).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -71,6 +72,23 @@ def half_cube_shape(radius_padded: int) -> tuple[int, int, int]:
 def radius_of_half_cube(shape) -> int:
     """Inverse of :func:`half_cube_shape`."""
     return int(shape[-1]) - 2
+
+
+@functools.lru_cache(maxsize=4)
+def half_cube_reach(shape: tuple[int, int, int]) -> np.ndarray:
+    """``(D, D, R + 2)`` bool, read-only: the voxels of a half cube that trilinear
+    insertion of points with ``|k| <= R`` can reach, ``|voxel| <= R + 2`` (a point's
+    eight neighbours lie within ``sqrt(3)`` of it). The rest of the cube (about 47% of
+    it) stays zero in every accumulator, so statistics leave an E-step task holding
+    these voxels only (:meth:`streamem.em.statistics.SufficientStatistics.compact`)."""
+    R = radius_of_half_cube(shape)
+    z = np.arange(shape[0]) - (R + 1)
+    y = np.arange(shape[1]) - (R + 1)
+    x = np.arange(shape[2])
+    r2 = z[:, None, None] ** 2 + y[None, :, None] ** 2 + x[None, None, :] ** 2
+    reach = r2 <= (R + 2) ** 2
+    reach.flags.writeable = False
+    return reach
 
 
 @dataclass(frozen=True, eq=False)

@@ -61,10 +61,13 @@ def tree_sum(parts: Sequence[Delayed], split_every: int = 8, name: str = "reduce
     return level[0]
 
 
-def split_every_for(item_bytes: int, split_every: int = 8, node_bytes: int = 512 * 2**20) -> int:
+def split_every_for(item_bytes: int, split_every: int = 8, node_bytes: int = 256 * 2**20) -> int:
     """Inputs per reduction node for items of ``item_bytes``: ``split_every``, lowered
-    (to at least 2) so that a node's inputs fit ``node_bytes`` (512 MiB: at box 128 a
-    refine3d statistics object is 200 MB, and a node holds its inputs and a total)."""
+    (to at least 2) so that a node's inputs fit ``node_bytes``. 256 MiB: at box 128 a
+    refine3d statistics object is 105 MB, so nodes sum pairs. For big items fan-in 2
+    is the least memory: while parts arrive in order, a tree of n parts holds up to
+    (f - 1) parts waiting per level, (f - 1) log_f(n) in all, smallest at f = 2 (the
+    number of additions, n - 1, is the same for any f)."""
     return int(max(2, min(split_every, node_bytes // max(1, item_bytes))))
 
 

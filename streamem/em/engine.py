@@ -33,7 +33,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from streamem.core.masks import soft_sphere
-from streamem.core.projector import half_cube_shape, make_projector, padded_radius
+from streamem.core.projector import (
+    half_cube_reach,
+    half_cube_shape,
+    make_projector,
+    padded_radius,
+)
 from streamem.dist.dashboard import publish_iteration
 from streamem.dist.device import model_on_device
 from streamem.dist.graph import map_chunks, tree_sum
@@ -210,7 +215,7 @@ def run_estep(
         if prev_iteration
         else "no iteration is complete yet: rerun without --continue"
     )
-    return run_chunks(
+    stats = run_chunks(
         chunk_task,
         store.chunk_bounds(),
         str(store.path),
@@ -230,10 +235,12 @@ def run_estep(
             f"or fewer threads per worker); {resume}"
         ),
     )
+    return stats.expanded()  # the tasks' packed accumulators as whole half cubes
 
 
 def statistics_bytes(model) -> int:
-    """Bytes of one task's returned statistics (single-precision accumulators).
+    """Bytes of one task's returned statistics (single-precision accumulators of the
+    reachable voxels, :meth:`~streamem.em.statistics.SufficientStatistics.compact`).
 
     3D models (``projectors``): two accumulators (random halves) per class; with
     ``references_per_half`` (refine3d) the projectors already count the halves.
@@ -242,10 +249,8 @@ def statistics_bytes(model) -> int:
     projectors = getattr(model, "projectors", None)
     if projectors:
         n_acc = len(projectors) if model.references_per_half else 2 * len(projectors)
-        voxels = math.prod(
-            half_cube_shape(padded_radius(model.max_radius_px, projectors[0].padding_factor))
-        )
-        return 12 * n_acc * voxels
+        grid = half_cube_shape(padded_radius(model.max_radius_px, projectors[0].padding_factor))
+        return 12 * n_acc * int(np.count_nonzero(half_cube_reach(grid)))
     class_images = getattr(model, "class_images", None)
     if class_images is not None:
         return 12 * class_images.size

@@ -4,14 +4,18 @@ Everything here is an unnormalised sum, so ``a + b`` is associative and the
 reduction tree's shape (chunking, number of workers) does not change the result
 beyond float rounding. The M-step normalises once at the end.
 
-Precision: an E-step task accumulates its back-projections in complex128/float64
-(the trilinear scatter-add needs them), then hands back :meth:`compact` statistics
-with complex64/float32 accumulators: at box 128 (2x-padded half cube of radius 126,
-both halves) that is 200 MB per task result instead of 400 MB, and the reduction
-holds ``split_every`` of them at once. Single precision keeps ~7 significant digits
+Precision and size: an E-step task accumulates its back-projections in
+complex128/float64 (the trilinear scatter-add needs them), then hands back
+:meth:`compact` statistics: complex64/float32 accumulators holding only the voxels
+that insertion can reach (:func:`streamem.core.projector.half_cube_reach`, 53% of the
+half cube). At box 128 (2x-padded half cube of radius 126, both halves) a task's
+result is then 105 MB instead of 200 MB (single precision, whole cube) or 400 MB
+(double), and the reduction holds a few of them per worker (``split_every`` per
+node, a node per tree level waiting). Single precision keeps ~7 significant digits
 of each voxel's sum, far below the noise of any reconstruction (the maps from
 float32- and float64-reduced statistics agree to ~1e-6 relative,
-tests/test_estep_batching.py); the M-step works in double precision on its copy.
+tests/test_estep_batching.py); the M-step gets the whole cube back
+(:meth:`expanded`) and works in double precision on its copy.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
+from streamem.core.projector import half_cube_reach
 from streamem.em.phases import add_seconds
 
 
@@ -42,6 +47,9 @@ class SufficientStatistics:
     phase_seconds: {phase: s}      seconds per E-step phase, summed over tasks
                                    (:mod:`streamem.em.phases`; not a statistic of the data)
     coarse_flops: float            FLOPs of the coarse pass's GEMMs
+    grid_shape:   the half cube's shape when the accumulators are packed (:meth:`compact`):
+                  then data_acc, weight_acc are (2K, V) over the cube's reachable voxels
+                  (:func:`~streamem.core.projector.half_cube_reach`); None: not packed
     """
 
     data_acc: np.ndarray
@@ -57,6 +65,7 @@ class SufficientStatistics:
     class_weight: np.ndarray | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
     coarse_flops: float = 0.0
+    grid_shape: tuple[int, int, int] | None = None
 
     @classmethod
     def empty(cls, grid_shape, n_optics_groups: int, n_shells: int, n_classes: int = 1):
@@ -74,16 +83,47 @@ class SufficientStatistics:
         return int(self.data_acc.nbytes + self.weight_acc.nbytes)
 
     def compact(self) -> SufficientStatistics:
-        """The same sums with complex64/float32 accumulators (module docstring)."""
-        return replace(
-            self,
-            data_acc=self.data_acc.astype(np.complex64, copy=False),
-            weight_acc=self.weight_acc.astype(np.float32, copy=False),
-        )
+        """The same sums with complex64/float32 accumulators, and half cubes packed to
+        their reachable voxels (module docstring); (K, M) class2d rows stay as they are.
+        An accumulator at a time, so the double-precision copy of a packed row is the
+        only temporary."""
+        if self.grid_shape is not None or self.data_acc.ndim != 4:
+            return replace(
+                self,
+                data_acc=self.data_acc.astype(np.complex64, copy=False),
+                weight_acc=self.weight_acc.astype(np.float32, copy=False),
+            )
+        grid = tuple(int(n) for n in self.data_acc.shape[1:])
+        reach = half_cube_reach(grid)
+        shape = (self.data_acc.shape[0], int(np.count_nonzero(reach)))
+        data, weight = np.empty(shape, np.complex64), np.empty(shape, np.float32)
+        for a in range(shape[0]):
+            data[a] = self.data_acc[a][reach]
+            weight[a] = self.weight_acc[a][reach]
+        return replace(self, data_acc=data, weight_acc=weight, grid_shape=grid)
+
+    def expanded(self) -> SufficientStatistics:
+        """Packed statistics (:meth:`compact`) with whole half cubes again (zero beyond
+        the reachable voxels); unpacked ones as they are."""
+        if self.grid_shape is None:
+            return self
+        reach = half_cube_reach(self.grid_shape)
+        data = np.zeros((self.data_acc.shape[0], *self.grid_shape), self.data_acc.dtype)
+        weight = np.zeros((self.weight_acc.shape[0], *self.grid_shape), self.weight_acc.dtype)
+        data[:, reach] = self.data_acc
+        weight[:, reach] = self.weight_acc
+        return replace(self, data_acc=data, weight_acc=weight, grid_shape=None)
+
+    def _check_layout(self, other: SufficientStatistics) -> None:
+        if self.grid_shape != other.grid_shape:
+            raise ValueError(
+                f"statistics of different layouts: {self.grid_shape} and {other.grid_shape}"
+            )
 
     def __iadd__(self, other: SufficientStatistics) -> SufficientStatistics:
         """In place: the reduction adds into one total instead of a new one per input.
         Its seconds count as phase "reduction" of the total."""
+        self._check_layout(other)
         t0 = time.perf_counter()
         self.data_acc += other.data_acc
         self.weight_acc += other.weight_acc
@@ -104,6 +144,7 @@ class SufficientStatistics:
         return self
 
     def __add__(self, other: SufficientStatistics) -> SufficientStatistics:
+        self._check_layout(other)
         t0 = time.perf_counter()
         total = SufficientStatistics(
             data_acc=self.data_acc + other.data_acc,
@@ -119,6 +160,7 @@ class SufficientStatistics:
             class_weight=self.class_weight + other.class_weight,
             phase_seconds=add_seconds(self.phase_seconds, other.phase_seconds),
             coarse_flops=self.coarse_flops + other.coarse_flops,
+            grid_shape=self.grid_shape,
         )
         total.phase_seconds["reduction"] = (
             total.phase_seconds.get("reduction", 0.0) + time.perf_counter() - t0
