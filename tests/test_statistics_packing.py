@@ -5,6 +5,7 @@ statistics, summed and expanded, equal the whole-cube sums exactly."""
 
 import numpy as np
 import pytest
+from _estep_data import refine_model, simulated_chunk
 
 from streamem.core.backprojector import empty_accumulators, insert_points
 from streamem.core.euler import euler_to_matrix
@@ -12,8 +13,6 @@ from streamem.core.fourier import image_fourier_coords
 from streamem.core.projector import half_cube_reach, half_cube_shape, padded_radius
 from streamem.em.estep import expectation
 from streamem.em.statistics import SufficientStatistics
-
-from _estep_data import refine_model, simulated_chunk
 
 BOX, PIXEL = 24, 4.5
 
