@@ -11,6 +11,7 @@ from streamem.core.backprojector import empty_accumulators, insert_points
 from streamem.core.euler import euler_to_matrix
 from streamem.core.fourier import image_fourier_coords
 from streamem.core.projector import half_cube_reach, half_cube_shape, padded_radius
+from streamem.em.engine import statistics_bytes
 from streamem.em.estep import expectation
 from streamem.em.statistics import SufficientStatistics
 
@@ -56,6 +57,7 @@ def test_packed_statistics_sum_and_expand_to_the_whole_cube_sums(tmp_path):
     assert all(p.grid_shape is not None and p.data_acc.ndim == 2 for p in parts)
     assert whole[0].data_acc.dtype == np.complex64 and whole[0].data_acc.ndim == 4
     assert parts[0].nbytes < 0.7 * whole[0].nbytes
+    assert statistics_bytes(model) == parts[0].nbytes  # what the reduction's fan-in is sized by
     total = (parts[0] + parts[1]).expanded()
     reference = whole[0] + whole[1]
     np.testing.assert_array_equal(total.data_acc, reference.data_acc)

@@ -64,7 +64,7 @@ def tree_sum(parts: Sequence[Delayed], split_every: int = 8, name: str = "reduce
 def split_every_for(item_bytes: int, split_every: int = 8, node_bytes: int = 256 * 2**20) -> int:
     """Inputs per reduction node for items of ``item_bytes``: ``split_every``, lowered
     (to at least 2) so that a node's inputs fit ``node_bytes``. 256 MiB: at box 128 a
-    refine3d statistics object is 105 MB, so nodes sum pairs. For big items fan-in 2
+    refine3d statistics object is 106 MB, so nodes sum pairs. For big items fan-in 2
     is the least memory: while parts arrive in order, a tree of n parts holds up to
     (f - 1) parts waiting per level, (f - 1) log_f(n) in all, smallest at f = 2 (the
     number of additions, n - 1, is the same for any f)."""

@@ -29,7 +29,7 @@ here: the chunk tasks are queued on the scheduler (root-ish, :mod:`streamem.dist
 so a cluster holds a few finished chunks per tree level and thread, whatever the
 number of chunks (:func:`streamem.dist.graph.tree_sum`), and each of them is small: a
 task returns single-precision accumulators packed to the voxels insertion can reach
-(:meth:`streamem.em.statistics.SufficientStatistics.compact`, 105 MB at box 128), and
+(:meth:`streamem.em.statistics.SufficientStatistics.compact`, 106 MB at box 128), and
 big ones are summed in pairs (:func:`streamem.dist.graph.split_every_for`). Measured
 at box 128 (``streamem bench refine-memory --iterations 4``, 5,000 particles, 2
 workers): the final join's worker peaks were 1.50/1.61 GiB with chunks of 256, against

@@ -9,7 +9,7 @@ complex128/float64 (the trilinear scatter-add needs them), then hands back
 :meth:`compact` statistics: complex64/float32 accumulators holding only the voxels
 that insertion can reach (:func:`streamem.core.projector.half_cube_reach`, 53% of the
 half cube). At box 128 (2x-padded half cube of radius 126, both halves) a task's
-result is then 105 MB instead of 200 MB (single precision, whole cube) or 400 MB
+result is then 106 MB instead of 200 MB (single precision, whole cube) or 400 MB
 (double), and the reduction holds a few of them per worker (``split_every`` per
 node, a node per tree level waiting). Single precision keeps ~7 significant digits
 of each voxel's sum, far below the noise of any reconstruction (the maps from
