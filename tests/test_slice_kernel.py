@@ -1,7 +1,7 @@
-"""The host kernel of central-slice extraction (:mod:`streamem.core.slice_kernel`)
-returns what the array-API formulation of :func:`project_points` returns, value for
-value: the same half cube read through ``array_api_strict`` (which takes the
-array-API path) is the reference."""
+"""The host kernels of central slices (:mod:`streamem.core.slice_kernel`) give what the
+array-API formulations give: :func:`project_points` value for value, and
+:func:`insert_points` to float64 rounding (its sums run in another order). The same
+inputs through ``array_api_strict`` (which takes the array-API path) are the reference."""
 
 import dataclasses
 
@@ -10,8 +10,9 @@ import pytest
 from test_backprojector import random_rotations
 from test_projector import smooth_volume
 
-from streamem.core import projector
+from streamem.core import backprojector, projector
 from streamem.core.backend import to_numpy
+from streamem.core.backprojector import empty_accumulators, insert_points
 from streamem.core.fourier import image_fourier_coords
 from streamem.core.projector import make_projector, project_points
 
@@ -47,3 +48,40 @@ def test_numpy_projection_runs_the_host_kernel(monkeypatch):
     monkeypatch.setattr(projector, "project_slices_host", refuse)
     with pytest.raises(RuntimeError, match="host kernel"):
         project_points(ref, random_rotations(2, np.random.default_rng(0)), coords)
+
+
+@pytest.mark.parametrize("box", [24, 25])
+def test_host_insertion_equals_array_api_path(box):
+    rng = np.random.default_rng(box)
+    coords, _ = image_fourier_coords(box, box // 2)  # the rim and the kx = 0 column are skipped
+    rot = random_rotations(30, rng)
+    values = (rng.standard_normal((30, coords.shape[0])) + 1j * rng.standard_normal((30, coords.shape[0]))).astype(np.complex64)  # fmt: skip
+    weights = rng.random(coords.shape[0])  # one row for every image: a broadcast view
+
+    def inserted(xp):
+        d, w = empty_accumulators(box, xp=xp)
+        args = (xp.asarray(rot), xp.asarray(coords), xp.asarray(values), xp.asarray(weights))
+        insert_points(d, w, *args)
+        return to_numpy(d), to_numpy(w)
+
+    (d, w), (d_ref, w_ref) = inserted(np), inserted(xps)
+    assert np.abs(d_ref).max() > 0 and w_ref.max() > 0
+    np.testing.assert_allclose(d, d_ref, rtol=0, atol=1e-12 * np.abs(d_ref).max())
+    np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-12 * w_ref.max())
+    again = inserted(np)  # deterministic: the same sums in the same order
+    np.testing.assert_array_equal(again[0], d)
+    np.testing.assert_array_equal(again[1], w)
+
+
+def test_numpy_insertion_runs_the_host_kernel(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("host kernel called")
+
+    monkeypatch.setattr(backprojector, "insert_slices_host", refuse)
+    coords, _ = image_fourier_coords(24, 12)
+    d, w = empty_accumulators(24)
+    rot = random_rotations(2, np.random.default_rng(0))
+    with pytest.raises(RuntimeError, match="host kernel"):
+        insert_points(
+            d, w, rot, coords, np.ones((2, coords.shape[0]), np.complex64), np.ones(coords.shape[0])
+        )

@@ -80,6 +80,7 @@ from streamem.core.projector import (
     trilinear_kernel_ft,
     trilinear_setup,
 )
+from streamem.core.slice_kernel import insert_slices_host
 
 
 def empty_accumulators(
@@ -122,7 +123,9 @@ def insert_points(
     :func:`streamem.core.projector.project_points` on the kept points. Runs in the
     namespace of the accumulators (the other inputs are moved there); scatter-adds
     go through :func:`streamem.core.backend.add_at` (in place on NumPy and CuPy; on
-    other namespaces the accumulators are rewritten once at the end).
+    other namespaces the accumulators are rewritten once at the end). NumPy
+    accumulators of complex128/float64 are filled by the compiled host kernel
+    (:mod:`streamem.core.slice_kernel`, the same sums in another order).
     """
     xp = xp_of(data_acc)
     rotations = asarray_like(rotations, data_acc, xp.float64)
@@ -149,6 +152,11 @@ def insert_points(
         return
     sub = take_rows(coords, keep_idx)
     Mi = sub.shape[0]
+    host = isinstance(data_acc, np.ndarray) and isinstance(weight_acc, np.ndarray)
+    if host and data_acc.dtype == np.complex128 and weight_acc.dtype == np.float64:
+        insert_slices_host(data_acc, weight_acc, rotations, sub, keep_idx, values, weights,
+                           padding_factor, R)  # fmt: skip
+        return
     if native:
         data_re = data_acc.reshape(-1).view(xp.float64)[0::2]  # strided views, no copies
         data_im = data_acc.reshape(-1).view(xp.float64)[1::2]
