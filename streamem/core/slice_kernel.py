@@ -26,33 +26,32 @@ import numba
 import numpy as np
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _corner(kx, ky, rows, c):  # pragma: no cover
+    """The point (kx, ky) of the slice with rotation rows ``rows`` (6,) float32: its
+    (z0, y0, x0) corner in the half cube, fractions, and whether it was flipped."""
+    x = kx * rows[0] + ky * rows[3]
+    y = kx * rows[1] + ky * rows[4]
+    z = kx * rows[2] + ky * rows[5]
+    flip = x < 0
+    if flip:
+        x, y, z = -x, -y, -z
+    y = y + c
+    z = z + c
+    # unsigned indices: no negative-index wrap-around tests (1.4x, measured)
+    ix, iy, iz = np.uintp(x), np.uintp(y), np.uintp(z)
+    return ix, iy, iz, x - np.float32(ix), y - np.float32(iy), z - np.float32(iz), flip
+
+
 @numba.njit(cache=True, nogil=True)
-def _slices(data, rot, kx, ky, inside, padding_factor, radius_padded, out):  # pragma: no cover
+def _slices(data, rows, kx, ky, inside, radius_padded, out):  # pragma: no cover
     c = np.float32(radius_padded + 1)
     flat = data.ravel()
-    # unsigned flat indices: no negative-index wrap-around tests (1.4x, measured)
     sz, sy, one = np.uintp(data.shape[1] * data.shape[2]), np.uintp(data.shape[2]), np.uintp(1)
-    for n in range(rot.shape[0]):
-        r0x = np.float32(rot[n, 0, 0] * padding_factor)
-        r0y = np.float32(rot[n, 0, 1] * padding_factor)
-        r0z = np.float32(rot[n, 0, 2] * padding_factor)
-        r1x = np.float32(rot[n, 1, 0] * padding_factor)
-        r1y = np.float32(rot[n, 1, 1] * padding_factor)
-        r1z = np.float32(rot[n, 1, 2] * padding_factor)
+    for n in range(rows.shape[0]):
         row = out[n]
         for m in range(kx.shape[0]):
-            x = kx[m] * r0x + ky[m] * r1x
-            y = kx[m] * r0y + ky[m] * r1y
-            z = kx[m] * r0z + ky[m] * r1z
-            flip = x < 0
-            if flip:
-                x, y, z = -x, -y, -z
-            y = y + c
-            z = z + c
-            ix, iy, iz = np.uintp(x), np.uintp(y), np.uintp(z)
-            fx = x - np.float32(ix)
-            fy = y - np.float32(iy)
-            fz = z - np.float32(iz)
+            ix, iy, iz, fx, fy, fz, flip = _corner(kx[m], ky[m], rows[n], c)
             b0 = iz * sz + iy * sy + ix  # corner (z0, y0, x0); then + x, + y, + z
             b1 = b0 + sz
             c00 = flat[b0] + fx * (flat[b0 + one] - flat[b0])
@@ -63,6 +62,15 @@ def _slices(data, rot, kx, ky, inside, padding_factor, radius_padded, out):  # p
             c1 = c10 + fy * (c11 - c10)
             v = c0 + fz * (c1 - c0)
             row[inside[m]] = v.conjugate() if flip else v
+
+
+def _rotation_rows(rotations, padding_factor: int) -> np.ndarray:
+    """(n, 6) float32: rows 0 and 1 of each rotation times the padding factor, rounded
+    to float32 after the product (as :func:`streamem.core.projector.slice_components`)."""
+    rotations = np.asarray(rotations, np.float64)
+    return np.ascontiguousarray(
+        (rotations[:, :2, :] * padding_factor).astype(np.float32).reshape(-1, 6)
+    )
 
 
 def project_slices_host(
@@ -89,11 +97,10 @@ def project_slices_host(
     inside = np.asarray(inside)[raster]
     _slices(
         np.ascontiguousarray(data),
-        np.ascontiguousarray(rotations, dtype=np.float64),
+        _rotation_rows(rotations, padding_factor),
         kx,
         ky,
         np.ascontiguousarray(inside, dtype=np.int64),
-        int(padding_factor),
         int(radius_padded),
         out,
     )
@@ -101,36 +108,20 @@ def project_slices_host(
 
 
 @numba.njit(cache=True, nogil=True)
-def _insert(data_acc, weight_acc, rot, kx, ky, keep, values, weights, padding_factor,
-            radius_padded):  # pragma: no cover  # fmt: skip
+def _insert(
+    data_acc, weight_acc, rows, kx, ky, keep, values, weights, radius_padded
+):  # pragma: no cover
     c = np.float32(radius_padded + 1)
     one = np.float32(1.0)
     data, weight = data_acc.ravel(), weight_acc.ravel()
     sz, sy = np.uintp(data_acc.shape[1] * data_acc.shape[2]), np.uintp(data_acc.shape[2])
-    for n in range(rot.shape[0]):
-        r0x = np.float32(rot[n, 0, 0] * padding_factor)
-        r0y = np.float32(rot[n, 0, 1] * padding_factor)
-        r0z = np.float32(rot[n, 0, 2] * padding_factor)
-        r1x = np.float32(rot[n, 1, 0] * padding_factor)
-        r1y = np.float32(rot[n, 1, 1] * padding_factor)
-        r1z = np.float32(rot[n, 1, 2] * padding_factor)
+    for n in range(rows.shape[0]):
         for m in range(kx.shape[0]):
-            x = kx[m] * r0x + ky[m] * r1x
-            y = kx[m] * r0y + ky[m] * r1y
-            z = kx[m] * r0z + ky[m] * r1z
+            ix, iy, iz, fx, fy, fz, flip = _corner(kx[m], ky[m], rows[n], c)
             v = values[n, keep[m]]
             v_re = np.float64(v.real)
-            v_im = np.float64(v.imag)
-            if x < 0:  # stored as the Friedel mate: insert the conjugate there
-                x, y, z = -x, -y, -z
-                v_im = -v_im
+            v_im = -np.float64(v.imag) if flip else np.float64(v.imag)  # the Friedel mate's
             w = weights[n, keep[m]]
-            y = y + c
-            z = z + c
-            ix, iy, iz = np.uintp(x), np.uintp(y), np.uintp(z)
-            fx = x - np.float32(ix)
-            fy = y - np.float32(iy)
-            fz = z - np.float32(iz)
             for dz in range(2):
                 gz = fz if dz else one - fz
                 for dy in range(2):
@@ -164,12 +155,11 @@ def insert_slices_host(
     _insert(
         data_acc,
         weight_acc,
-        np.ascontiguousarray(rotations, dtype=np.float64),
+        _rotation_rows(rotations, padding_factor),
         np.ascontiguousarray(coords[raster, 1], dtype=np.float32),
         np.ascontiguousarray(coords[raster, 0], dtype=np.float32),
         np.ascontiguousarray(np.asarray(keep)[raster], dtype=np.int64),
         values,
         weights,
-        int(padding_factor),
         int(radius_padded),
     )
