@@ -32,6 +32,8 @@ def test_host_kernel_equals_array_api_path(box, cutoff_px):
     assert got.dtype == np.complex64 and got.shape == (50, coords.shape[0])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
     assert np.mean(got == want) > 0.99  # same float32 arithmetic: equal, not just close
+    # on NumPy, the same operations in the same order: bit for bit
+    np.testing.assert_array_equal(got, project_points(ref, rot, coords, host_kernel=False))
     if cutoff_px is not None:
         assert np.all(got[:, np.hypot(coords[:, 0], coords[:, 1]) > cutoff_px + 0.01] == 0)
     one = project_points(ref, rot[3], coords)
@@ -58,16 +60,17 @@ def test_host_insertion_equals_array_api_path(box):
     values = (rng.standard_normal((30, coords.shape[0])) + 1j * rng.standard_normal((30, coords.shape[0]))).astype(np.complex64)  # fmt: skip
     weights = rng.random(coords.shape[0])  # one row for every image: a broadcast view
 
-    def inserted(xp):
+    def inserted(xp, host_kernel=True):
         d, w = empty_accumulators(box, xp=xp)
         args = (xp.asarray(rot), xp.asarray(coords), xp.asarray(values), xp.asarray(weights))
-        insert_points(d, w, *args)
+        insert_points(d, w, *args, host_kernel=host_kernel)
         return to_numpy(d), to_numpy(w)
 
-    (d, w), (d_ref, w_ref) = inserted(np), inserted(xps)
-    assert np.abs(d_ref).max() > 0 and w_ref.max() > 0
-    np.testing.assert_allclose(d, d_ref, rtol=0, atol=1e-12 * np.abs(d_ref).max())
-    np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-12 * w_ref.max())
+    (d, w) = inserted(np)
+    for d_ref, w_ref in (inserted(xps), inserted(np, host_kernel=False)):
+        assert np.abs(d_ref).max() > 0 and w_ref.max() > 0
+        np.testing.assert_allclose(d, d_ref, rtol=0, atol=1e-12 * np.abs(d_ref).max())
+        np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-12 * w_ref.max())
     again = inserted(np)  # deterministic: the same sums in the same order
     np.testing.assert_array_equal(again[0], d)
     np.testing.assert_array_equal(again[1], w)

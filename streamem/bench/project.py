@@ -5,7 +5,9 @@ Projection (:func:`streamem.core.projector.project_points`) and back-projection
 rfft-grid point within Nyquist) at random poses, padding factor 2, on this CPU
 (or GPU with ``--gpu`` when CuPy is installed). Reported: slices/s, points/s and
 ns per point, best of ``--repeats`` runs; for back-projection also the time of
-one :func:`~streamem.core.backprojector.reconstruct`.
+one :func:`~streamem.core.backprojector.reconstruct`. On the CPU also the array-API
+path on the same arrays (``host_kernel=False``) and its time over the compiled host
+kernel's (:mod:`streamem.core.slice_kernel`), measured in the same run.
 """
 
 from __future__ import annotations
@@ -86,16 +88,23 @@ def measure(
         A = xp.asarray(_random_rotations(n_slices, rng))
         M = coords.shape[0]
         project_points(fvol, A[:4], coords)  # warm-up
-        proj_s = _best(lambda: project_points(fvol, A, coords), repeats, sync)  # noqa: B023
-        vals = project_points(fvol, A, coords)
+
+        def project(host_kernel, fvol=fvol, A=A, coords=coords):
+            return project_points(fvol, A, coords, host_kernel=host_kernel)
+
+        proj_s = _best(lambda: project(True), repeats, sync)
+        # on the CPU, the array-API path on the same arrays (what the kernel replaces)
+        proj_array_s = None if gpu else _best(lambda: project(False), repeats, sync)
+        vals = project(True)
         data, weight = empty_accumulators(box, 2, xp)
         data[...] = 0  # touch the pages so that the first run is not charged for them
         weight[...] = 0
-        ins_s = _best(
-            lambda: insert_points(data, weight, A, coords, vals, 1.0),  # noqa: B023
-            repeats,
-            sync,
-        )
+
+        def insert(host_kernel, data=data, weight=weight, A=A, coords=coords, vals=vals):
+            insert_points(data, weight, A, coords, vals, 1.0, host_kernel=host_kernel)
+
+        ins_s = _best(lambda: insert(True), repeats, sync)
+        ins_array_s = None if gpu else _best(lambda: insert(False), repeats, sync)
         t0 = time.perf_counter()
         reconstruct(data, weight, box, 2)
         sync()
@@ -109,6 +118,8 @@ def measure(
                 "project_ns_per_point": proj_s / (n_slices * M) * 1e9,
                 "backproject_slices_per_s": n_slices / ins_s,
                 "backproject_ns_per_point": ins_s / (n_slices * M) * 1e9,
+                "project_array_over_kernel": None if gpu else proj_array_s / proj_s,
+                "backproject_array_over_kernel": None if gpu else ins_array_s / ins_s,
                 "reconstruct_s": rec_s,
             }
         )
@@ -117,20 +128,18 @@ def measure(
 
 def format_table(rows: list[dict], which: str) -> str:
     """A small text table of :func:`measure`'s rows for ``which`` in project/backproject."""
-    if which == "project":
-        head = f"{'box':>5} {'points':>7} {'slices/s':>10} {'ns/point':>9} {'prepare s':>10}"
-        lines = [
-            f"{r['box']:>5} {r['points_per_slice']:>7} {r['project_slices_per_s']:>10.0f} "
-            f"{r['project_ns_per_point']:>9.1f} {r['make_projector_s']:>10.3f}"
-            for r in rows
-        ]
-    else:
-        head = f"{'box':>5} {'points':>7} {'slices/s':>10} {'ns/point':>9} {'reconstruct s':>14}"
-        lines = [
-            f"{r['box']:>5} {r['points_per_slice']:>7} {r['backproject_slices_per_s']:>10.0f} "
-            f"{r['backproject_ns_per_point']:>9.1f} {r['reconstruct_s']:>14.3f}"
-            for r in rows
-        ]
+    last, key = ("prepare s", "make_projector_s") if which == "project" else ("reconstruct s", "reconstruct_s")  # fmt: skip
+    head = (
+        f"{'box':>5} {'points':>7} {'slices/s':>10} {'ns/point':>9} {'array/kernel':>13} {last:>14}"
+    )
+    lines = []
+    for r in rows:
+        ratio = r[f"{which}_array_over_kernel"]
+        lines.append(
+            f"{r['box']:>5} {r['points_per_slice']:>7} {r[f'{which}_slices_per_s']:>10.0f} "
+            f"{r[f'{which}_ns_per_point']:>9.1f} {'-' if ratio is None else f'{ratio:.2f}x':>13} "
+            f"{r[key]:>14.3f}"
+        )
     return "\n".join([head, *lines])
 
 

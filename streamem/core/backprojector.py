@@ -105,6 +105,7 @@ def insert_points(
     weights,
     padding_factor: int = 2,
     block_points: int = BLOCK_POINTS,
+    host_kernel: bool = True,
 ) -> None:
     """Trilinear scatter-add of image Fourier points into the accumulators, in place.
 
@@ -125,7 +126,8 @@ def insert_points(
     go through :func:`streamem.core.backend.add_at` (in place on NumPy and CuPy; on
     other namespaces the accumulators are rewritten once at the end). NumPy
     accumulators of complex128/float64 are filled by the compiled host kernel
-    (:mod:`streamem.core.slice_kernel`, the same sums in another order).
+    (:mod:`streamem.core.slice_kernel`, the same sums in another order;
+    ``host_kernel=False`` runs the array-API path instead, for benchmarks and tests).
     """
     xp = xp_of(data_acc)
     rotations = asarray_like(rotations, data_acc, xp.float64)
@@ -152,8 +154,9 @@ def insert_points(
         return
     sub = take_rows(coords, keep_idx)
     Mi = sub.shape[0]
-    host = isinstance(data_acc, np.ndarray) and isinstance(weight_acc, np.ndarray)
+    host = host_kernel and isinstance(data_acc, np.ndarray) and isinstance(weight_acc, np.ndarray)
     if host and data_acc.dtype == np.complex128 and weight_acc.dtype == np.float64:
+        # C-contiguous (checked above): the kernel writes through flat views
         insert_slices_host(data_acc, weight_acc, rotations, sub, keep_idx, values, weights,
                            padding_factor, R)  # fmt: skip
         return

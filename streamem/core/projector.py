@@ -291,7 +291,13 @@ def trilinear_gather(data, x, y, z):
 # Projection
 
 
-def project_points(fvol: FourierVolume, rotations, coords, block_points: int = BLOCK_POINTS):
+def project_points(
+    fvol: FourierVolume,
+    rotations,
+    coords,
+    block_points: int = BLOCK_POINTS,
+    host_kernel: bool = True,
+):
     """Central-slice values of the reference at image Fourier points, for many poses.
 
     Parameters
@@ -309,12 +315,13 @@ def project_points(fvol: FourierVolume, rotations, coords, block_points: int = B
     Runs in the namespace of ``fvol.data``; ``rotations`` and ``coords`` are moved
     there (:func:`~streamem.core.backend.asarray_like`, no copy if already there).
     NumPy half cubes are read by the compiled host kernel
-    (:mod:`streamem.core.slice_kernel`: the same arithmetic, fused; 2.4x at box 128).
+    (:mod:`streamem.core.slice_kernel`: the same values; ``host_kernel=False`` runs the
+    array-API path instead, for benchmarks and tests).
     """
     xp = xp_of(fvol.data)
     rotations = asarray_like(rotations, fvol.data, xp.float64)
     if rotations.ndim == 2:
-        return project_points(fvol, rotations[None, ...], coords, block_points)[0, ...]
+        return project_points(fvol, rotations[None, ...], coords, block_points, host_kernel)[0, ...]
     coords = asarray_like(coords, fvol.data, xp.float64)
     n = rotations.shape[0]
     M = coords.shape[0]
@@ -334,7 +341,7 @@ def project_points(fvol: FourierVolume, rotations, coords, block_points: int = B
         # No fancy assignment in the standard: points beyond the cutoff read the
         # origin and are zeroed after the gather.
         sub = xp.where(inside_mask[:, None], coords, 0.0)
-    if isinstance(fvol.data, np.ndarray) and fvol.data.dtype == np.complex64:
+    if host_kernel and isinstance(fvol.data, np.ndarray) and fvol.data.dtype == np.complex64:
         return project_slices_host(
             fvol.data, rotations, sub, inside, fvol.padding_factor,
             radius_of_half_cube(fvol.data.shape), out,

@@ -8,16 +8,18 @@ fractions and integer parts, eight gathered corners, seven lerps) and is bound b
 memory traffic: projection was ~80% of a box-128 local-search E-step. This kernel
 does the same arithmetic point by point in registers, in the same float32 order
 (components ``kx·r0 + ky·r1``, truncation after the flip, lerps along x, then y,
-then z), so it returns the same values as the array-API path (tested to float32
-rounding in ``tests/test_slice_kernel.py``); it is that path's specialisation for
-host arrays, not a second algorithm.
+then z), so it returns the same values as the array-API path, bit for bit
+(``tests/test_slice_kernel.py``); it is that path's specialisation for host arrays,
+not a second algorithm. ``streamem bench project`` times both (``host_kernel=False``
+runs the array-API path on NumPy).
 
 Insertion (:func:`streamem.core.backprojector.insert_points`) is the adjoint: on NumPy
 the array-API formulation makes 24 ``np.add.at`` passes per block (8 corners × real,
 imaginary, weight, ~15 ns per element each); the kernel adds each point's 8 corners
 in one visit. Its sums are in another order than the array-API path's, so they agree
 to float64 rounding, not bit for bit; the kernel is deterministic (same inputs, same
-sums), which the chunking-invariance tests rely on.
+sums), which the chunking-invariance tests rely on. ``streamem bench backproject``
+times both.
 """
 
 from __future__ import annotations
@@ -73,6 +75,16 @@ def _rotation_rows(rotations, padding_factor: int) -> np.ndarray:
     )
 
 
+def _raster(coords, columns):
+    """(kx, ky) float32 and their columns, in raster order (ky, then kx): neighbouring
+    points then read neighbouring voxels, where the callers' radius order jumps across
+    the cube at every point."""
+    order = np.lexsort((coords[:, 1], coords[:, 0]))
+    kx = np.ascontiguousarray(coords[order, 1], dtype=np.float32)
+    ky = np.ascontiguousarray(coords[order, 0], dtype=np.float32)
+    return kx, ky, np.ascontiguousarray(np.asarray(columns)[order], dtype=np.int64)
+
+
 def project_slices_host(
     data: np.ndarray,
     rotations: np.ndarray,
@@ -89,21 +101,9 @@ def project_slices_host(
     of the points within the cutoff; inside: (Mi,) their columns in ``out``, complex64
     (n, M) C-contiguous, which is filled there (the other columns are left) and returned.
     """
-    # Raster order: neighbouring points read neighbouring voxels (radius order, the
-    # callers' order, jumps across the cube at every point).
-    raster = np.lexsort((coords[:, 1], coords[:, 0]))
-    kx = np.ascontiguousarray(coords[raster, 1], dtype=np.float32)
-    ky = np.ascontiguousarray(coords[raster, 0], dtype=np.float32)
-    inside = np.asarray(inside)[raster]
-    _slices(
-        np.ascontiguousarray(data),
-        _rotation_rows(rotations, padding_factor),
-        kx,
-        ky,
-        np.ascontiguousarray(inside, dtype=np.int64),
-        int(radius_padded),
-        out,
-    )
+    kx, ky, columns = _raster(coords, inside)
+    rows = _rotation_rows(rotations, padding_factor)
+    _slices(np.ascontiguousarray(data), rows, kx, ky, columns, int(radius_padded), out)
     return out
 
 
@@ -151,15 +151,6 @@ def insert_slices_host(
     columns ``keep`` (Mi,) of values (n, M) complex and weights (n, M) float64 (any
     strides, broadcast views too).
     """
-    raster = np.lexsort((coords[:, 1], coords[:, 0]))  # locality, as in extraction
-    _insert(
-        data_acc,
-        weight_acc,
-        _rotation_rows(rotations, padding_factor),
-        np.ascontiguousarray(coords[raster, 1], dtype=np.float32),
-        np.ascontiguousarray(coords[raster, 0], dtype=np.float32),
-        np.ascontiguousarray(np.asarray(keep)[raster], dtype=np.int64),
-        values,
-        weights,
-        int(radius_padded),
-    )
+    kx, ky, columns = _raster(coords, keep)
+    rows = _rotation_rows(rotations, padding_factor)
+    _insert(data_acc, weight_acc, rows, kx, ky, columns, values, weights, int(radius_padded))
