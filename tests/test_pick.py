@@ -229,7 +229,7 @@ def test_batched_scan_matches_the_reference_loop(sim):
         ctf = MicrographCtf(row.rlnDefocusU, row.rlnDefocusV, row.rlnDefocusAngle)
         out = {}
         for batched in (True, False):
-            params = TemplatePickParams(108.0, psi_step_deg=10.0, batched=batched)
+            params = TemplatePickParams(108.0, psi_step_deg=10.0, batched=batched, coarse_psi=False)
             out[batched] = pick_templates(mic, PIXEL_A, bank, params, ctf)
         (a, fa, _), (b, fb, _) = out[True], out[False]
         assert fa.template_scale == pytest.approx(fb.template_scale, rel=1e-5)
@@ -256,7 +256,7 @@ def test_batched_scan_without_quarter_turns_and_with_a_fixed_scale(psi_step):
     bank = prepare_templates(np.stack([template, template.T * 0.5 + np.roll(template, 3, 0)]))
     for scale in (None, 0.5):
         kw = dict(psi_step_deg=psi_step, invert=False, template_scale=scale, min_distance_px=30)
-        a = template_fom(prep, bank, None, 10, batched=True, **kw)
+        a = template_fom(prep, bank, None, 10, batched=True, coarse_psi=False, **kw)
         b = template_fom(prep, bank, None, 10, batched=False, **kw)
         np.testing.assert_allclose(a.fom, b.fom, atol=1e-4 * np.abs(b.fom).max())
         assert (a.psi_deg == b.psi_deg).mean() > 0.99

@@ -9,9 +9,12 @@ phantom at the HEALPix directions of ``--healpix-order`` (1: 48), in-plane step
 
 Timed, per micrograph, in the same run (so the ratio holds on a loaded machine):
 
-- **template, batched**: :func:`streamem.pick.template.pick_templates` with the
-  batched scan (:mod:`streamem.pick.fastscan`), angle groups on ``--n-workers`` threads
-  (default: all cores of this process);
+- **template, batched**: :func:`streamem.pick.template.pick_templates` as the pick
+  command runs it: the batched scan (:mod:`streamem.pick.fastscan`), angle groups on
+  ``--n-workers`` threads (default: all cores of this process), over coarse psi with
+  the fine angles at the candidate peaks (:mod:`streamem.pick.psi_refine`);
+- **template, exhaustive psi**: the same scan over every angle at every pixel
+  (``--exhaustive-psi``), the speed-up's reference;
 - **template, reference loop**: the same with ``batched=False`` (the scan as it was:
   per psi and template batch, interpolate, filter, correlate; FFTs on one thread);
   ``--no-reference`` skips it (it takes minutes per micrograph);
@@ -22,8 +25,9 @@ Timed, per micrograph, in the same run (so the ratio holds on a loaded machine):
 
 Reported: wall-clock and CPU seconds (all threads of the process) per micrograph,
 recall and FDR against the simulation's truth
-(one-to-one within a particle radius), and how many batched picks have a reference
-pick within 2 original pixels. The load average is printed with the numbers: on a
+(one-to-one within a particle radius), how many batched picks have an exhaustive-psi
+pick within 2 original pixels (the two maps' peak pickings, one-to-one), how many have a reference
+pick within 2 original pixels, and the same for the exhaustive scan. The load average is printed with the numbers: on a
 shared machine wall times move with the load (even within one run); CPU seconds
 much less.
 """
@@ -44,7 +48,7 @@ def register_bench(bench_sub) -> None:
 
     p = bench_sub.add_parser(
         "pick",
-        help="template (batched vs reference scan) and LoG picking s/micrograph, recall, FDR",
+        help="template (coarse psi, exhaustive, reference scan) and LoG picking s/mic, recall, FDR",
         description=__doc__,
     )
     p.add_argument("--size", type=int, default=2048, help="micrograph size in px (2048)")
@@ -120,11 +124,13 @@ def measure(
     from streamem.simulate.micrographs import simulate_micrographs
 
     threads = fft_workers(workers)
-    runs = ["batched", "reference", "log"] if reference else ["batched", "log"]
+    runs = ["batched", "exhaustive"] + (["reference"] if reference else []) + ["log"]
     times: dict[str, list[float]] = {k: [] for k in runs}
     cpu: dict[str, list[float]] = {k: [] for k in runs}
     counts = {k: np.zeros(3, dtype=np.int64) for k in runs}  # matched, picks, truth
-    agree = total = 0
+    agree = {k: 0 for k in runs}
+    total = {k: 0 for k in runs}
+    refined: dict = {}
     with tempfile.TemporaryDirectory(prefix="streamem-bench-pick-") as tmp:
         sim = simulate_micrographs(
             Path(tmp) / "mics",
@@ -159,19 +165,23 @@ def measure(
                         diameter,
                         lowpass_A=lowpass_A,
                         psi_step_deg=psi_step_deg,
-                        batched=key == "batched",
+                        batched=key != "reference",
                         fft_workers=threads,
+                        coarse_psi=key == "batched",
                     )
                     picks[key], res, _ = pick_templates(mic, pixel_size_A, bank, params, ctf)
                     W = res.grid.work_px
+                    refined = res.psi_refined or refined
                 times[key].append(time.perf_counter() - t0)
                 cpu[key].append(time.process_time() - c0)
                 counts[key] += _score(picks[key], truth_yx, radius_px)
-            if reference:
-                a, b = picks["batched"], picks["reference"]
-                m = match_coordinates(np.stack([a.y, a.x], 1), np.stack([b.y, b.x], 1), 2.0)
-                agree += m.n_matched
-                total += max(len(a), len(b))
+            a = picks["batched"]
+            for key in ("exhaustive", "reference"):
+                if key in picks:
+                    b = picks[key]
+                    yx_a, yx_b = np.stack([a.y, a.x], 1), np.stack([b.y, b.x], 1)
+                    agree[key] += match_coordinates(yx_a, yx_b, 2.0).n_matched
+                    total[key] += max(len(a), len(b))
     n_psi = len(psi_angles_deg(psi_step_deg))
     floor, floor_cpu = _fft_floor(W, len(templates), n_psi, threads)
     out = {
@@ -187,8 +197,11 @@ def measure(
         "load_average": os.getloadavg()[0],
         "s_fft_floor": floor,
         "cpu_s_fft_floor": floor_cpu,
-        "picks_agree": agree,
-        "picks_total": total,
+        "picks_agree": agree["reference"] if reference else 0,
+        "picks_total": total["reference"] if reference else 0,
+        "picks_agree_exhaustive": agree["exhaustive"],
+        "picks_total_exhaustive": total["exhaustive"],
+        "psi_refined": refined,
         "log_range_A": (log_params.diameter_min_A, log_params.diameter_max_A),
     }
     for key in runs:
@@ -202,7 +215,8 @@ def measure(
 
 def format_table(r: dict) -> str:
     """A small text table of :func:`measure`'s result."""
-    rows = [("template, batched", "batched"), ("template, reference loop", "reference")]
+    rows = [("template, batched", "batched"), ("template, exhaustive psi", "exhaustive")]
+    rows += [("template, reference loop", "reference")]
     rows += [("LoG {:.0f}-{:.0f} A".format(*r["log_range_A"]), "log")]
     head = f"{'run':<26} {'wall s/mic':>10} {'CPU s/mic':>10} {'recall':>7} {'FDR':>6}"
     lines = [head]
@@ -214,6 +228,17 @@ def format_table(r: dict) -> str:
             )
     lines.append(
         f"{'FFT floor (irfft2 only)':<26} {r['s_fft_floor']:>10.2f} {r['cpu_s_fft_floor']:>10.2f}"
+    )
+    f = r["psi_refined"]
+    if f:
+        lines.append(
+            f"coarse psi every {f['coarse_factor']} angles; {f['angles']} fine angles at "
+            f"{f['peaks']} candidate peaks ({f['pixels']} px, {f['box_px']} px box)"
+        )
+    lines.append(
+        f"speed-up of the coarse psi pass {r['s_exhaustive'] / r['s_batched']:.2f}x wall, "
+        f"{r['cpu_s_exhaustive'] / r['cpu_s_batched']:.2f}x CPU; picks within 2 px of an "
+        f"exhaustive-psi pick: {r['picks_agree_exhaustive']} of {r['picks_total_exhaustive']}"
     )
     if "s_reference" in r:
         lines.append(

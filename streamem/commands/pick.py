@@ -79,6 +79,13 @@ def register(sub) -> None:
     )
     p.add_argument("--psi-step", type=float, default=10.0, help="in-plane step, degrees (10)")
     p.add_argument(
+        "--exhaustive-psi",
+        action="store_true",
+        help="score every --psi-step angle at every pixel (slower; default: a coarse psi "
+        "pass, then the fine angles at the candidate peaks, where the particle is small "
+        "enough for --psi-step to be finer than it needs)",
+    )
+    p.add_argument(
         "--healpix-order",
         type=int,
         default=1,
@@ -303,6 +310,7 @@ def run(args) -> int:
                 ctf_intact_first_peak=args.ctf_intact_first_peak,
                 max_stddev_noise=args.max_stddev_noise,
                 max_background_structure=args.max_background_structure,
+                coarse_psi=not args.exhaustive_psi,
             )
         except ValueError as exc:
             raise InputError(source, str(exc)) from None

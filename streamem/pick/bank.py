@@ -54,26 +54,42 @@ def prepare_templates(templates, padding: int = TEMPLATE_PADDING) -> TemplateBan
     return TemplateBank(fftshift(F, axes=(1, 2)).astype(xp.complex64), B, padding)
 
 
-def _bilinear_plan(psi_deg: float, grid: WorkGrid, P: int, xp):
-    """Flat indices (4, M) into a P x P centred grid and weights (4, M) of bilinear
-    interpolation at ``Aᵀk`` for every work-grid frequency k (module docstring)."""
-    ky, kx = grid_frequencies(grid, xp)
+def bilinear_plan_at(ky, kx, psi_deg: float, scale: float, origin: int, size: int, xp):
+    """Bilinear interpolation at ``Aᵀk`` (A: in-plane angle ψ, module docstring) on a
+    ``size x size`` grid whose frequency 0 is at index ``origin`` and whose step is
+    ``1/scale`` S-box frequencies.
+
+    ``ky``, ``kx`` float64 (any shape, flattened) S-box frequencies. Returns flat
+    indices ``(4, M)`` int64 and weights ``(4, M)`` float32, zero where a corner falls
+    off the grid.
+    """
     a = math.radians(psi_deg)
     c, s = math.cos(a), math.sin(a)
-    f = P / grid.size_px
     # A = [[c, s], [-s, c]] (x, y order); Aᵀk = (c kx − s ky, s kx + c ky)
-    y = ((s * kx + c * ky) * f + P // 2).ravel()
-    x = ((c * kx - s * ky) * f + P // 2).ravel()
+    y = ((s * kx + c * ky) * scale + origin).ravel()
+    x = ((c * kx - s * ky) * scale + origin).ravel()
     y0, x0 = xp.floor(y), xp.floor(x)
     fy, fx = (y - y0).astype(xp.float32), (x - x0).astype(xp.float32)
     y0, x0 = y0.astype(xp.int64), x0.astype(xp.int64)
-    # beyond the padded grid (corners of a full-size work grid): zero
-    ok = ((y0 >= 0) & (y0 < P - 1) & (x0 >= 0) & (x0 < P - 1)).astype(xp.float32)
-    y0, x0 = xp.clip(y0, 0, P - 2), xp.clip(x0, 0, P - 2)
-    base = y0 * P + x0
-    index = xp.stack([base, base + 1, base + P, base + P + 1])
+    ok = ((y0 >= 0) & (y0 < size - 1) & (x0 >= 0) & (x0 < size - 1)).astype(xp.float32)
+    y0, x0 = xp.clip(y0, 0, size - 2), xp.clip(x0, 0, size - 2)
+    base = y0 * size + x0
+    index = xp.stack([base, base + 1, base + size, base + size + 1])
     weight = xp.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx]) * ok
     return index, weight
+
+
+def _interpolated(bank: TemplateBank, index, weight, which=None):
+    """``Σ_corners weight · ft[index]``: ``(n, M)`` complex64."""
+    xp = xp_of(bank.ft)
+    P = bank.ft.shape[-1]
+    flat = bank.ft.reshape(bank.n_templates, P * P)
+    if which is not None:
+        flat = flat[xp.asarray(which)]
+    out = xp.zeros((flat.shape[0], index.shape[1]), dtype=xp.complex64)
+    for corner in range(4):
+        out += xp.take(flat, index[corner], axis=1) * weight[corner]
+    return out
 
 
 def rotated_template_ft(bank: TemplateBank, psi_deg: float, grid: WorkGrid, which=None):
@@ -84,15 +100,35 @@ def rotated_template_ft(bank: TemplateBank, psi_deg: float, grid: WorkGrid, whic
     """
     xp = xp_of(bank.ft)
     P = bank.ft.shape[-1]
-    index, weight = _bilinear_plan(psi_deg, grid, P, xp)
-    flat = bank.ft.reshape(bank.n_templates, P * P)
-    if which is not None:
-        flat = flat[xp.asarray(which)]
-    out = xp.zeros((flat.shape[0], index.shape[1]), dtype=xp.complex64)
-    for corner in range(4):
-        out += xp.take(flat, index[corner], axis=1) * weight[corner]
+    ky, kx = grid_frequencies(grid, xp)
+    index, weight = bilinear_plan_at(ky, kx, psi_deg, P / grid.size_px, P // 2, P, xp)
+    out = _interpolated(bank, index, weight, which)
     W = grid.work_px
-    return out.reshape(flat.shape[0], W, W // 2 + 1)
+    return out.reshape(out.shape[0], W, W // 2 + 1)
+
+
+def template_images(bank: TemplateBank, psi_deg: float, grid: WorkGrid, box_px: int, which=None):
+    """The templates rotated by ψ, in real space at the work grid's sampling, centred at
+    ``box_px // 2`` of a ``box_px`` square: ``(n, box_px, box_px)`` float32.
+
+    The same ``T̂(Aᵀk)`` as :func:`rotated_template_ft`, read at the box's own
+    frequencies (step W / box_px S-box frequencies) up to the work grid's Nyquist, so
+    that ``Σ_s image(s) y(r + s)`` is the work-grid correlation of the template with
+    y at r, up to what the template holds beyond the box (none for a box that holds
+    the rotated template box) and beyond the work grid's Nyquist square.
+    """
+    xp = xp_of(bank.ft)
+    P = bank.ft.shape[-1]
+    b, W = int(box_px), grid.work_px
+    ky, kx = xp.meshgrid(
+        xp.fft.fftfreq(b, d=1.0 / b) * (W / b),
+        xp.arange(b // 2 + 1, dtype=xp.float64) * (W / b),
+        indexing="ij",
+    )
+    index, weight = bilinear_plan_at(ky, kx, psi_deg, P / grid.size_px, P // 2, P, xp)
+    spectra = _interpolated(bank, index, weight, which).reshape(-1, b, b // 2 + 1)
+    images = xp.fft.irfft2(spectra, s=(b, b), axes=(-2, -1))
+    return fftshift(images, axes=(-2, -1)).astype(xp.float32)
 
 
 def template_box_from_diameter(diameter_A: float, pixel_size_A: float) -> int:

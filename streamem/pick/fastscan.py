@@ -46,7 +46,7 @@ import numpy as np
 import scipy.fft
 
 from streamem.core.backend import xp_of
-from streamem.pick.bank import TemplateBank
+from streamem.pick.bank import TemplateBank, bilinear_plan_at
 from streamem.pick.micrograph import WorkGrid, grid_frequencies, lowpass_filter
 
 TARGET_ELEMENTS = 3.0e7  # (W, W, n_batch) floats per batch: ~120 MB at float32
@@ -116,22 +116,12 @@ class DiscPlan:
     def bilinear(self, psi_deg: float, size_px: int, P: int, lo: int, Pc: int, xp):
         """Indices ``(4, N)`` into a ``Pc x Pc`` crop (offset ``lo``) of the centred
         ``P x P`` transform, and weights ``(4, N)`` (zero outside the disc): bilinear
-        interpolation at ``Aᵀk``, as :func:`streamem.pick.bank._bilinear_plan`."""
-        a = math.radians(psi_deg)
-        c, s = math.cos(a), math.sin(a)
-        f = P / size_px
-        y = (s * self.kx + c * self.ky) * f + P // 2 - lo
-        x = (c * self.kx - s * self.ky) * f + P // 2 - lo
-        y0, x0 = np.floor(y), np.floor(x)
-        fy, fx = (y - y0).astype(np.float32), (x - x0).astype(np.float32)
-        y0, x0 = y0.astype(np.int64), x0.astype(np.int64)
-        ok = (y0 >= 0) & (y0 < Pc - 1) & (x0 >= 0) & (x0 < Pc - 1) & self.inside
-        y0, x0 = np.clip(y0, 0, Pc - 2), np.clip(x0, 0, Pc - 2)
-        base = y0 * Pc + x0
-        index = np.stack([base, base + 1, base + Pc, base + Pc + 1])
-        weight = np.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx])
-        weight *= ok.astype(np.float32)
-        return xp.asarray(index), xp.asarray(weight.astype(np.float32))
+        interpolation at ``Aᵀk`` (:func:`streamem.pick.bank.bilinear_plan_at`)."""
+        index, weight = bilinear_plan_at(
+            self.ky, self.kx, psi_deg, P / size_px, P // 2 - lo, Pc, np
+        )
+        weight *= self.inside.astype(np.float32)
+        return xp.asarray(index), xp.asarray(weight)
 
 
 def _to_host(a):
@@ -163,8 +153,23 @@ def _angle_groups(psi_list: np.ndarray, symmetric: bool) -> list[tuple[float, li
     return out
 
 
-def scan_batched(prepared, bank: TemplateBank, filt, moments, psi_list, s_fixed, workers=None):
+def scan_batched(
+    prepared,
+    bank: TemplateBank,
+    filt,
+    moments,
+    psi_list,
+    s_fixed,
+    workers=None,
+    coarse_factor: int = 1,
+    separation_px: float = 0.0,
+):
     """The batched scan (module docstring); returns :class:`streamem.pick.scan._Best`.
+
+    ``coarse_factor`` > 1: scan every ``coarse_factor``-th angle of ``psi_list``, then
+    score the angles between at the candidate peaks (:mod:`streamem.pick.psi_refine`,
+    ``separation_px`` work pixels apart); the counts of that step are in the returned
+    best's ``refined``.
 
     On NumPy the angle groups of each template batch are split into ``workers``
     contiguous runs scanned on as many threads (one FFT thread each: NumPy and
@@ -181,7 +186,7 @@ def scan_batched(prepared, bank: TemplateBank, filt, moments, psi_list, s_fixed,
     W = grid.work_px
     nthreads = fft_workers(workers)
     plan = DiscPlan(grid, xp)
-    groups = _angle_groups(psi_list, plan.perm is not None)
+    groups = _angle_groups(psi_list[::coarse_factor], plan.perm is not None)
     n_runs = min(nthreads, len(groups)) if xp.__name__ == "numpy" else 1
     scan = _Scan(prepared, bank, filt, moments, s_fixed, plan, xp, nthreads // n_runs)
     n = bank.n_templates
@@ -195,6 +200,10 @@ def scan_batched(prepared, bank: TemplateBank, filt, moments, psi_list, s_fixed,
             parts = pool.map(batch.scan, [[groups[i] for i in run] for run in runs])
             for part in parts:  # in angle order: ties keep the earlier angle
                 best.update(part.key, part.c, part.p, part.cls, part.psi, xp)
+    if coarse_factor > 1:
+        from streamem.pick.psi_refine import refine_psi
+
+        best.refined = refine_psi(best, scan, psi_list, coarse_factor, separation_px)
     return best
 
 

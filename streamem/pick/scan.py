@@ -41,6 +41,7 @@ class FomResult:
     score: np.ndarray
     template_scale: float
     grid: WorkGrid
+    psi_refined: dict | None = None  # coarse-to-fine: coarse factor, candidate pixels
 
 
 def psi_angles_deg(psi_step_deg: float) -> np.ndarray:
@@ -80,6 +81,7 @@ class _Best:
     p: object
     cls: object
     psi: object
+    refined: dict | None = None  # counts of the fine-angle step (coarse-to-fine scans)
 
     @classmethod
     def empty(cls, W: int, xp) -> _Best:
@@ -147,6 +149,7 @@ def template_fom(
     max_background_structure: float | None = MAX_BACKGROUND_STRUCTURE,
     batched: bool = True,
     workers: int | None = None,
+    coarse_psi: bool = True,
 ) -> FomResult:
     """RELION's figure-of-merit map of one micrograph (module docstring).
 
@@ -156,8 +159,13 @@ def template_fom(
     ``batched`` (default): all templates and the four quarter turns of each psi in one
     array operation (:mod:`streamem.pick.fastscan`, ``workers`` FFT threads on NumPy,
     default all cores); False: the reference loop (rotate, filter, correlate per psi).
+    ``coarse_psi`` (batched only): a coarse pass over psi, then the fine angles at the
+    candidate peaks (:mod:`streamem.pick.psi_refine`), where the particle is small
+    enough for the requested step to be finer than it needs; False: every angle at
+    every pixel.
     """
     from streamem.pick.fastscan import scan_batched
+    from streamem.pick.psi_refine import coarse_psi_factor
 
     grid = prepared.grid
     xp = xp_of(prepared.ft)
@@ -171,7 +179,11 @@ def template_fom(
     psi_list = psi_angles_deg(psi_step_deg)
     s_fixed = template_scale
     if batched:
-        best = scan_batched(prepared, bank, filt, moments, psi_list, s_fixed, workers)
+        radius_w = particle_radius * grid.scale
+        factor = coarse_psi_factor(len(psi_list), radius_w) if coarse_psi else 1
+        best = scan_batched(
+            prepared, bank, filt, moments, psi_list, s_fixed, workers, factor, 0.5 * radius_w
+        )
     else:
         best = _scan_loop(prepared, bank, filt, moments, psi_list, s_fixed)
     if s_fixed is None:
@@ -197,6 +209,7 @@ def template_fom(
         to_numpy(best.key),
         float(s),
         grid,
+        None if best.refined is None else {"coarse_factor": factor, **best.refined},
     )
 
 

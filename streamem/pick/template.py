@@ -71,8 +71,12 @@ batched inverse FFT on all the worker's cores (CuPy's FFT on a GPU), and the bes
 template per pixel is the argmax of ``cc' − μ b`` before any division. It equals the
 reference loop (``TemplatePickParams(batched=False)``) to float32 rounding. What is
 left is the FFTs themselves (``n_templates x n_psi`` inverse FFTs of the work grid:
-3456 of 750² for 48 directions x 5° at 2048 px, 3.59 Å/px, 20 Å); ``streamem bench
-pick`` measures both scans, that floor and the LoG picker in one run.
+3456 of 750² for 48 directions x 5° at 2048 px, 3.59 Å/px, 20 Å), so by default
+(``coarse_psi``) the FFT scan runs over a coarse subset of the angles, sized by the
+particle, and every angle is scored in real space at the candidate peaks only
+(:mod:`streamem.pick.psi_refine`): 8 of the 72 angles in that example.
+``streamem bench pick`` measures the default scan, the exhaustive one, the FFT floor
+and the LoG picker in one run, and how many picks the two scans share.
 
 **Peaks** (:mod:`streamem.pick.peaks`): local maxima of the FOM map at or above the
 threshold (default 0.5: three quarters of a typical particle's amplitude with the
@@ -228,7 +232,9 @@ class TemplatePickParams:
     or 0: off; see :func:`background_structure`); ``downscale`` (False keeps the
     full-size grid with the same filter, for tests); ``batched`` (False: the
     reference scan loop, :func:`streamem.pick.scan.template_fom`); ``fft_workers``
-    (FFT threads of the batched scan; None: all cores, or STREAMEM_PICK_FFT_WORKERS).
+    (FFT threads of the batched scan; None: all cores, or STREAMEM_PICK_FFT_WORKERS);
+    ``coarse_psi`` (batched scan: a coarse pass over psi, then the fine angles at the
+    candidate peaks, :mod:`streamem.pick.psi_refine`; False: every angle everywhere).
     """
 
     particle_diameter_A: float
@@ -245,6 +251,7 @@ class TemplatePickParams:
     downscale: bool = True
     batched: bool = True
     fft_workers: int | None = None
+    coarse_psi: bool = True
 
     def __post_init__(self):
         if not self.particle_diameter_A > 0:
@@ -319,6 +326,7 @@ def pick_templates(
         max_background_structure=p.max_background_structure,
         batched=p.batched,
         workers=p.fft_workers,
+        coarse_psi=p.coarse_psi,
     )
     region = tuple(int(round(n * grid.scale)) for n in mic.shape)
     peaks = find_peaks(
