@@ -21,11 +21,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from streamem.bench import scratch_folder
 
 # The child reports its own peak RSS (VmHWM), so the 2k and 20k numbers do not mix
 # (RUSAGE_CHILDREN is the max over every child so far). Writing "5" to clear_refs resets
@@ -140,7 +141,7 @@ def measure(
     workers: int = 0,
     workdir: str | None = None,
 ) -> dict:
-    folder = Path(tempfile.mkdtemp(prefix="streamem-bench-import-", dir=workdir))
+    folder = scratch_folder("streamem-bench-import-", workdir)
     try:
         stack_dir, stars = write_dataset(folder, particles, stacks, box, small)
         stack_bytes = sum(p.stat().st_size for p in stack_dir.iterdir())

@@ -153,7 +153,7 @@ def run(args) -> int:
     ram = psutil.virtual_memory().total
     target = args.target_gb * 1e9 if args.target_gb else 2 * ram
     workdir = Path(args.workdir or tempfile.gettempdir())
-    workdir.mkdir(parents=True, exist_ok=True)  # the stores go in a temporary folder inside
+    workdir.mkdir(parents=True, exist_ok=True)  # where the user asked (a temp folder inside)
     sizes = plan(target, args.box, workdir, args.small)
     report: dict = {"ram_bytes": ram, "box": args.box, **sizes}
     with tempfile.TemporaryDirectory(prefix="streamem-out-of-core-", dir=workdir) as tmp:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from streamem.bench import scratch_folder
 
 _CHILD = """
 import json, sys, time, dask
@@ -41,26 +43,34 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--particles", type=int, default=1000, help="N (the large run has 10N)")
     p.add_argument("--box", type=int, default=32)
     p.add_argument("--chunk-size", type=int, default=250)
+    p.add_argument("--workdir", default=None, help="where the stores go (default: temp dir)")
+    p.add_argument("--json", default=None, help="also write the results to this file")
     p.set_defaults(func=run)
 
 
-def measure(n: int, box: int, chunk: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def measure(n: int, box: int, chunk: int, workdir: str | None = None) -> dict:
+    folder = scratch_folder("streamem-bench-refine-", workdir)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    try:
         out = subprocess.run(
-            [sys.executable, "-c", _CHILD, tmp, str(n), str(box), str(chunk)],
+            [sys.executable, "-c", _CHILD, str(folder), str(n), str(box), str(chunk)],
             capture_output=True,
             text=True,
             env=env,
             cwd=Path(__file__).resolve().parents[2],
         )
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr[-2000:])
-        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run(args) -> int:
-    rows = [measure(n, args.box, args.chunk_size) for n in (args.particles, 10 * args.particles)]
+    sizes = (args.particles, 10 * args.particles)
+    rows = [measure(n, args.box, args.chunk_size, args.workdir) for n in sizes]
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"{'particles':>10} {'s/iteration':>12} {'ms/particle':>12} {'peak RSS MiB':>13}")
     for r in rows:
         print(

@@ -18,8 +18,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from streamem.bench import scratch_folder
 
 _CHILD = """
 import json, sys, time
@@ -100,7 +101,7 @@ def measure(
     # The same chunk for both sizes (the store's default for the box), so that the
     # peak-RSS ratio shows growth with N rather than a difference in chunk size.
     chunk_size = chunk_size or default_chunk_size(box)
-    folder = Path(tempfile.mkdtemp(prefix="streamem-bench-simulate-", dir=workdir))
+    folder = scratch_folder("streamem-bench-simulate-", workdir)
     try:
         runs = {}
         for label, n in (("small", small), ("large", small * factor)):

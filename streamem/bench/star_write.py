@@ -123,6 +123,8 @@ def write_in_child(store_path: Path, results_path: Path, out: Path, rows: int = 
 def run(args) -> int:
     n = int(args.particles)
     report: dict = {"particles": n, "chunk_size": args.chunk_size}
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)  # where the user asked
     with tempfile.TemporaryDirectory(prefix="streamem-star-write-", dir=args.workdir) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
