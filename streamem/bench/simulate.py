@@ -98,9 +98,10 @@ def measure(
 ) -> dict:
     from streamem.io.store import default_chunk_size
 
-    # The same chunk for both sizes (the store's default for the box), so that the
-    # peak-RSS ratio shows growth with N rather than a difference in chunk size.
-    chunk_size = chunk_size or default_chunk_size(box)
+    # The same chunk for both sizes (the store's default for the box, at most the small
+    # set: a store's chunk is at most its size), so that the peak-RSS ratio shows growth
+    # with N rather than a difference in chunk size.
+    chunk_size = chunk_size or min(default_chunk_size(box), small)
     folder = scratch_folder("streamem-bench-simulate-", workdir)
     try:
         runs = {}
