@@ -149,3 +149,17 @@ def test_coarse_to_fine_with_a_fixed_template_scale(picked):
     m = match_coordinates(np.stack([a.y, a.x], 1), np.stack([b.y, b.x], 1), 2.0)
     assert m.n_matched >= 0.95 * max(len(a), len(b))
     assert (fa.fom - fb.fom).max() < 2e-2 * np.abs(fb.fom).max()
+
+
+def test_candidates_too_costly_in_real_space_fall_back_to_every_angle(picked, monkeypatch):
+    """Past the real-space budget the scan runs every angle by FFT: the exhaustive maps."""
+    from streamem.pick import psi_refine
+
+    monkeypatch.setattr(psi_refine, "REAL_SPACE_BUDGET", 0.0)
+    mic, ctf, bank = picked[0]["inputs"]
+    params = TemplatePickParams(108.0, psi_step_deg=5.0)
+    _, res = pick_templates(mic, PIXEL_A, bank, params, ctf)[:2]
+    exhaustive = picked[0]["exhaustive"][1]
+    assert res.psi_refined is None
+    np.testing.assert_array_equal(res.fom, exhaustive.fom)
+    np.testing.assert_array_equal(res.psi_deg, exhaustive.psi_deg)

@@ -98,10 +98,11 @@ def measure(
 ) -> dict:
     from streamem.io.store import default_chunk_size
 
-    # The same chunk for both sizes (the store's default for the box, at most the small
-    # set: a store's chunk is at most its size), so that the peak-RSS ratio shows growth
-    # with N rather than a difference in chunk size.
-    chunk_size = chunk_size or min(default_chunk_size(box), small)
+    # The same chunk for both sizes (the store's default for the box, at most an eighth
+    # of the small set, so that both sets keep every worker busy with chunks in flight),
+    # so that the peak-RSS ratio shows growth with N rather than a difference in chunk
+    # size or in chunks at once (a one-chunk set runs one task at a time).
+    chunk_size = chunk_size or min(default_chunk_size(box), max(1, small // 8))
     folder = scratch_folder("streamem-bench-simulate-", workdir)
     try:
         runs = {}

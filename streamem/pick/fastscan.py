@@ -169,7 +169,8 @@ def scan_batched(
     ``coarse_factor`` > 1: scan every ``coarse_factor``-th angle of ``psi_list``, then
     score the angles between at the candidate peaks (:mod:`streamem.pick.psi_refine`,
     ``separation_px`` work pixels apart); the counts of that step are in the returned
-    best's ``refined``.
+    best's ``refined`` (when that step would cost more than the FFTs it saves, every
+    angle is scanned instead and ``refined`` is None).
 
     On NumPy the angle groups of each template batch are split into ``workers``
     contiguous runs scanned on as many threads (one FFT thread each: NumPy and
@@ -204,6 +205,8 @@ def scan_batched(
         from streamem.pick.psi_refine import refine_psi
 
         best.refined = refine_psi(best, scan, psi_list, coarse_factor, separation_px)
+        if best.refined is None:  # real-space scoring would cost more: every angle by FFT
+            return scan_batched(prepared, bank, filt, moments, psi_list, s_fixed, workers)
     return best
 
 

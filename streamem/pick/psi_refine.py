@@ -15,10 +15,10 @@ for a particle of radius R. So:
    pick`` (2 x 2048 px, 3.59 Å/px, 149 Å particles, 48 templates, 5°), rim shifts of
    4, 6 and 12 work px (30°, 45° and 90° coarse steps) all gave 190 of 190 of the
    exhaustive scan's picks; 6 keeps a margin for weaker data.
-2. **Candidates.** Local maxima of the coarse key (z with the automatic template scale,
-   the FOM with a fixed one) at or above a floor (:data:`CANDIDATE_Z`,
-   :data:`CANDIDATE_FOM`: well below any pick, about the noise's best over all
-   templates), at least ``separation`` apart, and every pixel within
+2. **Candidates.** Local maxima of the coarse pass's detection score z (the scan key
+   with the automatic template scale; ``C npix / ‖A‖`` of the winner with a fixed
+   one) at or above :data:`CANDIDATE_Z` (well below any pick, just above the noise's
+   best over all templates), at least ``separation`` apart, and every pixel within
    :data:`WINDOW_PX` of one (so the peak finder's sub-pixel neighbours are scored too).
 3. **Fine angles there.** At those pixels, every template at the fine angles between
    the pixel's coarse winner and its coarse neighbours, scored in real space: the
@@ -46,9 +46,13 @@ from streamem.core.backend import to_numpy, xp_of
 from streamem.pick.bank import TemplateBank, template_images
 
 COARSE_ARC_PX = 6.0  # the coarse step moves the particle's rim by at most this (work px)
-CANDIDATE_Z = 5.0  # floor of the coarse z at a candidate peak (auto scale)
-CANDIDATE_FOM = -0.5  # floor of the coarse FOM at a candidate (fixed scale)
+CANDIDATE_Z = 5.0  # floor of the coarse detection score z at a candidate peak
 WINDOW_PX = 2  # pixels scored around each candidate, each way
+# the real-space scoring runs if (pixels x box²) <= this x W² log2(W²): measured at
+# 2048 px (48 templates, 5°, bench pick) a fine pair cost 0.45 ms in real space at a
+# ratio of 1.5, against 18 ms by FFT and reduction, so they break even near 60; 12
+# leaves a 5x margin; beyond it the scan falls back to the FFTs of every angle
+REAL_SPACE_BUDGET = 12.0
 ENERGY_OUTSIDE = 1e-4  # template energy left outside the real-space scoring box (measured: 3e-4 moves 1 pick in 94 by 2.6 px)
 BLOCK_PIXELS = 256  # window pixels per matrix product
 
@@ -107,28 +111,35 @@ def refine_psi(best, scan, psi_list: np.ndarray, factor: int, separation_px: flo
 
     ``scan`` a :class:`streamem.pick.fastscan._Scan` of the micrograph; ``psi_list``
     the fine angles (degrees, equally spaced from 0). Returns counts for the log and
-    the benchmark: candidate peaks, pixels scored and fine angles.
+    the benchmark (candidate peaks, pixels scored, fine angles, box), or None, with
+    ``best`` untouched, when scoring the candidates in real space would cost more than
+    the FFTs of the fine angles (:data:`REAL_SPACE_BUDGET`).
     """
     from streamem.pick.fastscan import _irfft2_batch
 
     xp = scan.xp
     grid, bank = scan.grid, scan.bank
     W, n = grid.work_px, bank.n_templates
-    floor = CANDIDATE_Z if scan.s_fixed is None else CANDIDATE_FOM
-    my, mx = candidate_pixels(to_numpy(best.key), floor, separation_px, 0)
+    z = to_numpy(best.key)
+    if scan.s_fixed is not None:  # the key is the FOM: z of the winner, C npix / ‖A‖
+        e = scan.npix / np.sqrt(scan.energy)
+        z = to_numpy(best.c) * e[to_numpy(best.cls)].astype(np.float32)
+    my, mx = candidate_pixels(z, CANDIDATE_Z, separation_px, 0)
     fine = [j for j in range(len(psi_list)) if j % factor]
-    if my.size == 0 or not fine:
-        return {"peaks": int(my.size), "pixels": 0, "angles": 0}
     b = template_box_px(bank, grid)
+    if my.size == 0 or not fine:
+        return {"peaks": int(my.size), "pixels": 0, "angles": 0, "box_px": b}
+    window = np.zeros((W, W), dtype=bool)
+    window[my, mx] = True
+    window = ndimage.binary_dilation(window, np.ones((2 * WINDOW_PX + 1,) * 2, bool))
+    if int(window.sum()) * b * b > REAL_SPACE_BUDGET * W * W * math.log2(W * W):
+        return None
     y = _irfft2_batch(scan.Y.reshape(W, W // 2 + 1, 1), W, xp, scan.fft_threads)[:, :, 0]
     # y_pad[i] = y[(i − c) mod W] with c = b // 2, the templates' centre: the patch of
     # pixel r is y_pad[r : r + b] on both axes
     c = b // 2
     y_pad = xp.pad(y, ((c, b - c), (c, b - c)), mode="wrap")
     scores = _PairScores(scan, bank, psi_list, fine, b)
-    window = np.zeros((W, W), dtype=bool)
-    window[my, mx] = True
-    window = ndimage.binary_dilation(window, np.ones((2 * WINDOW_PX + 1,) * 2, bool))
     wy, wx = (xp.asarray(a) for a in np.nonzero(window))
     for p0 in range(0, int(wy.shape[0]), BLOCK_PIXELS):
         py, px = wy[p0 : p0 + BLOCK_PIXELS], wx[p0 : p0 + BLOCK_PIXELS]
