@@ -67,14 +67,17 @@ def measure(n: int, box: int, chunk: int, workdir: str | None = None) -> dict:
 
 
 def run(args) -> int:
-    sizes = (args.particles, 10 * args.particles)
-    rows = [measure(n, args.box, args.chunk_size, args.workdir) for n in sizes]
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"{'particles':>10} {'s/iteration':>12} {'ms/particle':>12} {'peak RSS MiB':>13}")
-    for r in rows:
+    rows = []
+    for n in (args.particles, 10 * args.particles):  # each row as soon as it is measured
+        r = measure(n, args.box, args.chunk_size, args.workdir)
+        rows.append(r)
         print(
-            f"{r['n']:>10} {r['seconds']:>12.1f} {1000 * r['seconds'] / r['n']:>12.2f} {r['peak_kib'] / 1024:>13.1f}"
+            f"{r['n']:>10} {r['seconds']:>12.1f} {1000 * r['seconds'] / r['n']:>12.2f} "
+            f"{r['peak_kib'] / 1024:>13.1f}",
+            flush=True,
         )
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"peak RSS ratio 10N/N: {rows[1]['peak_kib'] / rows[0]['peak_kib']:.3f}")
     return 0
