@@ -49,7 +49,8 @@ class WorkGrid:
         return self.pixel_size_A * self.size_px / self.work_px
 
 
-def _even_fast_len(n: int) -> int:
+def even_fast_len(n: int) -> int:
+    """The smallest even length >= n with small prime factors (a fast real FFT size)."""
     n = max(2, int(n))
     while True:
         m = scipy.fft.next_fast_len(n, real=True)
@@ -70,7 +71,7 @@ def work_grid(
     if lowpass_A is None or lowpass_A <= 2.0 * pixel_size_A:
         return WorkGrid(S, S, float(pixel_size_A), None)
     cutoff = S * pixel_size_A / lowpass_A
-    W = min(S, _even_fast_len(2 * math.ceil(cutoff))) if downscale else S
+    W = min(S, even_fast_len(2 * math.ceil(cutoff))) if downscale else S
     return WorkGrid(S, W, float(pixel_size_A), float(cutoff))
 
 

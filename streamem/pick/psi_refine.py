@@ -20,13 +20,15 @@ for a particle of radius R. So:
    one) at or above :data:`CANDIDATE_Z` (well below any pick, just above the noise's
    best over all templates), at least ``separation`` apart, and every pixel within
    :data:`WINDOW_PX` of one (so the peak finder's sub-pixel neighbours are scored too).
-3. **Fine angles there.** At those pixels, every template at the fine angles between
-   the pixel's coarse winner and its coarse neighbours, scored in real space: the
-   correlation at r is ``Σ_s t_ψ(s) y(r + s)``, with y the filtered micrograph (one
-   inverse FFT) and ``t_ψ`` the rotated template on a small box
-   (:func:`streamem.pick.bank.template_images`), as one matrix product of patches by
-   templates per coarse angle. Where a fine angle beats the coarse best, it replaces
-   it (key, C, ⟨A²⟩, template, psi).
+3. **Every other angle there.** At those pixels, every template at every angle the
+   coarse pass skipped, scored in real space: the correlation at r is
+   ``Σ_s t_ψ(s) y(r + s)``, with y the filtered micrograph (one inverse FFT) and
+   ``t_ψ`` the rotated template on a small box that holds it
+   (:func:`streamem.pick.bank.template_images`, :func:`template_box_px`), as matrix
+   products of patches by templates, with the scan's own key formula. Where a fine
+   angle beats the coarse best, it replaces it (key, C, ⟨A²⟩, template, psi). Where
+   that would cost more than the FFTs it saves (:data:`REAL_SPACE_BUDGET`: big
+   templates, many candidates), the scan runs every angle by FFT instead.
 
 Everywhere else the maps keep the coarse pass's values, which are at most the
 exhaustive scan's; so peaks are found where the exhaustive scan finds them and
@@ -39,11 +41,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.fft
 from scipy import ndimage
 
 from streamem.core.backend import to_numpy, xp_of
 from streamem.pick.bank import TemplateBank, template_images
+from streamem.pick.micrograph import even_fast_len
 
 COARSE_ARC_PX = 6.0  # the coarse step moves the particle's rim by at most this (work px)
 CANDIDATE_Z = 5.0  # floor of the coarse detection score z at a candidate peak
@@ -53,7 +55,9 @@ WINDOW_PX = 2  # pixels scored around each candidate, each way
 # ratio of 1.5, against 18 ms by FFT and reduction, so they break even near 60; 12
 # leaves a 5x margin; beyond it the scan falls back to the FFTs of every angle
 REAL_SPACE_BUDGET = 12.0
-ENERGY_OUTSIDE = 1e-4  # template energy left outside the real-space scoring box (measured: 3e-4 moves 1 pick in 94 by 2.6 px)
+# template energy left outside the real-space scoring box (measured at 2048 px: 3e-4,
+# a 20 px box, moved 1 pick in 94 by 2.6 px; 1e-4, 36 px, none)
+ENERGY_OUTSIDE = 1e-4
 BLOCK_PIXELS = 256  # window pixels per matrix product
 
 
@@ -71,30 +75,21 @@ def coarse_psi_factor(n_psi: int, radius_work_px: float) -> int:
     return best
 
 
-def candidate_pixels(key: np.ndarray, floor: float, separation_px: float, window_px: int):
-    """Pixels ``(iy, ix)`` int64 within ``window_px`` of a local maximum of ``key``
-    ``(W, W)`` (over a square of side ``2·separation + 1``) at or above ``floor``."""
+def candidate_peaks(z: np.ndarray, floor: float, separation_px: float):
+    """Local maxima ``(iy, ix)`` int64 of ``z`` ``(W, W)`` over squares of side
+    ``2·separation + 1`` (periodic), at or above ``floor``."""
     size = 2 * max(1, int(round(separation_px))) + 1
-    finite = np.where(np.isfinite(key), key, -np.inf)
+    finite = np.where(np.isfinite(z), z, -np.inf)
     peaks = (finite == ndimage.maximum_filter(finite, size=size, mode="wrap")) & (finite >= floor)
-    if window_px > 0:
-        peaks = ndimage.binary_dilation(peaks, np.ones((2 * window_px + 1,) * 2, bool))
     iy, ix = np.nonzero(peaks)
     return iy.astype(np.int64), ix.astype(np.int64)
-
-
-def _even_fast(n: int) -> int:
-    n += n % 2
-    while (m := scipy.fft.next_fast_len(n, real=True)) % 2:
-        n = m + 1
-    return m
 
 
 def template_box_px(bank: TemplateBank, grid) -> int:
     """An even FFT-friendly box (work px) that holds what the templates hold at any psi:
     the disc outside which they keep under :data:`ENERGY_OUTSIDE` of their energy
     (their box's circumscribed square at most)."""
-    outer = _even_fast(int(math.ceil(bank.box_size * grid.scale * math.sqrt(2.0))) + 2)
+    outer = even_fast_len(int(math.ceil(bank.box_size * grid.scale * math.sqrt(2.0))) + 2)
     images = to_numpy(template_images(bank, 0.0, grid, outer)).astype(np.float64)
     c = np.arange(outer) - outer // 2
     r = np.hypot(c[:, None], c[None, :]).ravel()
@@ -102,7 +97,7 @@ def template_box_px(bank: TemplateBank, grid) -> int:
     order = np.argsort(r)
     kept = np.cumsum(energy[order]) / max(energy.sum(), 1e-300)
     radius = r[order][min(np.searchsorted(kept, 1.0 - ENERGY_OUTSIDE), r.size - 1)]
-    return min(outer, _even_fast(2 * int(math.ceil(radius)) + 2))
+    return min(outer, even_fast_len(2 * int(math.ceil(radius)) + 2))
 
 
 def refine_psi(best, scan, psi_list: np.ndarray, factor: int, separation_px: float) -> dict:
@@ -124,7 +119,7 @@ def refine_psi(best, scan, psi_list: np.ndarray, factor: int, separation_px: flo
     if scan.s_fixed is not None:  # the key is the FOM: z of the winner, C npix / ‖A‖
         e = scan.npix / np.sqrt(scan.energy)
         z = to_numpy(best.c) * e[to_numpy(best.cls)].astype(np.float32)
-    my, mx = candidate_pixels(z, CANDIDATE_Z, separation_px, 0)
+    my, mx = candidate_peaks(z, CANDIDATE_Z, separation_px)
     fine = [j for j in range(len(psi_list)) if j % factor]
     b = template_box_px(bank, grid)
     if my.size == 0 or not fine:
