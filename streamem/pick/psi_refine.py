@@ -185,18 +185,14 @@ class _PairScores:
             for j in fine
         ]
         self.T = xp.ascontiguousarray(xp.concatenate(blocks, axis=0).T)
-        self.n_pairs = self.T.shape[1]
 
-    def keys(self, cc, py, px, cols=None):
-        """Scan key and C of cc' ``(m, pairs)`` or ``(m, w, pairs)`` at pixels ``(py, px)``
-        (shape of cc's leading axes); ``cols``: the pairs' columns (default all)."""
+    def keys(self, cc, py, px):
+        """Scan key and C of cc' ``(m, pairs)`` at pixels ``(py, px)`` ``(m,)``."""
         from streamem.pick.scan import _fom
 
-        xp = self.xp
-        mu, sigma = self.mu[py, px][..., None], self.sigma[py, px][..., None]
-        pick = (lambda a: a) if cols is None else (lambda a: a[cols][..., None, :])
+        mu, sigma = self.mu[py, px][:, None], self.sigma[py, px][:, None]
         if self.s_fixed is None:
-            key = (cc - mu * pick(self.b_col)) / sigma
-            return key, key / pick(self.e_col)
-        C = (cc - mu * pick(self.ma_col)) / sigma
-        return _fom(C, pick(self.ma2_col), self.s_fixed, xp), C
+            key = (cc - mu * self.b_col) / sigma
+            return key, key / self.e_col
+        C = (cc - mu * self.ma_col) / sigma
+        return _fom(C, self.ma2_col, self.s_fixed, self.xp), C
