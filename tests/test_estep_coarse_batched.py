@@ -105,3 +105,49 @@ def test_phase_timer_is_exclusive_and_sums():
     assert a.phase_seconds == total.phase_seconds and a.coarse_flops == 3e9
     line = phase_table({p: 1.0 for p in PHASES}, coarse_flops=4e9, sgemm_flops=8e9)
     assert "(0.50 of SGEMM)" in line and line.startswith("read_fft 1.0")
+
+
+@pytest.mark.parametrize("waste", [1, 3, 10**6])
+def test_local_score_groups_of_any_size_give_the_per_image_statistics(data, waste, monkeypatch):
+    """One dense GEMM per group against its union (groups of one image, a few, or the
+    whole part without a gather) scores each image as the per-image loop does."""
+    from streamem.em import coarse_pass
+
+    images, metadata, model, truth = data
+    local = _models(model, truth)["local"]
+    _, r_old = expectation(images, metadata, replace(local, coarse={}), batched=False)
+    monkeypatch.setattr(coarse_pass, "LOCAL_GROUP_WASTE", waste)
+    seen = []
+    groups = coarse_pass.local_score_groups
+    monkeypatch.setattr(
+        coarse_pass,
+        "local_score_groups",
+        lambda *a: [seen.append(g) or g for g in groups(*a)],
+    )
+    s_new, r_new = expectation(images, metadata, replace(local, coarse={}), batched=True)
+    s_ref, _ = expectation(images, metadata, replace(local, coarse={}), batched=False)
+    assert largest_relative_difference(s_ref, s_new) < 1e-5
+    for f in ("rot", "tilt", "psi", "origin_x_A", "origin_y_A", "n_significant"):
+        np.testing.assert_array_equal(getattr(r_old, f), getattr(r_new, f), err_msg=f)
+    sizes = [g.stop - g.start for g, _ in seen]
+    if waste == 1:  # a union never exceeds one image's count: groups of one image mostly
+        assert max(sizes) <= 2 and all(u is not None for _, u in seen)
+    if waste == 10**6:  # every part is one group, scored without a gather
+        assert all(u is None for _, u in seen)
+
+
+def test_local_score_groups_cover_the_part_in_order_and_hold_each_images_rows():
+    from streamem.em.coarse_pass import local_score_groups
+
+    rng = np.random.default_rng(3)
+    own = [np.unique(rng.integers(0, 400, rng.integers(20, 40))) for _ in range(30)]
+    groups = list(local_score_groups(own, 400, 2, 9, 100))
+    assert groups[0][0].start == 0 and groups[-1][0].stop == 30
+    for (a, _), (b, _) in zip(groups, groups[1:], strict=False):
+        assert a.stop == b.start
+    for sl, union in groups:
+        assert union is not None and np.all(np.diff(union) > 0)
+        c = max(own[i].size for i in range(sl.start, sl.stop))
+        assert union.size <= 8 * c or sl.stop - sl.start == 1
+        for i in range(sl.start, sl.stop):
+            assert np.isin(own[i], union).all()
