@@ -149,7 +149,7 @@ def candidate_union(cands):
     cands: per image its candidate angles (c_i, 3) degrees. Returns (angles (J, 3), per
     image (c_i,) int64 rows). Rows in first-met order (not sorted) keep each image's
     slices together, close in orientation, so projecting them reads the half cube from
-    cache (1.2x faster than sorted rows at box 128, measured).
+    cache.
     """
     keys, first, inverse = np.unique(
         np.round(np.concatenate(cands), 6), axis=0, return_index=True, return_inverse=True
@@ -227,21 +227,17 @@ def local_score_groups(own, J: int, K: int, T: int, Mc: int):
     if J <= LOCAL_GROUP_WASTE * c_max:
         yield slice(0, n), None
         return
-    start, union = 0, np.unique(own[0])
-    for i in range(1, n + 1):
-        grown = np.union1d(union, own[i]) if i < n else None
-        if grown is not None:
-            U, m = grown.size, i + 1 - start
-            c = max(o.size for o in own[start : i + 1])
-            fits = (
-                U <= LOCAL_GROUP_WASTE * c and K * U * 4 * max(2 * Mc, m * T) <= LOCAL_GATHER_BYTES
-            )
-            if fits:
-                union = grown
-                continue
-        yield slice(start, i), union
-        if i < n:
-            start, union = i, np.unique(own[i])
+    start, union = 0, own[0]
+    for i in range(1, n):
+        grown = np.union1d(union, own[i])
+        c = max(o.size for o in own[start : i + 1])
+        size = K * grown.size * 4 * max(2 * Mc, (i + 1 - start) * T)
+        if grown.size <= LOCAL_GROUP_WASTE * c and size <= LOCAL_GATHER_BYTES:
+            union = grown
+            continue
+        yield slice(start, i), np.unique(union)
+        start, union = i, own[i]
+    yield slice(start, n), np.unique(union)
 
 
 def _local_scores_loop(Xs, cw, ref_c, S, own, ang_c, part, model, offset_prior, stats):
