@@ -45,25 +45,45 @@ def _corner(kx, ky, rows, c):  # pragma: no cover
     return ix, iy, iz, x - np.float32(ix), y - np.float32(iy), z - np.float32(iz), flip
 
 
+#: Points per tile of the extraction: every slice of a call reads the tile's corners
+#: before the next tile, so slices of nearby poses (a local search's candidates, a
+#: parent's children) find them in cache (1.75x at box 128 on 600 nearby poses).
+TILE_POINTS = 128
+
+
 @numba.njit(cache=True, nogil=True)
 def _slices(data, rows, kx, ky, inside, radius_padded, out):  # pragma: no cover
     c = np.float32(radius_padded + 1)
     flat = data.ravel()
     sz, sy, one = np.uintp(data.shape[1] * data.shape[2]), np.uintp(data.shape[2]), np.uintp(1)
-    for n in range(rows.shape[0]):
-        row = out[n]
-        for m in range(kx.shape[0]):
-            ix, iy, iz, fx, fy, fz, flip = _corner(kx[m], ky[m], rows[n], c)
-            b0 = iz * sz + iy * sy + ix  # corner (z0, y0, x0); then + x, + y, + z
-            b1 = b0 + sz
-            c00 = flat[b0] + fx * (flat[b0 + one] - flat[b0])
-            c01 = flat[b0 + sy] + fx * (flat[b0 + sy + one] - flat[b0 + sy])
-            c10 = flat[b1] + fx * (flat[b1 + one] - flat[b1])
-            c11 = flat[b1 + sy] + fx * (flat[b1 + sy + one] - flat[b1 + sy])
-            c0 = c00 + fy * (c01 - c00)
-            c1 = c10 + fy * (c11 - c10)
-            v = c0 + fz * (c1 - c0)
-            row[inside[m]] = v.conjugate() if flip else v
+    n_points = kx.shape[0]
+    base = np.empty(TILE_POINTS, np.uintp)
+    frac = np.empty((3, TILE_POINTS), np.float32)
+    flipped = np.empty(TILE_POINTS, np.bool_)
+    for start in range(0, n_points, TILE_POINTS):
+        stop = min(start + TILE_POINTS, n_points)
+        for n in range(rows.shape[0]):
+            # corners first, then the reads: the reads of a tile no longer wait on the
+            # flip branch and the index arithmetic, so many are in flight at once (1.4x)
+            for m in range(start, stop):
+                ix, iy, iz, fx, fy, fz, flip = _corner(kx[m], ky[m], rows[n], c)
+                t = m - start
+                base[t] = iz * sz + iy * sy + ix  # corner (z0, y0, x0); then + x, + y, + z
+                frac[0, t], frac[1, t], frac[2, t], flipped[t] = fx, fy, fz, flip
+            row = out[n]
+            for m in range(start, stop):
+                t = m - start
+                b0 = base[t]
+                b1 = b0 + sz
+                fx, fy, fz = frac[0, t], frac[1, t], frac[2, t]
+                c00 = flat[b0] + fx * (flat[b0 + one] - flat[b0])
+                c01 = flat[b0 + sy] + fx * (flat[b0 + sy + one] - flat[b0 + sy])
+                c10 = flat[b1] + fx * (flat[b1 + one] - flat[b1])
+                c11 = flat[b1 + sy] + fx * (flat[b1 + sy + one] - flat[b1 + sy])
+                c0 = c00 + fy * (c01 - c00)
+                c1 = c10 + fy * (c11 - c10)
+                v = c0 + fz * (c1 - c0)
+                row[inside[m]] = v.conjugate() if flipped[t] else v
 
 
 def _rotation_rows(rotations, padding_factor: int) -> np.ndarray:
