@@ -1,5 +1,15 @@
 """``streamem bench estep-chunk``: one refine3d E-step chunk on NumPy and on CuPy.
 
+``--local``: instead, refine3d's local iterations on the CPU, one chunk each (box 128
+and 128 images unless given, SNR 0.05, previous poses 2° off the truth, work radius 0.36 of the
+box as at ~9.5 Å in the 3.59 Å/px run of ``bench refine-phases``, particle diameter
+0.65 of the box as its 300 Å): at the fine steps 3.75°, 1.88° and 0.94°, the E-step
+with each split of the fine grid into coarse and fine passes
+(:meth:`streamem.em.schedule.RefineSchedule.estep_sampling`: ``--local-oversampling``
+1, RELION's, and 2), and with the per-image coarse pass (``batched=False``) for the
+oversampling-1 split. Printed: seconds, the seconds over those of the 3.75° row, and
+the median angular error against the truth.
+
 A smooth random map, noisy projections at random poses (no CTF, known truth), and
 the refine3d E-step (:func:`streamem.em.estep.expectation`, scale-free scoring) run
 once with NumPy references and once with CuPy references (after a warm-up), for a
@@ -21,12 +31,15 @@ def register_bench(bench_sub) -> None:
     p = bench_sub.add_parser(
         "estep-chunk", help="one refine3d E-step chunk on NumPy vs CuPy", description=__doc__
     )
-    p.add_argument("--box", type=int, default=64)
-    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--box", type=int, default=None, help="pixels (default 64; --local: 128)")
+    p.add_argument("--images", type=int, default=None, help="(default 256; --local: 128)")
+    p.add_argument("--local", action="store_true",
+                   help="local iterations' splits of the fine grid on the CPU (see above)")  # fmt: skip
+    p.add_argument("--snr", type=float, default=0.05, help="with --local (default 0.05)")
     p.set_defaults(func=run)
 
 
-def _chunk(box: int, n: int, seed: int = 0):
+def _chunk(box: int, n: int, seed: int = 0, snr: float = 1.0):
     from scipy import ndimage
 
     from streamem.core.euler import euler_to_matrix
@@ -46,7 +59,8 @@ def _chunk(box: int, n: int, seed: int = 0):
     )
     rot = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
     images = project_images(make_projector(vol), rot)
-    images = (images + rng.normal(0, images.std(), images.shape)).astype(np.float32)
+    noise = images.std() / np.sqrt(snr)
+    images = (images + rng.normal(0, noise, images.shape)).astype(np.float32)
     metadata = {
         "rlnRandomSubset": np.arange(n) % 2 + 1,
         "rlnAngleRot": angles[:, 0],
@@ -126,7 +140,80 @@ def measure(box: int = 64, n_images: int = 256, xp=None, sync=lambda: None) -> l
     return rows
 
 
+def measure_local(
+    box: int = 128, n_images: int = 128, snr: float = 0.05, seed: int = 0, per_image: bool = True
+) -> list[dict]:
+    """One row per (fine step, split): see the module docstring (``--local``)."""
+    import dataclasses
+
+    from streamem.core.euler import angular_distance_deg, euler_to_matrix
+    from streamem.core.projector import make_projector
+    from streamem.em.estep import expectation
+    from streamem.em.schedule import RefineSchedule
+
+    vol, images, metadata, truth = _chunk(box, n_images, seed, snr)
+    rng = np.random.default_rng(seed + 1)
+    for k in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
+        metadata[k] = metadata[k] + rng.normal(0, 2.0, n_images)
+    radius_px = round(0.36 * box)
+    projector = make_projector(vol, 2, radius_px)
+    # warm-up (compiled kernels) before anything is timed
+    few = {k: v[:4] for k, v in metadata.items()}
+    expectation(images[:4], few, _model(projector, box, 3, 11.25))
+    rows = []
+    for nominal_order in (3, 4, 5):
+        step_deg = 60.0 / 2**nominal_order
+        splits = {
+            RefineSchedule(
+                healpix_order=nominal_order, local_from_order=3, local_oversampling=L,
+                local_sigma_deg=1.5 * step_deg, offset_range_px=3.0, offset_step_px=1.0,
+            ).estep_sampling()
+            for L in (1, 2)
+        }  # fmt: skip
+        for order, oversampling, offset_step_px in sorted(splits, reverse=True):
+            model = _model(projector, box, order, 1.5 * step_deg)
+            grid = dataclasses.replace(
+                model.grid, oversampling=oversampling, offset_step_px=offset_step_px
+            )
+            model = dataclasses.replace(
+                model, grid=grid, max_radius_px=radius_px, particle_diameter_A=0.65 * box * 3.0
+            )
+            row = {"fine_step_deg": step_deg / 2, "coarse_order": order,
+                   "oversampling": oversampling, "coarse_radius_px": model.coarse_radius_px}  # fmt: skip
+            for key, batched in (("s", True), ("per_image_s", False)):
+                if not batched and not (per_image and oversampling == 1):
+                    row[key] = None
+                    continue
+                t0 = time.perf_counter()
+                _, res = expectation(images, metadata, model, batched=batched)
+                row[key] = time.perf_counter() - t0
+                if batched:
+                    rot = euler_to_matrix(res.rot, res.tilt, res.psi)
+                    row["error_deg"] = float(np.median(angular_distance_deg(rot, truth)))
+            rows.append(row)
+    return rows
+
+
+def print_local(rows: list[dict], box: int, n_images: int, snr: float) -> None:
+    base = rows[0]["s"]
+    print(
+        f"local iterations, box {box}, {n_images} images, SNR {snr:g}, radius {round(0.36 * box)}"
+    )
+    print(f"{'fine step':>9s} {'coarse order':>12s} {'oversampling':>12s} {'coarse r':>8s} "
+          f"{'s':>7s} {'/ 3.75°':>7s} {'per-image s':>11s} {'median err °':>12s}")  # fmt: skip
+    for r in rows:
+        per_image = "-" if r["per_image_s"] is None else f"{r['per_image_s']:.1f}"
+        print(f"{r['fine_step_deg']:8.2f}° {r['coarse_order']:12d} {r['oversampling']:12d} "
+              f"{r['coarse_radius_px']:8.0f} {r['s']:7.1f} {r['s'] / base:7.2f} {per_image:>11s} "
+              f"{r['error_deg']:12.2f}")  # fmt: skip
+
+
 def run(args) -> int:
+    if args.local:
+        box, n = args.box or 128, args.images or 128
+        print_local(measure_local(box, n, args.snr), box, n, args.snr)
+        return 0
+    args.box, args.images = args.box or 64, args.images or 256
     xp, sync = None, (lambda: None)
     try:
         import cupy as cp

@@ -48,6 +48,8 @@ def add_refine_run_arguments(p) -> None:
     add_old_spelling(p, a, "--max-iterations")
     p.add_argument("--n-workers", type=int, default=2)
     p.add_argument("--threads-per-worker", type=int, default=1)
+    p.add_argument("--local-oversampling", type=int, default=2, choices=(1, 2),
+                   help="refine3d's --local-oversampling (1: RELION's)")  # fmt: skip
 
 
 def register_bench(bench_sub) -> None:
@@ -298,7 +300,9 @@ def refine_and_measure(args, workdir: Path) -> dict:
 
         memory = parse_bytes(args.memory_per_worker)
     options = RefineOptions(
-        particle_diameter_A=args.particle_diameter, max_iterations=args.max_iterations
+        particle_diameter_A=args.particle_diameter,
+        max_iterations=args.max_iterations,
+        local_oversampling=args.local_oversampling,
     )
     if memory is not None:
         options = _with_memory(options, memory)

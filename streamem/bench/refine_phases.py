@@ -4,7 +4,7 @@ Simulates particles of the largest built-in phantom (``asym``; defaults: 5,000
 particles, box 128, 3.59 Å/px, SNR 0.05), starts from the truth low-passed to 30 Å and
 runs a full refine3d (``--particle-diameter 300``, final join included) on a
 LocalCluster (default 2 workers × 1 thread). Printed per iteration: the fine angular
-step, the seconds, and the seconds of each phase: those of the E-step tasks summed over
+step, the split (coarse order + oversampling), the seconds, and the seconds of each phase: those of the E-step tasks summed over
 the workers (:mod:`streamem.em.phases`: read+FFT, projection, coarse GEMMs,
 significance, fine pass, back-projection, reduction) and those of the run loop on the
 client (M-step; writing: results, data.star, maps and model files), plus the coarse
@@ -147,7 +147,9 @@ def refine_and_time(args, workdir: Path) -> dict:
     truth = read_map(truth_volume_paths(store.path)[0])[0]
     reference = lowpass(truth, 30.0, store.pixel_size_A)
     options = RefineOptions(
-        particle_diameter_A=args.particle_diameter, max_iterations=args.max_iterations
+        particle_diameter_A=args.particle_diameter,
+        max_iterations=args.max_iterations,
+        local_oversampling=args.local_oversampling,
     )
     recorder, sampler = _Recorder(args.compare), RssSampler()
     lines = _Lines(sampler)
@@ -185,7 +187,9 @@ def refine_and_time(args, workdir: Path) -> dict:
 def print_report(r: dict) -> None:
     print(f"refine3d: {r['particles']} particles, box {r['box']}, {r['refine_s']:.0f} s; "
           f"SGEMM {r['sgemm_flops'] / 1e9:.1f} GFLOP/s per worker thread")  # fmt: skip
-    head = f"{'it':>3} {'step':>9} {'r px':>5} {'s':>6} " + " ".join(f"{p[:8]:>8}" for p in PHASES)
+    head = f"{'it':>3} {'step':>9} {'split':>5} {'r px':>5} {'s':>6} " + " ".join(
+        f"{p[:8]:>8}" for p in PHASES
+    )
     print(head + f" {'GFLOP/s':>8} {'/SGEMM':>6} {'old s':>6} {'new s':>6} {'old/new':>7}")
     for row in r["rows"]:
         ph = add_seconds(row["phases"], row.get("client", {}))
@@ -200,7 +204,8 @@ def print_report(r: dict) -> None:
             else ""
         )
         print(
-            f"{row['iteration']:>3} {step:>9} {row['radius_px']:5.1f} {row['seconds']:6.1f} "
+            f"{row['iteration']:>3} {step:>9} {grid.healpix_order:>3}+{grid.oversampling} "
+            f"{row['radius_px']:5.1f} {row['seconds']:6.1f} "
             + " ".join(f"{ph.get(p, 0.0):8.1f}" for p in PHASES)
             + f" {rate / 1e9:8.2f} {rate / r['sgemm_flops']:6.2f}{tail}"
         )
@@ -210,9 +215,11 @@ def print_report(r: dict) -> None:
             by_step.setdefault(f"{row['grid'].fine_angular_step_deg:.2f}", []).append(
                 row["seconds"]
             )
-    if "1.88" in by_step and "3.75" in by_step:
-        ratio = np.mean(by_step["1.88"]) / np.mean(by_step["3.75"])
-        print(f"s per iteration at 1.88° local / at 3.75° local (final one apart): {ratio:.2f}")
+    for fine in ("1.88", "0.94"):
+        if fine in by_step and "3.75" in by_step:
+            ratio = np.mean(by_step[fine]) / np.mean(by_step["3.75"])
+            print(f"s per iteration at {fine}° local / at 3.75° local (final one apart): "
+                  f"{ratio:.2f}")  # fmt: skip
     if r["rows"]:
         last = r["rows"][-1]
         print(f"final iteration (halves joined, radius {last['radius_px']:.0f} px): "

@@ -40,6 +40,15 @@ def register(sub) -> None:
         default=3,
         help="coarse order from which searches are local (RELION: 4)",
     )
+    p.add_argument(
+        "--local-oversampling",
+        type=int,
+        default=2,
+        choices=(1, 2),
+        help="adaptive oversampling of the local searches after the first local order: the "
+        "coarse pass this many orders coarser than the fine one, at its smaller radius "
+        "(1: RELION's --oversampling 1 at every order; default 2)",
+    )
     iterations = p.add_argument(
         "--iterations",
         dest="max_iterations",
@@ -110,6 +119,7 @@ def run(args) -> int:
         offset_range_px=args.offset_range,
         offset_step_px=args.offset_step,
         local_from_order=args.auto_local_healpix_order,
+        local_oversampling=args.local_oversampling,
         max_iterations=args.max_iterations,
         do_ctf=not args.no_ctf,
         memory_per_worker_bytes=memory_per_worker(args),

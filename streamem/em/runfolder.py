@@ -74,6 +74,7 @@ OPTION_NAMES = {
     "offset_range_px": "--offset-range",
     "offset_step_px": "--offset-step",
     "local_from_order": "--auto-local-healpix-order",
+    "local_oversampling": "--local-oversampling",
     "max_iterations": "--iterations",
     "iterations": "--iterations",
     "n_classes": "--k",
