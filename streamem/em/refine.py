@@ -26,7 +26,6 @@ from streamem.core.filters import lowpass
 from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.fsc import resolution_at
 from streamem.core.projector import half_cube_shape, padded_radius
-from streamem.core.sampling import angular_step_deg
 from streamem.core.symmetry import symmetry_matrices
 from streamem.em import engine, memory, mstep, runfiles, runfolder
 from streamem.em.estep import EStepModel, SearchGrid, expectation
@@ -138,8 +137,8 @@ def check_estep_memory(store, options, client) -> None:
 
     The final iteration is the largest (full box, both halves' accumulators): its
     model, accumulators and chunk of images, plus one image's E-step at the first
-    iteration's global grid or at a local iteration's fine pass, must fit the budget of the smallest worker's thread
-    (:mod:`streamem.em.memory`). Raises InputError (one line) with the estimate.
+    iteration's global grid or at a local iteration's fine pass, must fit the budget
+    of the smallest worker's thread (:mod:`streamem.em.memory`). Raises InputError (one line) with the estimate.
     """
     B = store.box_size
     radius = float(B // 2 - 1)
@@ -164,7 +163,9 @@ def check_estep_memory(store, options, client) -> None:
     # L: 2**(3L) children × 4**L sub-translations of each significant sample)
     L = options.local_oversampling
     order = options.local_from_order
-    n_local = sampling.local_orientations(np.zeros(3), order, 4.5 * angular_step_deg(order))
+    n_local = sampling.local_orientations(
+        np.zeros(3), order, 4.5 * sampling.angular_step_deg(order)
+    )
     local = replace(shape, n_coarse_points=coords.shape[0], n_orientations=len(n_local),
                     local=True, n_kids=2 ** (3 * L), n_subshifts=4**L)  # fmt: skip
     resident = memory.resident_bytes(store.chunk_size, B, 2 * voxels, 1) + 2 * 8 * voxels
