@@ -20,16 +20,22 @@ def test_cupy_column_agrees():
     assert all(r["same_pose"] >= 0.95 and r["acc_rel_diff"] < 1e-4 for r in rows), rows
 
 
-def test_local_splits_cover_the_fine_steps_and_find_the_poses():
+def test_local_searches_with_and_without_prepass_find_the_poses():
     from streamem.bench.estep_chunk import measure_local
 
     rows = measure_local(box=32, n_images=16, snr=0.5, per_image=False)
-    splits = [(r["fine_step_deg"], r["coarse_order"], r["oversampling"]) for r in rows]
-    # RELION's split at every fine step; local oversampling 2 past the first local order
-    assert splits == [(3.75, 3, 1), (1.875, 4, 1), (1.875, 3, 2), (0.9375, 5, 1), (0.9375, 4, 2)]
+    searches = [(r["fine_step_deg"], r["prepass"]) for r in rows]
+    # RELION's search at every fine step; the pre-pass past the first local order
+    assert searches == [
+        (3.75, False),
+        (1.875, False),
+        (1.875, True),
+        (0.9375, False),
+        (0.9375, True),
+    ]
     assert all(r["s"] > 0 and r["per_image_s"] is None for r in rows)
     for r in rows:  # poses found to within about two fine steps of the truth (2° off at start)
         assert r["error_deg"] < 2.5 * r["fine_step_deg"] + 0.5, r
-    err = {split: r["error_deg"] for split, r in zip(splits, rows, strict=True)}
-    for relion, split in (((1.875, 4, 1), (1.875, 3, 2)), ((0.9375, 5, 1), (0.9375, 4, 2))):
-        assert err[split] <= err[relion] + relion[0], (relion, err)  # within one fine step
+    err = {search: r["error_deg"] for search, r in zip(searches, rows, strict=True)}
+    for step in (1.875, 0.9375):  # the pre-pass costs no more than a fine step
+        assert err[(step, True)] <= err[(step, False)] + step, err

@@ -1,23 +1,14 @@
 """``streamem bench estep-chunk``: one refine3d E-step chunk on NumPy and on CuPy.
 
 ``--local``: instead, refine3d's local iterations on the CPU, one chunk each (box 128
-and 128 images unless given, SNR 0.05, previous poses 2° off the truth, work radius 0.36 of the
-box as at ~9.5 Å in the 3.59 Å/px run of ``bench refine-phases``, particle diameter
-0.65 of the box as its 300 Å): at the fine steps 3.75°, 1.88° and 0.94°, the E-step
-with each split of the fine grid into coarse and fine passes
-(:meth:`streamem.em.schedule.RefineSchedule.estep_sampling`: ``--local-oversampling``
-1, RELION's, and 2), and with the per-image coarse pass (``batched=False``) for the
-oversampling-1 split. Printed: seconds, the seconds over those of the 3.75° row, and
-the median angular error against the truth.
-
-A smooth random map, noisy projections at random poses (no CTF, known truth), and
-the refine3d E-step (:func:`streamem.em.estep.expectation`, scale-free scoring) run
-once with NumPy references and once with CuPy references (after a warm-up), for a
-global search at HEALPix orders 2 and 3 and a local search at order 3. Reported per
-search: seconds on each, the speed-up, the share of particles given the same pose,
-the median angular error against the truth on each, and the largest difference of
-the back-projection accumulators relative to their largest value. Without CuPy only
-the NumPy column is measured.
+and 128 images unless given, SNR 0.05, previous poses 2° off the truth, work radius
+0.36 of the box as at ~9.5 Å in the 3.59 Å/px run of ``bench refine-phases``,
+particle diameter 0.65 of the box as its 300 Å): at the fine steps 3.75°, 1.88° and
+0.94° (coarse orders 3, 4, 5, σ = 1.5 coarse steps), the E-step of RELION's local
+search and, where refine3d uses it (:attr:`streamem.em.schedule.RefineSchedule.prepass`),
+of the search with a pre-pass; for RELION's also with the per-image coarse pass
+(``batched=False``). Printed: seconds, the seconds over those of the 3.75° row, and
+the median and 90th-percentile angular errors against the truth.
 """
 
 from __future__ import annotations
@@ -143,7 +134,7 @@ def measure(box: int = 64, n_images: int = 256, xp=None, sync=lambda: None) -> l
 def measure_local(
     box: int = 128, n_images: int = 128, snr: float = 0.05, seed: int = 0, per_image: bool = True
 ) -> list[dict]:
-    """One row per (fine step, split): see the module docstring (``--local``)."""
+    """One row per (fine step, search): see the module docstring (``--local``)."""
     import dataclasses
 
     from streamem.core.euler import angular_distance_deg, euler_to_matrix
@@ -161,27 +152,23 @@ def measure_local(
     few = {k: v[:4] for k, v in metadata.items()}
     expectation(images[:4], few, _model(projector, box, 3, 11.25))
     rows = []
-    for nominal_order in (3, 4, 5):
-        step_deg = 60.0 / 2**nominal_order
-        splits = {
-            RefineSchedule(
-                healpix_order=nominal_order, local_from_order=3, local_oversampling=L,
-                local_sigma_deg=1.5 * step_deg, offset_range_px=3.0, offset_step_px=1.0,
-            ).estep_sampling()
-            for L in (1, 2)
-        }  # fmt: skip
-        for order, oversampling, offset_step_px in sorted(splits, reverse=True):
-            model = _model(projector, box, order, 1.5 * step_deg)
-            grid = dataclasses.replace(
-                model.grid, oversampling=oversampling, offset_step_px=offset_step_px
-            )
+    for order in (3, 4, 5):
+        sigma_deg = 1.5 * 60.0 / 2**order
+        schedule = RefineSchedule(
+            healpix_order=order, local_from_order=3, local_sigma_deg=sigma_deg
+        )
+        for prepass in sorted({False, schedule.prepass}):
+            model = _model(projector, box, order, sigma_deg)
             model = dataclasses.replace(
-                model, grid=grid, max_radius_px=radius_px, particle_diameter_A=0.65 * box * 3.0
+                model,
+                grid=dataclasses.replace(model.grid, local_prepass=prepass),
+                max_radius_px=radius_px,
+                particle_diameter_A=0.65 * box * 3.0,
             )
-            row = {"fine_step_deg": step_deg / 2, "coarse_order": order,
-                   "oversampling": oversampling, "coarse_radius_px": model.coarse_radius_px}  # fmt: skip
+            row = {"fine_step_deg": model.grid.fine_angular_step_deg, "coarse_order": order,
+                   "prepass": prepass, "coarse_radius_px": model.coarse_radius_px}  # fmt: skip
             for key, batched in (("s", True), ("per_image_s", False)):
-                if not batched and not (per_image and oversampling == 1):
+                if not batched and (prepass or not per_image):
                     row[key] = None
                     continue
                 t0 = time.perf_counter()
@@ -189,7 +176,9 @@ def measure_local(
                 row[key] = time.perf_counter() - t0
                 if batched:
                     rot = euler_to_matrix(res.rot, res.tilt, res.psi)
-                    row["error_deg"] = float(np.median(angular_distance_deg(rot, truth)))
+                    errors = angular_distance_deg(rot, truth)
+                    row["error_deg"] = float(np.median(errors))
+                    row["error_p90_deg"] = float(np.percentile(errors, 90))
             rows.append(row)
     return rows
 
@@ -199,13 +188,15 @@ def print_local(rows: list[dict], box: int, n_images: int, snr: float) -> None:
     print(
         f"local iterations, box {box}, {n_images} images, SNR {snr:g}, radius {round(0.36 * box)}"
     )
-    print(f"{'fine step':>9s} {'coarse order':>12s} {'oversampling':>12s} {'coarse r':>8s} "
-          f"{'s':>7s} {'/ 3.75°':>7s} {'per-image s':>11s} {'median err °':>12s}")  # fmt: skip
+    print(f"{'fine step':>9s} {'coarse order':>12s} {'pre-pass':>8s} {'coarse r':>8s} "
+          f"{'s':>7s} {'/ 3.75°':>7s} {'per-image s':>11s} {'median err °':>12s} "
+          f"{'p90 err °':>9s}")  # fmt: skip
     for r in rows:
         per_image = "-" if r["per_image_s"] is None else f"{r['per_image_s']:.1f}"
-        print(f"{r['fine_step_deg']:8.2f}° {r['coarse_order']:12d} {r['oversampling']:12d} "
-              f"{r['coarse_radius_px']:8.0f} {r['s']:7.1f} {r['s'] / base:7.2f} {per_image:>11s} "
-              f"{r['error_deg']:12.2f}")  # fmt: skip
+        print(f"{r['fine_step_deg']:8.2f}° {r['coarse_order']:12d} "
+              f"{'yes' if r['prepass'] else 'no':>8s} {r['coarse_radius_px']:8.0f} {r['s']:7.1f} "
+              f"{r['s'] / base:7.2f} {per_image:>11s} {r['error_deg']:12.2f} "
+              f"{r['error_p90_deg']:9.2f}")  # fmt: skip
 
 
 def run(args) -> int:

@@ -48,8 +48,8 @@ def add_refine_run_arguments(p) -> None:
     add_old_spelling(p, a, "--max-iterations")
     p.add_argument("--n-workers", type=int, default=2)
     p.add_argument("--threads-per-worker", type=int, default=1)
-    p.add_argument("--local-oversampling", type=int, default=2, choices=(1, 2),
-                   help="refine3d's --local-oversampling (1: RELION's)")  # fmt: skip
+    p.add_argument("--no-local-prepass", dest="local_prepass", action="store_false",
+                   help="refine3d's --no-local-prepass (RELION's plain local searches)")  # fmt: skip
 
 
 def register_bench(bench_sub) -> None:
@@ -302,7 +302,7 @@ def refine_and_measure(args, workdir: Path) -> dict:
     options = RefineOptions(
         particle_diameter_A=args.particle_diameter,
         max_iterations=args.max_iterations,
-        local_oversampling=args.local_oversampling,
+        local_prepass=args.local_prepass,
     )
     if memory is not None:
         options = _with_memory(options, memory)

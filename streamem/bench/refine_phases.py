@@ -4,7 +4,7 @@ Simulates particles of the largest built-in phantom (``asym``; defaults: 5,000
 particles, box 128, 3.59 Å/px, SNR 0.05), starts from the truth low-passed to 30 Å and
 runs a full refine3d (``--particle-diameter 300``, final join included) on a
 LocalCluster (default 2 workers × 1 thread). Printed per iteration: the fine angular
-step, the split (coarse order + oversampling), the seconds, and the seconds of each phase: those of the E-step tasks summed over
+step, whether its local search had a pre-pass, the seconds, and the seconds of each phase: those of the E-step tasks summed over
 the workers (:mod:`streamem.em.phases`: read+FFT, projection, coarse GEMMs,
 significance, fine pass, back-projection, reduction) and those of the run loop on the
 client (M-step; writing: results, data.star, maps and model files), plus the coarse
@@ -149,7 +149,7 @@ def refine_and_time(args, workdir: Path) -> dict:
     options = RefineOptions(
         particle_diameter_A=args.particle_diameter,
         max_iterations=args.max_iterations,
-        local_oversampling=args.local_oversampling,
+        local_prepass=args.local_prepass,
     )
     recorder, sampler = _Recorder(args.compare), RssSampler()
     lines = _Lines(sampler)
@@ -187,7 +187,7 @@ def refine_and_time(args, workdir: Path) -> dict:
 def print_report(r: dict) -> None:
     print(f"refine3d: {r['particles']} particles, box {r['box']}, {r['refine_s']:.0f} s; "
           f"SGEMM {r['sgemm_flops'] / 1e9:.1f} GFLOP/s per worker thread")  # fmt: skip
-    head = f"{'it':>3} {'step':>9} {'split':>5} {'r px':>5} {'s':>6} " + " ".join(
+    head = f"{'it':>3} {'step':>9} {'pre':>3} {'r px':>5} {'s':>6} " + " ".join(
         f"{p[:8]:>8}" for p in PHASES
     )
     print(head + f" {'GFLOP/s':>8} {'/SGEMM':>6} {'old s':>6} {'new s':>6} {'old/new':>7}")
@@ -204,7 +204,7 @@ def print_report(r: dict) -> None:
             else ""
         )
         print(
-            f"{row['iteration']:>3} {step:>9} {grid.healpix_order:>3}+{grid.oversampling} "
+            f"{row['iteration']:>3} {step:>9} {'yes' if grid.local_prepass else '-':>3} "
             f"{row['radius_px']:5.1f} {row['seconds']:6.1f} "
             + " ".join(f"{ph.get(p, 0.0):8.1f}" for p in PHASES)
             + f" {rate / 1e9:8.2f} {rate / r['sgemm_flops']:6.2f}{tail}"

@@ -41,13 +41,12 @@ def register(sub) -> None:
         help="coarse order from which searches are local (RELION: 4)",
     )
     p.add_argument(
-        "--local-oversampling",
-        type=int,
-        default=2,
-        choices=(1, 2),
-        help="adaptive oversampling of the local searches after the first local order: the "
-        "coarse pass this many orders coarser than the fine one, at its smaller radius "
-        "(1: RELION's --oversampling 1 at every order; default 2)",
+        "--no-local-prepass",
+        dest="local_prepass",
+        action="store_false",
+        help="local searches after the first local order score every grid point within "
+        "3σ of the previous pose, as RELION (default: the children of the significant "
+        "orientations of a pass one order coarser, 3-4x faster at the same accuracy)",
     )
     iterations = p.add_argument(
         "--iterations",
@@ -119,7 +118,7 @@ def run(args) -> int:
         offset_range_px=args.offset_range,
         offset_step_px=args.offset_step,
         local_from_order=args.auto_local_healpix_order,
-        local_oversampling=args.local_oversampling,
+        local_prepass=args.local_prepass,
         max_iterations=args.max_iterations,
         do_ctf=not args.no_ctf,
         memory_per_worker_bytes=memory_per_worker(args),

@@ -21,7 +21,6 @@ from typing import ClassVar
 import numpy as np
 
 from streamem import validate as check
-from streamem.core import sampling
 from streamem.core.filters import lowpass
 from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.fsc import resolution_at
@@ -96,7 +95,7 @@ class RefineOptions:
     offset_step_px: float = 2.0  # --offset_step
     local_from_order: int = 3  # --auto_local_healpix_order
     max_order: int = 5  # coarsest order the schedule may reach
-    local_oversampling: int = 2  # --local-oversampling (RELION: --oversampling 1)
+    local_prepass: bool = True  # --no-local-prepass: RELION's plain local searches
     max_iterations: int = 25  # --iter
     do_ctf: bool = True
     flatten_solvent: bool = True
@@ -118,8 +117,6 @@ class RefineOptions:
         check.positive("--offset-step", self.offset_step_px, "pixels")
         check.at_least("--auto-local-healpix-order", self.local_from_order, 0)
         check.healpix_order("max_order", self.max_order)
-        check.at_least("--local-oversampling", self.local_oversampling, 1)
-        check.in_range("--local-oversampling", self.local_oversampling, 1, 2)
         # one iteration plus the final one with the halves joined
         check.at_least("--iterations", self.max_iterations, 2)
         check.at_least("split_every", self.split_every, 2)  # a tree reduction's fan-in
@@ -137,8 +134,8 @@ def check_estep_memory(store, options, client) -> None:
 
     The final iteration is the largest (full box, both halves' accumulators): its
     model, accumulators and chunk of images, plus one image's E-step at the first
-    iteration's global grid or at a local iteration's fine pass, must fit the budget
-    of the smallest worker's thread (:mod:`streamem.em.memory`). Raises InputError (one line) with the estimate.
+    iteration's global grid, must fit the budget of the smallest worker's thread
+    (:mod:`streamem.em.memory`). Raises InputError (one line) with the estimate.
     """
     B = store.box_size
     radius = float(B // 2 - 1)
@@ -159,18 +156,9 @@ def check_estep_memory(store, options, client) -> None:
         n_orientations_total=J,
         n_translations=int((2 * options.offset_range_px / options.offset_step_px + 1) ** 2),
     )
-    # ... and at a local iteration's fine pass, at the full box (with local oversampling
-    # L: 2**(3L) children × 4**L sub-translations of each significant sample)
-    L = options.local_oversampling
-    order = options.local_from_order
-    n_local = sampling.local_orientations(
-        np.zeros(3), order, 4.5 * sampling.angular_step_deg(order)
-    )
-    local = replace(shape, n_coarse_points=coords.shape[0], n_orientations=len(n_local),
-                    local=True, n_kids=2 ** (3 * L), n_subshifts=4**L)  # fmt: skip
     resident = memory.resident_bytes(store.chunk_size, B, 2 * voxels, 1) + 2 * 8 * voxels
     budget = memory.workspace_budget_bytes(thread_bytes, resident, capped=False)
-    one = max(memory.peak_bytes(memory.estep_stage_bytes(s, 1)) for s in (shape, local))
+    one = memory.peak_bytes(memory.estep_stage_bytes(shape, 1))
     if budget < one:
         raise InputError(
             None,
@@ -295,7 +283,7 @@ class Refine3DJob:
                     local_from_order=o.local_from_order,
                     max_order=o.max_order,
                     max_iterations=o.max_iterations,
-                    local_oversampling=o.local_oversampling,
+                    local_prepass=o.local_prepass,
                 ),
             }
         check_estep_memory(ctx.store, o, ctx.client)  # refuse before iteration 1 (one line)
@@ -320,14 +308,14 @@ class Refine3DJob:
         b, radius = (
             engine.work_box_for(state["resolution_A"], B, p) if not final else (B, B // 2 - 1)
         )
-        coarse_order, oversampling, coarse_offset_step_px = s.estep_sampling()
         grid = SearchGrid(
-            healpix_order=coarse_order,
-            oversampling=oversampling,
+            healpix_order=s.healpix_order,
+            oversampling=s.oversampling,
             offset_range_px=s.offset_range_px,
-            offset_step_px=coarse_offset_step_px,
+            offset_step_px=s.offset_step_px,
             local_sigma_deg=s.local_sigma_deg,
             symmetry=o.symmetry,
+            local_prepass=s.prepass,
         )
         return engine.estep_model_3d(ctx, state, state["halves"], b, radius, grid, o, iteration)
 

@@ -74,7 +74,6 @@ OPTION_NAMES = {
     "offset_range_px": "--offset-range",
     "offset_step_px": "--offset-step",
     "local_from_order": "--auto-local-healpix-order",
-    "local_oversampling": "--local-oversampling",
     "max_iterations": "--iterations",
     "iterations": "--iterations",
     "n_classes": "--k",
@@ -88,6 +87,7 @@ OPTION_NAMES = {
 #: Boolean fields set by a CLI flag: field -> (flag, the field's value when the flag is given).
 FLAG_NAMES = {
     "do_ctf": ("--no-ctf", False),
+    "local_prepass": ("--no-local-prepass", False),
     "skip_align": ("--skip-align", True),
     "random_seeds": ("--no-random-seeds", False),
     "ctf_intact_first_peak": ("--ctf-intact-first-peak", True),
