@@ -41,7 +41,9 @@ def test_required_step():
 
 
 def test_prepass_in_local_searches_past_the_first_local_order():
-    first = RefineSchedule(healpix_order=3, local_from_order=3, local_sigma_deg=11.25)
+    first = RefineSchedule(
+        healpix_order=3, local_from_order=3, local_sigma_deg=11.25, best_resolution_A=10.0
+    )
     later = RefineSchedule(healpix_order=4, local_from_order=3, local_sigma_deg=5.6)
     assert not first.prepass and later.prepass
     assert not RefineSchedule(healpix_order=4, local_from_order=3).prepass  # global
