@@ -39,10 +39,11 @@ def data(tmp_path_factory):
 def _models(model, truth):
     local = replace(model, grid=replace(model.grid, healpix_order=3, local_sigma_deg=5.0))
     classes = two_class_model(local, truth, log_class_prior=np.log([0.7, 0.3]))
-    return {"global": model, "local": local, "local K=2": classes}
+    prepass = replace(local, grid=replace(local.grid, local_prepass=True))
+    return {"global": model, "local": local, "local K=2": classes, "local pre-pass": prepass}
 
 
-@pytest.mark.parametrize("name", ["global", "local", "local K=2"])
+@pytest.mark.parametrize("name", ["global", "local", "local K=2", "local pre-pass"])
 def test_batched_coarse_pass_gives_the_per_image_statistics(data, name):
     images, metadata, model, truth = data
     model = _models(model, truth)[name]
@@ -151,3 +152,48 @@ def test_local_score_groups_cover_the_part_in_order_and_hold_each_images_rows():
         assert union.size <= 8 * c or sl.stop - sl.start == 1
         for i in range(sl.start, sl.stop):
             assert np.isin(own[i], union).all()
+
+
+def test_prepass_candidates_are_the_children_of_significant_coarser_orientations(data, monkeypatch):
+    from astropy_healpix import healpy as hp
+
+    from streamem.core import sampling
+    from streamem.core.euler import angular_distance_deg, euler_to_matrix
+    from streamem.em import coarse_pass
+
+    images, metadata, model, truth = data
+    local = _models(model, truth)["local"]
+    prepass = replace(local, grid=replace(local.grid, local_prepass=True), coarse={})
+    seen = []
+    real = coarse_pass.prepass_candidates
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.extend(zip(args[6].previous, out, strict=True))  # args[6]: the part
+        return out
+
+    monkeypatch.setattr(coarse_pass, "prepass_candidates", spy)
+    _, r_pre = expectation(images, metadata, prepass)
+    _, r_plain = expectation(images, metadata, replace(local, coarse={}))
+    assert len(seen) == N
+    order = local.grid.healpix_order
+    for prev, c in seen:
+        # at least the pre-pass's best orientations (all it meets, when fewer)
+        met = sampling.local_orientations(prev, order - 1, 3 * local.grid.local_sigma_deg)
+        kept = min(prepass.prepass_min_orientations, len(met))
+        assert c.shape[0] % 8 == 0 and c.shape[0] >= 8 * kept
+        # directions are pixels of the grid's order; 4 per parent, 2 psi each
+        pix = hp.ang2pix(2**order, np.radians(c[:, 1]), np.radians(c[:, 0]), nest=True)
+        centre = hp.pix2ang(2**order, pix, nest=True)
+        np.testing.assert_allclose(np.degrees(centre[0]), c[:, 1], atol=1e-6)
+        parents, per_parent = np.unique(pix // 4, return_counts=True)
+        assert np.all(per_parent % 8 == 0) and parents.size <= c.shape[0] // 8
+        # the neighbourhood of the previous pose (3° off the truth) is among them
+        near = angular_distance_deg(euler_to_matrix(*c.T), euler_to_matrix(*prev))
+        assert near.min() < 1.5 * 60 / 2**order
+    # the best poses are the plain local search's, to within a fine step
+    rot = {
+        n: euler_to_matrix(r.rot, r.tilt, r.psi) for n, r in (("pre", r_pre), ("plain", r_plain))
+    }
+    moved = angular_distance_deg(rot["pre"], rot["plain"])
+    assert np.median(moved) <= local.grid.fine_angular_step_deg, np.median(moved)
