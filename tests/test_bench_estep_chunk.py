@@ -25,17 +25,11 @@ def test_local_searches_with_and_without_prepass_find_the_poses():
 
     rows = measure_local(box=32, n_images=16, snr=0.5, per_image=False)
     searches = [(r["fine_step_deg"], r["prepass"]) for r in rows]
-    # RELION's search at every fine step; the pre-pass past the first local order
-    assert searches == [
-        (3.75, False),
-        (1.875, False),
-        (1.875, True),
-        (0.9375, False),
-        (0.9375, True),
-    ]
+    # RELION's plain search and the pre-pass at every fine step
+    assert searches == [(step, pre) for step in (3.75, 1.875, 0.9375) for pre in (False, True)]
     assert all(r["s"] > 0 and r["per_image_s"] is None for r in rows)
     for r in rows:  # poses found to within about two fine steps of the truth (2° off at start)
         assert r["error_deg"] < 2.5 * r["fine_step_deg"] + 0.5, r
     err = {search: r["error_deg"] for search, r in zip(searches, rows, strict=True)}
-    for step in (1.875, 0.9375):  # the pre-pass costs no more than a fine step
+    for step in (3.75, 1.875, 0.9375):  # the pre-pass costs no more than a fine step
         assert err[(step, True)] <= err[(step, False)] + step, err

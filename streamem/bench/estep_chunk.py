@@ -1,14 +1,24 @@
 """``streamem bench estep-chunk``: one refine3d E-step chunk on NumPy and on CuPy.
 
+A smooth random map, noisy projections at random poses (no CTF, known truth), and
+the refine3d E-step (:func:`streamem.em.estep.expectation`, scale-free scoring) run
+once with NumPy references and once with CuPy references (after a warm-up), for a
+global search at HEALPix orders 2 and 3 and a local search at order 3. Reported per
+search: seconds on each, the speed-up, the share of particles given the same pose,
+the median angular error against the truth on each, and the largest difference of
+the back-projection accumulators relative to their largest value. Without CuPy only
+the NumPy column is measured.
+
 ``--local``: instead, refine3d's local iterations on the CPU, one chunk each (box 128
 and 128 images unless given, SNR 0.05, previous poses 2° off the truth, work radius
 0.36 of the box as at ~9.5 Å in the 3.59 Å/px run of ``bench refine-phases``,
 particle diameter 0.65 of the box as its 300 Å): at the fine steps 3.75°, 1.88° and
-0.94° (coarse orders 3, 4, 5, σ = 1.5 coarse steps), the E-step of RELION's local
-search and, where refine3d uses it (:attr:`streamem.em.schedule.RefineSchedule.prepass`),
-of the search with a pre-pass; for RELION's also with the per-image coarse pass
-(``batched=False``). Printed: seconds, the seconds over those of the 3.75° row, and
-the median and 90th-percentile angular errors against the truth.
+0.94° (coarse orders 3, 4, 5, σ = 1.5 coarse steps), the E-step of RELION's plain
+local search (also with the per-image coarse pass, ``batched=False``) and of the
+search with a pre-pass (refine3d uses it past the first local order,
+:attr:`streamem.em.schedule.RefineSchedule.prepass`; ``--prepass-min-orientations``
+sets what it always keeps). Printed: seconds, the seconds over those of the plain
+3.75° row, and the median and 90th-percentile angular errors against the truth.
 """
 
 from __future__ import annotations
@@ -25,8 +35,10 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--box", type=int, default=None, help="pixels (default 64; --local: 128)")
     p.add_argument("--images", type=int, default=None, help="(default 256; --local: 128)")
     p.add_argument("--local", action="store_true",
-                   help="local iterations' splits of the fine grid on the CPU (see above)")  # fmt: skip
+                   help="local iterations with and without the pre-pass (see above)")  # fmt: skip
     p.add_argument("--snr", type=float, default=0.05, help="with --local (default 0.05)")
+    p.add_argument("--prepass-min-orientations", type=int, default=8,
+                   help="with --local: orientations the pre-pass always keeps (default 8)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -132,7 +144,12 @@ def measure(box: int = 64, n_images: int = 256, xp=None, sync=lambda: None) -> l
 
 
 def measure_local(
-    box: int = 128, n_images: int = 128, snr: float = 0.05, seed: int = 0, per_image: bool = True
+    box: int = 128,
+    n_images: int = 128,
+    snr: float = 0.05,
+    seed: int = 0,
+    per_image: bool = True,
+    prepass_min_orientations: int = 8,
 ) -> list[dict]:
     """One row per (fine step, search): see the module docstring (``--local``)."""
     import dataclasses
@@ -140,7 +157,6 @@ def measure_local(
     from streamem.core.euler import angular_distance_deg, euler_to_matrix
     from streamem.core.projector import make_projector
     from streamem.em.estep import expectation
-    from streamem.em.schedule import RefineSchedule
 
     vol, images, metadata, truth = _chunk(box, n_images, seed, snr)
     rng = np.random.default_rng(seed + 1)
@@ -154,16 +170,14 @@ def measure_local(
     rows = []
     for order in (3, 4, 5):
         sigma_deg = 1.5 * 60.0 / 2**order
-        schedule = RefineSchedule(
-            healpix_order=order, local_from_order=3, local_sigma_deg=sigma_deg
-        )
-        for prepass in sorted({False, schedule.prepass}):
+        for prepass in (False, True):
             model = _model(projector, box, order, sigma_deg)
             model = dataclasses.replace(
                 model,
                 grid=dataclasses.replace(model.grid, local_prepass=prepass),
                 max_radius_px=radius_px,
                 particle_diameter_A=0.65 * box * 3.0,
+                prepass_min_orientations=prepass_min_orientations,
             )
             row = {"fine_step_deg": model.grid.fine_angular_step_deg, "coarse_order": order,
                    "prepass": prepass, "coarse_radius_px": model.coarse_radius_px}  # fmt: skip
@@ -202,7 +216,10 @@ def print_local(rows: list[dict], box: int, n_images: int, snr: float) -> None:
 def run(args) -> int:
     if args.local:
         box, n = args.box or 128, args.images or 128
-        print_local(measure_local(box, n, args.snr), box, n, args.snr)
+        rows = measure_local(
+            box, n, args.snr, prepass_min_orientations=args.prepass_min_orientations
+        )
+        print_local(rows, box, n, args.snr)
         return 0
     args.box, args.images = args.box or 64, args.images or 256
     xp, sync = None, (lambda: None)

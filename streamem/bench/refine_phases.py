@@ -4,8 +4,8 @@ Simulates particles of the largest built-in phantom (``asym``; defaults: 5,000
 particles, box 128, 3.59 Å/px, SNR 0.05), starts from the truth low-passed to 30 Å and
 runs a full refine3d (``--particle-diameter 300``, final join included) on a
 LocalCluster (default 2 workers × 1 thread). Printed per iteration: the fine angular
-step, whether its local search had a pre-pass, the seconds, and the seconds of each phase: those of the E-step tasks summed over
-the workers (:mod:`streamem.em.phases`: read+FFT, projection, coarse GEMMs,
+step, whether its local search had a pre-pass, the seconds, and the seconds of each
+phase: those of the E-step tasks summed over the workers (:mod:`streamem.em.phases`: read+FFT, projection, coarse GEMMs,
 significance, fine pass, back-projection, reduction) and those of the run loop on the
 client (M-step; writing: results, data.star, maps and model files), plus the coarse
 pass's GFLOP/s per thread as a fraction of one worker thread's SGEMM rate (measured once

@@ -47,7 +47,8 @@ def _corner(kx, ky, rows, c):  # pragma: no cover
 
 #: Points per tile of the extraction: every slice of a call reads the tile's corners
 #: before the next tile, so slices of nearby poses (a local search's candidates, a
-#: parent's children) find them in cache (1.75x at box 128 on 600 nearby poses).
+#: parent's children) find them in cache. With the corners computed before the reads
+#: (below), ``streamem bench project --box 128`` went from 109 to 84 ns per point.
 TILE_POINTS = 128
 
 
@@ -64,7 +65,7 @@ def _slices(data, rows, kx, ky, inside, radius_padded, out):  # pragma: no cover
         stop = min(start + TILE_POINTS, n_points)
         for n in range(rows.shape[0]):
             # corners first, then the reads: the reads of a tile no longer wait on the
-            # flip branch and the index arithmetic, so many are in flight at once (1.4x)
+            # flip branch and the index arithmetic, so many are in flight at once
             for m in range(start, stop):
                 ix, iy, iz, fx, fy, fz, flip = _corner(kx[m], ky[m], rows[n], c)
                 t = m - start

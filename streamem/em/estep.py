@@ -132,10 +132,9 @@ class EStepModel:
     min_orientations: coarse orientations always refined per image and class (the
         best ones); guards against a sharp coarse posterior whose best point is wrong
     prepass_min_orientations: the same in a local search's pre-pass
-        (``grid.local_prepass``); its coarser grid, at its smaller radius, ranks less
-        sharply: with 4, the 90th percentile of the angular error on a box-128 chunk
-        rose from 1.57° to 1.62° at the 1.88° fine step and from 0.88° to 1.05° at
-        0.94°; with 8 it was that of the search without a pre-pass
+        (``grid.local_prepass``): its coarser grid, at its smaller radius, ranks less
+        sharply, so it keeps more (``streamem bench estep-chunk --local
+        --prepass-min-orientations 4`` against the default 8 shows what 4 costs)
     scale_free: optimise the reference's scale per sample (first iteration)
     particle_diameter_A: sets the coarse pass's resolution (default 0.8 of the box)
     memory_per_worker_bytes: the E-step's memory budget comes from this over the

@@ -22,12 +22,11 @@ Local searches past the first local order take their candidates from a pre-pass 
 order coarser (``local_prepass``; RELION has none: its local searches score every grid
 point within 3σ): the children of each image's significant orientations there, the
 same significance rule, priors and fine pass. An image then meets ~64 candidates at
-the full coarse radius instead of ~600; on a box-128 local chunk (``streamem bench
-estep-chunk --local``) the E-step at the 1.88° and 0.94° fine steps ran 3-4x faster
-with the same median angular error, and whole 5,000-particle box-128 iterations
-(``streamem bench refine-phases``) 2.3x faster with the same resolution. The first local order keeps the plain search: its poses
-still move by a few degrees, and there a pre-pass at 15° lost accuracy (the 90th
-percentile of the error rose from 2.70° to 2.87° on that chunk).
+the full coarse radius instead of ~600: on a box-128 local chunk (``streamem bench
+estep-chunk --local``, one run) the E-step at the 1.88° and 0.94° fine steps ran
+about 3x faster with the same median angular error. The first local order keeps the plain
+search: its poses still move by a few degrees, and the same bench's 3.75° rows show
+what a pre-pass at 15° costs there in accuracy.
 """
 
 from __future__ import annotations
