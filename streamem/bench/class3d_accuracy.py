@@ -17,7 +17,10 @@ Workflows (``--workflow``):
   ``class3d --from-refine`` with ``--search local`` or ``skip``.
 
 class3d starts from the complete state's map low-passed to ``--ini-high`` (K classes,
-``--k``). Reported: the share of particles in classes their state dominates (overall
+``--k``). ``--workdir DIR`` keeps the simulated mix and the consensus refinement in DIR
+(named by their parameters) and reuses them when a later run asks for the same ones, so
+the box-128 set is simulated and refined once for K = 2, K = 4 and both searches; the
+class3d runs themselves are always fresh. Reported: the share of particles in classes their state dominates (overall
 and per state: the purity of issue 25), the estimated and true fraction of the
 complete state, the median angular error and seconds per class3d iteration. The
 numbers of issue 6's and issue 25's notes come from this command.
@@ -25,6 +28,8 @@ numbers of issue 6's and issue 25's notes come from this command.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +69,10 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--lowres-iterations", type=int, default=3)
     p.add_argument("--refine-iterations", type=int, default=8, help="consensus refine3d")
     p.add_argument("--chunk-size", type=int, default=100)
+    p.add_argument(
+        "--workdir", default=None, help="keep and reuse the mix and the consensus here "
+        "(default: a temporary folder, removed)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -87,6 +96,7 @@ def measure(
     lowres_iterations=3,
     refine_iterations=8,
     chunk_size=100,
+    workdir: str | Path | None = None,
 ) -> dict:
     from streamem.core.euler import angular_distance_deg, euler_to_matrix
     from streamem.em import runfiles
@@ -94,30 +104,45 @@ def measure(
     from streamem.em.refine import RefineOptions, refine3d
     from streamem.errors import InputError
     from streamem.io.mrc import read_map
+    from streamem.io.store import ParticleStore
     from streamem.simulate.particles import simulate_particles, truth_volume_paths
     from streamem.simulate.phantoms import deletion_fraction
 
     if workflow == "consensus" and search == "global":
         raise InputError(None, "--workflow consensus classifies with --search local or skip")
     other = MIXES[mix]
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        store = simulate_particles(
-            root / "p.zarr", n_particles, box_size=box_size, pixel_size_A=pixel_size_A,
-            snr=snr, seed=seed, phantom=["asym", other], mix=[0.6, 0.4],
-            chunk_size=chunk_size, max_shift_A=pixel_size_A,
-        )  # fmt: skip
+    with contextlib.ExitStack() as cleanup:
+        if workdir is None:
+            root = Path(cleanup.enter_context(tempfile.TemporaryDirectory()))
+        else:
+            root = Path(workdir)
+            root.mkdir(parents=True, exist_ok=True)
+        # the poses workflow writes poses into the store, so it gets a store of its own
+        mix_name = f"mix-{mix}-n{n_particles}-b{box_size}-a{pixel_size_A:g}-snr{snr:g}-s{seed}"
+        mix_name += f"-c{chunk_size}" + (f"-poses{pose_noise_deg:g}" if workflow == "poses" else "")
+        store_path = root / f"{mix_name}.zarr"
+        if store_path.exists():
+            store = ParticleStore(store_path)
+        else:
+            store = simulate_particles(
+                store_path, n_particles, box_size=box_size, pixel_size_A=pixel_size_A,
+                snr=snr, seed=seed, phantom=["asym", other], mix=[0.6, 0.4],
+                chunk_size=chunk_size, max_shift_A=pixel_size_A,
+            )  # fmt: skip
+            if workflow == "poses":
+                _store_true_poses(store, store.read_table("truth"), pose_noise_deg, seed)
         truth = store.read_table("truth")
         reference, _ = read_map(truth_volume_paths(store.path)[0])
         from_refine, refine_seconds = None, 0.0
-        if workflow == "poses":
-            _store_true_poses(store, truth, pose_noise_deg, seed)
-        else:
-            t0 = time.perf_counter()
-            refine_options = RefineOptions(ini_high_A=30.0, max_iterations=refine_iterations)
-            refine3d(store, reference, root / "refine", refine_options)
-            refine_seconds = time.perf_counter() - t0
-            from_refine = str(root / "refine")
+        if workflow == "consensus":
+            refine_dir = root / f"{mix_name}-refine{refine_iterations}"
+            if not (refine_dir / "run_class001.mrc").is_file():
+                t0 = time.perf_counter()
+                refine_options = RefineOptions(ini_high_A=30.0, max_iterations=refine_iterations)
+                resume = bool(refine_dir.exists() and runfiles.checkpoints(refine_dir))
+                refine3d(store, reference, refine_dir, refine_options, continue_run=resume)
+                refine_seconds = time.perf_counter() - t0
+            from_refine = str(refine_dir)
         search_options = {
             "global": {},
             "local": dict(local_sigma_deg=8.0, offset_range_px=2.0, offset_step_px=1.0),
@@ -129,10 +154,13 @@ def measure(
             seed=0, random_seeds=random_seeds, perturbation=perturbation,
             from_refine=from_refine, **search_options,
         )  # fmt: skip
+        run_dir = Path(tempfile.mkdtemp(prefix=f"class3d-{workflow}-{search}-k{n_classes}-",
+                                        dir=root))  # fmt: skip
+        cleanup.callback(shutil.rmtree, run_dir, True) if workdir is None else None
         t0 = time.perf_counter()
-        result = classify3d(store, None if from_refine else reference, root / "run", options)
+        result = classify3d(store, None if from_refine else reference, run_dir, options)
         seconds = time.perf_counter() - t0
-        poses = runfiles.read_results(root / "run" / "particles.zarr", result.iterations)
+        poses = runfiles.read_results(run_dir / "particles.zarr", result.iterations)
         found = euler_to_matrix(poses["rlnAngleRot"], poses["rlnAngleTilt"], poses["rlnAnglePsi"])
         true = euler_to_matrix(truth["rlnAngleRot"], truth["rlnAngleTilt"], truth["rlnAnglePsi"])
     accuracy = result.truth_accuracy
@@ -149,6 +177,7 @@ def measure(
         "refine_seconds": refine_seconds,
         "difference_fraction": deletion_fraction(other, box_size * pixel_size_A, seed),
         "state": other,
+        "run_dir": str(run_dir) if workdir is not None else "(removed)",
     }
 
 
@@ -170,7 +199,7 @@ def run(args) -> int:
         args.n_particles, args.snr, args.seed, args.search, args.iterations, args.tau2_from,
         args.tau2_fudge, args.pose_noise_deg, not args.no_random_seeds, args.perturbation,
         args.mix, args.workflow, args.box, args.pixel_size, args.k, args.ini_high,
-        args.lowres_iterations, args.refine_iterations, args.chunk_size,
+        args.lowres_iterations, args.refine_iterations, args.chunk_size, args.workdir,
     )  # fmt: skip
     per = " ".join(f"{k}:{100 * v:.1f}%" for k, v in r["per_truth"].items())
     if r["difference_fraction"]:
@@ -182,4 +211,5 @@ def run(args) -> int:
     print(f"seconds per iteration   {r['seconds_per_iteration']:.1f}")
     if r["refine_seconds"]:
         print(f"consensus refine3d      {r['refine_seconds']:.0f} s")
+    print(f"class3d run folder      {r['run_dir']}")
     return 0
