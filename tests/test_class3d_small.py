@@ -160,16 +160,25 @@ def test_cli_from_refine(consensus, tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
 
 
-def test_bench_consensus_workflow_on_the_small_mix(capsys):
-    """``bench class3d-accuracy --mix small --workflow consensus`` runs end to end (tiny)."""
+def test_bench_consensus_workflow_on_the_small_mix(tmp_path):
+    """``bench class3d-accuracy --mix small --workflow consensus`` runs end to end (tiny);
+    with ``--workdir`` a second run reuses the mix and the consensus refinement."""
     from streamem.bench.class3d_accuracy import measure
 
-    r = measure(
-        n_particles=60, search="skip", iterations=1, mix="small", workflow="consensus",
-        refine_iterations=2, chunk_size=30,
-    )  # fmt: skip
+    tiny = dict(n_particles=60, search="skip", iterations=1, mix="small", workflow="consensus",
+                refine_iterations=2, chunk_size=30, workdir=tmp_path)  # fmt: skip
+    r = measure(**tiny)
     assert r["state"] == "asym-del" and r["difference_fraction"] == pytest.approx(0.06, abs=0.002)
     assert set(r["per_truth"]) == {1, 2} and 0.0 <= r["accuracy"] <= 1.0
     assert r["refine_seconds"] > 0 and r["seconds_per_iteration"] > 0
+    (refined,) = tmp_path.glob("*-refine2/run_class001.mrc")
+    (store,) = tmp_path.glob("*.zarr")
+    kept = {p: p.stat().st_mtime_ns for p in (refined, store / "zarr.json")}
+    again = measure(**{**tiny, "n_classes": 3})
+    assert again["refine_seconds"] == 0  # the consensus was reused, not run again
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    runs = sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.glob("class3d-*"))
+    assert runs == ["class3d-consensus-skip-k2", "class3d-consensus-skip-k3"]
+    assert again["run_dir"] != r["run_dir"]
     with pytest.raises(InputError, match="local or skip"):
         measure(n_particles=60, search="global", workflow="consensus")
