@@ -82,6 +82,13 @@ def register(sub) -> None:
         "(default: one random class each, as RELION, so the classes start apart)",
     )
     p.add_argument(
+        "--no-cross-half",
+        action="store_true",
+        help="score every particle against class maps it helped build (RELION; default: "
+        "each random half against the classes of the other half, so no particle meets its "
+        "own noise and a random split cannot hold itself)",
+    )
+    p.add_argument(
         "--perturbation",
         type=float,
         default=0.0,
@@ -124,6 +131,7 @@ def run_class3d(args) -> int:
         seed=args.seed,
         random_seeds=not args.no_random_seeds,
         perturbation=args.perturbation,
+        cross_half=not args.no_cross_half,
         do_ctf=not args.no_ctf,
         memory_per_worker_bytes=memory_per_worker(args),
         from_refine=str(Path(args.from_refine).absolute()) if args.from_refine else None,

@@ -108,6 +108,7 @@ class Class3DOptions:
     memory_per_worker_bytes: int | None = None  # --memory-per-worker: E-step budget (em.memory)
     from_refine: str | None = None  # a refine3d run folder: its map, poses and noise (consensus)
     solvent_mask: str | None = None  # --solvent_mask: MRC mask for the references (else a sphere)
+    cross_half: bool = True  # each half set meets the other half set's classes (--no-cross-half)
 
     def __post_init__(self):
         # every value checked before any work (streamem.validate); messages name the CLI option
@@ -206,17 +207,26 @@ def initial_references(
 
 
 def reconstruct_class(
-    data_acc, weight_acc, work_box, padding_factor, tau2_fudge, sym_mats, tau2_prior=None
-):
+    data_acc, weight_acc, work_box, padding_factor, tau2_fudge, sym_mats, tau2_prior=None,
+    with_halves=False,
+):  # fmt: skip
     """One class's map from its two random-half accumulators (2, *grid).
 
     tau2_prior: (≥ b//2+1,) signal power of the class (RELION's data-vs-prior:
     :func:`streamem.em.mstep.tau2_from_map` of the class's current reference) or None
     for τ² from the half FSC corrected to the full set. Returns (map (b, b, b), FSC of
-    the unregularised halves (b//2+1,), which gives the class's resolution estimate).
+    the unregularised halves (b//2+1,), which gives the class's resolution estimate,
+    and with ``with_halves`` the two half maps (2, b, b, b), each from its own
+    accumulator with the same τ² (the FSC's, uncorrected, without ``tau2_prior``);
+    else None).
     """
     if not np.any(weight_acc):
-        return np.zeros((work_box,) * 3, np.float32), np.zeros(work_box // 2 + 1)
+        empty = np.zeros((work_box,) * 3, np.float32)
+        return (
+            empty,
+            np.zeros(work_box // 2 + 1),
+            (np.stack([empty, empty]) if with_halves else None),
+        )
     fsc_halves = mstep.unregularised_half_fsc(
         data_acc, weight_acc, work_box, padding_factor, sym_mats
     )
@@ -224,7 +234,19 @@ def reconstruct_class(
         data_acc, weight_acc, fsc_halves, work_box, padding_factor, tau2_fudge, sym_mats,
         tau2=tau2_prior,
     )  # fmt: skip
-    return joined, fsc_halves
+    halves = None
+    if with_halves:
+        halves = mstep.reconstruct_halves(
+            data_acc, weight_acc, work_box, padding_factor, tau2_fudge, sym_mats, tau2=tau2_prior,
+            fsc_halves=fsc_halves,
+        )[0]  # fmt: skip
+    return joined, fsc_halves, halves
+
+
+def _read_half_maps(out_dir: Path, names: list[str], n_classes: int) -> np.ndarray:
+    """(2, K, B, B, B) half maps of a checkpoint (names half-major)."""
+    maps = np.stack([read_map(out_dir / name)[0] for name in names])
+    return maps.reshape(2, n_classes, *maps.shape[1:])
 
 
 def classify3d(
@@ -301,9 +323,15 @@ class Class3DJob:
             if len(names) != K:
                 raise InputError(ctx.out_dir, f"the run has {len(names)} classes, not {K}")
             resolutions = np.asarray(checkpoint["resolutions_A"])
+            halves = checkpoint.get("half_maps")
             return {
                 "mask": mask,
                 "maps": np.stack([read_map(ctx.out_dir / name)[0] for name in names]),
+                **(
+                    {"half_maps": _read_half_maps(ctx.out_dir, halves, K)}
+                    if halves and o.cross_half
+                    else {}
+                ),
                 "resolution_A": checkpoint.get("resolution_A", float(np.min(resolutions))),
                 "fractions": np.asarray(checkpoint["fractions"]),
                 "resolutions": resolutions,
@@ -348,10 +376,13 @@ class Class3DJob:
         seeded = iteration == 1 and o.random_seeds and o.n_classes > 1
         with np.errstate(divide="ignore"):
             log_prior = np.log(state["fractions"])
+        crossed = o.cross_half and "half_maps" in state
+        # projectors[h·K + k]: the particles of half h meet class k of the other half
+        maps = np.concatenate(state["half_maps"][::-1]) if crossed else state["maps"]
         return engine.estep_model_3d(
-            ctx, state, state["maps"], b, radius, grid, o, iteration,
+            ctx, state, maps, b, radius, grid, o, iteration,
             n_classes=o.n_classes,
-            references_per_half=False,
+            references_per_half=crossed,
             log_class_prior=log_prior,
             class_seed=o.seed if seeded else None,
             skip_align=o.skip_align,
@@ -359,7 +390,7 @@ class Class3DJob:
 
     def maximise(self, ctx, state: dict, model: EStepModel, stats) -> dict:
         """Each class from its random halves; fractions; per-class SSNR resolutions."""
-        maps, fsc_curves, ssnr_curves = self.reconstruct(ctx, state, model, stats)
+        maps, half_maps, fsc_curves, ssnr_curves = self.reconstruct(ctx, state, model, stats)
         fractions = stats.class_weight / max(float(stats.class_weight.sum()), 1e-30)
         # RELION's FSC-free estimate: where the class's SSNR (data vs prior) drops below 1
         B, p = ctx.box_size, ctx.pixel_size_A
@@ -369,6 +400,7 @@ class Class3DJob:
         return {
             **state,
             "maps": maps,
+            **({"half_maps": half_maps} if half_maps is not None else {}),
             "fractions": fractions,
             "resolutions": resolutions,
             "resolution_A": best,
@@ -377,7 +409,8 @@ class Class3DJob:
         }
 
     def reconstruct(self, ctx, state: dict, model: EStepModel, stats):
-        """(maps (K, B, B, B), random-half FSC (K, B//2+1), SSNR (K, B//2+1)) of the classes."""
+        """The classes: maps (K, B, B, B) from both halves, half maps (2, K, B, B, B) (or
+        None without ``cross_half``), random-half FSC and SSNR (K, B//2+1)."""
         o, B, b, mask = self.options, ctx.box_size, model.work_box, state["mask"]
         sym_mats = symmetry_matrices(o.symmetry)
         masked = (lambda m: m * mask) if mask is not None else (lambda m: m)
@@ -387,15 +420,17 @@ class Class3DJob:
         # (after the first, scale-free iteration); from the half FSC before
         use_reference = o.tau2_from == "reference" and not model.scale_free
         n_used = int(model.max_radius_px) + 1  # no data beyond the E-step's radius
-        maps = []
+        maps, half_maps = [], []
         for k in range(K):
             halves = slice(2 * k, 2 * k + 2)
-            m_b, fsc_b = reconstruct_class(
+            tau2 = mstep.tau2_from_map(masked(state["maps"][k])) if use_reference else None
+            m_b, fsc_b, halves_b = reconstruct_class(
                 stats.data_acc[halves], stats.weight_acc[halves], b, o.padding_factor,
-                o.tau2_fudge, sym_mats,
-                tau2_prior=mstep.tau2_from_map(masked(state["maps"][k])) if use_reference else None,
+                o.tau2_fudge, sym_mats, tau2_prior=tau2, with_halves=o.cross_half,
             )  # fmt: skip
             maps.append(mstep.to_full_frame(m_b, B))
+            if o.cross_half:
+                half_maps.append([mstep.to_full_frame(m, B) for m in halves_b])
             n = min(len(fsc_b), n_used)
             fsc_curves[k, :n] = fsc_b[:n]
             ssnr_b = mstep.data_vs_prior(
@@ -403,13 +438,20 @@ class Class3DJob:
                 o.padding_factor, o.tau2_fudge, sym_mats,
             )  # fmt: skip
             ssnr_curves[k, :n] = ssnr_b[:n]
-        return np.stack(maps), fsc_curves, ssnr_curves
+        halves_out = np.stack(half_maps, axis=1) if o.cross_half else None  # (2, K, B, B, B)
+        return np.stack(maps), halves_out, fsc_curves, ssnr_curves
 
     def write_outputs(self, ctx, state: dict, model: EStepModel, stats, prefix: Path) -> dict:
         o, p, K = self.options, ctx.pixel_size_A, self.options.n_classes
         names = [f"{prefix.name}_class{k + 1:03d}.mrc" for k in range(K)]
         for k in range(K):
             write_map(ctx.out_dir / names[k], state["maps"][k], p)
+        half_names = []
+        if "half_maps" in state:  # what --continue needs to go on crossing the halves
+            for h in range(2):
+                for k in range(K):
+                    half_names.append(f"{prefix.name}_half{h + 1}_class{k + 1:03d}.mrc")
+                    write_map(ctx.out_dir / half_names[-1], state["half_maps"][h][k], p)
         # rlnGoldStandardFsc: between the class's random halves; rlnSsnrMap: data vs prior
         curves = [
             {"rlnGoldStandardFsc": f, "rlnSsnrMap": s}
@@ -424,7 +466,7 @@ class Class3DJob:
             maps = dict(zip(names, state["maps"], strict=True))
             runfiles.write_view_files(ctx, iteration, maps, state["mask"], K)
             runfiles.write_class_pictures(ctx.out_dir, state, p)
-        return {"class_maps": names, "resolution_A": state["resolution_A"]}
+        return {"class_maps": names, "half_maps": half_names, "resolution_A": state["resolution_A"]}
 
     def log_line(self, state: dict, model, iteration: int, changed: float, seconds: float) -> str:
         res, box = f"res {state['resolution_A']:6.2f} A  ", f"box {model.work_box:3d}"

@@ -157,28 +157,36 @@ def reconstruct_halves(
     padding_factor: int,
     tau2_fudge: float,
     symmetry_matrices: np.ndarray | None,
+    tau2: np.ndarray | None = None,
+    fsc_halves: np.ndarray | None = None,
 ):
     """Regularised half maps from per-half accumulators (RELION's gold-standard M-step).
 
     data_acc, weight_acc: (2, *grid) accumulators. The half maps are first
     reconstructed unregularised; their FSC gives τ² (:func:`tau2_from_fsc`) for the
-    regularised reconstruction. Returns (maps (2, b, b, b) float32 in the work
-    frame, FSC of the unregularised halves (b//2+1,)).
+    regularised reconstruction, unless ``tau2`` (per shell, e.g. :func:`tau2_from_map`)
+    is given. ``fsc_halves``: that FSC if already computed. Returns (maps (2, b, b, b)
+    float32 in the work frame, FSC of the unregularised halves (b//2+1,)).
     """
-    fsc_raw = unregularised_half_fsc(
-        data_acc, weight_acc, work_box, padding_factor, symmetry_matrices
+    fsc_raw = (
+        unregularised_half_fsc(data_acc, weight_acc, work_box, padding_factor, symmetry_matrices)
+        if fsc_halves is None
+        else fsc_halves
     )
     maps = []
     for h in range(2):
         weight = _double(weight_acc[h, ...])
-        noise = reconstruction_noise_spectrum(weight, work_box, padding_factor, symmetry_matrices)
+        if tau2 is None:
+            noise = reconstruction_noise_spectrum(
+                weight, work_box, padding_factor, symmetry_matrices
+            )
         maps.append(
             reconstruct(
                 _double(data_acc[h, ...]),
                 weight,
                 work_box,
                 padding_factor,
-                tau2_from_fsc(fsc_raw, noise),
+                tau2_from_fsc(fsc_raw, noise) if tau2 is None else tau2,
                 symmetry_matrices=symmetry_matrices,
                 tau2_fudge=tau2_fudge,
             )

@@ -90,6 +90,7 @@ FLAG_NAMES = {
     "local_prepass": ("--no-local-prepass", False),
     "skip_align": ("--skip-align", True),
     "random_seeds": ("--no-random-seeds", False),
+    "cross_half": ("--no-cross-half", False),
     "ctf_intact_first_peak": ("--ctf-intact-first-peak", True),
     "center_classes": ("--center-classes", True),
 }
