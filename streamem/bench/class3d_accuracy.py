@@ -54,7 +54,7 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--seed", type=int, default=3, help="simulation seed (default 3)")
     p.add_argument("--search", choices=("global", "local", "skip"), default="local")
     p.add_argument("--iterations", type=int, default=10)
-    p.add_argument("--tau2-from", choices=("reference", "fsc"), default="reference")
+    p.add_argument("--tau2-from", choices=("pooled", "reference", "fsc"), default="pooled")
     p.add_argument("--tau2-fudge", type=float, default=4.0)
     p.add_argument("--pose-noise-deg", type=float, default=0.0)
     p.add_argument("--no-random-seeds", action="store_true")
@@ -83,7 +83,7 @@ def measure(
     seed=3,
     search="local",
     iterations=10,
-    tau2_from="reference",
+    tau2_from="pooled",
     tau2_fudge=4.0,
     pose_noise_deg=0.0,
     random_seeds=True,

@@ -50,8 +50,8 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--tau2-from",
-        choices=("reference", "fsc"),
-        default="reference",
+        choices=("pooled", "reference", "fsc"),
+        default="pooled",
         help="signal power of each class: its current map's (RELION, default) or the FSC "
         "of its random halves",
     )

@@ -79,6 +79,10 @@ from streamem.io.store import ParticleStore
 log = logging.getLogger("streamem")
 
 
+#: Where each class's signal power τ² comes from (``tau2_from``; the module docstring)
+TAU2_SOURCES = ("pooled", "reference", "fsc")
+
+
 @dataclass(frozen=True)
 class Class3DOptions:
     """Parameters of a class3d run (RELION option names in brackets)."""
@@ -100,7 +104,7 @@ class Class3DOptions:
     flatten_solvent: bool = True
     perturbation: float = 0.0  # rms of random low-pass noise added per class start
     random_seeds: bool = True  # first iteration: each particle in one random class
-    tau2_from: str = "reference"  # "reference" (RELION: the class's map) or "fsc" (its halves)
+    tau2_from: str = "pooled"  # "pooled" (the classes' maps), "reference" (RELION), "fsc"
     seed: int = 0
     padding_factor: int = 2
     split_every: int = 8
@@ -125,9 +129,9 @@ class Class3DOptions:
         check.at_least("--lowres-iterations", self.lowres_iterations, 0)
         check.symmetry("--sym", self.symmetry)
         check.non_negative("--perturbation", self.perturbation)
-        if self.tau2_from not in ("reference", "fsc"):
+        if self.tau2_from not in TAU2_SOURCES:
             raise InputError(
-                None, f"tau2_from must be 'reference' or 'fsc', got {self.tau2_from!r}"
+                None, f"tau2_from must be one of {', '.join(TAU2_SOURCES)}, got {self.tau2_from!r}"
             )
         check.seed("--seed", self.seed)
         check.at_least("padding_factor", self.padding_factor, 1)
@@ -418,12 +422,16 @@ class Class3DJob:
         fsc_curves, ssnr_curves = np.zeros((K, B // 2 + 1)), np.zeros((K, B // 2 + 1))
         # τ² from the class's current reference once that is on the data's scale
         # (after the first, scale-free iteration); from the half FSC before
-        use_reference = o.tau2_from == "reference" and not model.scale_free
+        use_reference = o.tau2_from in ("reference", "pooled") and not model.scale_free
+        tau2_maps = [mstep.tau2_from_map(masked(m)) for m in state["maps"]] if use_reference else []
+        if use_reference and o.tau2_from == "pooled":  # one τ² for all: Σ π_k τ²_k
+            pooled = np.tensordot(np.asarray(state["fractions"]), np.stack(tau2_maps), axes=1)
+            tau2_maps = [pooled] * K
         n_used = int(model.max_radius_px) + 1  # no data beyond the E-step's radius
         maps, half_maps = [], []
         for k in range(K):
             halves = slice(2 * k, 2 * k + 2)
-            tau2 = mstep.tau2_from_map(masked(state["maps"][k])) if use_reference else None
+            tau2 = tau2_maps[k] if use_reference else None
             m_b, fsc_b, halves_b = reconstruct_class(
                 stats.data_acc[halves], stats.weight_acc[halves], b, o.padding_factor,
                 o.tau2_fudge, sym_mats, tau2_prior=tau2, with_halves=o.cross_half,
