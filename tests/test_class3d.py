@@ -298,3 +298,24 @@ def test_cli_continue_and_seed_options(data, tmp_path):
     assert np.mean(first["rlnClassNumber"] == seeded_classes(np.arange(N), 2, 0) + 1) < 0.9
     assert main(common + ["--iterations", "2", "--continue"]) == 0
     assert (tmp_path / "run" / "run_it002_model.star").exists()
+
+
+def test_class_tau2_sources():
+    """pooled: one τ² for every class, the size-weighted mean of the classes' map powers;
+    reference: each class's own (RELION); fsc: none (from the half FSCs)."""
+    from streamem.em.classify3d import class_tau2
+    from streamem.em.mstep import tau2_from_map
+
+    rng = np.random.default_rng(0)
+    maps = rng.standard_normal((2, 16, 16, 16)).astype(np.float32)
+    maps[1] *= 0.5  # the smaller, more shrunk class: a quarter of the power
+    mask = np.zeros((16,) * 3, np.float32)
+    mask[4:12, 4:12, 4:12] = 1.0
+    own = [tau2_from_map(m * mask) for m in maps]
+    assert own[1][3:].mean() == pytest.approx(0.25 * own[0][3:].mean(), rel=0.2)
+    reference = class_tau2(maps, [0.7, 0.3], mask, "reference")
+    np.testing.assert_allclose(reference, own)
+    pooled = class_tau2(maps, [0.7, 0.3], mask, "pooled")
+    np.testing.assert_allclose(pooled[0], pooled[1])
+    np.testing.assert_allclose(pooled[0], 0.7 * own[0] + 0.3 * own[1])
+    assert class_tau2(maps, [0.7, 0.3], mask, "fsc") == [None, None]

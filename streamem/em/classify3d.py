@@ -247,6 +247,24 @@ def reconstruct_class(
     return joined, fsc_halves, halves
 
 
+def class_tau2(maps: np.ndarray, fractions, mask, source: str) -> list:
+    """Each class's signal power τ² for its M-step (``Class3DOptions.tau2_from``).
+
+    maps: (K, B, B, B) the classes' current references on the data's scale; fractions
+    (K,) their sizes; mask: (B, B, B) or None, applied before the power is taken.
+    Returns K (B//2+1,) float64 spectra (:func:`streamem.em.mstep.tau2_from_map`):
+    ``reference`` each class's own map's power (RELION), ``pooled`` one spectrum for
+    all, Σ_k π_k of those; or K Nones for ``fsc`` (τ² from each class's half FSC).
+    """
+    if source == "fsc":
+        return [None] * len(maps)
+    own = [mstep.tau2_from_map(m * mask if mask is not None else m) for m in maps]
+    if source == "reference":
+        return own
+    pooled = np.tensordot(np.asarray(fractions, np.float64), np.stack(own), axes=1)
+    return [pooled] * len(maps)
+
+
 def _read_half_maps(out_dir: Path, names: list[str], n_classes: int) -> np.ndarray:
     """(2, K, B, B, B) half maps of a checkpoint (names half-major)."""
     maps = np.stack([read_map(out_dir / name)[0] for name in names])
@@ -422,16 +440,13 @@ class Class3DJob:
         fsc_curves, ssnr_curves = np.zeros((K, B // 2 + 1)), np.zeros((K, B // 2 + 1))
         # τ² from the class's current reference once that is on the data's scale
         # (after the first, scale-free iteration); from the half FSC before
-        use_reference = o.tau2_from in ("reference", "pooled") and not model.scale_free
-        tau2_maps = [mstep.tau2_from_map(masked(m)) for m in state["maps"]] if use_reference else []
-        if use_reference and o.tau2_from == "pooled":  # one τ² for all: Σ π_k τ²_k
-            pooled = np.tensordot(np.asarray(state["fractions"]), np.stack(tau2_maps), axes=1)
-            tau2_maps = [pooled] * K
+        source = "fsc" if model.scale_free else o.tau2_from
+        tau2_maps = class_tau2(state["maps"], state["fractions"], mask, source)
         n_used = int(model.max_radius_px) + 1  # no data beyond the E-step's radius
         maps, half_maps = [], []
         for k in range(K):
             halves = slice(2 * k, 2 * k + 2)
-            tau2 = tau2_maps[k] if use_reference else None
+            tau2 = tau2_maps[k]
             m_b, fsc_b, halves_b = reconstruct_class(
                 stats.data_acc[halves], stats.weight_acc[halves], b, o.padding_factor,
                 o.tau2_fudge, sym_mats, tau2_prior=tau2, with_halves=o.cross_half,
