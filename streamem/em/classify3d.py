@@ -21,21 +21,47 @@ Decisions (RELION's class3d; where we differ, it is said):
   together; see :func:`streamem.em.significance.significant_class_pairs`), and
   rlnClassNumber is the class of largest marginal posterior (summed over poses;
   RELION: the class of the single most probable sample).
-- No gold-standard halves: each class is reconstructed from all its particles. The
-  signal power τ² that regularises a class comes, by default (``tau2_from="reference"``,
-  RELION's), from the class's current reference (fudge × the masked map's power; the
-  FSC between the class's random halves in the first, scale-free iteration). The
-  alternative ``tau2_from="fsc"`` takes it from the FSC between two reconstructions of
-  the class from its particles' random halves (rlnRandomSubset), corrected to the full
-  set (2f/(1+f)). Issue 25 measured the two on a small difference (``asym`` vs
-  ``asym-del``, 6.0% of the mass, 60/40, true poses with --skip-align): the FSC's τ²
-  lets each class fit its own particles' noise at high frequency (the estimated
-  resolution runs 10 shells past the reference's, and the random initial split locks):
-  69% correct at box 64 (1,000 particles, SNR 0.1) and 69% at box 32 (400, SNR 0.2);
-  the reference's power keeps the unsupported shells shrunk as RELION does: 98.6% and
-  93%. (On the 60/40 mix of two conformations, issue 6 found the reference's power
-  favouring the larger class by 5 points at 600 particles.) ``tau2_fudge`` multiplies
-  τ² (RELION's default for class3d: 4).
+- Cross-half references (``cross_half``, default; where we differ from RELION): each
+  class is reconstructed from each random half set (rlnRandomSubset) as well as from
+  both, and from the second iteration on the particles of one half are scored against
+  the classes of the other half (``EStepModel.references_per_half``, projectors
+  ``h·K + k`` = class k of half 1 − h). RELION scores every particle against class maps
+  it helped build. Each particle then meets its own noise in its own class's map, a
+  pull towards the class it is in of about r³/N_k (r the E-step's radius in Fourier
+  pixels, N_k the class's particles), against a true difference that does not grow
+  with r. At box 128 it held the random first split: on issue 25's mix (5,000
+  particles, SNR 0.05, ``asym`` vs ``asym-del`` 60/40, --skip-align from a refine3d
+  consensus, ``bench class3d-accuracy --box 128 --angpix 3.59 --snr 0.05
+  --n-particles 5000 --mix small --workflow consensus --search skip --ini-high 15
+  --iterations 20``) RELION's scoring moved under 1% of the particles per iteration
+  after the first and ended at 60.9% correct, with no class of the lacking state. The
+  crossed one reached 98.3% at iteration 6, and with the pooled τ² below it ended at
+  97.6% after 20 iterations (99.9% and 94.1% per state). The half maps are noisier: on the box-32
+  toy of ``tests/test_class3d_small.py`` (300 particles, 75 per class and half), the
+  joined maps separate the states better (90/88% per state against 71/85% crossed).
+  That test sets ``cross_half=False``; ``--no-cross-half`` gives RELION's scoring.
+  The half maps are written as ``run_itNNN_half{1,2}_classKKK.mrc`` (the names of
+  refine3d's halves), which ``--continue`` reads.
+- The signal power τ² that regularises the classes (``tau2_from``):
+  - ``pooled`` (default; where we differ from RELION): one spectrum for every class,
+    Σ_k π_k × (fudge × the masked power of class k's current reference).
+  - ``reference`` (RELION's): each class's own reference's power. A class with fewer
+    particles is shrunk more, and so gets less power and a smaller τ², which shrinks it
+    further. With crossed halves on the mix above, the lacking state drained into the
+    complete one after iteration 6, from 95.7% to 66.8% of it in its own class by
+    iteration 20, with the classes going from 0.37/0.63 to 0.26/0.74. Pooled, it
+    stayed at 96.4% to 94.1% (0.37/0.63; true 0.39/0.61).
+  - ``fsc``: the FSC between the class's random-half reconstructions, corrected to the
+    full set (2f/(1+f)). Issue 25 measured it against ``reference`` on a small
+    difference (true poses, --skip-align). It lets each class fit its own particles'
+    noise at high frequency (the estimated resolution runs 10 shells past the
+    reference's, and the random first split locks): 69% correct at box 64 (1,000
+    particles, SNR 0.1) and at box 32 (400, SNR 0.2), against 98.6% and 93% with the
+    reference's power.
+  - The first, scale-free iteration always takes τ² from the half FSC.
+  - On the 60/40 mix of two conformations, issue 6 found the reference's power
+    favouring the larger class by 5 points at 600 particles.
+  - ``tau2_fudge`` multiplies τ² (RELION's class3d default: 4).
 - The estimated resolution per class (rlnEstimatedResolution) is RELION's FSC-free
   one: the shell where the class's SSNR, τ²/σ²_rec with τ² from the new map's power
   (rlnSsnrMap), drops below 1. The random-half FSC is written as rlnGoldStandardFsc.
