@@ -319,3 +319,32 @@ def test_class_tau2_sources():
     np.testing.assert_allclose(pooled[0], pooled[1])
     np.testing.assert_allclose(pooled[0], 0.7 * own[0] + 0.3 * own[1])
     assert class_tau2(maps, [0.7, 0.3], mask, "fsc") == [None, None]
+
+
+def test_half_classes_are_paired_and_repaired():
+    """A state that is class 3 in half 1 and class 1 in half 2 is paired back (the
+    classes share a consensus that the pairing ignores); half 2's accumulators and
+    class weights are re-ordered to match."""
+    from types import SimpleNamespace
+
+    from streamem.em.classify3d import half_class_pairing, repair_second_half
+
+    rng = np.random.default_rng(1)
+    consensus = 10 * rng.standard_normal((12, 12, 12))
+    states = consensus + rng.standard_normal((3, 12, 12, 12))  # small differences
+    permutation = np.array([2, 0, 1])  # half 2's class j holds half 1's state permutation[j]
+    half_1 = states + 0.3 * rng.standard_normal(states.shape)
+    half_2 = states[permutation] + 0.3 * rng.standard_normal(states.shape)
+    pairing = half_class_pairing(np.stack([half_1, half_2]), None)
+    np.testing.assert_array_equal(permutation[pairing], [0, 1, 2])
+    assert list(half_class_pairing(np.stack([half_1, half_1]), None)) == [0, 1, 2]
+
+    acc = np.arange(6, dtype=np.float64)[:, None] * np.ones((6, 4))  # accumulator 2k + h
+    weights = np.array([[5.0, 6.0, 7.0], [1.0, 2.0, 3.0]])
+    stats = SimpleNamespace(data_acc=acc.astype(np.complex128), weight_acc=acc.copy(),
+                            class_weight_halves=weights.copy(), class_weight=weights.sum(0))  # fmt: skip
+    repair_second_half(stats, pairing)
+    np.testing.assert_array_equal(stats.weight_acc[[0, 2, 4], 0], [0, 2, 4])  # half 1 kept
+    np.testing.assert_array_equal(stats.weight_acc[[1, 3, 5], 0], 2 * pairing + 1)
+    np.testing.assert_array_equal(stats.class_weight_halves[1], weights[1][pairing])
+    np.testing.assert_array_equal(stats.class_weight, weights[0] + weights[1][pairing])

@@ -291,6 +291,43 @@ def class_tau2(maps: np.ndarray, fractions, mask, source: str) -> list:
     return [pooled] * len(maps)
 
 
+def half_class_pairing(half_maps: np.ndarray, mask) -> np.ndarray:
+    """Which class of half 2 is each class of half 1: (K,) indices, ``pairing[k]`` the
+    half-2 class paired with half-1 class k.
+
+    half_maps: (2, K, B, B, B); mask: (B, B, B) or None. Crossed halves keep one
+    labelling only while each half's class k holds the same state: a state that
+    emerges as class 3 in one half and class 2 in the other (from the random first
+    split) would swap labels every iteration, and each joined class would mix two
+    states. The classes are compared after removing each half's mean over classes
+    (what they share), and paired to maximise the summed correlation (Hungarian).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    K = half_maps.shape[1]
+    inside = mask if mask is not None else 1.0
+    rows = []
+    for h in range(2):
+        m = half_maps[h] * inside
+        d = (m - m.mean(axis=0)).reshape(K, -1).astype(np.float64)
+        rows.append(d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-30))
+    correlation = rows[0] @ rows[1].T  # (K, K): half-1 class × half-2 class
+    _, pairing = linear_sum_assignment(-correlation)
+    return pairing
+
+
+def repair_second_half(stats, pairing: np.ndarray) -> None:
+    """Half 2's accumulators and class weights re-ordered so that class k of both halves
+    is ``pairing`` (:func:`half_class_pairing`); in place."""
+    K = len(pairing)
+    order = 2 * np.asarray(pairing) + 1  # accumulator 2k + 1: class k of half 2
+    second = 2 * np.arange(K) + 1
+    stats.data_acc[second] = stats.data_acc[order]
+    stats.weight_acc[second] = stats.weight_acc[order]
+    stats.class_weight_halves[1] = stats.class_weight_halves[1][pairing]
+    stats.class_weight = stats.class_weight_halves.sum(axis=0)
+
+
 def _read_half_maps(out_dir: Path, names: list[str], n_classes: int) -> np.ndarray:
     """(2, K, B, B, B) half maps of a checkpoint (names half-major)."""
     maps = np.stack([read_map(out_dir / name)[0] for name in names])
@@ -439,6 +476,19 @@ class Class3DJob:
     def maximise(self, ctx, state: dict, model: EStepModel, stats) -> dict:
         """Each class from its random halves; fractions; per-class SSNR resolutions."""
         maps, half_maps, fsc_curves, ssnr_curves = self.reconstruct(ctx, state, model, stats)
+        if half_maps is not None and model.references_per_half:
+            pairing = half_class_pairing(half_maps, state["mask"])
+            if np.any(pairing != np.arange(len(pairing))):
+                # half 2's particles took the labels of half 1's classes: re-pair them
+                log.info("class3d: half 2's classes %s re-paired with half 1's 1..%d",
+                         (pairing + 1).tolist(), len(pairing))  # fmt: skip
+                repair_second_half(stats, pairing)
+                runfiles.relabel_classes(
+                    ctx.results_path, state["iteration"] + 1, ctx.store, half=1, pairing=pairing
+                )
+                maps, half_maps, fsc_curves, ssnr_curves = self.reconstruct(
+                    ctx, state, model, stats
+                )
         fractions = stats.class_weight / max(float(stats.class_weight.sum()), 1e-30)
         # RELION's FSC-free estimate: where the class's SSNR (data vs prior) drops below 1
         B, p = ctx.box_size, ctx.pixel_size_A

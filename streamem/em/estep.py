@@ -256,6 +256,14 @@ def neighbourhood_order(previous: np.ndarray, halves: np.ndarray, grid: SearchGr
     return np.lexsort((psi_bin, pixel, halves))
 
 
+def particle_halves(store) -> np.ndarray:
+    """(N,) half set 0/1 of every particle of ``store``, as the E-step assigns them."""
+    n = store.n_particles
+    if store.has_fields(("rlnRandomSubset",)):
+        return _halves({"rlnRandomSubset": store.read_field("rlnRandomSubset")}, n)
+    return _halves({}, n)
+
+
 def _halves(metadata, n: int) -> np.ndarray:
     """(n,) half set 0/1 of each particle (rlnRandomSubset − 1; alternating if absent)."""
     if "rlnRandomSubset" in metadata:
@@ -383,6 +391,8 @@ def _store(out, part: _Part, model, stats, result):
     result.loglik[i] = out.loglik
     result.class_number[i] = np.argmax(out.class_posterior, axis=1) + 1
     stats.class_weight += out.class_weight.sum(axis=0)
+    if stats.class_weight_halves is not None:
+        np.add.at(stats.class_weight_halves, part.halves, out.class_weight)
     stats.offset_sq_A2 += float(out.offset_sq_px2.sum()) * p * p
     stats.weight_sum += float(i.size)
     stats.loglik_sum += float(out.loglik.sum())

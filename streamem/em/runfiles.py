@@ -280,3 +280,18 @@ def write_stacks_for_relion(ctx) -> None:
         return
     folder = write_run_stacks(ctx.store, ctx.out_dir, ctx.client)
     log.info("--write-stacks: %d images in %s", ctx.store.n_particles, folder)
+
+
+def relabel_classes(results_path, iteration: int, store, half: int, pairing) -> None:
+    """Rename the classes of half ``half``'s particles (rlnRandomSubset − 1) in iteration
+    ``iteration``'s results: class ``pairing[k] + 1`` becomes ``k + 1``
+    (:func:`streamem.em.classify3d.half_class_pairing`)."""
+    from streamem.em.estep import particle_halves
+    from streamem.io.results import read_results, write_results
+
+    classes = read_results(results_path, iteration)["rlnClassNumber"].astype(np.int64)
+    rename = np.empty(len(pairing), np.int64)
+    rename[np.asarray(pairing)] = np.arange(len(pairing)) + 1
+    ours = particle_halves(store) == half
+    classes[ours] = rename[classes[ours] - 1]
+    write_results(results_path, iteration, 0, {"rlnClassNumber": classes})

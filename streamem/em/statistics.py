@@ -44,6 +44,7 @@ class SufficientStatistics:
     offset_change_A_sum: float     Σ change of the best offset (Å)
     n_with_previous: float         particles that had a previous pose
     class_weight: (K,) float64     Σ posterior weight per class (K = 1 in refine3d)
+    class_weight_halves: (2, K) float64 or None  the same per random half (3D jobs)
     phase_seconds: {phase: s}      seconds per E-step phase, summed over tasks
                                    (:mod:`streamem.em.phases`; not a statistic of the data)
     coarse_flops: float            FLOPs of the coarse pass's GEMMs
@@ -63,6 +64,7 @@ class SufficientStatistics:
     offset_change_A_sum: float = 0.0
     n_with_previous: float = 0.0
     class_weight: np.ndarray | None = None
+    class_weight_halves: np.ndarray | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
     coarse_flops: float = 0.0
     grid_shape: tuple[int, int, int] | None = None
@@ -76,6 +78,7 @@ class SufficientStatistics:
             noise_power=np.zeros((n_optics_groups, n_shells)),
             noise_count=np.zeros((n_optics_groups, n_shells)),
             class_weight=np.zeros(n_classes),
+            class_weight_halves=np.zeros((2, n_classes)),
         )
 
     @property
@@ -136,6 +139,9 @@ class SufficientStatistics:
         self.offset_change_A_sum += other.offset_change_A_sum
         self.n_with_previous += other.n_with_previous
         self.class_weight = self.class_weight + other.class_weight
+        self.class_weight_halves = _add_optional(
+            self.class_weight_halves, other.class_weight_halves
+        )
         self.phase_seconds = add_seconds(self.phase_seconds, other.phase_seconds)
         self.coarse_flops += other.coarse_flops
         self.phase_seconds["reduction"] = (
@@ -158,6 +164,7 @@ class SufficientStatistics:
             offset_change_A_sum=self.offset_change_A_sum + other.offset_change_A_sum,
             n_with_previous=self.n_with_previous + other.n_with_previous,
             class_weight=self.class_weight + other.class_weight,
+            class_weight_halves=_add_optional(self.class_weight_halves, other.class_weight_halves),
             phase_seconds=add_seconds(self.phase_seconds, other.phase_seconds),
             coarse_flops=self.coarse_flops + other.coarse_flops,
             grid_shape=self.grid_shape,
@@ -198,3 +205,8 @@ class ChunkResult:
             "rlnLogLikeliContribution": self.loglik,
             "rlnClassNumber": self.class_number,
         }
+
+
+def _add_optional(a, b):
+    """a + b for sums that only some jobs keep (None where not kept)."""
+    return None if a is None or b is None else a + b
