@@ -41,7 +41,14 @@ Decisions (RELION's class3d; where we differ, it is said):
   joined maps separate the states better (90/88% per state against 71/85% crossed).
   That test sets ``cross_half=False``; ``--no-cross-half`` gives RELION's scoring.
   The half maps are written as ``run_itNNN_half{1,2}_classKKK.mrc`` (the names of
-  refine3d's halves), which ``--continue`` reads.
+  refine3d's halves), which ``--continue`` reads. Each half's classes emerge from
+  its own random start, so one state can become class 3 in one half and class 1 in
+  the other; crossed, those labels would swap every iteration and each joined class
+  would mix two states (K = 4 on the mix above: every particle changed class every
+  iteration, and 15% of the lacking state was in classes of its own by iteration 9).
+  After each M-step, half 2's classes are therefore paired with half 1's
+  (:func:`half_class_pairing`), and its accumulators, class weights and particles'
+  labels are re-ordered to match (logged when it happens).
 - The signal power τ² that regularises the classes (``tau2_from``):
   - ``pooled`` (default; where we differ from RELION): one spectrum for every class,
     Σ_k π_k × (fudge × the masked power of class k's current reference).
