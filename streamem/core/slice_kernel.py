@@ -45,6 +45,17 @@ def _corner(kx, ky, rows, c):  # pragma: no cover
     return ix, iy, iz, x - np.float32(ix), y - np.float32(iy), z - np.float32(iz), flip
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _tile_corners(kx, ky, rows, c, start, stop, sz, sy, base, frac, flipped):  # pragma: no cover
+    """Points start..stop of one slice: each one's flat corner index (z0, y0, x0) into
+    ``base``, fractions into ``frac`` (3, tile) and flip into ``flipped``."""
+    for m in range(start, stop):
+        ix, iy, iz, fx, fy, fz, flip = _corner(kx[m], ky[m], rows, c)
+        t = m - start
+        base[t] = iz * sz + iy * sy + ix  # corner (z0, y0, x0); then + x, + y, + z
+        frac[0, t], frac[1, t], frac[2, t], flipped[t] = fx, fy, fz, flip
+
+
 #: Points per tile of the extraction: every slice of a call reads the tile's corners
 #: before the next tile, so slices of nearby poses (a local search's candidates, a
 #: parent's children) find them in cache. With the corners computed before the reads
@@ -66,11 +77,7 @@ def _slices(data, rows, kx, ky, inside, radius_padded, out):  # pragma: no cover
         for n in range(rows.shape[0]):
             # corners first, then the reads: the reads of a tile no longer wait on the
             # flip branch and the index arithmetic, so many are in flight at once
-            for m in range(start, stop):
-                ix, iy, iz, fx, fy, fz, flip = _corner(kx[m], ky[m], rows[n], c)
-                t = m - start
-                base[t] = iz * sz + iy * sy + ix  # corner (z0, y0, x0); then + x, + y, + z
-                frac[0, t], frac[1, t], frac[2, t], flipped[t] = fx, fy, fz, flip
+            _tile_corners(kx, ky, rows[n], c, start, stop, sz, sy, base, frac, flipped)
             row = out[n]
             for m in range(start, stop):
                 t = m - start
@@ -152,11 +159,8 @@ def _insert(
     for start in range(0, n_points, INSERT_TILE_POINTS):
         stop = min(start + INSERT_TILE_POINTS, n_points)
         for n in range(rows.shape[0]):
-            for m in range(start, stop):  # the corners first: no dependence on the adds
-                ix, iy, iz, fx, fy, fz, flip = _corner(kx[m], ky[m], rows[n], c)
-                j = m - start
-                base[j] = iz * sz + iy * sy + ix
-                frac[0, j], frac[1, j], frac[2, j], flipped[j] = fx, fy, fz, flip
+            # the corners first: no dependence on the adds
+            _tile_corners(kx, ky, rows[n], c, start, stop, sz, sy, base, frac, flipped)
             for m in range(start, stop):
                 j = m - start
                 fx, fy, fz = frac[0, j], frac[1, j], frac[2, j]
