@@ -338,6 +338,12 @@ def test_half_classes_are_paired_and_repaired():
     pairing = half_class_pairing(np.stack([half_1, half_2]), None)
     np.testing.assert_array_equal(permutation[pairing], [0, 1, 2])
     assert list(half_class_pairing(np.stack([half_1, half_1]), None)) == [0, 1, 2]
+    # two of four classes emptied: the two populated ones still pair by their difference
+    empty = np.zeros((1, 12, 12, 12))
+    four_1 = np.concatenate([empty, half_1[:2], empty])
+    four_2 = np.concatenate([half_2[[1, 2]][::-1], empty, empty])  # states 1, 0 at 0, 1
+    pairing_4 = half_class_pairing(np.stack([four_1, four_2]), None)
+    assert list(pairing_4[[1, 2]]) == [1, 0]
 
     acc = np.arange(6, dtype=np.float64)[:, None] * np.ones((6, 4))  # accumulator 2k + h
     weights = np.array([[5.0, 6.0, 7.0], [1.0, 2.0, 3.0]])

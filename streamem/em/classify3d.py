@@ -306,8 +306,9 @@ def half_class_pairing(half_maps: np.ndarray, mask) -> np.ndarray:
     labelling only while each half's class k holds the same state: a state that
     emerges as class 3 in one half and class 2 in the other (from the random first
     split) would swap labels every iteration, and each joined class would mix two
-    states. The classes are compared after removing each half's mean over classes
-    (what they share), and paired to maximise the summed correlation (Hungarian).
+    states. The classes are compared after removing each half's mean over its
+    populated classes (what they share), and paired to maximise the summed correlation
+    (Hungarian); empty classes pair with anything.
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -315,8 +316,10 @@ def half_class_pairing(half_maps: np.ndarray, mask) -> np.ndarray:
     inside = mask if mask is not None else 1.0
     rows = []
     for h in range(2):
-        m = half_maps[h] * inside
-        d = (m - m.mean(axis=0)).reshape(K, -1).astype(np.float64)
+        m = (half_maps[h] * inside).reshape(K, -1).astype(np.float64)
+        populated = np.any(m != 0, axis=1)  # an empty class's map is zero: not in the mean
+        d = m - m[populated].mean(axis=0) if populated.any() else m
+        d[~populated] = 0.0
         rows.append(d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-30))
     correlation = rows[0] @ rows[1].T  # (K, K): half-1 class × half-2 class
     _, pairing = linear_sum_assignment(-correlation)
