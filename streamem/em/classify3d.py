@@ -36,9 +36,10 @@ Decisions (RELION's class3d; where we differ, it is said):
   --iterations 20``) RELION's scoring moved under 1% of the particles per iteration
   after the first and ended at 60.9% correct, with no class of the lacking state. The
   crossed one reached 98.3% at iteration 6, and with the pooled τ² below it ended at
-  97.6% after 20 iterations (99.9% and 94.1% per state). The half maps are noisier: on the box-32
-  toy of ``tests/test_class3d_small.py`` (300 particles, 75 per class and half), the
-  joined maps separate the states better (90/88% per state against 71/85% crossed).
+  97.6% after 20 iterations (99.9% and 94.1% per state). The half maps are noisier:
+  on the box-32 toy of ``tests/test_class3d_small.py`` (300 particles, 75 per class
+  and half), the joined maps separate the states better (90/88% per state against
+  71/85% crossed).
   That test sets ``cross_half=False``; ``--no-cross-half`` gives RELION's scoring.
   The half maps are written as ``run_itNNN_half{1,2}_classKKK.mrc`` (the names of
   refine3d's halves), which ``--continue`` reads. Each half's classes emerge from
