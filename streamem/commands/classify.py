@@ -52,8 +52,8 @@ def register(sub) -> None:
         "--tau2-from",
         choices=("pooled", "reference", "fsc"),
         default="pooled",
-        help="signal power of each class: its current map's (RELION, default) or the FSC "
-        "of its random halves",
+        help="signal power of the classes: one for all, their maps' powers weighted by size "
+        "(pooled), each class's own map's (reference, RELION) or the FSC of its random halves",
     )
     p.add_argument("--particle-diameter", type=float, default=None, help="Å (default 0.8 x box)")
     p.add_argument(
