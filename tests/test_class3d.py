@@ -303,7 +303,7 @@ def test_cli_continue_and_seed_options(data, tmp_path):
 def test_class_tau2_sources():
     """pooled: one τ² for every class, the size-weighted mean of the classes' map powers;
     reference: each class's own (RELION); fsc: none (from the half FSCs)."""
-    from streamem.em.classify3d import class_tau2
+    from streamem.em.class_halves import class_tau2
     from streamem.em.mstep import tau2_from_map
 
     rng = np.random.default_rng(0)
@@ -327,7 +327,7 @@ def test_half_classes_are_paired_and_repaired():
     class weights are re-ordered to match."""
     from types import SimpleNamespace
 
-    from streamem.em.classify3d import half_class_pairing, repair_second_half
+    from streamem.em.class_halves import half_class_pairing, repair_second_half
 
     rng = np.random.default_rng(1)
     consensus = 10 * rng.standard_normal((12, 12, 12))

@@ -29,7 +29,6 @@ numbers of issue 6's and issue 25's notes come from this command.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -156,9 +155,9 @@ def measure(
             seed=0, random_seeds=random_seeds, perturbation=perturbation,
             from_refine=from_refine, cross_half=cross_half, **search_options,
         )  # fmt: skip
+        # a fresh folder of ours (inside the temporary root, removed with it, when no --workdir)
         run_dir = Path(tempfile.mkdtemp(prefix=f"class3d-{workflow}-{search}-k{n_classes}-",
                                         dir=root))  # fmt: skip
-        cleanup.callback(shutil.rmtree, run_dir, True) if workdir is None else None
         t0 = time.perf_counter()
         result = classify3d(store, None if from_refine else reference, run_dir, options)
         seconds = time.perf_counter() - t0
