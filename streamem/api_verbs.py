@@ -121,6 +121,7 @@ CLI_NAMES: dict[str, dict[str, str]] = {
         "strict_highres": "strict_highres_A",
         "no_random_seeds": "random_seeds",  # negated
         "no_cross_half": "cross_half",  # negated
+        "no_unbiased_scores": "unbiased_scores",  # negated
     },
     "class2d": {**_EM_2D, "k": "n_classes", "psi_step": "psi_step_deg"},
     "select": {"out": "out_path", "run": "run_dir", "max_resolution": "max_resolution_A"},

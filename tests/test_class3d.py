@@ -321,6 +321,60 @@ def test_class_tau2_sources():
     assert class_tau2(maps, [0.7, 0.3], mask, "fsc") == [None, None]
 
 
+@pytest.mark.parametrize("n_images, noise, fudge", [(200, 1.0, 4.0), (600, 2.0, 1.0)])
+def test_half_map_error_power_predicts_the_maps_error(n_images, noise, fudge):
+    """The error power the crossed scores subtract is what a regularised reconstruction
+    gets wrong: back-project noisy central slices of a known map (weighted by 1/σ², as
+    the E-step does), reconstruct with the map's own power as τ², and compare the
+    measured error power per shell with the prediction from the weights alone. Shells
+    1-4 hold the reconstruction's interpolation error too (the same for every class,
+    and at high SNR it dominates); where the data's noise dominates, from shell 5 on,
+    the prediction holds to ±30%."""
+    from scipy.spatial.transform import Rotation
+
+    from streamem.core.backprojector import empty_accumulators, insert_points, reconstruct
+    from streamem.core.filters import lowpass
+    from streamem.core.projector import make_projector, project_points
+    from streamem.em import mstep
+    from streamem.em.class_halves import half_map_error_power
+    from streamem.em.fourier_points import half_plane_points
+
+    B, pf, radius = 32, 2, 14
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:B, :B, :B] - B // 2
+    sphere = (np.sqrt(x * x + y * y + z * z) < 10).astype(np.float32)
+    volume = lowpass(rng.standard_normal((B,) * 3).astype(np.float32), 3.0, 1.0) * sphere
+    coords, _, _ = half_plane_points(B, radius)
+    rotations = Rotation.random(n_images, random_state=1).as_matrix()
+    slices = project_points(make_projector(volume, pf, max_radius_px=radius), rotations, coords)
+    sigma2 = noise * float(np.mean(np.abs(slices) ** 2)) / 2  # per complex component
+    shape = slices.shape
+    images = slices + np.sqrt(sigma2) * (
+        rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
+    )
+    data, weight = empty_accumulators(B, pf, max_radius_px=radius)
+    insert_points(data, weight, rotations, coords, images / sigma2,
+                  np.full(coords.shape[0], 1 / sigma2), pf)  # fmt: skip
+    tau2 = mstep.tau2_from_map(volume)
+    made = reconstruct(data, weight, B, pf, tau2, tau2_fudge=fudge)
+    measured = mstep.tau2_from_map(made - volume)
+    predicted = half_map_error_power(
+        np.stack([weight, weight]), [tau2], None, B, pf, fudge, None, None, B // 2 + 1
+    )
+    assert predicted.shape == (2, 1, B // 2 + 1)
+    ratio = measured[5:radius] / predicted[0, 0, 5:radius]
+    assert np.all((ratio > 0.7) & (ratio < 1.3)), ratio
+    # fewer images: a larger error, and with no weight at all the error is the power itself
+    fewer = half_map_error_power(
+        np.stack([weight / 4, weight]), [tau2], None, B, pf, fudge, None, None, B // 2 + 1
+    )
+    assert np.all(fewer[0, 0, 1:radius] > fewer[1, 0, 1:radius])
+    empty = half_map_error_power(
+        np.zeros((2, *weight.shape)), [tau2], None, B, pf, fudge, None, None, B // 2 + 1
+    )
+    np.testing.assert_allclose(empty[0, 0, 1:radius], tau2[1:radius])
+
+
 def test_half_classes_are_paired_and_repaired():
     """A state that is class 3 in half 1 and class 1 in half 2 is paired back (the
     classes share a consensus that the pairing ignores); half 2's accumulators and
@@ -354,3 +408,46 @@ def test_half_classes_are_paired_and_repaired():
     np.testing.assert_array_equal(stats.weight_acc[[1, 3, 5], 0], 2 * pairing + 1)
     np.testing.assert_array_equal(stats.class_weight_halves[1], weights[1][pairing])
     np.testing.assert_array_equal(stats.class_weight, weights[0] + weights[1][pairing])
+
+
+def test_reference_error_power_raises_each_class_score_by_its_expected_residual():
+    """Two identical class references, the second with a known error power e per
+    shell: each image's odds for class 2 grow by exp(Σ_k c²/σ² · e), the residual that
+    error adds in expectation (CTF off, σ² = 1: M·e over the M Fourier points used)."""
+    from test_backprojector import random_rotations
+    from test_projector import smooth_volume
+
+    from streamem.core.ctf import OpticsParams
+    from streamem.core.euler import matrix_to_euler
+    from streamem.core.projector import make_projector, project_images
+    from streamem.em.estep import EStepModel, SearchGrid, expectation
+    from streamem.em.fourier_points import half_plane_points
+
+    box, n, radius = 24, 40, 10.0
+    rng = np.random.default_rng(0)
+    projector = make_projector(smooth_volume(box, seed=0).astype(np.float32))
+    rotations = random_rotations(n, rng)
+    images = project_images(projector, rotations)
+    images = (images + rng.normal(0, images.std(), images.shape)).astype(np.float32)
+    rot, tilt, psi = matrix_to_euler(rotations)
+    metadata = {"rlnAngleRot": rot, "rlnAngleTilt": tilt, "rlnAnglePsi": psi,
+                "rlnRandomSubset": np.arange(n) % 2 + 1, "particle_index": np.arange(n)}  # fmt: skip
+    n_points = half_plane_points(box, radius)[0].shape[0]
+    error = np.zeros((2, box // 2 + 1))
+    error[1, :] = 1.0 / n_points  # class 2's map: Σ c²/σ² · e = 1 for every image
+
+    def class_weights(error_power):
+        model = EStepModel(
+            projectors=(projector, projector), box_size=box, work_box=box, pixel_size_A=3.0,
+            max_radius_px=radius, inv_sigma2=np.ones((1, box // 2 + 1)),
+            optics=(OpticsParams(300.0, 2.7, 0.1),), sigma_offset_A=3.0,
+            grid=SearchGrid(healpix_order=2), do_ctf=False, n_classes=2,
+            references_per_half=False, log_class_prior=np.log([0.5, 0.5]), skip_align=True,
+            reference_error_power=error_power,
+        )  # fmt: skip
+        stats, _ = expectation(images, metadata, model)
+        return stats.class_weight / n
+
+    np.testing.assert_allclose(class_weights(None), [0.5, 0.5], atol=1e-6)
+    odds = np.exp(1.0)
+    np.testing.assert_allclose(class_weights(error), [1 / (1 + odds), odds / (1 + odds)], rtol=1e-4)

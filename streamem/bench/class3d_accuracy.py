@@ -58,6 +58,10 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--pose-noise-deg", type=float, default=0.0)
     p.add_argument("--no-random-seeds", action="store_true")
     p.add_argument("--no-cross-half", action="store_true", help="class3d --no-cross-half")
+    p.add_argument("--no-unbiased-scores", action="store_true", help="class3d --no-unbiased-scores")
+    p.add_argument(
+        "--strict-highres", type=float, default=None, help="class3d --strict-highres (Å)"
+    )
     p.add_argument("--perturbation", type=float, default=0.0)
     p.add_argument("--mix", choices=tuple(MIXES), default="conformations")
     p.add_argument("--workflow", choices=("poses", "consensus"), default="poses")
@@ -98,6 +102,8 @@ def measure(
     chunk_size=100,
     workdir: str | Path | None = None,
     cross_half: bool = True,
+    unbiased_scores: bool = True,
+    strict_highres_A: float | None = None,
 ) -> dict:
     from streamem.core.euler import angular_distance_deg, euler_to_matrix
     from streamem.em import runfiles
@@ -153,7 +159,8 @@ def measure(
             n_classes=n_classes, iterations=iterations, lowres_iterations=lowres_iterations,
             healpix_order=2, ini_high_A=ini_high_A, tau2_from=tau2_from, tau2_fudge=tau2_fudge,
             seed=0, random_seeds=random_seeds, perturbation=perturbation,
-            from_refine=from_refine, cross_half=cross_half, **search_options,
+            from_refine=from_refine, cross_half=cross_half, unbiased_scores=unbiased_scores,
+            strict_highres_A=strict_highres_A, **search_options,
         )  # fmt: skip
         # a fresh folder of ours (inside the temporary root, removed with it, when no --workdir)
         run_dir = Path(tempfile.mkdtemp(prefix=f"class3d-{workflow}-{search}-k{n_classes}-",
@@ -201,7 +208,7 @@ def run(args) -> int:
         args.tau2_fudge, args.pose_noise_deg, not args.no_random_seeds, args.perturbation,
         args.mix, args.workflow, args.box, args.pixel_size, args.k, args.ini_high,
         args.lowres_iterations, args.refine_iterations, args.chunk_size, args.workdir,
-        not args.no_cross_half,
+        not args.no_cross_half, not args.no_unbiased_scores, args.strict_highres,
     )  # fmt: skip
     per = " ".join(f"{k}:{100 * v:.1f}%" for k, v in r["per_truth"].items())
     if r["difference_fraction"]:

@@ -89,6 +89,13 @@ def register(sub) -> None:
         "own noise and a random split cannot hold itself)",
     )
     p.add_argument(
+        "--no-unbiased-scores",
+        action="store_true",
+        help="with crossed halves, score against the other half's class maps as they are "
+        "(default: less the residual each map's own error adds in expectation, so a "
+        "smaller class's noisier map is not held against it)",
+    )
+    p.add_argument(
         "--perturbation",
         type=float,
         default=0.0,
@@ -132,6 +139,7 @@ def run_class3d(args) -> int:
         random_seeds=not args.no_random_seeds,
         perturbation=args.perturbation,
         cross_half=not args.no_cross_half,
+        unbiased_scores=not args.no_unbiased_scores,
         do_ctf=not args.no_ctf,
         memory_per_worker_bytes=memory_per_worker(args),
         from_refine=str(Path(args.from_refine).absolute()) if args.from_refine else None,

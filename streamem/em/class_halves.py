@@ -68,3 +68,42 @@ def repair_second_half(stats, pairing: np.ndarray) -> None:
     stats.weight_acc[second] = stats.weight_acc[order]
     stats.class_weight_halves[1] = stats.class_weight_halves[1][pairing]
     stats.class_weight = stats.class_weight_halves.sum(axis=0)
+
+
+def half_map_error_power(
+    weight_acc, tau2_maps: list, fsc_halves, work_box: int, padding_factor: int,
+    tau2_fudge: float, symmetry_matrices, mask, n_shells: int,
+) -> np.ndarray:  # fmt: skip
+    """The expected error power of each half's class map (2, K, n_shells) float64.
+
+    Per complex component and shell, in full-box DFT units (as τ² and σ²): the mean
+    squared error of the regularised estimate F = Σ c X/σ² / (W + a), a = 1/(fudge·τ²),
+    (φ·W + a²τ²) / (W + a)², its variance (φ the mask's mean square: masking the
+    reference keeps that share of the white reconstruction noise) plus its shrinkage
+    towards zero, taking the true power to be τ². W = 1/σ²_rec is the back-projected
+    weight of the class's half (a class of few particles has a small W, a noisy and
+    shrunk map, a large error). Shells without signal power (τ² = 0) get 0: the map is
+    zero there for every class. weight_acc: (2K, *grid) accumulators, index 2k + h;
+    tau2_maps: K per-shell τ² (:func:`class_tau2`) or Nones, then τ² from the half
+    FSC ``fsc_halves`` (K, ≥ work_box//2+1) as :func:`streamem.em.mstep.reconstruct_halves`
+    takes it. Used by :class:`streamem.em.estep.EStepModel` ``reference_error_power``.
+    """
+    K = len(tau2_maps)
+    phi = float(np.mean(np.asarray(mask, np.float64) ** 2)) if mask is not None else 1.0
+    out = np.zeros((2, K, n_shells))
+    for k in range(K):
+        for h in range(2):
+            noise = mstep.reconstruction_noise(
+                weight_acc[2 * k + h], work_box, padding_factor, symmetry_matrices
+            )
+            tau2 = tau2_maps[k]
+            if tau2 is None:
+                tau2 = mstep.tau2_from_fsc(fsc_halves[k], noise)
+            n = min(len(noise), len(tau2), n_shells)
+            sigma2_rec, t = noise[:n], np.asarray(tau2, np.float64)[:n]
+            W = np.where(sigma2_rec > 0, 1.0 / np.where(sigma2_rec > 0, sigma2_rec, 1.0), 0.0)
+            ok = t > 0
+            a = np.where(ok, 1.0 / (tau2_fudge * np.where(ok, t, 1.0)), 0.0)
+            mse = (phi * W + a * a * t) / np.where(ok, (W + a) ** 2, 1.0)
+            out[h, k, :n] = np.where(ok, mse, 0.0)
+    return out

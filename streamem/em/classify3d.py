@@ -103,7 +103,12 @@ from streamem.core.filters import lowpass
 from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.symmetry import symmetry_matrices
 from streamem.em import engine, mstep, runfiles, runfolder
-from streamem.em.class_halves import class_tau2, half_class_pairing, repair_second_half
+from streamem.em.class_halves import (
+    class_tau2,
+    half_class_pairing,
+    half_map_error_power,
+    repair_second_half,
+)
 from streamem.em.class_truth import ClassAccuracy
 from streamem.em.consensus import ConsensusStart, copy_poses, read_consensus
 from streamem.em.estep import EStepModel, SearchGrid, expectation
@@ -148,6 +153,9 @@ class Class3DOptions:
     from_refine: str | None = None  # a refine3d run folder: its map, poses and noise (consensus)
     solvent_mask: str | None = None  # --solvent_mask: MRC mask for the references (else a sphere)
     cross_half: bool = True  # each half set meets the other half set's classes (--no-cross-half)
+    unbiased_scores: bool = (
+        True  # crossed scores against the classes' true maps (--no-unbiased-scores)
+    )
 
     def __post_init__(self):
         # every value checked before any work (streamem.validate); messages name the CLI option
@@ -371,6 +379,11 @@ class Class3DJob:
                     if halves and o.cross_half
                     else {}
                 ),
+                **(
+                    {"half_map_error": np.asarray(checkpoint["half_map_error_power"])}
+                    if checkpoint.get("half_map_error_power") and o.cross_half
+                    else {}
+                ),
                 "resolution_A": checkpoint.get("resolution_A", float(np.min(resolutions))),
                 "fractions": np.asarray(checkpoint["fractions"]),
                 "resolutions": resolutions,
@@ -418,6 +431,9 @@ class Class3DJob:
         crossed = o.cross_half and "half_maps" in state
         # projectors[h·K + k]: the particles of half h meet class k of the other half
         maps = np.concatenate(state["half_maps"][::-1]) if crossed else state["maps"]
+        error = None
+        if crossed and o.unbiased_scores and "half_map_error" in state:
+            error = np.concatenate(state["half_map_error"][::-1])  # rows as the projectors
         return engine.estep_model_3d(
             ctx, state, maps, b, radius, grid, o, iteration,
             n_classes=o.n_classes,
@@ -425,6 +441,7 @@ class Class3DJob:
             log_class_prior=log_prior,
             class_seed=o.seed if seeded else None,
             skip_align=o.skip_align,
+            reference_error_power=error,
         )  # fmt: skip
 
     def maximise(self, ctx, state: dict, model: EStepModel, stats) -> dict:
@@ -443,6 +460,14 @@ class Class3DJob:
                 maps, half_maps, fsc_curves, ssnr_curves = self.reconstruct(
                     ctx, state, model, stats
                 )
+        error = None
+        if half_maps is not None:  # what each half's class map gets wrong, for the next scores
+            o = self.options
+            error = half_map_error_power(
+                stats.weight_acc, self.class_tau2(state, model), fsc_curves, model.work_box,
+                o.padding_factor, o.tau2_fudge, symmetry_matrices(o.symmetry), state["mask"],
+                ctx.box_size // 2 + 1,
+            )  # fmt: skip
         fractions = stats.class_weight / max(float(stats.class_weight.sum()), 1e-30)
         # RELION's FSC-free estimate: where the class's SSNR (data vs prior) drops below 1
         B, p = ctx.box_size, ctx.pixel_size_A
@@ -452,7 +477,7 @@ class Class3DJob:
         return {
             **state,
             "maps": maps,
-            **({"half_maps": half_maps} if half_maps is not None else {}),
+            **({"half_maps": half_maps, "half_map_error": error} if half_maps is not None else {}),
             "fractions": fractions,
             "resolutions": resolutions,
             "resolution_A": best,
@@ -468,10 +493,7 @@ class Class3DJob:
         masked = (lambda m: m * mask) if mask is not None else (lambda m: m)
         K = o.n_classes
         fsc_curves, ssnr_curves = np.zeros((K, B // 2 + 1)), np.zeros((K, B // 2 + 1))
-        # τ² from the class's current reference once that is on the data's scale
-        # (after the first, scale-free iteration); from the half FSC before
-        source = "fsc" if model.scale_free else o.tau2_from
-        tau2_maps = class_tau2(state["maps"], state["fractions"], mask, source)
+        tau2_maps = self.class_tau2(state, model)
         n_used = int(model.max_radius_px) + 1  # no data beyond the E-step's radius
         maps, half_maps = [], []
         for k in range(K):
@@ -493,6 +515,12 @@ class Class3DJob:
             ssnr_curves[k, :n] = ssnr_b[:n]
         halves_out = np.stack(half_maps, axis=1) if o.cross_half else None  # (2, K, B, B, B)
         return np.stack(maps), halves_out, fsc_curves, ssnr_curves
+
+    def class_tau2(self, state: dict, model: EStepModel) -> list:
+        """Each class's τ² for this M-step: from its current reference once that is on
+        the data's scale (after the first, scale-free iteration); from the half FSC before."""
+        source = "fsc" if model.scale_free else self.options.tau2_from
+        return class_tau2(state["maps"], state["fractions"], state["mask"], source)
 
     def write_outputs(self, ctx, state: dict, model: EStepModel, stats, prefix: Path) -> dict:
         o, p, K = self.options, ctx.pixel_size_A, self.options.n_classes
@@ -519,7 +547,13 @@ class Class3DJob:
             maps = dict(zip(names, state["maps"], strict=True))
             runfiles.write_view_files(ctx, iteration, maps, state["mask"], K)
             runfiles.write_class_pictures(ctx.out_dir, state, p)
-        return {"class_maps": names, "half_maps": half_names, "resolution_A": state["resolution_A"]}
+        error = state.get("half_map_error")
+        return {
+            "class_maps": names,
+            "half_maps": half_names,
+            "half_map_error_power": None if error is None else np.asarray(error).tolist(),
+            "resolution_A": state["resolution_A"],
+        }
 
     def log_line(self, state: dict, model, iteration: int, changed: float, seconds: float) -> str:
         res, box = f"res {state['resolution_A']:6.2f} A  ", f"box {model.work_box:3d}"

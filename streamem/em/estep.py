@@ -144,6 +144,12 @@ class EStepModel:
     log_class_prior: (K,) log class fractions (−inf allowed); None: uniform
     class_seed: when not None, each particle meets one class only, drawn from its
         index (metadata["particle_index"]) and this seed (RELION's random seeds)
+    reference_error_power: (len(projectors), B//2 + 1) float64 or None: the expected
+        error power of each reference (per complex component, full-box DFT units, per
+        shell; :func:`streamem.em.class_halves.half_map_error_power`). Each image's
+        log class prior then gains Σ_k c²/σ² · error(k), the residual a reference's own
+        error adds in expectation, so the score estimates the distance to the class's
+        true map and a smaller class's noisier map is not held against it
     skip_align: poses fixed to the stored ones; posterior over classes only
     """
 
@@ -169,6 +175,7 @@ class EStepModel:
     log_class_prior: np.ndarray | None = None
     class_seed: int | None = None
     skip_align: bool = False
+    reference_error_power: np.ndarray | None = None
     coarse: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -185,12 +192,12 @@ class EStepModel:
 
     def class_references(self, half: int) -> tuple[FourierVolume, ...]:
         """The K references the particles of half set ``half`` (0 or 1) meet."""
+        return tuple(self.projectors[r] for r in self.class_reference_rows(half))
+
+    def class_reference_rows(self, half: int) -> range:
+        """Indices into ``projectors`` of the K references half set ``half`` meets."""
         K = self.n_classes
-        return (
-            self.projectors[half * K : (half + 1) * K]
-            if self.references_per_half
-            else (self.projectors[:K])
-        )
+        return range(half * K, (half + 1) * K) if self.references_per_half else range(K)
 
     @property
     def coarse_radius_px(self) -> float:
@@ -326,8 +333,8 @@ def expectation(
                 None if previous is None else previous[sel][idx],
                 groups[sel][idx],
             )
-            _expect_part(batch_part, prep, model, model.class_references(h), coords, shell,
-                         stats, sub, bp_budget, timer, batched)  # fmt: skip
+            _expect_part(batch_part, prep, model, h, coords, shell, stats, sub, bp_budget,
+                         timer, batched)  # fmt: skip
         del prep
         for f in fields(ChunkResult):
             getattr(result, f.name)[sel] = getattr(sub, f.name)
@@ -347,10 +354,12 @@ class _Part:
     groups: np.ndarray
 
 
-def _expect_part(part: _Part, prep: PreparedImages, model, refs, coords, shell, stats, result,
+def _expect_part(part: _Part, prep: PreparedImages, model, half, coords, shell, stats, result,
                  bp_budget_bytes, timer: PhaseTimer, batched: bool = True):  # fmt: skip
-    """E-step of the images ``part`` against the K references ``refs``: fills
-    ``result`` (the sub-batch's view) and adds to ``stats`` (seconds into ``timer``)."""
+    """E-step of the images ``part`` against the K references of half set ``half``:
+    fills ``result`` (the sub-batch's view) and adds to ``stats`` (seconds into
+    ``timer``)."""
+    refs = model.class_references(half)
     xp = namespace(refs[0].data)
     grid, p, B = model.grid, model.pixel_size_A, model.box_size
     idx_x = xp.asarray(part.idx)
@@ -360,6 +369,8 @@ def _expect_part(part: _Part, prep: PreparedImages, model, refs, coords, shell, 
     prior_px = prep.prior_offset_px[part.idx]
     X0 = X * xp.asarray(sampling.shift_phases(coords, prior_px, B))  # on previous origins
     images = FineImages(X0, ctf, cw, ctf * cw, xp.take(prep.norm, idx_x, axis=0), prior_px)
+    if model.reference_error_power is not None:
+        part = replace(part, log_pi=_unbiased_log_pi(part, images.ctf2w, model, half, shell))
     if model.skip_align:
         with timer("fine"):
             out = fixed_pose_posterior(images, part, model, refs, coords, stats)
@@ -379,6 +390,20 @@ def _expect_part(part: _Part, prep: PreparedImages, model, refs, coords, shell, 
     with timer("fine"):
         _store(out, part, model, stats, result)
         _add_noise(stats, out.noise_rows, part.groups, shell)
+
+
+def _unbiased_log_pi(part: _Part, ctf2w, model, half: int, shell) -> np.ndarray:
+    """(n, K) the part's log class priors plus Σ_k c²/σ² · error power of each class's
+    reference at the point's shell (``EStepModel.reference_error_power``): diff2 is
+    Σ|X − cA|²/2σ² and an error ε of the reference adds c²E|ε|²/2σ² to it, E|ε|² being
+    twice the per-component error power."""
+    xp = namespace(ctf2w)
+    rows = np.asarray(model.class_reference_rows(half))
+    error = np.asarray(model.reference_error_power, np.float64)[rows][:, np.asarray(shell)]
+    error_x = xp.asarray(error.T.astype(np.float32))  # (M, K)
+    correction = np.asarray(to_numpy(xp.matmul(xp.astype(ctf2w, xp.float32), error_x)))
+    base = np.zeros(correction.shape) if part.log_pi is None else part.log_pi
+    return base + correction.astype(np.float64)
 
 
 def _store(out, part: _Part, model, stats, result):

@@ -130,16 +130,21 @@ def data_vs_prior(
     the reconstruction's noise power from its summed weights (weight_acc: one
     half-cube accumulator); needs no half maps.
     """
-    noise = to_numpy(
-        reconstruction_noise_spectrum(
-            _double(weight_acc), work_box, padding_factor, symmetry_matrices
-        )
-    )
+    noise = reconstruction_noise(weight_acc, work_box, padding_factor, symmetry_matrices)
     tau2 = tau2_fudge * tau2_from_map(volume)[: len(noise)]
     out = np.zeros(len(noise))
     ok = noise[: len(tau2)] > 0
     out[: len(tau2)][ok] = tau2[ok] / noise[: len(tau2)][ok]
     return out
+
+
+def reconstruction_noise(weight_acc, work_box: int, padding_factor: int, symmetry_matrices):
+    """σ²_rec per shell (work_box//2 + 1,) float64 on the host, from one accumulator's
+    weights (:func:`streamem.core.backprojector.reconstruction_noise_spectrum`)."""
+    spectrum = reconstruction_noise_spectrum(
+        _double(weight_acc), work_box, padding_factor, symmetry_matrices
+    )
+    return np.asarray(to_numpy(spectrum), np.float64)
 
 
 def resolution_from_ssnr(ssnr: np.ndarray, box_size: int, pixel_size_A: float) -> float:
