@@ -451,3 +451,27 @@ def test_reference_error_power_raises_each_class_score_by_its_expected_residual(
     np.testing.assert_allclose(class_weights(None), [0.5, 0.5], atol=1e-6)
     odds = np.exp(1.0)
     np.testing.assert_allclose(class_weights(error), [1 / (1 + odds), odds / (1 + odds)], rtol=1e-4)
+
+
+def test_relabel_classes_renames_the_second_halfs_particles_only(tmp_path):
+    """After a re-pairing, half 2's particles take the labels of half 1's classes
+    (``pairing[k]`` the half-2 class of half-1 class k); half 1's keep theirs."""
+    from streamem.em.estep import particle_halves
+    from streamem.em.runfiles import relabel_classes
+    from streamem.io.results import create_results_arrays, read_results, write_results
+    from streamem.simulate.particles import simulate_particles
+
+    n = 12
+    store = simulate_particles(tmp_path / "p.zarr", n, box_size=16, pixel_size_A=4.0, snr=1.0,
+                               seed=0)  # fmt: skip
+    second = particle_halves(store) == 1
+    assert 0 < second.sum() < n
+    results = tmp_path / "particles.zarr"
+    create_results_arrays(results, 2, n, 6)
+    classes = np.arange(n) % 3 + 1
+    write_results(str(results), 2, 0, {"rlnClassNumber": classes})
+    relabel_classes(results, 2, store, half=1, pairing=np.array([2, 0, 1]))
+    got = read_results(str(results), 2)["rlnClassNumber"]
+    np.testing.assert_array_equal(got[~second], classes[~second])
+    renamed = {3: 1, 1: 2, 2: 3}  # half 2's class 3 is half 1's class 1, and so on
+    np.testing.assert_array_equal(got[second], [renamed[c] for c in classes[second]])
