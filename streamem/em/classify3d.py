@@ -168,9 +168,8 @@ class Class3DOptions:
     from_refine: str | None = None  # a refine3d run folder: its map, poses and noise (consensus)
     solvent_mask: str | None = None  # --solvent_mask: MRC mask for the references (else a sphere)
     cross_half: bool = True  # each half set meets the other half set's classes (--no-cross-half)
-    unbiased_scores: bool = (
-        True  # crossed scores against the classes' true maps (--no-unbiased-scores)
-    )
+    # crossed scores against the classes' true maps (--no-unbiased-scores)
+    unbiased_scores: bool = True
 
     def __post_init__(self):
         # every value checked before any work (streamem.validate); messages name the CLI option
