@@ -105,6 +105,7 @@ def measure(
     unbiased_scores: bool = True,
     strict_highres_A: float | None = None,
 ) -> dict:
+    from streamem.bench.refine_memory import RssSampler
     from streamem.core.euler import angular_distance_deg, euler_to_matrix
     from streamem.em import runfiles
     from streamem.em.classify3d import Class3DOptions, classify3d
@@ -165,8 +166,13 @@ def measure(
         # a fresh folder of ours (inside the temporary root, removed with it, when no --workdir)
         run_dir = Path(tempfile.mkdtemp(prefix=f"class3d-{workflow}-{search}-k{n_classes}-",
                                         dir=root))  # fmt: skip
+        sampler = RssSampler()
+        sampler.start()
         t0 = time.perf_counter()
-        result = classify3d(store, None if from_refine else reference, run_dir, options)
+        try:
+            result = classify3d(store, None if from_refine else reference, run_dir, options)
+        finally:
+            sampler.stop()
         seconds = time.perf_counter() - t0
         poses = runfiles.read_results(run_dir / "particles.zarr", result.iterations)
         found = euler_to_matrix(poses["rlnAngleRot"], poses["rlnAngleTilt"], poses["rlnAnglePsi"])
@@ -183,6 +189,7 @@ def measure(
         "median_angular_error_deg": float(np.median(angular_distance_deg(found, true))),
         "seconds_per_iteration": seconds / result.iterations,
         "refine_seconds": refine_seconds,
+        "peak_rss_bytes": max(v for row in sampler.peaks.values() for v in row.values()),
         "difference_fraction": deletion_fraction(other, box_size * pixel_size_A, seed),
         "state": other,
         "run_dir": str(run_dir) if workdir is not None else "(removed)",
@@ -218,6 +225,7 @@ def run(args) -> int:
     print(f"fraction of A           {r['fraction_a']:.3f}  (true {r['true_fraction_a']:.3f})")
     print(f"median angular error    {r['median_angular_error_deg']:.2f}°")
     print(f"seconds per iteration   {r['seconds_per_iteration']:.1f}")
+    print(f"peak RSS of any process {r['peak_rss_bytes'] / 2**30:.2f} GiB  (class3d)")
     if r["refine_seconds"]:
         print(f"consensus refine3d      {r['refine_seconds']:.0f} s")
     print(f"class3d run folder      {r['run_dir']}")
