@@ -460,7 +460,10 @@ class Class3DJob:
 
     def maximise(self, ctx, state: dict, model: EStepModel, stats) -> dict:
         """Each class from its random halves; fractions; per-class SSNR resolutions."""
-        maps, half_maps, fsc_curves, ssnr_curves = self.reconstruct(ctx, state, model, stats)
+        tau2_maps = self.class_tau2(state, model)  # from last iteration's maps: one per M-step
+        maps, half_maps, fsc_curves, ssnr_curves = self.reconstruct(
+            ctx, state, model, stats, tau2_maps
+        )
         if half_maps is not None and model.references_per_half:
             pairing = half_class_pairing(half_maps, state["mask"])
             if np.any(pairing != np.arange(len(pairing))):
@@ -472,13 +475,13 @@ class Class3DJob:
                     ctx.results_path, state["iteration"] + 1, ctx.store, half=1, pairing=pairing
                 )
                 maps, half_maps, fsc_curves, ssnr_curves = self.reconstruct(
-                    ctx, state, model, stats
+                    ctx, state, model, stats, tau2_maps
                 )
         error = None
         if half_maps is not None:  # what each half's class map gets wrong, for the next scores
             o = self.options
             error = half_map_error_power(
-                stats.weight_acc, self.class_tau2(state, model), fsc_curves, model.work_box,
+                stats.weight_acc, tau2_maps, fsc_curves, model.work_box,
                 o.padding_factor, o.tau2_fudge, symmetry_matrices(o.symmetry), state["mask"],
                 ctx.box_size // 2 + 1,
             )  # fmt: skip
@@ -499,15 +502,15 @@ class Class3DJob:
             "ssnr": ssnr_curves,
         }
 
-    def reconstruct(self, ctx, state: dict, model: EStepModel, stats):
+    def reconstruct(self, ctx, state: dict, model: EStepModel, stats, tau2_maps: list):
         """The classes: maps (K, B, B, B) from both halves, half maps (2, K, B, B, B) (or
-        None without ``cross_half``), random-half FSC and SSNR (K, B//2+1)."""
+        None without ``cross_half``), random-half FSC and SSNR (K, B//2+1). ``tau2_maps``:
+        each class's τ² prior (:meth:`class_tau2`)."""
         o, B, b, mask = self.options, ctx.box_size, model.work_box, state["mask"]
         sym_mats = symmetry_matrices(o.symmetry)
         masked = (lambda m: m * mask) if mask is not None else (lambda m: m)
         K = o.n_classes
         fsc_curves, ssnr_curves = np.zeros((K, B // 2 + 1)), np.zeros((K, B // 2 + 1))
-        tau2_maps = self.class_tau2(state, model)
         n_used = int(model.max_radius_px) + 1  # no data beyond the E-step's radius
         maps, half_maps = [], []
         for k in range(K):
