@@ -62,20 +62,35 @@ def test_batched_coarse_pass_gives_the_per_image_statistics(data, name):
     assert "backprojection" in s_new.phase_seconds
 
 
-@pytest.mark.parametrize("K", [1, 3])
-def test_batched_significance_is_the_per_image_rule(K):
-    rng = np.random.default_rng(K)
-    n, T, C = 7, 5, 40
-    lp = rng.normal(0, 3, (n, T, K, C)) * rng.uniform(0.2, 5, (n, 1, 1, 1))
-    lp[:, :, :, 33:] = -np.inf  # padding columns
-    lp[2, :, :, 10:] = -np.inf  # an image with fewer candidates
+@pytest.mark.parametrize(
+    "K, C, cap, dtype",
+    [
+        (1, 40, 12, np.float32),
+        (3, 40, 12, np.float32),
+        (2, 6, 12, np.float64),
+        (1, 40, 3, np.float64),
+    ],
+)
+def test_batched_significance_is_the_per_image_rule(K, C, cap, dtype):
+    """Also where the cap exceeds the columns (every column can hold a top pair), for an
+    image with no finite sample (K = 1: its first pair), and for posteriors so broad
+    (scale 40) that every sample is within the 30-nat floor or so sharp that few are."""
+    rng = np.random.default_rng(K + C)
+    n, T = 7, 5
+    lp = rng.normal(0, 3, (n, T, K, C)) * rng.uniform(0.2, 40, (n, 1, 1, 1))
+    lp[1] *= 0.01  # nearly flat: the cap, not the mass, ends the list
+    if C > 10:
+        lp[:, :, :, C - 7 :] = -np.inf  # padding columns
+    lp[2, :, :, 3:] = -np.inf  # an image with fewer candidates
     if K > 1:
         lp[4, :, 1, :] = -np.inf  # a class this image never meets (a seeded class)
-    lp = lp.astype(np.float32)
-    got = significant_pairs(lp, 0.99, 12, 4, block_bytes=3 * 40 * T * C)  # blocks of 3
+    else:
+        lp[5] = -np.inf
+    lp = lp.astype(dtype)
+    got = significant_pairs(lp, 0.99, cap, 4, block_bytes=3 * 40 * T * K * C)  # blocks of 3
     for i in range(n):
         flat = lp[i].reshape(T, K * C)  # (T, K·C) class-major
-        t_ref, c_ref = significant_class_pairs(flat, np.arange(K * C) // C, K, 0.99, 12, 4)
+        t_ref, c_ref = significant_class_pairs(flat, np.arange(K * C) // C, K, 0.99, cap, 4)
         np.testing.assert_array_equal(got[i][0], t_ref)
         np.testing.assert_array_equal(got[i][1], c_ref)
     if K > 1:

@@ -297,7 +297,7 @@ def _local_scores_loop(Xs, cw, ref_c, S, own, ang_c, part, model, offset_prior, 
 
 
 def significant_pairs(lp, fraction: float, max_count: int, min_orientations: int,
-                      block_bytes: int = SIGNIFICANCE_BLOCK_BYTES):  # fmt: skip
+                      block_bytes: int = SIGNIFICANCE_BLOCK_BYTES, log_floor: float = 30.0):  # fmt: skip
     """RELION's significant coarse pairs of many images, class by class.
 
     lp: (n, T, K, C) log-posteriors on the host (padding and excluded samples −inf).
@@ -307,66 +307,80 @@ def significant_pairs(lp, fraction: float, max_count: int, min_orientations: int
     :func:`~streamem.em.significance.significant_class_pairs`). Returns per image
     (translation indices (P,), columns k·C + c (P,)), class-major then translation
     then column (the per-image functions' order).
+
+    Only the mass needs every sample (one float32 exp pass, clipped at ``log_floor``
+    below the best so that no exp goes subnormal). The ``max_count`` most probable
+    pairs all lie in the columns whose best translation reaches the ``max_count``-th
+    largest column maximum (that many columns hold a pair at least as probable), so
+    only those columns are ranked, in float64 as the per-image rule.
     """
     n, T, K, C = lp.shape
-    b = max(1, block_bytes // max(1, 40 * T * C))
+    b = max(1, block_bytes // max(1, 40 * T * K * C))
     out = []
     for b0 in range(0, n, b):
         block = lp[b0 : b0 + b]
         m = block.shape[0]
-        mask = np.zeros((m, K, T, C), bool)
-        for k in range(K):
-            mask[:, k] = _pair_mask_rows(block[:, :, k, :], fraction, max_count, min_orientations)
-            if K > 1:
-                mask[~np.isfinite(block[:, :, k, :]).any(axis=(1, 2)), k] = False
-        i, k, t, c = np.nonzero(mask)
+        i, k, t, c = _block_pairs(block, fraction, max_count, min_orientations, log_floor)
+        # sorted and unique: the mass's pairs and the best orientations' can coincide
+        i, rest = np.divmod(np.unique(((i * K + k) * T + t) * C + c), K * T * C)
+        k, rest = np.divmod(rest, T * C)
+        t, c = np.divmod(rest, C)
         ends = np.searchsorted(i, np.arange(1, m + 1))
         starts = np.concatenate([[0], ends[:-1]])
         out.extend((t[s:e], k[s:e] * C + c[s:e]) for s, e in zip(starts, ends, strict=True))
     return out
 
 
-def _pair_mask_rows(lp, fraction: float, max_count: int, min_orientations: int):
-    """:func:`streamem.em.significance.significant_pair_mask` of m images at once:
-    lp (m, T, C) → (m, T, C) bool."""
-    m, T, C = lp.shape
-    mask = _mask_rows(lp.reshape(m, T * C), fraction, max_count).reshape(m, T, C)
-    k = min(min_orientations, C)
-    if k > 0:
-        colmax = lp.max(axis=1)  # (m, C)
-        best_j = np.argpartition(-colmax, k - 1, axis=1)[:, :k] if k < C else np.tile(
-            np.arange(C), (m, 1)
-        )  # fmt: skip
-        finite = np.isfinite(np.take_along_axis(colmax, best_j, axis=1))
-        sub = np.take_along_axis(lp, np.broadcast_to(best_j[:, None, :], (m, T, k)), axis=2)
-        best_t = sub.argmax(axis=1)  # (m, k)
-        rows = np.broadcast_to(np.arange(m)[:, None], best_j.shape)
-        mask[rows[finite], best_t[finite], best_j[finite]] = True
-    return mask
-
-
-def _mask_rows(logp, fraction: float, max_count: int, log_floor: float = 30.0):
-    """:func:`streamem.em.significance.significant_mask` vectorised over rows:
-    logp (m, S) → (m, S) bool."""
-    m, S = logp.shape
-    top = logp.max(axis=1)
+def _block_pairs(lp, fraction: float, max_count: int, min_orientations: int, log_floor: float):
+    """The significant pairs of m images' K classes, as indices: lp (m, T, K, C) →
+    (images, classes, translations, columns), each (P,) int64, unordered, repeats allowed."""
+    m, T, K, C = lp.shape
+    colmax = lp.max(axis=1)  # (m, K, C)
+    top = colmax.max(axis=2)  # (m, K)
     finite = np.isfinite(top)
-    safe = np.where(finite, top, 0.0).astype(logp.dtype)[:, None]
-    cand = logp >= safe - log_floor
-    with np.errstate(invalid="ignore", over="ignore"):
-        p = np.where(cand, np.exp(logp - safe), 0.0).astype(logp.dtype)
-    total = p.sum(axis=1, keepdims=True)
-    k = min(max_count, S)
-    idx = np.argpartition(-p, k - 1, axis=1)[:, :k] if k < S else np.tile(np.arange(S), (m, 1))
-    p_k = np.take_along_axis(p, idx, axis=1)
-    order = np.argsort(-p_k, axis=1, kind="stable")
-    idx, p_k = np.take_along_axis(idx, order, axis=1), np.take_along_axis(p_k, order, axis=1)
-    before = np.cumsum(p_k, axis=1) - p_k  # mass of the more probable samples
-    keep = (before < fraction * total) & (p_k > 0)
-    keep[:, 0] = True
-    mask = np.zeros((m, S), bool)
-    rows = np.broadcast_to(np.arange(m)[:, None], idx.shape)
-    mask[rows[keep], idx[keep]] = True
-    mask[~finite] = False
-    mask[np.flatnonzero(~finite), np.argmax(logp[~finite], axis=1)] = True
-    return mask
+    top0 = np.where(finite, top, 0.0)
+    # each (image, class)'s mass within log_floor of its best
+    d = (lp - top0[:, None, :, None].astype(lp.dtype)).astype(np.float32)
+    inside = d >= -log_floor
+    np.maximum(d, -log_floor, out=d)
+    np.exp(d, out=d)
+    d *= inside
+    total = d.sum(axis=(1, 3), dtype=np.float64)  # (m, K)
+    del d, inside
+    # the columns that can hold one of the max_count best pairs
+    n_rank = min(max_count, T * C)
+    floor = top0 - log_floor
+    if n_rank <= C:  # else every column can hold one
+        kth = -np.partition(-colmax, n_rank - 1, axis=2)[:, :, n_rank - 1]
+        floor = np.maximum(kth, floor)
+    floor[~finite] = np.inf
+    ci, ck, cc = np.nonzero(colmax >= floor[:, :, None])
+    sub = lp[ci, :, ck, cc]  # (columns, T)
+    col, tt = np.nonzero(sub >= floor[ci, ck][:, None])
+    i, k, t, c = ci[col], ck[col], tt, cc[col]
+    p = np.exp(sub[col, tt].astype(np.float64) - top0[i, k])
+    group = i * K + k
+    order = np.lexsort((-p, group))  # most probable first, ties by index (stable)
+    i, k, t, c, p, group = i[order], k[order], t[order], c[order], p[order], group[order]
+    rank = np.arange(group.size) - np.searchsorted(group, np.arange(m * K))[group]
+    top_n = rank < n_rank
+    i, k, t, c, p, group, rank = (a[top_n] for a in (i, k, t, c, p, group, rank))
+    P = np.zeros((m * K, n_rank))
+    P[group, rank] = p
+    before = (np.cumsum(P, axis=1) - P)[group, rank]  # mass of the more probable pairs
+    keep = ((before < fraction * total[i, k]) & (p > 0)) | (rank == 0)
+    sel = [(i[keep], k[keep], t[keep], c[keep])]
+    if K == 1 and not finite.all():  # the per-image rule keeps an empty image's first pair
+        empty = np.flatnonzero(~finite[:, 0])
+        t0, c0 = np.unravel_index(np.argmax(lp[empty, :, 0, :].reshape(empty.size, -1), 1), (T, C))
+        sel.append((empty, np.zeros_like(empty), t0, c0))
+    n_best = min(min_orientations, C)
+    if n_best > 0:  # the best orientations, each at its best translation
+        if n_best < C:
+            best_j = np.argpartition(-colmax, n_best - 1, axis=2)[:, :, :n_best]
+        else:
+            best_j = np.broadcast_to(np.arange(C), (m, K, C))
+        bi, bk, bn = np.nonzero(np.isfinite(np.take_along_axis(colmax, best_j, axis=2)))
+        bj = best_j[bi, bk, bn]
+        sel.append((bi, bk, lp[bi, :, bk, bj].argmax(axis=1), bj))
+    return tuple(np.concatenate([s[a] for s in sel]).astype(np.int64) for a in range(4))
