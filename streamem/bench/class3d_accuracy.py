@@ -225,7 +225,9 @@ def run(args) -> int:
     print(f"fraction of A           {r['fraction_a']:.3f}  (true {r['true_fraction_a']:.3f})")
     print(f"median angular error    {r['median_angular_error_deg']:.2f}°")
     print(f"seconds per iteration   {r['seconds_per_iteration']:.1f}")
-    print(f"peak RSS of any process {r['peak_rss_bytes'] / 2**30:.2f} GiB  (class3d)")
+    print(
+        f"peak RSS of any process {r['peak_rss_bytes'] / 2**20:,.0f} MiB  (class3d, sampled every 0.2 s)"
+    )
     if r["refine_seconds"]:
         print(f"consensus refine3d      {r['refine_seconds']:.0f} s")
     print(f"class3d run folder      {r['run_dir']}")
