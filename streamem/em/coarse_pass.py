@@ -340,7 +340,8 @@ def _block_pairs(lp, fraction: float, max_count: int, min_orientations: int, log
     finite = np.isfinite(top)
     top0 = np.where(finite, top, 0.0)
     # each (image, class)'s mass within log_floor of its best
-    d = (lp - top0[:, None, :, None].astype(lp.dtype)).astype(np.float32)
+    d = np.empty(lp.shape, np.float32)  # the difference cast as it is made (no float64 copy)
+    np.subtract(lp, top0[:, None, :, None], out=d, casting="same_kind")
     inside = d >= -log_floor
     np.maximum(d, -log_floor, out=d)
     np.exp(d, out=d)
