@@ -10,7 +10,7 @@ import pytest
 from test_backprojector import random_rotations
 from test_projector import smooth_volume
 
-from streamem.core import backprojector, projector
+from streamem.core import backprojector, projector, slice_kernel
 from streamem.core.backend import to_numpy
 from streamem.core.backprojector import empty_accumulators, insert_points
 from streamem.core.fourier import image_fourier_coords
@@ -38,6 +38,40 @@ def test_host_kernel_equals_array_api_path(box, cutoff_px):
         assert np.all(got[:, np.hypot(coords[:, 0], coords[:, 1]) > cutoff_px + 0.01] == 0)
     one = project_points(ref, rot[3], coords)
     np.testing.assert_array_equal(one, got[3])
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1000])
+def test_slice_blocks_change_the_order_not_the_result(block):
+    """The kernels run over blocks of slices (a cache order): the extraction gives the
+    same values bit for bit whatever the block, the insertion the same sums to float64
+    rounding (they are added in another order)."""
+    box, n = 24, 150
+    rng = np.random.default_rng(3)
+    ref = make_projector(smooth_volume(box, seed=3).astype(np.float32))
+    coords, _ = image_fourier_coords(box, box // 2)
+    rot = random_rotations(n, rng)
+    M, R, pf = coords.shape[0], ref.radius_padded, ref.padding_factor
+    columns = np.arange(M)
+
+    def projected(b):
+        out = np.zeros((n, M), np.complex64)
+        return slice_kernel.project_slices_host(ref.data, rot, coords, columns, pf, R, out, b)
+
+    whole = projected(n)
+    assert np.abs(whole).min() > 0
+    np.testing.assert_array_equal(projected(block), whole)
+
+    weights = rng.random((n, M))
+
+    def inserted(b):
+        d, w = empty_accumulators(box)
+        slice_kernel.insert_slices_host(d, w, rot, coords, columns, whole, weights, pf, R, b)
+        return d, w
+
+    (d, w), (d_ref, w_ref) = inserted(block), inserted(n)
+    assert np.abs(d_ref).max() > 0
+    np.testing.assert_allclose(d, d_ref, rtol=0, atol=1e-12 * np.abs(d_ref).max())
+    np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-12 * w_ref.max())
 
 
 def test_numpy_projection_runs_the_host_kernel(monkeypatch):

@@ -8,6 +8,14 @@ ns per point, best of ``--repeats`` runs; for back-projection also the time of
 one :func:`~streamem.core.backprojector.reconstruct`. On the CPU also the array-API
 path on the same arrays (``host_kernel=False``) and its time over the compiled host
 kernel's (:mod:`streamem.core.slice_kernel`), measured in the same run.
+
+``--local``: instead, slices as an E-step's local search makes them (box 128 unless
+given, 128 images at random poses, 64 slices each at σ 2.5° around its image's pose,
+kept together, points within 0.36 of the box as at ~9.5 Å in ``bench refine-phases``),
+projected and inserted by the host kernels with the slices run in blocks of 1, 16, 64
+and 256 and as one block (the whole call). Printed: ns per point per block size, and
+the defaults (:data:`~streamem.core.slice_kernel.SLICE_BLOCK`,
+:data:`~streamem.core.slice_kernel.INSERT_SLICE_BLOCK`).
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ def register_bench(bench_sub) -> None:
         p.add_argument("--n-slices", type=int, default=256, help="slices per timed run")
         p.add_argument("--repeats", type=int, default=3)
         p.add_argument("--gpu", action="store_true", help="run on the GPU (needs CuPy)")
+        p.add_argument(
+            "--local", action="store_true", help="local-search slice sets, by slice block (above)"
+        )
         p.set_defaults(func=run_project if name == "project" else run_backproject)
 
 
@@ -152,11 +163,79 @@ def main(which: str = "project", box_sizes=DEFAULT_BOXES, n_slices=256, repeats=
     return rows
 
 
-def run_project(args) -> int:
-    main("project", args.box, args.n_slices, args.repeats, args.gpu)
+LOCAL_BLOCKS = (1, 16, 64, 256, None)
+
+
+def measure_local_blocks(box: int = 128, n_images: int = 128, per_image: int = 64,
+                         sigma_deg: float = 2.5, repeats: int = 3) -> list[dict]:  # fmt: skip
+    """ns per point of the host kernels by slice block (``--local``); one dict per block
+    (``block`` None: the whole call)."""
+    from streamem.core import slice_kernel
+    from streamem.core.euler import euler_to_matrix
+    from streamem.core.fourier import image_fourier_coords
+    from streamem.core.projector import half_cube_shape, padded_radius
+
+    rng = np.random.default_rng(0)
+    radius_px = round(0.36 * box)
+    coords, _ = image_fourier_coords(box, radius_px)
+    M, R = coords.shape[0], padded_radius(radius_px, 2)
+    shape = half_cube_shape(R)
+    data = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    poses = np.column_stack([
+        rng.uniform(0, 360, n_images),
+        np.degrees(np.arccos(rng.uniform(-1, 1, n_images))),
+        rng.uniform(0, 360, n_images),
+    ])  # fmt: skip
+    angles = (poses[:, None, :] + rng.normal(0, sigma_deg, (n_images, per_image, 3))).reshape(-1, 3)
+    rot = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+    n, columns = rot.shape[0], np.arange(M)
+    out = np.zeros((n, M), np.complex64)
+    slice_kernel.project_slices_host(data, rot, coords, columns, 2, R, out)
+    weights = np.ones((n, M))
+    acc, acc_w = np.zeros(shape, np.complex128), np.zeros(shape)
+    rows = []
+    for block in LOCAL_BLOCKS:
+        b = n if block is None else block
+        proj_s = _best(
+            lambda b=b: slice_kernel.project_slices_host(data, rot, coords, columns, 2, R, out, b),
+            repeats, lambda: None,
+        )  # fmt: skip
+        ins_s = _best(
+            lambda b=b: slice_kernel.insert_slices_host(acc, acc_w, rot, coords, columns, out,
+                                                        weights, 2, R, b),
+            repeats, lambda: None,
+        )  # fmt: skip
+        rows.append({"block": block, "slices": n, "points_per_slice": int(M),
+                     "project_ns_per_point": proj_s / (n * M) * 1e9,
+                     "insert_ns_per_point": ins_s / (n * M) * 1e9})  # fmt: skip
+    return rows
+
+
+def print_local_blocks(rows: list[dict], box: int) -> None:
+    from streamem.core.slice_kernel import INSERT_SLICE_BLOCK, SLICE_BLOCK
+
+    r0 = rows[0]
+    print(f"local-search slices, box {box}: {r0['slices']} slices of {r0['points_per_slice']} "
+          f"points, padding 2 (defaults: extraction blocks of {SLICE_BLOCK}, insertion "
+          f"{INSERT_SLICE_BLOCK})")  # fmt: skip
+    print(f"{'slice block':>12} {'project ns/pt':>14} {'insert ns/pt':>13}")
+    for r in rows:
+        label = "whole call" if r["block"] is None else str(r["block"])
+        print(f"{label:>12} {r['project_ns_per_point']:>14.1f} {r['insert_ns_per_point']:>13.1f}")
+
+
+def _run(which: str, args) -> int:
+    if args.local:
+        box = args.box[0] if args.box != list(DEFAULT_BOXES) else 128
+        print_local_blocks(measure_local_blocks(box, repeats=args.repeats), box)
+        return 0
+    main(which, args.box, args.n_slices, args.repeats, args.gpu)
     return 0
+
+
+def run_project(args) -> int:
+    return _run("project", args)
 
 
 def run_backproject(args) -> int:
-    main("backproject", args.box, args.n_slices, args.repeats, args.gpu)
-    return 0
+    return _run("backproject", args)
