@@ -80,7 +80,7 @@ def test_page_state_and_html_from_messages():
     assert 'id="resolution">16.50<' in body
     assert "<b>new</b>" not in body and "&lt;b&gt;new&lt;/b&gt;" in body  # escaped
     assert body.count("<tr>") == 3  # header + two iterations
-    assert "<strong>2 / 4</strong> chunks done" in body
+    assert "<strong>2 / 4</strong> tasks done" in body
     assert '<svg id="fsc-plot"' in body and '<svg id="class-sizes"' in body
     # one FSC line with a point per shell; two class-size lines of two points each
     fsc_svg = body.split('<svg id="fsc-plot"')[1].split("</svg>")[0]
@@ -285,7 +285,7 @@ def test_refine3d_page_in_chromium(cluster_client, tmp_path):
     assert len(fsc_svg.split('points="')[1].split('"')[0].split()) == BOX // 2 + 1
     assert dom.count("data:image/png;base64,") == 4  # three sections and the distribution
     assert f"{N} of {N} particles" in dom  # every pose binned (rot wrapped to ±180°)
-    assert f"{n_chunks} / {n_chunks}</strong> chunks done" in dom
+    assert f"{n_chunks} / {n_chunks}</strong> tasks done" in dom
     shot = tmp_path / "page.png"
     _chromium(f"--screenshot={shot}", "--window-size=1280,1600", url, tmp_path=tmp_path)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000

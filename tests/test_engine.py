@@ -80,3 +80,37 @@ def test_results_round_trip_in_a_fixed_column_order(tmp_path):
     np.testing.assert_array_equal(got["rlnClassNumber"], [0, 0, 0, 2, 1, 2])
     assert np.isnan(got["rlnAnglePsi"][:3]).all()
     np.testing.assert_allclose(read_results(str(path), 1, 4, 6)["rlnAnglePsi"], [2.0, 3.0])
+
+
+class _Store:
+    def __init__(self, n_particles, chunk_size):
+        self.n_particles, self.chunk_size = n_particles, chunk_size
+
+
+@pytest.mark.parametrize(
+    ("n", "chunk", "size"),
+    [
+        (5000, 1024, 512),  # 5 chunks on 2 threads: 3 rounds, the last half idle -> 10 tasks
+        (100_000, 1024, 1024),  # enough chunks: one task each
+        (200, 50, 50),  # parts would be under MIN_TASK_PARTICLES
+        (1500, 500, 167),  # 3 chunks -> 9 tasks of 167 (ceil(500 / 3))
+        (300, 1024, 128),  # one chunk: parts no smaller than 128 (3 tasks)
+    ],
+)
+def test_estep_tasks_are_chunks_or_equal_parts_of_them(n, chunk, size):
+    from streamem.em.engine import MIN_TASK_PARTICLES, estep_task_size, task_bounds
+
+    got = estep_task_size(_Store(n, chunk))
+    assert got == size
+    bounds = task_bounds(n, got)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True))  # no gap
+    assert got == chunk or got >= MIN_TASK_PARTICLES
+
+
+def test_results_arrays_keep_their_chunks_for_the_tasks(tmp_path):
+    assert create_results_arrays(tmp_path / "r.zarr", 1, 1000, 250) == 250
+    # an earlier attempt at the iteration made them: its chunks cut the tasks, so that no
+    # two tasks write parts of one chunk
+    assert create_results_arrays(tmp_path / "r.zarr", 1, 1000, 100) == 250
+    assert create_results_arrays(tmp_path / "r.zarr", 2, 1000, 100) == 100

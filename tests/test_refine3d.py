@@ -146,3 +146,31 @@ def test_workers_and_a_lost_worker_do_not_change_the_result(data, reference_run,
     assert fsc(result.map, reference_run.map)[1:].min() > 0.999
     state = json.loads(sorted((tmp_path / "run").glob("run_it*_optimiser.json"))[-1].read_text())
     assert state["iteration"] == reference_run.iterations
+
+
+def test_tasks_cut_from_chunks_do_not_change_the_result(data, reference_run, tmp_path, monkeypatch):
+    """A store of few chunks runs each E-step as equal parts of its chunks (here 8 tasks
+    of 50 from 4 chunks of 100): every particle gets its result, and the map is the
+    reference run's."""
+    import zarr
+
+    from streamem.em import engine
+
+    root, store, ref = data
+    monkeypatch.setattr(engine, "MIN_TASK_PARTICLES", 16)
+    assert engine.estep_task_size(store) == 50
+    seen = []
+    run_chunks = engine.run_chunks
+
+    def spy(fn, bounds, *args, **kwargs):
+        seen.append(list(bounds))
+        return run_chunks(fn, bounds, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_chunks", spy)
+    result = refine3d(store, ref, tmp_path / "run", FAST)
+    assert seen and all(b == [(s, s + 50) for s in range(0, N, 50)] for b in seen)
+    assert fsc(result.map, reference_run.map)[1:].min() > 0.999
+    results = zarr.open_group(str(tmp_path / "run" / "particles.zarr"), mode="r")
+    last = results[f"it{result.iterations:03d}"]
+    assert last["rlnAngleRot"].chunks == (50,)
+    assert np.isfinite(last["rlnAngleRot"][:]).all()

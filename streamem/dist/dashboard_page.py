@@ -37,7 +37,7 @@ def page_state(events: Iterable[tuple[float, Any]], progress: dict | None = None
     Returns {"run": None} before any message; else the newest run's folder, job,
     ``rows`` (one per iteration, in order; an iteration published again, after
     ``--continue``, replaces its row), ``latest`` (the newest message) and ``progress``
-    (chunks done and total of the E-step the scheduler saw last, from ``progress``:
+    (E-step tasks done and total of the iteration the scheduler saw last, from ``progress``:
     {"job", "iteration", "done", "total", "erred"}, or None).
     """
     latest = None
@@ -215,7 +215,7 @@ def _progress(progress: dict | None) -> str:
     erred = f", {int(progress['erred'])} erred" if progress.get("erred") else ""
     return (
         f'<p id="progress">{html.escape(str(progress.get("job", "")))} iteration '
-        f"{int(progress['iteration'])} E-step: <strong>{done} / {total}</strong> chunks done"
+        f"{int(progress['iteration'])} E-step: <strong>{done} / {total}</strong> tasks done"
         f'{erred} <progress max="{total}" value="{done}"></progress></p>'
     )
 

@@ -2,11 +2,12 @@
 
 :func:`run_chunks` is the per-iteration graph of refine3d, class3d and class2d
 (:mod:`streamem.em.engine`): the shared model is broadcast to the workers once
-(:func:`broadcast`), one task per store chunk runs the job's chunk task, the returned
-statistics are tree-summed (:func:`streamem.dist.graph.tree_sum`, with ``split_every``
-lowered for big statistics by :func:`~streamem.dist.graph.split_every_for`) and
-computed (:func:`compute`: on a ``distributed.Client``, or on Dask's threaded
-scheduler without one, optionally with a progress bar). A worker that died repeatedly
+(:func:`broadcast`), one task per range the caller gives (store chunks, or parts of
+them) runs the job's chunk task, the returned statistics are tree-summed
+(:func:`streamem.dist.graph.tree_sum`, with ``split_every`` lowered for big statistics
+by :func:`~streamem.dist.graph.split_every_for`) and computed (:func:`compute`: on a
+``distributed.Client``, or on Dask's threaded scheduler without one, optionally with a
+progress bar). A worker that died repeatedly
 (``KilledWorker``) becomes one :class:`~streamem.errors.InputError` line that the
 caller words.
 

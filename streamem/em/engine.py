@@ -1,8 +1,9 @@
 """ONE run loop for refine3d, class3d and class2d; a job is a small definition (:class:`Job`).
 
 Per iteration (:func:`run_job`): the job builds its E-step model from its state; the
-model is broadcast once and one task per store chunk (:func:`chunk_task`) reads its
-chunk and the previous iteration's per-particle results, puts the model on the
+model is broadcast once and one task per store chunk, or per equal part of a chunk
+where the store has few (:func:`estep_task_size`), (:func:`chunk_task`) reads its
+particles and the previous iteration's per-particle results, puts the model on the
 worker's device (:func:`streamem.dist.device.model_on_device`), runs the job's E-step,
 writes its particles' results into ``particles.zarr`` and returns its statistics; the
 statistics are tree-summed (:func:`run_estep`, through :mod:`streamem.dist.iteration`).
@@ -200,7 +201,8 @@ def run_estep(
     name="estep",
     progress=False,
 ):
-    """One iteration's graph: the model sent once, one task per chunk, statistics tree-summed.
+    """One iteration's graph: the model sent once, one task per chunk (or per equal part
+    of a chunk, :func:`estep_task_size`), statistics tree-summed.
 
     ``progress`` shows a progress bar over the chunks (text in a terminal, a widget in a
     notebook). Each task bounds its own memory (:mod:`streamem.em.memory`); the tree's
@@ -209,7 +211,9 @@ def run_estep(
     iteration: the last complete iteration's checkpoint is untouched, so ``--continue``
     resumes from it.
     """
-    create_results_arrays(results_path, iteration, store.n_particles, store.chunk_size)
+    task_size = create_results_arrays(
+        results_path, iteration, store.n_particles, estep_task_size(store)
+    )
     resume = (
         f"resume after iteration {prev_iteration} with --continue"
         if prev_iteration
@@ -217,7 +221,7 @@ def run_estep(
     )
     stats = run_chunks(
         chunk_task,
-        store.chunk_bounds(),
+        task_bounds(store.n_particles, task_size),
         str(store.path),
         str(Path(results_path).absolute()),  # a worker's working folder is not ours
         prev_iteration,
@@ -236,6 +240,40 @@ def run_estep(
         ),
     )
     return stats.expanded()  # the tasks' packed accumulators as whole half cubes
+
+
+#: An iteration's E-step is cut into at least this many tasks where the store's chunks
+#: allow it (:func:`estep_task_size`) ...
+MIN_ESTEP_TASKS = 8
+#: ... each of at least this many particles.
+MIN_TASK_PARTICLES = 128
+
+
+def estep_task_size(store) -> int:
+    """Particles per E-step task: the store's chunk, or the smallest equal part of it
+    (chunk/m, rounded up) that gives :data:`MIN_ESTEP_TASKS` tasks, but never fewer
+    than :data:`MIN_TASK_PARTICLES` particles.
+
+    Why: with one task per chunk, a store of few chunks leaves worker threads idle at
+    the end of every iteration (5 chunks on 2 threads run in 3 rounds, the last with
+    one task: one thread idle for a third of the E-step). The size depends on the store
+    alone, not on the cluster, so an iteration's tasks, and the order of its sums, are
+    the same whatever workers run it (workers that come and go included).
+    """
+    n, chunk = store.n_particles, store.chunk_size
+    size, parts = chunk, 1
+    while -(-n // size) < MIN_ESTEP_TASKS:
+        parts += 1
+        smaller = -(-chunk // parts)
+        if smaller < MIN_TASK_PARTICLES:
+            break
+        size = smaller
+    return size
+
+
+def task_bounds(n_particles: int, task_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each task: ``task_size`` particles (the last one fewer)."""
+    return [(s, min(s + task_size, n_particles)) for s in range(0, n_particles, task_size)]
 
 
 def statistics_bytes(model) -> int:

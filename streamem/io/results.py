@@ -39,10 +39,17 @@ RESULT_FIELDS = {
 }
 
 
-def create_results_arrays(results_path: Path, iteration: int, n: int, chunk: int) -> None:
-    """Create (or keep) iteration ``iteration``'s arrays: (n,) each, Zarr chunks of ``chunk``."""
+def create_results_arrays(results_path: Path, iteration: int, n: int, chunk: int) -> int:
+    """Create (or keep) iteration ``iteration``'s arrays: (n,) each, Zarr chunks of ``chunk``.
+
+    Returns the arrays' chunk length: ``chunk``, or that of arrays kept from an earlier
+    attempt at the iteration. Concurrent writers must each write whole chunks of it (a
+    partial chunk is read, modified and rewritten), so callers cut their tasks by it.
+    """
     root = zarr.open_group(str(results_path), mode="a")
     grp = root.require_group(f"it{iteration:03d}")
+    kept = [grp[label].chunks[0] for label in RESULT_FIELDS if label in grp]
+    chunk = kept[0] if kept else chunk
     for label, dtype in RESULT_FIELDS.items():
         if label not in grp:
             grp.create_array(
@@ -52,6 +59,7 @@ def create_results_arrays(results_path: Path, iteration: int, n: int, chunk: int
                 dtype=dtype,
                 fill_value=np.nan if np.dtype(dtype).kind == "f" else 0,
             )
+    return int(chunk)
 
 
 def write_results(results_path: str, iteration: int, start: int, columns: dict) -> None:
