@@ -98,11 +98,12 @@ class _Store:
     ],
 )
 def test_estep_tasks_are_chunks_or_equal_parts_of_them(n, chunk, size):
-    from streamem.em.engine import MIN_TASK_PARTICLES, estep_task_size, task_bounds
+    from streamem.em.engine import MIN_TASK_PARTICLES, estep_task_size
+    from streamem.io.store import ranges
 
     got = estep_task_size(_Store(n, chunk))
     assert got == size
-    bounds = task_bounds(n, got)
+    bounds = ranges(n, got)
     assert bounds[0][0] == 0 and bounds[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True))  # no gap
     assert got == chunk or got >= MIN_TASK_PARTICLES

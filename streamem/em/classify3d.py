@@ -5,7 +5,8 @@ refine3d's (:class:`streamem.em.estep.EStepModel`) with a class axis: the K clas
 projectors, used for the particles of both halves (``references_per_half`` False),
 the class fractions as log priors, seeded classes in the first iteration and fixed
 poses with ``skip_align``; each particle's rlnClassNumber is written with its pose.
-The M-step reconstructs each class from its two random-half accumulators.
+The M-step reconstructs each class from its two random-half accumulators
+(:mod:`streamem.em.class_maps`, with the starting references).
 
 Decisions (RELION's class3d; where we differ, it is said):
 
@@ -119,8 +120,6 @@ from typing import ClassVar
 import numpy as np
 
 from streamem import validate as check
-from streamem.core.filters import lowpass
-from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.symmetry import symmetry_matrices
 from streamem.em import engine, mstep, runfiles, runfolder
 from streamem.em.class_halves import (
@@ -129,11 +128,12 @@ from streamem.em.class_halves import (
     half_map_error_power,
     repair_second_half,
 )
+from streamem.em.class_maps import initial_references, reconstruct_class
 from streamem.em.class_truth import ClassAccuracy
 from streamem.em.consensus import ConsensusStart, copy_poses, read_consensus
 from streamem.em.estep import EStepModel, SearchGrid, expectation
 from streamem.errors import InputError
-from streamem.io.mrc import read_map, write_map
+from streamem.io.mrc import read_map, read_solvent_mask, write_map
 from streamem.io.store import ParticleStore
 
 log = logging.getLogger("streamem")
@@ -243,70 +243,6 @@ class Class3DResult:
         from streamem.display import class3d_html
 
         return class3d_html(self)  # table of classes, map slices, fractions per iteration
-
-
-def initial_references(
-    reference: np.ndarray,
-    n_classes: int,
-    ini_high_A: float,
-    pixel_size_A: float,
-    mask,
-    amplitude: float,
-    seed: int,
-) -> np.ndarray:
-    """K low-passed copies of a map, each with its own seeded low-pass noise (K, B, B, B)."""
-    ref = lowpass(reference.astype(np.float32), ini_high_A, pixel_size_A)
-    inside = mask if mask is not None else np.ones_like(ref)
-    rms = float(np.sqrt(np.sum(ref**2 * inside) / max(np.sum(inside), 1)))
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 3]))
-    out = []
-    for _ in range(n_classes):
-        noise = (
-            lowpass(rng.standard_normal(ref.shape).astype(np.float32), ini_high_A, pixel_size_A)
-            * inside
-        )
-        noise *= (
-            amplitude * rms / max(float(np.sqrt(np.sum(noise**2) / max(np.sum(inside), 1))), 1e-30)
-        )
-        out.append(ref + noise)
-    return np.stack(out).astype(np.float32)
-
-
-def reconstruct_class(
-    data_acc, weight_acc, work_box, padding_factor, tau2_fudge, sym_mats, tau2_prior=None,
-    with_halves=False,
-):  # fmt: skip
-    """One class's map from its two random-half accumulators (2, *grid).
-
-    tau2_prior: (≥ b//2+1,) signal power of the class (RELION's data-vs-prior:
-    :func:`streamem.em.mstep.tau2_from_map` of the class's current reference) or None
-    for τ² from the half FSC corrected to the full set. Returns (map (b, b, b), FSC of
-    the unregularised halves (b//2+1,), which gives the class's resolution estimate,
-    and with ``with_halves`` the two half maps (2, b, b, b), each from its own
-    accumulator with the same τ² (the FSC's, uncorrected, without ``tau2_prior``);
-    else None).
-    """
-    if not np.any(weight_acc):
-        empty = np.zeros((work_box,) * 3, np.float32)
-        return (
-            empty,
-            np.zeros(work_box // 2 + 1),
-            (np.stack([empty, empty]) if with_halves else None),
-        )
-    fsc_halves = mstep.unregularised_half_fsc(
-        data_acc, weight_acc, work_box, padding_factor, sym_mats
-    )
-    joined = mstep.reconstruct_joined(
-        data_acc, weight_acc, fsc_halves, work_box, padding_factor, tau2_fudge, sym_mats,
-        tau2=tau2_prior,
-    )  # fmt: skip
-    halves = None
-    if with_halves:
-        halves = mstep.reconstruct_halves(
-            data_acc, weight_acc, work_box, padding_factor, tau2_fudge, sym_mats, tau2=tau2_prior,
-            fsc_halves=fsc_halves,
-        )[0]  # fmt: skip
-    return joined, fsc_halves, halves
 
 
 def _read_half_maps(out_dir: Path, names: list[str], n_classes: int) -> np.ndarray:
@@ -580,27 +516,3 @@ class Class3DJob:
     def log_line(self, state: dict, model, iteration: int, changed: float, seconds: float) -> str:
         res, box = f"res {state['resolution_A']:6.2f} A  ", f"box {model.work_box:3d}"
         return engine.class_log_line("class3d", iteration, state, changed, seconds, res, box)
-
-
-def read_solvent_mask(path: str | Path, box_size: int) -> np.ndarray:
-    """A reference mask (B, B, B) float32 in [0, 1] from an MRC file (RELION's --solvent_mask)."""
-    if not Path(path).is_file():
-        raise InputError(path, "--solvent-mask: file not found")
-    mask, _ = read_map(path)
-    if mask.shape != (box_size,) * 3:
-        raise InputError(path, f"mask is {mask.shape}, particles need ({box_size},)*3")
-    if not np.isfinite(mask).all() or mask.min() < -1e-3 or mask.max() > 1 + 1e-3:
-        raise InputError(path, "--solvent-mask: values must lie in [0, 1]")
-    if mask.max() <= 0:
-        raise InputError(path, "--solvent-mask: the mask is empty")
-    return np.clip(mask, 0.0, 1.0).astype(np.float32)
-
-
-def class_fsc(maps: np.ndarray) -> np.ndarray:
-    """FSC between every pair of class maps (K, K, B//2+1) (diagnostics)."""
-    K = maps.shape[0]
-    out = np.ones((K, K, maps.shape[1] // 2 + 1))
-    for i in range(K):
-        for j in range(i + 1, K):
-            out[i, j] = out[j, i] = fourier_shell_correlation(maps[i], maps[j])
-    return out

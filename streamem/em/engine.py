@@ -58,7 +58,7 @@ from streamem.io.results import (
     write_data_star,
     write_results,
 )
-from streamem.io.store import ParticleStore, optics_params
+from streamem.io.store import ParticleStore, optics_params, ranges
 
 log = logging.getLogger("streamem")
 
@@ -221,7 +221,7 @@ def run_estep(
     )
     stats = run_chunks(
         chunk_task,
-        task_bounds(store.n_particles, task_size),
+        ranges(store.n_particles, task_size),
         str(store.path),
         str(Path(results_path).absolute()),  # a worker's working folder is not ours
         prev_iteration,
@@ -269,11 +269,6 @@ def estep_task_size(store) -> int:
             break
         size = smaller
     return size
-
-
-def task_bounds(n_particles: int, task_size: int) -> list[tuple[int, int]]:
-    """(start, stop) of each task: ``task_size`` particles (the last one fewer)."""
-    return [(s, min(s + task_size, n_particles)) for s in range(0, n_particles, task_size)]
 
 
 def statistics_bytes(model) -> int:

@@ -32,7 +32,7 @@ from streamem.em.fourier_points import half_plane_points
 from streamem.em.memory import EStepShape
 from streamem.em.schedule import RefineSchedule, advance
 from streamem.errors import InputError
-from streamem.io.mrc import read_map, write_map
+from streamem.io.mrc import read_map, read_solvent_mask, write_map
 from streamem.io.results import read_results
 from streamem.io.store import ParticleStore
 
@@ -216,11 +216,7 @@ def refine3d(
     options.check_box(store.box_size, store.pixel_size_A)  # before the run folder is created
     B, p = store.box_size, store.pixel_size_A
     ref = None if continue_run else engine.load_reference(reference, B, p)
-    mask = None
-    if options.solvent_mask:
-        from streamem.em.classify3d import read_solvent_mask  # class3d's reader (one rule)
-
-        mask = read_solvent_mask(options.solvent_mask, B)
+    mask = read_solvent_mask(options.solvent_mask, B) if options.solvent_mask else None
     job = Refine3DJob(options, ref, mask, write_stacks)
     with runfolder.claim(out_dir, "refine3d", store, options, continue_run, STATE_KEYS) as run:
         ctx = engine.run_context(store, run, options, client, progress)

@@ -10,6 +10,9 @@ mrcfile's guess, native; a wrong guess shows up as a size that disagrees with th
 header and is refused). Everything else mrcfile complains about is refused with one
 line: an unknown mode, a data block shorter than the header's nx·ny·nz says, a header
 that cannot be parsed.
+
+Solvent masks (RELION's ``--solvent_mask``, used by refine3d and class3d) are read and
+checked by :func:`read_solvent_mask`.
 """
 
 from __future__ import annotations
@@ -152,3 +155,17 @@ def stack_shape(path: str | Path) -> tuple[int, int, int]:
     if len(shape) == 2:
         return (1, *shape)
     return tuple(int(s) for s in shape)
+
+
+def read_solvent_mask(path: str | Path, box_size: int) -> np.ndarray:
+    """A reference mask (B, B, B) float32 in [0, 1] from an MRC file (RELION's --solvent_mask)."""
+    if not Path(path).is_file():
+        raise InputError(path, "--solvent-mask: file not found")
+    mask, _ = read_map(path)
+    if mask.shape != (box_size,) * 3:
+        raise InputError(path, f"mask is {mask.shape}, particles need ({box_size},)*3")
+    if not np.isfinite(mask).all() or mask.min() < -1e-3 or mask.max() > 1 + 1e-3:
+        raise InputError(path, "--solvent-mask: values must lie in [0, 1]")
+    if mask.max() <= 0:
+        raise InputError(path, "--solvent-mask: the mask is empty")
+    return np.clip(mask, 0.0, 1.0).astype(np.float32)

@@ -247,6 +247,11 @@ def _jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def ranges(n: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive ranges of ``size`` along N (the last one shorter)."""
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
 class ParticleStore:
     """A validated handle on a particle store; cheap to create, safe to pickle (a path).
 
@@ -317,16 +322,14 @@ class ParticleStore:
 
     def chunk_bounds(self) -> list[tuple[int, int]]:
         """(start, stop) of each chunk along N, in order: the unit of work of reading jobs."""
-        n, c = self.n_particles, self.chunk_size
-        return [(s, min(s + c, n)) for s in range(0, n, c)]
+        return ranges(self.n_particles, self.chunk_size)
 
     def write_bounds(self) -> list[tuple[int, int]]:
         """(start, stop) of each unit of writing: shards when sharded, else chunks.
 
         Writers run one task per range (:meth:`write_region` refuses other ranges).
         """
-        n, w = self.n_particles, self.shard_size or self.chunk_size
-        return [(s, min(s + w, n)) for s in range(0, n, w)]
+        return ranges(self.n_particles, self.shard_size or self.chunk_size)
 
     def _root(self, mode: str = "r"):
         return zarr.open_group(str(self.path), mode=mode)
