@@ -97,3 +97,34 @@ def test_import_stack_without_id_warns_once_per_stack(tmp_path, caplog):
     for row, name in enumerate(names):
         idx, rel = name.split("@")
         np.testing.assert_array_equal(got[row], stacks[tmp_path / "proj" / rel][int(idx) - 1])
+
+
+def test_threads_opening_tolerated_stacks_leave_the_warning_filters_alone(stack, tmp_path):
+    """The import opens stacks from many threads. ``catch_warnings`` swaps the process's
+    filters, so unserialised, one thread's restore lets another's mrcfile warnings
+    through (as errors here) or leaves "ignore" behind for good."""
+    import threading
+    import warnings
+
+    from streamem.io.mrc import open_mrc
+
+    path = patch(stack[0], ID, b"\0\0\0\0", tmp_path / "no_id.mrcs")
+    failures = []
+
+    def opens():
+        for _ in range(40):
+            try:
+                open_mrc(path, warn=False).close()
+            except Exception as exc:  # a leaked RuntimeWarning, raised by the filter
+                failures.append(exc)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        before = list(warnings.filters)
+        threads = [threading.Thread(target=opens) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures, failures[:1]
+        assert warnings.filters == before
