@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from streamem.errors import InputError
-from streamem.io.mrc import open_mrc
+from streamem.io.mrc import MRC_WARNINGS_LOCK, open_mrc
 
 
 def _fei_pixel_A(mrc) -> float | None:
@@ -30,7 +30,7 @@ def _fei_pixel_A(mrc) -> float | None:
     if exttyp not in (b"FEI1", b"FEI2"):
         return None
     try:
-        with warnings.catch_warnings():
+        with MRC_WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ext = mrc.indexed_extended_header
     except (ValueError, TypeError):

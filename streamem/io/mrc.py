@@ -38,8 +38,9 @@ TOLERATED_PROBLEMS = ("Map ID string not found", "Unrecognised machine stamp")
 _HARMLESS = ("larger than expected",)
 #: ``warnings.catch_warnings`` swaps the process's warning filters, which is not
 #: thread-safe: the import opens stacks from several threads (Dask's threaded
-#: scheduler), and one thread's restore could let another's mrcfile warnings through.
-_WARNINGS_LOCK = threading.Lock()
+#: scheduler), and one thread's restore could let another's mrcfile warnings through;
+#: every swap around mrcfile (here and in :mod:`streamem.io.micrograph_read`) takes it.
+MRC_WARNINGS_LOCK = threading.Lock()
 
 
 def open_mrc(path: str | Path, *, mmap: bool = False, header_only: bool = False, warn: bool = True):
@@ -54,13 +55,13 @@ def open_mrc(path: str | Path, *, mmap: bool = False, header_only: bool = False,
     opener = mrcfile.mmap if mmap else mrcfile.open
     kwargs = {"mode": "r"} if mmap else {"mode": "r", "header_only": header_only}
     try:
-        with _WARNINGS_LOCK, warnings.catch_warnings():
+        with MRC_WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return opener(path, permissive=False, **kwargs)
     except ValueError as exc:
         if not any(t in str(exc) for t in TOLERATED_PROBLEMS):
             raise
-    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+    with MRC_WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mrc = opener(path, permissive=True, **kwargs)
     messages = [str(w.message) for w in caught]
