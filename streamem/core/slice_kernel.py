@@ -71,7 +71,9 @@ TILE_POINTS = 128
 #: slices of a tile and the tiles of a slice find their voxels in cache.
 #: ``streamem bench project --local`` (128 images × 64 slices at σ 2.5° around each
 #: image's pose, box 128, radius 46, padding 2), one run: 36 ns per point as one
-#: block, 24-26 in blocks of 64-256, 30 slice by slice.
+#: block, 24-26 in blocks of 64-256, 30 slice by slice; with the lerps in real parts
+#: and the uint32 indices (below), 28 as one block, 17-18.5 in blocks of 16-256, 20
+#: slice by slice.
 SLICE_BLOCK = 64
 
 
