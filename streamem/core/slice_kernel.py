@@ -41,8 +41,8 @@ def _corner(kx, ky, rows, c):  # pragma: no cover
     y = y + c
     z = z + c
     # unsigned indices: no negative-index wrap-around tests (1.4x, measured); through
-    # uint32, which x86 converts in one instruction (float → uint64 takes a branch): the
-    # half cube has far fewer than 2³² voxels per axis (1.25x, measured)
+    # uint32, which x86 converts in one instruction (float → uint64 is a branchy
+    # sequence without AVX-512); the half cube has far fewer than 2³² voxels per axis
     ix, iy, iz = np.uintp(np.uint32(x)), np.uintp(np.uint32(y)), np.uintp(np.uint32(z))
     return ix, iy, iz, x - np.float32(ix), y - np.float32(iy), z - np.float32(iz), flip
 
@@ -71,9 +71,9 @@ TILE_POINTS = 128
 #: slices of a tile and the tiles of a slice find their voxels in cache.
 #: ``streamem bench project --local`` (128 images × 64 slices at σ 2.5° around each
 #: image's pose, box 128, radius 46, padding 2), one run: 36 ns per point as one
-#: block, 24-26 in blocks of 64-256, 30 slice by slice; with the lerps in real parts
-#: and the uint32 indices (below), 28 as one block, 17-18.5 in blocks of 16-256, 20
-#: slice by slice.
+#: block, 24-26 in blocks of 64-256, 30 slice by slice. With the lerps in real parts
+#: and the uint32 indices (below), two runs of each kernel alternated: 25-26 → 19-20
+#: at blocks of 64, 33-39 → 26.5 as one block.
 SLICE_BLOCK = 64
 
 
@@ -105,7 +105,8 @@ def _slices(data, rows, kx, ky, inside, radius_padded, out, block):  # pragma: n
                     a4, a5, a6, a7 = flat[b1], flat[b1 + one], flat[b1 + sy], flat[b1 + sy + one]
                     # real and imaginary parts apart: a complex lerp by a real fraction
                     # costs Numba a full complex product (the fraction promoted to
-                    # complex); the parts take the same float32 steps (1.6x, measured)
+                    # complex); the parts take the same float32 steps. With the uint32
+                    # indices: 1.3x in ``streamem bench project --local`` (block 64)
                     c00r = a0.real + fx * (a1.real - a0.real)
                     c00i = a0.imag + fx * (a1.imag - a0.imag)
                     c01r = a2.real + fx * (a3.real - a2.real)

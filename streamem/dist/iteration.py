@@ -1,4 +1,4 @@
-"""Every Dask call of an EM iteration: the model sent once, one task per chunk, a tree sum.
+"""Every Dask call of an EM iteration: the model sent once, one task per range, a tree sum.
 
 :func:`run_chunks` is the per-iteration graph of refine3d, class3d and class2d
 (:mod:`streamem.em.engine`): the shared model is broadcast to the workers once
@@ -7,9 +7,8 @@ them) runs the job's chunk task, the returned statistics are tree-summed
 (:func:`streamem.dist.graph.tree_sum`, with ``split_every`` lowered for big statistics
 by :func:`~streamem.dist.graph.split_every_for`) and computed (:func:`compute`: on a
 ``distributed.Client``, or on Dask's threaded scheduler without one, optionally with a
-progress bar). A worker that died repeatedly
-(``KilledWorker``) becomes one :class:`~streamem.errors.InputError` line that the
-caller words.
+progress bar). A worker that died repeatedly (``KilledWorker``) becomes one
+:class:`~streamem.errors.InputError` line that the caller words.
 
 Elastic runs: the model survives the loss of any worker because it is a RECOMPUTABLE
 TASK RESULT, not scattered data. :func:`broadcast` submits one task,

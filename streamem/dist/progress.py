@@ -48,8 +48,8 @@ def progress_mode(stream: Any = None, environ: dict | None = None) -> Mode:
 
 
 def chunk_bar(total: int, desc: str, enabled: bool = True):
-    """A tqdm bar of ``total`` tasks (chunks, or parts of chunks): a widget in Jupyter, text in a terminal, disabled
-    where :func:`progress_mode` is None or not ``enabled``."""
+    """A tqdm bar of ``total`` tasks (chunks, or parts of chunks): a widget in Jupyter,
+    text in a terminal, disabled where :func:`progress_mode` is None or not ``enabled``."""
     mode = progress_mode() if enabled else None
     if mode == "widget":
         from tqdm.notebook import tqdm

@@ -1,8 +1,8 @@
 """ONE run loop for refine3d, class3d and class2d; a job is a small definition (:class:`Job`).
 
 Per iteration (:func:`run_job`): the job builds its E-step model from its state; the
-model is broadcast once and one task per store chunk, or per equal part of a chunk
-where the store has few (:func:`estep_task_size`), (:func:`chunk_task`) reads its
+model is broadcast once and one task (:func:`chunk_task`) per store chunk, or per
+equal part of a chunk where the store has few (:func:`estep_task_size`), reads its
 particles and the previous iteration's per-particle results, puts the model on the
 worker's device (:func:`streamem.dist.device.model_on_device`), runs the job's E-step,
 writes its particles' results into ``particles.zarr`` and returns its statistics; the
@@ -258,7 +258,9 @@ def estep_task_size(store) -> int:
     the end of every iteration (5 chunks on 2 threads run in 3 rounds, the last with
     one task: one thread idle for a third of the E-step). The size depends on the store
     alone, not on the cluster, so an iteration's tasks, and the order of its sums, are
-    the same whatever workers run it (workers that come and go included).
+    the same whatever workers run it (workers that come and go included). The tasks
+    are ranges of one size along the store (the results arrays are chunked by it), so
+    where m does not divide the chunk a task may straddle two chunks and read both.
     """
     n, chunk = store.n_particles, store.chunk_size
     size, parts = chunk, 1

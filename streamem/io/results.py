@@ -48,8 +48,7 @@ def create_results_arrays(results_path: Path, iteration: int, n: int, chunk: int
     """
     root = zarr.open_group(str(results_path), mode="a")
     grp = root.require_group(f"it{iteration:03d}")
-    kept = [grp[label].chunks[0] for label in RESULT_FIELDS if label in grp]
-    chunk = kept[0] if kept else chunk
+    chunk = next((grp[label].chunks[0] for label in RESULT_FIELDS if label in grp), chunk)
     for label, dtype in RESULT_FIELDS.items():
         if label not in grp:
             grp.create_array(
