@@ -21,6 +21,8 @@ shift an image's transform by (dy, dx) (content moves towards +x for dx > 0).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from astropy_healpix import healpy as _hp
 
@@ -34,11 +36,24 @@ def angular_step_deg(healpix_order: int) -> float:
     return 60.0 / 2**healpix_order
 
 
+@functools.cache
 def healpix_directions(order: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rot_deg, tilt_deg) of all ``12 * 4**order`` HEALPix pixel centres (nested order)."""
+    """(rot_deg, tilt_deg) of all ``12 * 4**order`` HEALPix pixel centres (nested order),
+    read-only: computed once per order (a local search asks for them per image)."""
     nside = 2**order
     theta, phi = _hp.pix2ang(nside, np.arange(12 * nside * nside), nest=True)
-    return np.rad2deg(phi), np.rad2deg(theta)
+    return _read_only(np.rad2deg(phi)), _read_only(np.rad2deg(theta))
+
+
+@functools.cache
+def _healpix_unit_directions(order: int) -> np.ndarray:
+    """(12·4**order, 3) read-only unit directions of :func:`healpix_directions`."""
+    return _read_only(_directions(*healpix_directions(order)))
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
 
 
 def psi_angles(order: int) -> np.ndarray:
@@ -104,8 +119,11 @@ def _psi_difference_deg(a, b):
 
 def _direction_angle_deg(rot1, tilt1, rot2, tilt2):
     """Angle (degrees) between projection directions."""
-    d1 = _directions(rot1, tilt1)
-    d2 = _directions(rot2, tilt2)
+    return _unit_angle_deg(_directions(rot1, tilt1), _directions(rot2, tilt2))
+
+
+def _unit_angle_deg(d1, d2):
+    """Angle (degrees) between unit vectors (..., 3)."""
     return np.rad2deg(np.arccos(np.clip(np.sum(d1 * d2, axis=-1), -1.0, 1.0)))
 
 
@@ -119,7 +137,7 @@ def local_orientations(prior_angles, order: int, max_angle_deg: float) -> np.nda
     """
     rot0, tilt0, psi0 = (float(v) for v in np.asarray(prior_angles, dtype=np.float64))
     rot, tilt = healpix_directions(order)
-    dang = _direction_angle_deg(rot, tilt, rot0, tilt0)
+    dang = _unit_angle_deg(_healpix_unit_directions(order), _directions(rot0, tilt0))
     dsel = np.flatnonzero(dang <= max_angle_deg)
     if dsel.size == 0:
         dsel = np.array([int(np.argmin(dang))])

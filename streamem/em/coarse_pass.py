@@ -74,22 +74,22 @@ def coarse_radius_points(coords, model) -> int:
     return int(np.searchsorted(radius, model.coarse_radius_px, side="right"))
 
 
-def coarse_pass(images, coords, shifts, offset_prior, model, refs, part, local: bool,
+def coarse_pass(images, coords, translations, offset_prior, model, refs, part, local: bool,
                 timer: PhaseTimer, stats, batched: bool = True):  # fmt: skip
     """Coarse log-posteriors of a part's images and their significant pairs.
 
-    images: fine_pass.FineImages; shifts (T, 2) px; offset_prior (n, T) float64; refs:
+    images: fine_pass.FineImages; translations: fourier_points.Translations (T coarse
+    shifts, their phases at ``coords``); offset_prior (n, T) float64; refs:
     the K references; part: estep._Part; ``stats.coarse_flops`` gets the GEMMs' FLOPs.
     Returns (angles (J, 3) of the scored orientations, J, per image (translation
     indices (P,), rows k·J + j (P,))).
     """
-    grid, K, n, B = model.grid, model.n_classes, part.idx.size, model.box_size
+    grid, K, n = model.grid, model.n_classes, part.idx.size
     xp = namespace(images.X0)
     Mc = coarse_radius_points(coords, model)
-    T = shifts.shape[0]
+    T = translations.shifts.shape[0]
     with timer("coarse_gemm"):
-        phases = xp.asarray(sampling.shift_phases(coords[:Mc], shifts, B))  # (T, Mc)
-        Xs = images.X0[:, None, :Mc] * phases[None, :, :]  # (n, T, Mc)
+        Xs = images.X0[:, None, :Mc] * translations.phases[None, :, :Mc]  # (n, T, Mc)
     cw, ctf2w = images.cw[:, :Mc], images.ctf2w[:, :Mc]
     fraction, cap, min_o = model.adaptive_fraction, model.max_significant, model.min_orientations
     if not local:
@@ -116,8 +116,8 @@ def coarse_pass(images, coords, shifts, offset_prior, model, refs, part, local: 
                 ]
         return ang_c, J, pairs
     if grid.local_prepass and grid.healpix_order > 0:
-        cands = prepass_candidates(images, coords, shifts, offset_prior, model, refs, part,
-                                   timer, stats, batched)  # fmt: skip
+        cands = prepass_candidates(images, coords, translations, offset_prior, model, refs,
+                                   part, timer, stats, batched)  # fmt: skip
     else:
         cands = [
             np.asarray(
@@ -150,8 +150,8 @@ def coarse_pass(images, coords, shifts, offset_prior, model, refs, part, local: 
     return ang_c, J, pairs
 
 
-def prepass_candidates(images, coords, shifts, offset_prior, model, refs, part, timer, stats,
-                       batched: bool = True):  # fmt: skip
+def prepass_candidates(images, coords, translations, offset_prior, model, refs, part, timer,
+                       stats, batched: bool = True):  # fmt: skip
     """Each image's local candidates at the grid's order from a pass one order coarser.
 
     The local coarse pass at ``healpix_order − 1`` (its own coarse radius, the same
@@ -166,8 +166,8 @@ def prepass_candidates(images, coords, shifts, offset_prior, model, refs, part, 
     """
     lower = replace(model.grid, healpix_order=model.grid.healpix_order - 1, local_prepass=False)
     lower_model = replace(model, grid=lower, min_orientations=model.prepass_min_orientations)
-    ang_l, J_l, pairs = coarse_pass(images, coords, shifts, offset_prior, lower_model, refs,
-                                    part, True, timer, stats, batched)  # fmt: skip
+    ang_l, J_l, pairs = coarse_pass(images, coords, translations, offset_prior, lower_model,
+                                    refs, part, True, timer, stats, batched)  # fmt: skip
     cands = []
     for _, rows in pairs:
         parents = ang_l[np.unique(rows % J_l)]
@@ -215,7 +215,7 @@ def _local_scores(Xs, cw, ref_c, S, own, ang_c, part, model, offset_prior, stats
     classes = np.arange(K)[None, :, None]
     rows = (classes * J + own_pad[:, None, :]).reshape(n, K * c_max)
     Y = xp.conj(Xs) * cw[:, None, :]  # (n, T, Mc)
-    lhs = xp.astype(xp.concat([xp.real(Y), -xp.imag(Y)], axis=-1), xp.float32)  # (n, T, 2Mc)
+    lhs = xp.astype(xp.concat([xp.real(Y), -xp.imag(Y)], axis=-1), xp.float32, copy=False)
     del Y
     rhs = stacked_real(ref_c)  # (K·J, 2Mc) float32 (complex64 slices), stacked once per part
     out = np.empty((n, T, K * c_max))

@@ -69,6 +69,7 @@ from streamem.em.fine_pass import FineImages, fine_pass, fine_table
 from streamem.em.fixed_poses import fixed_pose_posterior
 from streamem.em.fourier_points import (
     PreparedImages,
+    Translations,
     half_plane_points,
     prepare_images,
     slice_metadata,
@@ -315,6 +316,9 @@ def expectation(
     timer = PhaseTimer(stats.phase_seconds)
     local = model.grid.local_sigma_deg is not None and previous is not None
     order = neighbourhood_order(previous, halves, model.grid) if local else np.arange(n)
+    g = model.grid
+    translations = Translations.of_grid(g.offset_range_px, g.offset_step_px, g.oversampling,
+                                        coords, B, namespace(model.projectors[0].data))  # fmt: skip
     for b0 in range(0, n, batch):
         sel = order[b0 : b0 + batch]  # the sub-batch's images (neighbours in local searches)
         sub = ChunkResult(*(np.zeros(sel.size) for _ in range(9)))
@@ -333,8 +337,8 @@ def expectation(
                 None if previous is None else previous[sel][idx],
                 groups[sel][idx],
             )
-            _expect_part(batch_part, prep, model, h, coords, shell, stats, sub, bp_budget,
-                         timer, batched)  # fmt: skip
+            _expect_part(batch_part, prep, model, h, coords, translations, shell, stats, sub,
+                         bp_budget, timer, batched)  # fmt: skip
         del prep
         for f in fields(ChunkResult):
             getattr(result, f.name)[sel] = getattr(sub, f.name)
@@ -354,11 +358,12 @@ class _Part:
     groups: np.ndarray
 
 
-def _expect_part(part: _Part, prep: PreparedImages, model, half, coords, shell, stats, result,
-                 bp_budget_bytes, timer: PhaseTimer, batched: bool = True):  # fmt: skip
+def _expect_part(part: _Part, prep: PreparedImages, model, half, coords,
+                 translations: Translations, shell, stats, result, bp_budget_bytes,
+                 timer: PhaseTimer, batched: bool = True):  # fmt: skip
     """E-step of the images ``part`` against the K references of half set ``half``:
     fills ``result`` (the sub-batch's view) and adds to ``stats`` (seconds into
-    ``timer``)."""
+    ``timer``); ``translations``: the task's translation grid and its phases."""
     refs = model.class_references(half)
     xp = namespace(refs[0].data)
     grid, p, B = model.grid, model.pixel_size_A, model.box_size
@@ -375,17 +380,16 @@ def _expect_part(part: _Part, prep: PreparedImages, model, half, coords, shell, 
         with timer("fine"):
             out = fixed_pose_posterior(images, part, model, refs, coords, stats)
     else:
-        shifts = np.asarray(sampling.translation_grid(grid.offset_range_px, grid.offset_step_px))
         offset_prior = offset_log_prior(
-            prior_px[:, None, :] + shifts[None], model.sigma_offset_A, p
+            prior_px[:, None, :] + translations.shifts[None], model.sigma_offset_A, p
         )
         local = grid.local_sigma_deg is not None and part.previous is not None
-        ang_c, J, pairs = coarse_pass(images, coords, shifts, offset_prior, model, refs, part,
-                                      local, timer, stats, batched)  # fmt: skip
+        ang_c, J, pairs = coarse_pass(images, coords, translations, offset_prior, model, refs,
+                                      part, local, timer, stats, batched)  # fmt: skip
         with timer("projection"):
             table = fine_table(ang_c, J, pairs, grid, refs, coords)
         with timer("fine"):
-            out = fine_pass(images, table, pairs, shifts, part, model, coords, stats,
+            out = fine_pass(images, table, pairs, translations, part, model, coords, stats,
                             bp_budget_bytes, timer)  # fmt: skip
     with timer("fine"):
         _store(out, part, model, stats, result)

@@ -34,6 +34,7 @@ from streamem.core.backprojector import insert_points
 from streamem.core.euler import euler_to_matrix
 from streamem.core.projector import project_points
 from streamem.em import memory
+from streamem.em.fourier_points import Translations
 from streamem.em.kernels import (
     log_likelihood,
     namespace,
@@ -131,7 +132,7 @@ def fine_table(ang_c, J: int, pairs, grid, refs, coords) -> FineTable:
         for k in np.unique(class_of[rows]):
             sel = rows[class_of[rows] == k]
             A = project_points(refs[k], rotations[sel], coords)  # (rows, M) complex
-            stacked.append(xp.astype(stacked_real(A), xp.float32))
+            stacked.append(xp.astype(stacked_real(A), xp.float32, copy=False))
             power.append(xp.real(A) ** 2 + xp.imag(A) ** 2)
     stacked = stacked[0] if len(stacked) == 1 else xp.concat(stacked, axis=0)
     power = power[0] if len(power) == 1 else xp.concat(power, axis=0)
@@ -155,33 +156,26 @@ def _groups(n_pairs: np.ndarray, cap_pairs: int):
     return groups
 
 
-def fine_pass(images: FineImages, table: FineTable, pairs, shifts, part, model, coords, stats,
-              bp_budget_bytes=None, timer: PhaseTimer | None = None) -> FineOutcome:  # fmt: skip
+def fine_pass(images: FineImages, table: FineTable, pairs, translations, part, model, coords,
+              stats, bp_budget_bytes=None, timer: PhaseTimer | None = None) -> FineOutcome:  # fmt: skip
     """The fine pass of a part's images (``part``: estep._Part) against ``table``.
 
-    pairs: per image (translation indices (P_i,), coarse rows (P_i,)); shifts (T, 2)
-    coarse translations (pixels). Back-projects into ``stats`` and returns the
+    pairs: per image (translation indices (P_i,), coarse rows (P_i,)); translations:
+    fourier_points.Translations (the coarse shifts, the fine sub-steps around them and
+    their phases at ``coords``). Back-projects into ``stats`` and returns the
     per-image results. Back-projection rows are flushed whenever they exceed
     ``bp_budget_bytes`` (None: once at the end). ``timer`` gets the back-projection's
     seconds (its flushes) as phase "backprojection".
     """
-    grid, K, n = model.grid, model.n_classes, part.idx.size
+    K, n = model.n_classes, part.idx.size
     xp = namespace(images.X0)
-    sub = np.asarray(
-        sampling.oversample_translations(np.zeros((1, 2)), grid.offset_step_px, grid.oversampling)
-    ).reshape(-1, 2)  # (S, 2) fine offsets around a coarse translation
-    ctx = _Context(
-        images, table, shifts, sub,
-        xp.asarray(sampling.shift_phases(coords, shifts, model.box_size)),  # (T, M)
-        xp.asarray(sampling.shift_phases(coords, sub, model.box_size)),  # (S, M)
-        part, model,
-    )  # fmt: skip
+    ctx = _Context(images, table, translations, part, model)
     timer = PhaseTimer() if timer is None else timer
     buffer = _BackProjection(table, coords, stats, part_padding(model), bp_budget_bytes, timer)
     n_pairs = np.array([t.size for t, _ in pairs])
     shape = memory.EStepShape(
         model.box_size, coords.shape[0], 0, 0, 0, 0, K,
-        model.max_significant + model.min_orientations, table.n_kids, sub.shape[0],
+        model.max_significant + model.min_orientations, table.n_kids, translations.sub.shape[0],
     )  # fmt: skip
     cap = memory.fine_group_pairs(shape)
     out = {
@@ -195,7 +189,7 @@ def fine_pass(images: FineImages, table: FineTable, pairs, shifts, part, model, 
     inv = np.argsort(pos)  # groups are in pairs order: back to the part's order
     noise = xp.concat(out["noise"], axis=0)
     best = np.concatenate(out["best"])[inv]  # (n, 4): table row, image, pair, subshift
-    origin = images.prior_px + shifts[best[:, 2]] + sub[best[:, 3]]
+    origin = images.prior_px + translations.shifts[best[:, 2]] + translations.sub[best[:, 3]]
     return FineOutcome(
         angles=table.angles[best[:, 0]],
         origin_px=origin,
@@ -214,10 +208,7 @@ def fine_pass(images: FineImages, table: FineTable, pairs, shifts, part, model, 
 class _Context:
     images: FineImages
     table: FineTable
-    shifts: np.ndarray  # (T, 2)
-    sub: np.ndarray  # (S, 2)
-    phases: object  # (T, M)
-    sub_phases: object  # (S, M)
+    translations: Translations
     part: object
     model: object
 
@@ -239,8 +230,8 @@ def _padded(ctx: _Context, members, pairs):
     krows = table.rows(r_pad)  # (g, P, nk)
     total = (
         ctx.images.prior_px[members][:, None, None, :]
-        + ctx.shifts[t_pad][:, :, None, :]
-        + ctx.sub[None, None]
+        + ctx.translations.shifts[t_pad][:, :, None, :]
+        + ctx.translations.sub[None, None]
     )  # fmt: skip  (g, P, S, 2)
     prior = offset_log_prior(total, model.sigma_offset_A, model.pixel_size_A)[..., None]
     row_prior = np.zeros(krows.shape)
@@ -264,12 +255,14 @@ def _score_group(ctx: _Context, members, pairs, buffer, out):
     xp = namespace(images.X0)
     krows, t_pad, total, prior = _padded(ctx, members, pairs)
     g, P, nk = krows.shape
-    S, M = ctx.sub.shape[0], images.X0.shape[1]
+    S, M = ctx.translations.sub.shape[0], images.X0.shape[1]
     ig = xp.asarray(members)
     X0 = xp.take(images.X0, ig, axis=0)
     cw, ctf2w = xp.take(images.cw, ig, axis=0), xp.take(images.ctf2w, ig, axis=0)
-    ph = xp.reshape(xp.take(ctx.phases, xp.asarray(t_pad.ravel()), axis=0), (g, P, 1, M))
-    Xs = X0[:, None, None, :] * ph * ctx.sub_phases[None, None, ...]  # (g, P, S, M)
+    ph = xp.reshape(
+        xp.take(ctx.translations.phases, xp.asarray(t_pad.ravel()), axis=0), (g, P, 1, M)
+    )
+    Xs = X0[:, None, None, :] * ph * ctx.translations.sub_phases[None, None, ...]  # (g, P, S, M)
     # Re(conj(Xs)·cw·A) = [Re Xs·cw, Im Xs·cw] · [Re A, Im A]
     lhs = xp.reshape(stacked_real(Xs * cw[:, None, None, :]), (g * P, S, 2 * M))
     kr = xp.asarray(krows.ravel())
