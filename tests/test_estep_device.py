@@ -16,7 +16,7 @@ from streamem.em.kernels import segment_sums
 BOX, N = 32, 60
 
 
-@pytest.mark.parametrize("strict", [False, True], ids=["numpy-reduceat", "array-api-cumsum"])
+@pytest.mark.parametrize("strict", [False, True], ids=["numpy", "array-api"])
 def test_segment_sums_match_add_at(strict):
     rng = np.random.default_rng(0)
     keys = rng.integers(0, 7, 50)

@@ -24,6 +24,8 @@ times both.
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 
@@ -136,11 +138,23 @@ def _rotation_rows(rotations, padding_factor: int) -> np.ndarray:
 def _raster(coords, columns):
     """(kx, ky) float32 and their columns, in raster order (ky, then kx): neighbouring
     points then read neighbouring voxels, where the callers' radius order jumps across
-    the cube at every point."""
+    the cube at every point. Read-only, and cached: an E-step asks for the same points
+    at every call, and the sort cost ~3% of a box-128 local E-step (profiled)."""
+    coords = np.ascontiguousarray(coords, dtype=np.float64)
+    columns = np.ascontiguousarray(columns, dtype=np.int64)
+    return _raster_of(coords.shape[0], coords.tobytes(), columns.tobytes())
+
+
+@functools.lru_cache(maxsize=8)
+def _raster_of(n: int, coords_bytes: bytes, columns_bytes: bytes):
+    coords = np.frombuffer(coords_bytes, np.float64).reshape(n, 2)
     order = np.lexsort((coords[:, 1], coords[:, 0]))
     kx = np.ascontiguousarray(coords[order, 1], dtype=np.float32)
     ky = np.ascontiguousarray(coords[order, 0], dtype=np.float32)
-    return kx, ky, np.ascontiguousarray(np.asarray(columns)[order], dtype=np.int64)
+    columns = np.frombuffer(columns_bytes, np.int64)[order]
+    for a in (kx, ky, columns):
+        a.flags.writeable = False
+    return kx, ky, columns
 
 
 def project_slices_host(

@@ -214,10 +214,8 @@ def _local_scores(Xs, cw, ref_c, S, own, ang_c, part, model, offset_prior, stats
         )
     classes = np.arange(K)[None, :, None]
     rows = (classes * J + own_pad[:, None, :]).reshape(n, K * c_max)
-    Y = xp.conj(Xs) * cw[:, None, :]  # (n, T, Mc)
-    lhs = xp.astype(xp.concat([xp.real(Y), -xp.imag(Y)], axis=-1), xp.float32, copy=False)
-    del Y
-    rhs = stacked_real(ref_c)  # (K·J, 2Mc) float32 (complex64 slices), stacked once per part
+    lhs = stacked_real(Xs * cw[:, None, :])  # (n, T, 2Mc): Re Σ conj(Xs)·cw·A = lhs · rhs
+    rhs = stacked_real(ref_c)  # (K·J, 2Mc) float32 (complex64 slices)
     out = np.empty((n, T, K * c_max))
     for sl, union in local_score_groups(own, J, K, T, Mc):
         m = sl.stop - sl.start

@@ -94,8 +94,8 @@ class FineTable:
     """The children of every refined coarse row of a part, projected once.
 
     angles (R, 3), rotations (R, 3, 3), class_of (R,) on the host; on the device the
-    slices as the GEMM's real operand, stacked (R, 2M) float32 [Re A, Im A] (stacked
-    once per table: per group it would cost more than the GEMM), and power (R, M)
+    slices as the GEMM's real operand, (R, 2M) float32 (:func:`kernels.stacked_real`: Re
+    and Im of each point side by side, made once per table), and power (R, M)
     |A|²; the children of coarse row r (k·J + j) are rows
     ``position[r]·n_kids + (0 .. n_kids−1)``.
     """
@@ -263,7 +263,7 @@ def _score_group(ctx: _Context, members, pairs, buffer, out):
         xp.take(ctx.translations.phases, xp.asarray(t_pad.ravel()), axis=0), (g, P, 1, M)
     )
     Xs = X0[:, None, None, :] * ph * ctx.translations.sub_phases[None, None, ...]  # (g, P, S, M)
-    # Re(conj(Xs)·cw·A) = [Re Xs·cw, Im Xs·cw] · [Re A, Im A]
+    # Re(conj(Xs)·cw·A) = (Re, Im of Xs·cw) · (Re, Im of A), point by point
     lhs = xp.reshape(stacked_real(Xs * cw[:, None, None, :]), (g * P, S, 2 * M))
     kr = xp.asarray(krows.ravel())
     A = xp.reshape(xp.take(table.stacked, kr, axis=0), (g * P, nk, 2 * M))
@@ -333,7 +333,7 @@ def _live_sums(ctx: _Context, members, live: _Live, sums, X0, cw, ctf2w, buffer)
     A_l, power_l = xp.take(A, p_x, axis=0), xp.take(power, p_x, axis=0)
     w_l = live.w[pairs]  # (L, nk)
     w_x = xp.asarray(w_l.astype(np.float32))
-    cross = xp.sum(xp.real(D) * A_l[..., :M] + xp.imag(D) * A_l[..., M:], axis=1)  # (L, M)
+    cross = xp.sum(xp.real(D) * A_l[..., 0::2] + xp.imag(D) * A_l[..., 1::2], axis=1)  # (L, M)
     fit = xp.matmul(w_x[:, None, :], power_l)[:, 0, :]  # (L, M)
     _, cross_i, fit_i = segment_sums(img, cross, fit)  # (g, M) per image
     ctf = xp.take(ctx.images.ctf, xp.asarray(members), axis=0)
