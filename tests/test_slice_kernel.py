@@ -38,6 +38,16 @@ def test_host_kernel_equals_array_api_path(box, cutoff_px):
         assert np.all(got[:, np.hypot(coords[:, 0], coords[:, 1]) > cutoff_px + 0.01] == 0)
     one = project_points(ref, rot[3], coords)
     np.testing.assert_array_equal(one, got[3])
+    # |A|² written by the kernel as it goes: NumPy's real**2 + imag**2, bit for bit, and
+    # the array-API path's
+    slices, power = project_points(ref, rot, coords, with_power=True)
+    np.testing.assert_array_equal(slices, got)
+    assert power.dtype == np.float32
+    np.testing.assert_array_equal(power, got.real**2 + got.imag**2)
+    strict_power = project_points(strict, xps.asarray(rot), xps.asarray(coords), with_power=True)[1]
+    np.testing.assert_allclose(power, to_numpy(strict_power), rtol=1e-6, atol=1e-12)
+    one, one_power = project_points(ref, rot[3], coords, with_power=True)
+    np.testing.assert_array_equal(one_power, power[3])
 
 
 @pytest.mark.parametrize("block", [1, 7, 64, 1000])

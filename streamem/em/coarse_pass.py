@@ -54,18 +54,26 @@ def coarse_orientations(model):
 
 
 def coarse_references(model, projectors, rotations, coords):
-    """(K·J, Mc) slices of the global coarse grid for the K classes (row k·J + j),
-    projected once per model and set of projectors.
+    """(K·J, Mc) slices of the global coarse grid for the K classes (row k·J + j) and
+    their |A|² (K·J, Mc) float32, projected once per model and set of projectors.
 
     Cached in the model (one per worker and iteration, shared by its tasks and
     sub-batches): at box 128 the grid's slices are ~10 MB per class, and re-projecting
-    them per sub-batch would cost as much as a small sub-batch's GEMM.
+    them (or squaring them) per sub-batch would cost as much as a small sub-batch's GEMM.
     """
     key = ("refs", tuple(id(p) for p in projectors), coords.shape[0])
     if key not in model.coarse:
-        refs = [project_points(p, rotations, coords) for p in projectors]
-        model.coarse[key] = refs[0] if len(refs) == 1 else namespace(refs[0]).concat(refs)
+        model.coarse[key] = project_classes(projectors, rotations, coords)
     return model.coarse[key]
+
+
+def project_classes(projectors, rotations, coords):
+    """(K·J, M) slices of K references at J rotations (row k·J + j) and their |A|²."""
+    both = [project_points(p, rotations, coords, with_power=True) for p in projectors]
+    if len(both) == 1:
+        return both[0]
+    xp = namespace(both[0][0])
+    return xp.concat([s for s, _ in both]), xp.concat([p for _, p in both])
 
 
 def coarse_radius_points(coords, model) -> int:
@@ -96,10 +104,10 @@ def coarse_pass(images, coords, translations, offset_prior, model, refs, part, l
         with timer("projection"):
             rot_c, ang_c = coarse_orientations(model)
             J = ang_c.shape[0]
-            ref_c = coarse_references(model, refs, rot_c, coords[:Mc])  # (K·J, Mc)
+            ref_c, power_c = coarse_references(model, refs, rot_c, coords[:Mc])  # (K·J, Mc)
         with timer("coarse_gemm"):
             C = cross_terms(Xs, cw, ref_c)  # (n, T, K·J)
-            S = ref_power_terms(ctf2w, ref_c)  # (n, K·J)
+            S = ref_power_terms(ctf2w, power_c)  # (n, K·J)
             row_prior = (
                 None if part.log_pi is None else xp.asarray(np.repeat(part.log_pi, J, axis=1))
             )
@@ -129,10 +137,9 @@ def coarse_pass(images, coords, translations, offset_prior, model, refs, part, l
     J = ang_c.shape[0]
     with timer("projection"):
         rot_c = euler_to_matrix(ang_c[:, 0], ang_c[:, 1], ang_c[:, 2])
-        ref_c = [project_points(f, rot_c, coords[:Mc]) for f in refs]
-        ref_c = ref_c[0] if K == 1 else xp.concat(ref_c)  # (K·J, Mc)
+        ref_c, power_c = project_classes(refs, rot_c, coords[:Mc])  # (K·J, Mc)
     with timer("coarse_gemm"):
-        S = ref_power_terms(ctf2w, ref_c)  # (n, K·J)
+        S = ref_power_terms(ctf2w, power_c)  # (n, K·J)
         stats.coarse_flops += gemm_flops(n, Mc, K * J)
         scores = _local_scores if batched else _local_scores_loop
         lp = scores(Xs, cw, ref_c, S, own, ang_c, part, model, offset_prior, stats)

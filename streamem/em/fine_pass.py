@@ -131,9 +131,9 @@ def fine_table(ang_c, J: int, pairs, grid, refs, coords) -> FineTable:
         rows = np.arange(start, min(class_of.size, start + TABLE_BLOCK_ROWS))
         for k in np.unique(class_of[rows]):
             sel = rows[class_of[rows] == k]
-            A = project_points(refs[k], rotations[sel], coords)  # (rows, M) complex
-            stacked.append(xp.astype(stacked_real(A), xp.float32, copy=False))
-            power.append(xp.real(A) ** 2 + xp.imag(A) ** 2)
+            A, A2 = project_points(refs[k], rotations[sel], coords, with_power=True)  # (rows, M)
+            stacked.append(stacked_real(A))
+            power.append(A2)
     stacked = stacked[0] if len(stacked) == 1 else xp.concat(stacked, axis=0)
     power = power[0] if len(power) == 1 else xp.concat(power, axis=0)
     return FineTable(angles, rotations, class_of, stacked, power, position, n_kids)

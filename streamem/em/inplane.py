@@ -317,7 +317,7 @@ def expectation_2d(
         Xs = X0[sl, None, :] * phases[None, :, :]  # (nb, T, M) shifted images
         total = prior_px[sl, None, :] + shifts[None]  # (nb, T, 2) total offsets, px (host)
         C = cross_terms(Xs, cw[sl, :], refs)  # (nb, T, J)
-        S = ref_power_terms(ctf2w[sl, :], refs)  # (nb, J)
+        S = ref_power_terms(ctf2w[sl, :], power)  # (nb, J)
         logp = log_likelihood(C, S[:, None, :], norm[sl, None, None], model.scale_free)
         offset = xp.asarray(offset_log_prior(total, model.sigma_offset_A, p))  # (nb, T)
         logp = logp + offset[:, :, None] + log_pi  # (nb, T, J) float64

@@ -83,9 +83,18 @@ def cross_terms(Xs, cw, refs):
 
 
 def ref_power_terms(ctf2w, refs):
-    """Σ_k c² |A_j|² / 2σ²: (n, M) @ (M, J) → (n, J). ``ctf2w`` = c²/σ²."""
+    """Σ_k c² |A_j|² / 2σ²: (n, M) @ (M, J) → (n, J). ``ctf2w`` = c²/σ².
+
+    refs: (J, M) the complex slices A_j, or their |A_j|² (real; e.g. from
+    ``project_points(..., with_power=True)``, or kept with slices used more than once).
+    """
     xp = namespace(ctf2w, refs)
-    power = xp.astype(xp.real(refs) ** 2 + xp.imag(refs) ** 2, xp.float32, copy=False)
+    power = (
+        refs
+        if not xp.isdtype(refs.dtype, "complex floating")
+        else (xp.real(refs) ** 2 + xp.imag(refs) ** 2)
+    )
+    power = xp.astype(power, xp.float32, copy=False)
     return 0.5 * xp.matmul(xp.astype(ctf2w, xp.float32, copy=False), power.mT)
 
 
