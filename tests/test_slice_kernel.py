@@ -38,7 +38,7 @@ def test_host_kernel_equals_array_api_path(box, cutoff_px):
         assert np.all(got[:, np.hypot(coords[:, 0], coords[:, 1]) > cutoff_px + 0.01] == 0)
     one = project_points(ref, rot[3], coords)
     np.testing.assert_array_equal(one, got[3])
-    # |A|² written by the kernel as it goes: NumPy's real**2 + imag**2, bit for bit, and
+    # with_power: the same slices and NumPy's real**2 + imag**2 of them, bit for bit, and
     # the array-API path's
     slices, power = project_points(ref, rot, coords, with_power=True)
     np.testing.assert_array_equal(slices, got)

@@ -320,36 +320,17 @@ def project_points(
     array-API path instead, for benchmarks and tests).
 
     ``with_power``: returns (slices, power), power float32 ``(n, M)`` the slices'
-    ``real**2 + imag**2`` (the E-step's |A|²), which the host kernel writes as it goes.
+    ``real**2 + imag**2`` (the E-step's |A|², for callers that keep it with the slices).
     """
     xp = xp_of(fvol.data)
+    if with_power:
+        out = project_points(fvol, rotations, coords, block_points, host_kernel)
+        # a separate pass: written by the kernel as it goes, the store cost more (measured)
+        return out, xp.real(out) ** 2 + xp.imag(out) ** 2
     rotations = asarray_like(rotations, fvol.data, xp.float64)
     if rotations.ndim == 2:
-        one = project_points(fvol, rotations[None, ...], coords, block_points, host_kernel,
-                             with_power)  # fmt: skip
-        return tuple(a[0, ...] for a in one) if with_power else one[0, ...]
+        return project_points(fvol, rotations[None, ...], coords, block_points, host_kernel)[0, ...]
     coords = asarray_like(coords, fvol.data, xp.float64)
-    n = rotations.shape[0]
-    M = coords.shape[0]
-    if (
-        with_power
-        and host_kernel
-        and isinstance(fvol.data, np.ndarray)
-        and fvol.data.dtype == np.complex64
-    ):
-        power = np.zeros((n, M), np.float32)
-        return _project(fvol, rotations, coords, block_points, True, power), power
-    out = _project(fvol, rotations, coords, block_points, host_kernel, None)
-    if not with_power:
-        return out
-    return out, xp.real(out) ** 2 + xp.imag(out) ** 2
-
-
-def _project(fvol: FourierVolume, rotations, coords, block_points: int, host_kernel: bool,
-             power):  # fmt: skip
-    """:func:`project_points` of (n, 3, 3) rotations; ``power``: (n, M) float32 the
-    host kernel fills too, or None."""
-    xp = xp_of(fvol.data)
     n = rotations.shape[0]
     M = coords.shape[0]
     out = xp.zeros((n, M), dtype=xp.complex64)
@@ -371,7 +352,7 @@ def _project(fvol: FourierVolume, rotations, coords, block_points: int, host_ker
     if host_kernel and isinstance(fvol.data, np.ndarray) and fvol.data.dtype == np.complex64:
         return project_slices_host(
             fvol.data, rotations, sub, inside, fvol.padding_factor,
-            radius_of_half_cube(fvol.data.shape), out, power=power,
+            radius_of_half_cube(fvol.data.shape), out,
         )  # fmt: skip
     nb = max(1, block_points // Mi)
     for s in range(0, n, nb):

@@ -80,7 +80,7 @@ SLICE_BLOCK = 64
 
 
 @numba.njit(cache=True, nogil=True)
-def _slices(data, rows, kx, ky, inside, radius_padded, out, power, block):  # pragma: no cover
+def _slices(data, rows, kx, ky, inside, radius_padded, out, block):  # pragma: no cover
     c = np.float32(radius_padded + 1)
     flat = data.ravel()
     sz, sy, one = np.uintp(data.shape[1] * data.shape[2]), np.uintp(data.shape[2]), np.uintp(1)
@@ -89,7 +89,6 @@ def _slices(data, rows, kx, ky, inside, radius_padded, out, power, block):  # pr
     frac = np.empty((3, TILE_POINTS), np.float32)
     flipped = np.empty(TILE_POINTS, np.bool_)
     n_slices = rows.shape[0]
-    with_power = power.shape[0] == n_slices
     for first in range(0, n_slices, block):
         last = min(first + block, n_slices)
         for start in range(0, n_points, TILE_POINTS):
@@ -125,8 +124,6 @@ def _slices(data, rows, kx, ky, inside, radius_padded, out, power, block):  # pr
                     v_re = c0r + fz * (c1r - c0r)
                     v_im = c0i + fz * (c1i - c0i)
                     row[inside[m]] = complex(v_re, -v_im if flipped[t] else v_im)
-                    if with_power:  # |A|² while it is in registers (a pass over (n, M) less)
-                        power[n, inside[m]] = v_re * v_re + v_im * v_im
 
 
 def _rotation_rows(rotations, padding_factor: int) -> np.ndarray:
@@ -169,7 +166,6 @@ def project_slices_host(
     radius_padded: int,
     out: np.ndarray,
     slice_block: int = SLICE_BLOCK,
-    power: np.ndarray | None = None,
 ) -> np.ndarray:
     """Trilinear central slices of a half cube, on the host.
 
@@ -177,8 +173,6 @@ def project_slices_host(
     rotations: (n, 3, 3) float64; coords: (Mi, 2) (ky, kx) float64 B-box Fourier pixels
     of the points within the cutoff; inside: (Mi,) their columns in ``out``, complex64
     (n, M) C-contiguous, which is filled there (the other columns are left) and returned.
-    power: None, or float32 (n, M) C-contiguous that gets |value|² at the same columns
-    (the float32 ``re·re + im·im`` of NumPy's ``real**2 + imag**2``, bit for bit).
     slice_block: slices per block (:data:`SLICE_BLOCK`); any value gives the same slices.
     """
     kx, ky, columns = _raster(coords, inside)
@@ -191,7 +185,6 @@ def project_slices_host(
         columns,
         int(radius_padded),
         out,
-        np.empty((0, 0), np.float32) if power is None else power,
         max(1, int(slice_block)),
     )
     return out
