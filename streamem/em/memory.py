@@ -105,7 +105,9 @@ def estep_stage_bytes(shape: EStepShape, n_images: int) -> dict[str, int]:
     KJ = K * (
         s.n_orientations if not s.local else min(n * s.n_orientations, s.n_orientations_total)
     )
-    refs = KJ * Mc * 24  # slices (complex64) and the GEMM's stacked real operand, twice
+    # slices (complex64), the GEMM's real operand (a view of them on NumPy and CuPy, a
+    # copy elsewhere) and |A|² (float32): an upper bound
+    refs = KJ * Mc * 24
     per_image_j = K * s.n_orientations  # scored per image
     scores = n * T * per_image_j * 4 * (5 if s.scale_free else 1)
     if s.local:
@@ -127,7 +129,7 @@ def estep_stage_bytes(shape: EStepShape, n_images: int) -> dict[str, int]:
     coarse = resident + refs + n * T * Mc * 32 + scores + gather + T * per_image_j * 24
     kept = n * T * per_image_j * (12 if s.local else 4)  # float32 scores, float64 if local
     significance = resident + kept + max(ranking, T * per_image_j * 40)
-    # fine table: children of every refined coarse orientation (stacked [Re, Im] f32, power f32)
+    # fine table: children of every refined coarse orientation (Re, Im side by side f32, power f32)
     P = K * s.n_pairs
     rows = min(n * P, K * s.n_orientations_total) * s.n_kids
     table = rows * (12 * M + 96)
