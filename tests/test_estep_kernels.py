@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from streamem.em.fourier_points import half_plane_points
-from streamem.em.kernels import cross_terms, ref_power_terms
+from streamem.em.kernels import complex_of_stacked, cross_terms, ref_power_terms, stacked_real
 from streamem.em.mstep import to_full_frame, to_work_frame
 from streamem.em.significance import significant_mask
 from streamem.em.statistics import SufficientStatistics
@@ -27,6 +27,26 @@ def test_gemm_terms_equal_direct_diff2():
         axis=-1,
     )
     np.testing.assert_allclose(diff2, direct, rtol=1e-4, atol=1e-3)
+
+
+def test_stacked_real_is_the_complex_memory_and_its_dot_the_real_cross_term():
+    """The GEMMs' real operand: on NumPy a view of the complex array (Re, Im of each
+    point side by side), under the array API the same values by a stack; its dot
+    product is Re Σ conj(a)·b, and complex_of_stacked undoes it."""
+    xps = pytest.importorskip("array_api_strict")
+    rng = np.random.default_rng(3)
+    a = (rng.standard_normal((4, 7)) + 1j * rng.standard_normal((4, 7))).astype(np.complex64)
+    b = (rng.standard_normal((5, 7)) + 1j * rng.standard_normal((5, 7))).astype(np.complex64)
+    ra = stacked_real(a)
+    assert ra.shape == (4, 14) and ra.dtype == np.float32 and np.shares_memory(ra, a)
+    np.testing.assert_array_equal(ra[:, 0::2], a.real)
+    np.testing.assert_array_equal(ra[:, 1::2], a.imag)
+    np.testing.assert_array_equal(np.asarray(stacked_real(xps.asarray(a))), ra)
+    np.testing.assert_allclose(ra @ stacked_real(b).T, (np.conj(a) @ b.T).real, rtol=1e-5)
+    np.testing.assert_array_equal(complex_of_stacked(ra), a)
+    np.testing.assert_array_equal(np.asarray(complex_of_stacked(xps.asarray(ra))), a)
+    odd = a[:, ::2]  # not contiguous: a copy, the same values
+    np.testing.assert_array_equal(stacked_real(odd)[:, 1::2], odd.imag)
 
 
 def test_half_plane_points_are_independent_and_sorted():

@@ -297,7 +297,6 @@ def project_points(
     coords,
     block_points: int = BLOCK_POINTS,
     host_kernel: bool = True,
-    with_power: bool = False,
 ):
     """Central-slice values of the reference at image Fourier points, for many poses.
 
@@ -318,17 +317,8 @@ def project_points(
     NumPy half cubes are read by the compiled host kernel
     (:mod:`streamem.core.slice_kernel`: the same values; ``host_kernel=False`` runs the
     array-API path instead, for benchmarks and tests).
-
-    ``with_power``: returns (slices, power), power float32 ``(n, M)`` the slices'
-    ``real**2 + imag**2`` (the E-step's |A|², for callers that keep it with the slices).
     """
     xp = xp_of(fvol.data)
-    if with_power:
-        out = project_points(fvol, rotations, coords, block_points, host_kernel)
-        # a separate pass: written by the kernel as it goes, the store cost more (measured)
-        if isinstance(out, np.ndarray) and out.dtype == np.complex64:
-            return out, slice_power_host(out)
-        return out, xp.real(out) ** 2 + xp.imag(out) ** 2
     rotations = asarray_like(rotations, fvol.data, xp.float64)
     if rotations.ndim == 2:
         return project_points(fvol, rotations[None, ...], coords, block_points, host_kernel)[0, ...]
@@ -368,6 +358,18 @@ def project_points(
         else:
             out[s:e, ...] = xp.where(inside_mask, vals, xp.zeros((), dtype=vals.dtype))
     return out
+
+
+def slice_power(slices):
+    """|A|² of slices (n, M) complex: ``real**2 + imag**2`` (float32 for complex64), in
+    their namespace; complex64 host arrays in one compiled pass, the same values
+    (:func:`streamem.core.slice_kernel.slice_power_host`). A pass of its own: written
+    by the extraction kernel as it went, the extra store made the kernel slower (scratch
+    micro-benchmark, 17.4 vs 16.3 ns per point at radius 28)."""
+    if isinstance(slices, np.ndarray) and slices.dtype == np.complex64:
+        return slice_power_host(slices)
+    xp = xp_of(slices)
+    return xp.real(slices) ** 2 + xp.imag(slices) ** 2
 
 
 def project_images(fvol: FourierVolume, rotations, max_radius_px: float | None = None):

@@ -30,7 +30,7 @@ import numpy as np
 from streamem.core import sampling
 from streamem.core.backend import to_numpy
 from streamem.core.euler import euler_to_matrix
-from streamem.core.projector import project_points
+from streamem.core.projector import project_points, slice_power
 from streamem.em.kernels import (
     coarse_log_posterior,
     cross_terms,
@@ -69,11 +69,9 @@ def coarse_references(model, projectors, rotations, coords):
 
 def project_classes(projectors, rotations, coords):
     """(K·J, M) slices of K references at J rotations (row k·J + j) and their |A|²."""
-    both = [project_points(p, rotations, coords, with_power=True) for p in projectors]
-    if len(both) == 1:
-        return both[0]
-    xp = namespace(both[0][0])
-    return xp.concat([s for s, _ in both]), xp.concat([p for _, p in both])
+    slices = [project_points(p, rotations, coords) for p in projectors]
+    slices = slices[0] if len(slices) == 1 else namespace(slices[0]).concat(slices)
+    return slices, slice_power(slices)
 
 
 def coarse_radius_points(coords, model) -> int:

@@ -32,7 +32,7 @@ from streamem.core import sampling
 from streamem.core.backend import to_numpy
 from streamem.core.backprojector import insert_points
 from streamem.core.euler import euler_to_matrix
-from streamem.core.projector import project_points
+from streamem.core.projector import project_points, slice_power
 from streamem.em import memory
 from streamem.em.fourier_points import Translations
 from streamem.em.kernels import (
@@ -131,9 +131,9 @@ def fine_table(ang_c, J: int, pairs, grid, refs, coords) -> FineTable:
         rows = np.arange(start, min(class_of.size, start + TABLE_BLOCK_ROWS))
         for k in np.unique(class_of[rows]):
             sel = rows[class_of[rows] == k]
-            A, A2 = project_points(refs[k], rotations[sel], coords, with_power=True)  # (rows, M)
+            A = project_points(refs[k], rotations[sel], coords)  # (rows, M) complex
             stacked.append(stacked_real(A))
-            power.append(A2)
+            power.append(slice_power(A))
     stacked = stacked[0] if len(stacked) == 1 else xp.concat(stacked, axis=0)
     power = power[0] if len(power) == 1 else xp.concat(power, axis=0)
     return FineTable(angles, rotations, class_of, stacked, power, position, n_kids)

@@ -51,6 +51,7 @@ from scipy import ndimage
 from streamem.core import sampling
 from streamem.core.backend import fftshift, ifftshift, irfftn, rfftn, to_numpy, xp_of
 from streamem.core.ctf import OpticsParams, ctf_phase_from_frequencies
+from streamem.core.projector import slice_power
 from streamem.em import memory
 from streamem.em.fourier_points import fourier_data, half_plane_points, origins_px
 from streamem.em.kernels import (
@@ -300,7 +301,7 @@ def expectation_2d(
     cw = ctf * inv_s2  # (n, M) CTF/σ²
     ctf2w = ctf * cw  # (n, M) CTF²/σ²
     refs = xp.asarray(rotated_references(to_numpy(model.class_images), psi, flat))  # (J, M)
-    power = xp.real(refs) ** 2 + xp.imag(refs) ** 2  # (J, M) float32 |A_j|²
+    power = slice_power(refs)  # (J, M) float32 |A_j|²
     shifts = np.asarray(sampling.translation_grid(model.offset_range_px, model.offset_step_px))
     T, J = shifts.shape[0], K * P
     phases = xp.asarray(sampling.shift_phases(coords, shifts, B))  # (T, M)

@@ -21,6 +21,8 @@ import numpy as np
 from array_api_compat import array_namespace as _compat_namespace
 from array_api_compat import is_cupy_array, is_numpy_array
 
+from streamem.core.projector import slice_power
+
 
 def namespace(*arrays) -> ModuleType:
     """The array namespace of the given arrays (None and Python scalars ignored).
@@ -46,8 +48,8 @@ def stacked_real(z):
 
     Σ_m Re(conj(a_m) b_m) is then the real dot product of the two operands. That
     interleaved layout is the complex array's own memory: on NumPy and CuPy a view of a
-    C-contiguous array (no copy; the coarse pass stacked every part's slices, ~5% of a
-    local E-step, profiled), elsewhere (the standard has no views) a stack of the parts.
+    C-contiguous array (no copy: stacking every part's slices was ~5% of a box-128 local
+    E-step, scratch profile), elsewhere (the standard has no views) a stack of the parts.
     """
     real = {np.dtype(np.complex64): np.float32, np.dtype(np.complex128): np.float64}
     if (is_numpy_array(z) or is_cupy_array(z)) and z.dtype in real and z.flags.c_contiguous:
@@ -85,15 +87,11 @@ def cross_terms(Xs, cw, refs):
 def ref_power_terms(ctf2w, refs):
     """Σ_k c² |A_j|² / 2σ²: (n, M) @ (M, J) → (n, J). ``ctf2w`` = c²/σ².
 
-    refs: (J, M) the complex slices A_j, or their |A_j|² (real; e.g. from
-    ``project_points(..., with_power=True)``, or kept with slices used more than once).
+    refs: (J, M) the complex slices A_j, or their |A_j|² (real, from
+    :func:`streamem.core.projector.slice_power`: kept with slices used more than once).
     """
     xp = namespace(ctf2w, refs)
-    power = (
-        refs
-        if not xp.isdtype(refs.dtype, "complex floating")
-        else (xp.real(refs) ** 2 + xp.imag(refs) ** 2)
-    )
+    power = slice_power(refs) if xp.isdtype(refs.dtype, "complex floating") else refs
     power = xp.astype(power, xp.float32, copy=False)
     return 0.5 * xp.matmul(xp.astype(ctf2w, xp.float32, copy=False), power.mT)
 
