@@ -89,4 +89,4 @@ def test_build_context_leaves_out_the_venv_and_git(dockerfile):
     assert {".venv", ".git"} <= set(ignore)
     text = (DOCKER / dockerfile).read_text()
     assert "USER streamem" in text  # not root in the pods
-    assert "MALLOC_MMAP_THRESHOLD_=33554432" in text
+    assert "MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1073741824" in text

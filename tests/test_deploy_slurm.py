@@ -244,7 +244,7 @@ def test_job_script_has_what_streamem_needs(tmp_path):
     assert "--interface lo" in command and "--tls-ca-file" in command
     assert "--nthreads 4" in command  # 8 cores over one worker per GPU
     assert "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=" in script
-    assert "export MALLOC_MMAP_THRESHOLD_=33554432" in script
+    assert "export MALLOC_MMAP_THRESHOLD_=1073741824" in script
 
 
 def test_launcher_worker_env_is_the_local_clusters():

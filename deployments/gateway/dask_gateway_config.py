@@ -31,11 +31,12 @@ import sys
 from dask_gateway_server.backends.local import LocalBackend, UnsafeLocalBackend
 from dask_gateway_server.options import Float, Integer, Options
 
-#: streamem's worker environment (streamem.dist.cluster: 32 MiB malloc thresholds, one
+#: streamem's worker environment (streamem.dist.cluster: one malloc arena, 1 GiB thresholds, one
 #: BLAS thread per worker); through the nanny, which would otherwise set its own.
 WORKER_ENV = {
-    "MALLOC_TRIM_THRESHOLD_": str(32 * 2**20),
-    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(2**30),
+    "MALLOC_TRIM_THRESHOLD_": str(2**30),
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",

@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 
 TLS_DIR = "/etc/streamem/tls"
-#: streamem's worker environment (streamem.dist.cluster): malloc thresholds, one BLAS thread.
+#: streamem's worker environment (streamem.dist.cluster): malloc settings, one BLAS thread.
 WORKER_ENV = {
-    "MALLOC_TRIM_THRESHOLD_": str(32 * 2**20),
-    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(2**30),
+    "MALLOC_TRIM_THRESHOLD_": str(2**30),
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",

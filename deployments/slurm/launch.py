@@ -15,7 +15,7 @@ worker per GPU, computing with CuPy: streamem's ``--gpu``). With ``--tls-ca-file
 (``distributed.security.Security``, ``tls://`` addresses); the client then needs the
 same CA and a certificate of its own (Dask config ``distributed.comm.tls.*``).
 
-Worker environment: the malloc thresholds and one BLAS thread per worker that
+Worker environment: the malloc settings and one BLAS thread per worker that
 ``streamem.dist.cluster`` gives its local workers, set through Dask's
 ``distributed.nanny.pre-spawn-environ`` (a plain ``export`` is not enough: the nanny
 would overwrite ``MALLOC_TRIM_THRESHOLD_`` with its own 64 KiB, which made the E-step
@@ -29,10 +29,12 @@ import time
 from pathlib import Path
 
 #: The worker environment of streamem's local clusters (streamem.dist.cluster.client_for:
-#: 32 MiB malloc thresholds, measured by ``streamem bench refine-memory --allocator``).
+#: one malloc arena and 1 GiB thresholds, streamem.dist.allocator, measured by
+#: ``streamem bench refine-memory --allocator``).
 WORKER_ENV = {
-    "MALLOC_TRIM_THRESHOLD_": str(32 * 2**20),
-    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(2**30),
+    "MALLOC_TRIM_THRESHOLD_": str(2**30),
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",

@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from streamem.dist.allocator import CLIENT_TRIM_BYTES, MALLOC_ENV
+
 ITERATION_LINE = re.compile(r"it\s+(\d+)\s+res\s+([\d.]+) A.*box\s+(\d+)\s+([\d.]+) s")
 MEMORY_LOGGERS = ("distributed.worker.memory", "distributed.nanny.memory", "distributed.worker")
 
@@ -72,29 +74,32 @@ def register_bench(bench_sub) -> None:
         default=None,
         metavar="N",
         help="instead: one E-step chunk of N images at full box in a child process per "
-        "glibc malloc setting (the workers', glibc's defaults, MALLOC_ARENA_MAX=2): peak "
-        "RSS and seconds",
+        "glibc malloc setting (glibc's defaults, Dask's, the workers'): seconds of the "
+        "E-step in a thread and of the M-step, and peak RSS",
     )
     p.set_defaults(func=run)
 
 
 #: The malloc settings compared by ``--allocator`` (environment of the child process).
 ALLOCATOR_SETTINGS = {
-    "thresholds 256 MiB (before)": {
-        "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
-        "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
-    },
     "glibc defaults": {},
     "Dask nanny default (trim 64 KiB)": {"MALLOC_TRIM_THRESHOLD_": "65536"},
-    "MALLOC_ARENA_MAX=2": {"MALLOC_ARENA_MAX": "2"},
-    "thresholds 32 MiB": {
+    "thresholds 32 MiB (before)": {
         "MALLOC_TRIM_THRESHOLD_": str(32 * 2**20),
         "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
     },
+    "one arena, thresholds 1 GiB (workers')": MALLOC_ENV,
+    "the same, trim 2 GiB (the client's)": {
+        **MALLOC_ENV,
+        "MALLOC_TRIM_THRESHOLD_": str(CLIENT_TRIM_BYTES),
+    },
 }
 
+# The E-step runs in a thread, as in a Dask worker (a thread's arena heap is capped at
+# 64 MiB, so where it runs changes what glibc does); the M-step of its accumulators in
+# the main thread, as on the client.
 _CHUNK_CHILD = """
-import json, sys, time
+import json, resource, sys, threading, time
 import numpy as np
 from streamem.bench.memory import reset_peak, status_kib
 from streamem.core.projector import make_projector
@@ -114,17 +119,36 @@ model = EStepModel(projectors=(proj, proj), box_size=B, work_box=B, pixel_size_A
     max_radius_px=radius, inv_sigma2=mstep.initial_inv_sigma2(power[0], power[1]),
     optics=tuple(optics_params(g) for g in store.optics_groups), sigma_offset_A=3 * p,
     grid=SearchGrid(healpix_order=2), particle_diameter_A=diameter, scale_free=True)
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return np.array([time.perf_counter(), r.ru_utime, r.ru_stime])
+# Each twice, timing the second call: a worker's later tasks and the client's later
+# iterations meet the heap the first call left (and its memory shows in the RSS).
+stats, times = [], []
+def estep():
+    for _ in range(2):
+        t = cpu()
+        stats.append(expectation(chunk.images, dict(chunk.metadata), model)[0])
+        times.append(cpu() - t)
 reset_peak()
-t0 = time.perf_counter()
-for _ in range(2):  # twice: memory glibc kept from the first shows in the second's RSS
-    expectation(chunk.images, dict(chunk.metadata), model)
-print(json.dumps({"seconds": (time.perf_counter() - t0) / 2, "peak_kib": status_kib("VmHWM"),
-    "end_kib": status_kib("VmRSS")}))
+worker = threading.Thread(target=estep)
+worker.start()
+worker.join()
+for _ in range(2):
+    t = cpu()
+    total = stats[-1].expanded()
+    mstep.reconstruct_halves(total.data_acc, total.weight_acc, B, 2, 1.0, None)
+    times.append(cpu() - t)
+e, m = times[1], times[3]
+print(json.dumps({"seconds": e[0], "system_s": e[2], "mstep_s": m[0], "mstep_system_s": m[2],
+    "peak_kib": status_kib("VmHWM"), "end_kib": status_kib("VmRSS")}))
 """
 
 
 def measure_allocators(store_path: str, n_images: int, diameter_A: float) -> dict:
-    """Peak RSS and seconds of one E-step chunk per malloc setting (child processes)."""
+    """Seconds (wall, and of them in the kernel) of one E-step chunk in a thread and
+    of the M-step of its accumulators (the second of two calls each), and peak RSS, per
+    malloc setting (child processes)."""
     import subprocess
     import sys
 
@@ -407,12 +431,15 @@ def run(args) -> int:
             if not (path and Path(path).exists()):
                 path = str(simulate_store(Path(path or Path(tmp) / "p.zarr"), args).path)
             rows = measure_allocators(path, args.allocator, args.particle_diameter)
-        print(f"one E-step chunk of {args.allocator} images, full box (mean of 2 calls)")
-        print(f"{'malloc setting':<34} {'s':>7} {'peak RSS MiB':>13} {'RSS after MiB':>14}")
+        print(f"one E-step chunk of {args.allocator} images at full box in a thread, then the "
+              "M-step of its accumulators (second calls; sys: seconds in the kernel)")  # fmt: skip
+        print(f"{'malloc setting':<40} {'E-step s':>8} {'sys':>6} {'M-step s':>8} {'sys':>6} "
+              f"{'peak RSS MiB':>12} {'RSS after MiB':>13}")  # fmt: skip
         for name, r in rows.items():
             print(
-                f"{name:<34} {r['seconds']:>7.1f} {r['peak_kib'] / 1024:>13.0f} "
-                f"{r['end_kib'] / 1024:>14.0f}"
+                f"{name:<40} {r['seconds']:>8.1f} {r['system_s']:>6.1f} {r['mstep_s']:>8.1f} "
+                f"{r['mstep_system_s']:>6.1f} {r['peak_kib'] / 1024:>12.0f} "
+                f"{r['end_kib'] / 1024:>13.0f}"
             )
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -60,6 +60,7 @@ from pathlib import Path
 
 import dask
 
+from streamem.dist.allocator import MALLOC_ENV, keep_freed_memory
 from streamem.errors import InputError
 
 log = logging.getLogger("streamem")
@@ -72,23 +73,13 @@ DEFAULT_SCHEDULER_PORT = 8786
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):[^/\\]*$")
 
 
-# glibc's malloc thresholds for the workers (streamem bench refine-memory --allocator:
-# one refine3d E-step chunk of 128 images at box 128, full radius, child processes,
-# mean of 2 calls; a shared 2-core machine, so seconds are within ~20%):
-#   Dask nanny default (trim 64 KiB: fixes the mmap threshold at 128 KiB, every large
-#   temporary a fresh mmap, page faults)      39.6 s  peak 774 MiB, kept after 205 MiB
-#   both thresholds 256 MiB (our earlier choice) 14.8 s  peak 942 MiB, kept 374 MiB
-#   glibc defaults (dynamic mmap threshold)      17.1 s  peak 794 MiB, kept 226 MiB
-#   MALLOC_ARENA_MAX=2                           14.4 s  peak 793 MiB, kept 226 MiB
-#   both thresholds 32 MiB                       12.1 s  peak 805 MiB, kept 236 MiB
-# Since the E-step works in bounded sub-batches (streamem.em.memory), its big
-# temporaries are tens of MiB: 32 MiB thresholds reuse them from the heap (no page
-# faults) and hand larger ones (accumulators, chunk images) back to the system.
-# One BLAS thread per worker: the workers already use every core.
+# The workers' malloc settings (streamem.dist.allocator: one arena, freed memory kept
+# for reuse) and one BLAS thread per worker: the workers already use every core.
+# They go through distributed.nanny.pre-spawn-environ, since the nanny's own default
+# (MALLOC_TRIM_THRESHOLD_=65536) would otherwise replace them.
 #: The environment of every worker process streamem starts (the comment above).
 WORKER_ENV = {
-    "MALLOC_TRIM_THRESHOLD_": str(32 * 2**20),
-    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    **MALLOC_ENV,
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
@@ -127,6 +118,7 @@ def client_for(
     logging.getLogger("bokeh").setLevel(logging.ERROR)
 
     check_cluster_options(n_workers, threads_per_worker, scheduler_timeout_s)
+    keep_freed_memory()  # the client's M-step, like the workers' E-step
     if adapt is not None:
         check_adapt(adapt, gpu)
     if scheduler:
@@ -206,6 +198,7 @@ def run_with_client(job, use_cluster: bool = True, **cluster_options):
         gpu = cluster_options.get("gpu", False)
         if gpu:
             check_gpu(need_dask_cuda=False)
+        keep_freed_memory()  # before the threaded scheduler's threads get arenas
         with use_device("cupy" if gpu else None):
             return job(None)
     with client_for(**cluster_options) as client:
