@@ -56,7 +56,6 @@ from streamem.core.backend import (
     bincount,
     conj,
     copy,
-    fftshift,
     flatnonzero,
     has_numpy_api,
     imag,
@@ -373,6 +372,8 @@ def reconstruct(
     Fd = _decenter(data, P, radius)
     Fw = _decenter(weight, P, radius)
     del data, weight
+    # Each padded-grid temporary is 70-140 MB at box 128: they are dropped as soon as
+    # they are used, so the client's peak holds few of them (the same arithmetic).
     shells, r = _padded_shells(P, pf, xp)
     inside = r <= radius + 1e-6
     if tau2 is not None:
@@ -381,26 +382,40 @@ def reconstruct(
         in_range = inside & (shells < ns)
         t = take_rows(tau2, xp.clip(shells, 0, ns - 1)) * tau2_fudge
         inv_tau2 = xp.where(t > 0, 1.0 / (pf**3 * xp.where(t > 0, t, 1.0)), 1000.0 * Fw)
+        del t
         Fw = xp.where(in_range, Fw + inv_tau2, Fw)
+        del inv_tau2, in_range
+    del shells
     if n_gridding_iter <= 0:
         # RELION's skip_gridding: floor each weight at 1/1000 of its shell's mean.
         s_floor = xp.clip(astype(xp.floor(r / pf), xp.int64), 0, max(B // 2 - 1, 0))
+        del r
         n_s = B // 2
         sel = flatnonzero(inside)
         s_sel = xp.take(xp.reshape(s_floor, (-1,)), sel)
         tot = bincount(s_sel, weights=xp.take(xp.reshape(Fw, (-1,)), sel), minlength=n_s)
         cnt = astype(bincount(s_sel, minlength=n_s), xp.float64)
+        del sel, s_sel
         floor_w = tot[:n_s] / xp.maximum(cnt[:n_s], 1.0) / 1000.0
         w = xp.maximum(Fw, take_rows(floor_w, s_floor))
-        zero = xp.zeros((), dtype=Fd.dtype)
-        Fconv = xp.where(inside & (w > 0), Fd / xp.where(w > 0, w, 1.0), zero)
+        del s_floor, Fw
+        keep = inside & (w > 0)
+        Fconv = Fd / xp.where(w > 0, w, 1.0)
+        del w, Fd
+        Fconv = xp.where(keep, Fconv, xp.zeros((), dtype=Fconv.dtype))
+        del keep
     else:
+        del r
         Fconv = Fd * _gridding_weights(Fw, inside, P, pf, n_gridding_iter)
-    del Fd, Fw
+        del Fd, Fw
     vol = irfftn(Fconv, s=(P, P, P), axes=(0, 1, 2))
-    vol = fftshift(vol, axes=(0, 1, 2))
+    del Fconv
+    # the centred B-box of fftshift(vol), taken without shifting all of vol: index
+    # i of the shifted axis is (i − P//2) mod P of the unshifted one (np.fft.fftshift)
     o = P // 2 - B // 2
-    vol = vol[o : o + B, o : o + B, o : o + B]
+    crop = xp.asarray((np.arange(o, o + B) - P // 2) % P)
+    for axis in range(3):
+        vol = xp.take(vol, crop, axis=axis)
     corr = _separable(trilinear_kernel_ft(B, P, xp), 3)
     return astype(vol / corr, xp.float32)
 
