@@ -7,9 +7,20 @@ is freed, so the next one is page-faulted and zeroed afresh. In a worker thread 
 threshold does not even decide: a thread's own arena is a heap of at most 64 MiB, so
 anything larger is always mmap'd. On a virtual machine whose freed pages go back to the
 host (free page reporting, balloons: Firecracker, cloud VMs), a page fault costs far
-more than the arithmetic on the page. Measured on this project's 2-core VM, the E-step
-spent a third of its CPU time in the kernel, and the M-step of a box-128 final
-iteration 8-28 s of its 11-33 s there (``streamem bench refine-memory --allocator``).
+more than the arithmetic on the page. On this project's 2-core Firecracker VM, a
+5,000-particle box-128 refinement spent 506 of its 2,009 CPU-s in the kernel with the
+earlier 32 MiB thresholds, and 93 of 1,626 with these settings (one paired run of
+``streamem bench refine-phases``). ``streamem bench refine-memory --allocator 128``
+(second calls of one run; E-step s and of them in the kernel, M-step s, peak RSS):
+
+    glibc defaults                    3.5 / 1.8    19.4 / 15.4    1911 MiB
+    Dask nanny default (trim 64 KiB)  5.2 / 3.1    21.1 / 17.1    1845 MiB
+    thresholds 32 MiB (before)        3.7 / 1.8    17.7 / 13.5    1902 MiB
+    these, workers' (trim 1 GiB)      3.2 / 1.3     6.7 /  2.9    2102 MiB
+    these, client's (trim 2 GiB)      3.4 / 1.3     4.4 /  0.9    2104 MiB
+
+(that bench's peak is the E-step and M-step in one process; the M-step's own peak
+was then cut by ~0.35 GB, see :func:`streamem.core.backprojector.reconstruct`).
 
 So every streamem process uses one arena (the main heap, which grows without a
 64 MiB cap) and thresholds of 1 GiB: large blocks come from the heap, and freed ones
