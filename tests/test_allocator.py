@@ -22,42 +22,32 @@ ARRAY_BYTES = 256 * 2**20
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )  # fmt: skip
-    ]
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]  # fmt: skip
 
 
-def _libc():
+def _mallinfo2():
+    """glibc's mallinfo2 (None where the C library has none: not glibc ≥ 2.33)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     if not hasattr(libc, "mallinfo2"):
-        pytest.skip("not glibc ≥ 2.33 (no mallinfo2)")
+        return None
     libc.mallinfo2.restype = _MallInfo2
-    return libc
+    return libc.mallinfo2
+
+
+needs_mallinfo2 = pytest.mark.skipif(_mallinfo2() is None, reason="not glibc ≥ 2.33")
 
 
 def mmapped_bytes_of_a_large_array_in_a_thread() -> int:
     """Bytes in mmap'd blocks while a 256 MiB array allocated in a new thread is alive."""
     import threading
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    libc.mallinfo2.restype = _MallInfo2
-    out = []
+    mallinfo2, out = _mallinfo2(), []
 
     def task():
         a = np.ones(ARRAY_BYTES // 8)
-        out.append(libc.mallinfo2().hblkhd)
+        out.append(mallinfo2().hblkhd)
         del a
 
     t = threading.Thread(target=task)
@@ -66,8 +56,8 @@ def mmapped_bytes_of_a_large_array_in_a_thread() -> int:
     return out[0]
 
 
+@needs_mallinfo2
 def test_worker_task_threads_allocate_large_arrays_from_the_heap():
-    _libc()
     with client_for(n_workers=1) as client:
         mmapped = client.submit(mmapped_bytes_of_a_large_array_in_a_thread, pure=False).result()
     assert mmapped < ARRAY_BYTES // 2
@@ -84,9 +74,9 @@ print(mmapped_bytes_of_a_large_array_in_a_thread())
 """
 
 
+@needs_mallinfo2
 @pytest.mark.parametrize("how", ["defaults", "environment", "mallopt"])
 def test_large_arrays_come_from_the_heap_only_with_the_settings(how):
-    _libc()
     import os
     from pathlib import Path
 

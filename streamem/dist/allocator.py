@@ -11,16 +11,19 @@ more than the arithmetic on the page. On this project's 2-core Firecracker VM, a
 5,000-particle box-128 refinement spent 506 of its 2,009 CPU-s in the kernel with the
 earlier 32 MiB thresholds, and 93 of 1,626 with these settings (one paired run of
 ``streamem bench refine-phases``). ``streamem bench refine-memory --allocator 128``
-(second calls of one run; E-step s and of them in the kernel, M-step s, peak RSS):
+(one run, second calls; seconds and of them in the kernel, peak RSS of the E-step, then
+of the M-step counted afresh in the same process):
 
-    glibc defaults                    3.5 / 1.8    19.4 / 15.4    1911 MiB
-    Dask nanny default (trim 64 KiB)  5.2 / 3.1    21.1 / 17.1    1845 MiB
-    thresholds 32 MiB (before)        3.7 / 1.8    17.7 / 13.5    1902 MiB
-    these, workers' (trim 1 GiB)      3.2 / 1.3     6.7 /  2.9    2102 MiB
-    these, client's (trim 2 GiB)      3.4 / 1.3     4.4 /  0.9    2104 MiB
+    setting                           E-step                M-step
+    glibc defaults                    5.3 / 2.5  1020 MiB    8.1 /  4.9  1597 MiB
+    Dask nanny default (trim 64 KiB)  5.9 / 3.4   962 MiB   20.2 / 14.4  1523 MiB
+    thresholds 32 MiB (before)        4.8 / 2.3  1024 MiB   17.1 / 13.1  1587 MiB
+    these, workers' (trim 1 GiB)      3.8 / 1.6  1020 MiB    4.6 /  1.0  1786 MiB
+    these, client's (trim 2 GiB)      3.3 / 1.3  1020 MiB    4.3 /  0.8  1786 MiB
 
-(that bench's peak is the E-step and M-step in one process; the M-step's own peak
-was then cut by ~0.35 GB, see :func:`streamem.core.backprojector.reconstruct`).
+The kept heap costs the M-step ~0.2 GB of peak; in the whole refinement the client's
+peak still fell (1.77 against 1.89 GiB), as :func:`streamem.core.backprojector.reconstruct`
+now drops its temporaries early.
 
 So every streamem process uses one arena (the main heap, which grows without a
 64 MiB cap) and thresholds of 1 GiB: large blocks come from the heap, and freed ones
