@@ -17,7 +17,8 @@ particle diameter 0.65 of the box as its 300 Å): at the fine steps 3.75°, 1.88
 local search (also with the per-image coarse pass, ``batched=False``) and of the
 search with a pre-pass (refine3d uses it past the first local order,
 :attr:`streamem.em.schedule.RefineSchedule.prepass`; ``--prepass-min-orientations``
-sets what it always keeps). Printed: seconds, the seconds over those of the plain
+sets what it always keeps, ``--prepass-radius-fraction`` the share of its coarse radius
+it scores within). Printed: seconds, the seconds over those of the plain
 3.75° row, and the median and 90th-percentile angular errors against the truth.
 """
 
@@ -39,6 +40,9 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--snr", type=float, default=0.05, help="with --local (default 0.05)")
     p.add_argument("--prepass-min-orientations", type=int, default=8,
                    help="with --local: orientations the pre-pass always keeps (default 8)")  # fmt: skip
+    p.add_argument("--prepass-radius-fraction", type=float, default=0.5,
+                   help="with --local: share of its coarse radius the pre-pass scores "
+                        "within (default 0.5; 1: its order's whole coarse radius)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -150,6 +154,7 @@ def measure_local(
     seed: int = 0,
     per_image: bool = True,
     prepass_min_orientations: int = 8,
+    prepass_radius_fraction: float = 0.5,
 ) -> list[dict]:
     """One row per (fine step, search): see the module docstring (``--local``)."""
     import dataclasses
@@ -178,6 +183,7 @@ def measure_local(
                 max_radius_px=radius_px,
                 particle_diameter_A=0.65 * box * 3.0,
                 prepass_min_orientations=prepass_min_orientations,
+                prepass_radius_fraction=prepass_radius_fraction,
             )
             row = {"fine_step_deg": model.grid.fine_angular_step_deg, "coarse_order": order,
                    "prepass": prepass, "coarse_radius_px": model.coarse_radius_px}  # fmt: skip
@@ -217,7 +223,11 @@ def run(args) -> int:
     if args.local:
         box, n = args.box or 128, args.images or 128
         rows = measure_local(
-            box, n, args.snr, prepass_min_orientations=args.prepass_min_orientations
+            box,
+            n,
+            args.snr,
+            prepass_min_orientations=args.prepass_min_orientations,
+            prepass_radius_fraction=args.prepass_radius_fraction,
         )
         print_local(rows, box, n, args.snr)
         return 0

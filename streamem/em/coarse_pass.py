@@ -159,9 +159,10 @@ def prepass_candidates(images, coords, translations, offset_prior, model, refs, 
                        stats, batched: bool = True):  # fmt: skip
     """Each image's local candidates at the grid's order from a pass one order coarser.
 
-    The local coarse pass at ``healpix_order − 1`` (its own coarse radius, the same
-    translations, priors and significance rule, with ``model.prepass_min_orientations``
-    best orientations always kept); the candidates are the HEALPix children (2³ per
+    The local coarse pass at ``healpix_order − 1`` (within
+    ``model.prepass_radius_fraction`` of its own coarse radius, the same translations,
+    priors and significance rule, with ``model.prepass_min_orientations`` best
+    orientations always kept); the candidates are the HEALPix children (2³ per
     orientation: the directions' 4 and 2 psi) of the orientations of each image's
     significant pairs. With σ = 1.5 steps an image meets ~8x fewer grid points in the
     coarser pass and keeps ~8 orientations there, so the pass at the grid's order scores
@@ -170,7 +171,8 @@ def prepass_candidates(images, coords, translations, offset_prior, model, refs, 
     image (c_i, 3) angles in degrees.
     """
     lower = replace(model.grid, healpix_order=model.grid.healpix_order - 1, local_prepass=False)
-    lower_model = replace(model, grid=lower, min_orientations=model.prepass_min_orientations)
+    lower_model = replace(model, grid=lower, min_orientations=model.prepass_min_orientations,
+                          coarse_radius_fraction=model.prepass_radius_fraction)  # fmt: skip
     ang_l, J_l, pairs = coarse_pass(images, coords, translations, offset_prior, lower_model,
                                     refs, part, True, timer, stats, batched)  # fmt: skip
     cands = []
