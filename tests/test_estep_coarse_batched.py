@@ -212,3 +212,40 @@ def test_prepass_candidates_are_the_children_of_significant_coarser_orientations
     }
     moved = angular_distance_deg(rot["pre"], rot["plain"])
     assert np.median(moved) <= local.grid.fine_angular_step_deg, np.median(moved)
+
+
+def test_prepass_scores_within_its_radius_fraction(data, monkeypatch):
+    from streamem.core.euler import angular_distance_deg, euler_to_matrix
+    from streamem.em import coarse_pass
+
+    images, metadata, model, truth = data
+    local = _models(model, truth)["local"]
+    radii = []
+    real = coarse_pass.coarse_pass
+
+    def spy(*args, **kwargs):  # the module's coarse_pass: the pre-pass's call only
+        radii.append(args[4].coarse_radius_px)  # args[4]: the pass's model
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(coarse_pass, "coarse_pass", spy)
+    lower = replace(local, grid=replace(local.grid, healpix_order=local.grid.healpix_order - 1))
+    rot = {}
+    for fraction in (1.0, 0.5):
+        radii.clear()
+        pre = replace(local, grid=replace(local.grid, local_prepass=True), coarse={},
+                      prepass_radius_fraction=fraction)  # fmt: skip
+        _, r = expectation(images, metadata, pre)
+        rot[fraction] = euler_to_matrix(r.rot, r.tilt, r.psi)
+        assert radii, "no pre-pass ran"
+        expected = min(
+            local.max_radius_px, fraction * replace(lower, max_radius_px=1e9).coarse_radius_px
+        )
+        np.testing.assert_allclose(radii, expected)
+    assert radii[0] < lower.coarse_radius_px  # the fraction took effect at this size
+    # the best poses stay those of the full-radius pre-pass and of the plain local search,
+    # to within a fine step
+    moved = angular_distance_deg(rot[0.5], rot[1.0])
+    assert np.median(moved) <= local.grid.fine_angular_step_deg, np.median(moved)
+    _, r_plain = expectation(images, metadata, replace(local, coarse={}))
+    plain = euler_to_matrix(r_plain.rot, r_plain.tilt, r_plain.psi)
+    assert np.median(angular_distance_deg(rot[0.5], plain)) <= local.grid.fine_angular_step_deg
