@@ -28,6 +28,13 @@ def test_local_searches_with_and_without_prepass_find_the_poses():
     # RELION's plain search and the pre-pass at every fine step
     assert searches == [(step, pre) for step in (3.75, 1.875, 0.9375) for pre in (False, True)]
     assert all(r["s"] > 0 and r["per_image_s"] is None for r in rows)
+    for r in rows:  # the pre-pass's radius is reported, never above the pass's own (both
+        # are capped by the work radius at this box; the fraction's test is in
+        # test_estep_coarse_batched.py)
+        if r["prepass"]:
+            assert 0 < r["prepass_radius_px"] <= r["coarse_radius_px"], r
+        else:
+            assert r["prepass_radius_px"] is None
     for r in rows:  # poses found to within about two fine steps of the truth (2° off at start)
         assert r["error_deg"] < 2.5 * r["fine_step_deg"] + 0.5, r
     err = {search: r["error_deg"] for search, r in zip(searches, rows, strict=True)}

@@ -228,6 +228,7 @@ def test_prepass_scores_within_its_radius_fraction(data, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(coarse_pass, "coarse_pass", spy)
+    # the pre-pass's order, built here apart from coarse_pass.prepass_model
     lower = replace(local, grid=replace(local.grid, healpix_order=local.grid.healpix_order - 1))
     rot = {}
     for fraction in (1.0, 0.5):

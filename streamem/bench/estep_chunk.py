@@ -18,7 +18,7 @@ local search (also with the per-image coarse pass, ``batched=False``) and of the
 search with a pre-pass (refine3d uses it past the first local order,
 :attr:`streamem.em.schedule.RefineSchedule.prepass`; ``--prepass-min-orientations``
 sets what it always keeps, ``--prepass-radius-fraction`` the share of its coarse radius
-it scores within). Printed: seconds, the seconds over those of the plain
+it scores within). Printed: the coarse pass's and the pre-pass's radii, seconds, the seconds over those of the plain
 3.75° row, and the median and 90th-percentile angular errors against the truth.
 """
 
@@ -161,6 +161,7 @@ def measure_local(
 
     from streamem.core.euler import angular_distance_deg, euler_to_matrix
     from streamem.core.projector import make_projector
+    from streamem.em.coarse_pass import prepass_model
     from streamem.em.estep import expectation
 
     vol, images, metadata, truth = _chunk(box, n_images, seed, snr)
@@ -186,7 +187,8 @@ def measure_local(
                 prepass_radius_fraction=prepass_radius_fraction,
             )
             row = {"fine_step_deg": model.grid.fine_angular_step_deg, "coarse_order": order,
-                   "prepass": prepass, "coarse_radius_px": model.coarse_radius_px}  # fmt: skip
+                   "prepass": prepass, "coarse_radius_px": model.coarse_radius_px,
+                   "prepass_radius_px": prepass_model(model).coarse_radius_px if prepass else None}  # fmt: skip
             for key, batched in (("s", True), ("per_image_s", False)):
                 if not batched and (prepass or not per_image):
                     row[key] = None
@@ -209,12 +211,15 @@ def print_local(rows: list[dict], box: int, n_images: int, snr: float) -> None:
         f"local iterations, box {box}, {n_images} images, SNR {snr:g}, radius {round(0.36 * box)}"
     )
     print(f"{'fine step':>9s} {'coarse order':>12s} {'pre-pass':>8s} {'coarse r':>8s} "
+          f"{'pre r':>5s} "
           f"{'s':>7s} {'/ 3.75°':>7s} {'per-image s':>11s} {'median err °':>12s} "
           f"{'p90 err °':>9s}")  # fmt: skip
     for r in rows:
         per_image = "-" if r["per_image_s"] is None else f"{r['per_image_s']:.1f}"
+        pre_r = "-" if r["prepass_radius_px"] is None else f"{r['prepass_radius_px']:.0f}"
         print(f"{r['fine_step_deg']:8.2f}° {r['coarse_order']:12d} "
-              f"{'yes' if r['prepass'] else 'no':>8s} {r['coarse_radius_px']:8.0f} {r['s']:7.1f} "
+              f"{'yes' if r['prepass'] else 'no':>8s} {r['coarse_radius_px']:8.0f} "
+              f"{pre_r:>5s} {r['s']:7.1f} "
               f"{r['s'] / base:7.2f} {per_image:>11s} {r['error_deg']:12.2f} "
               f"{r['error_p90_deg']:9.2f}")  # fmt: skip
 

@@ -170,17 +170,24 @@ def prepass_candidates(images, coords, translations, offset_prior, model, refs, 
     psi grid; their own children, the fine pass's, are the fine grid's.) Returns per
     image (c_i, 3) angles in degrees.
     """
-    lower = replace(model.grid, healpix_order=model.grid.healpix_order - 1, local_prepass=False)
-    lower_model = replace(model, grid=lower, min_orientations=model.prepass_min_orientations,
-                          coarse_radius_fraction=model.prepass_radius_fraction)  # fmt: skip
-    ang_l, J_l, pairs = coarse_pass(images, coords, translations, offset_prior, lower_model,
-                                    refs, part, True, timer, stats, batched)  # fmt: skip
+    lower = prepass_model(model)
+    ang_l, J_l, pairs = coarse_pass(images, coords, translations, offset_prior, lower, refs,
+                                    part, True, timer, stats, batched)  # fmt: skip
     cands = []
     for _, rows in pairs:
         parents = ang_l[np.unique(rows % J_l)]
-        kids = sampling.oversample_orientations(parents, lower.healpix_order, 1)
+        kids = sampling.oversample_orientations(parents, lower.grid.healpix_order, 1)
         cands.append(np.asarray(kids).reshape(-1, 3))
     return cands
+
+
+def prepass_model(model):
+    """The model of a local search's pre-pass (:func:`prepass_candidates`): the grid one
+    order coarser without a pre-pass of its own, ``prepass_min_orientations`` always
+    kept, scored within ``prepass_radius_fraction`` of that order's coarse radius."""
+    lower = replace(model.grid, healpix_order=model.grid.healpix_order - 1, local_prepass=False)
+    return replace(model, grid=lower, min_orientations=model.prepass_min_orientations,
+                   coarse_radius_fraction=model.prepass_radius_fraction)  # fmt: skip
 
 
 def candidate_union(cands):

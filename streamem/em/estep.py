@@ -141,14 +141,13 @@ class EStepModel:
         only ranks orientations for the candidates, which the pass at the grid's order
         scores again at the full coarse radius. On the 5,000-particle run of ``streamem
         bench refine-phases`` (box 128; paired with 1.0 in one ``farm-bench --vs`` run)
-        the 1.88° and 0.94° iterations took 0.70-0.80 of the time (the final one 0.97),
-        the whole run 0.86,
-        with the same final FSC (9.52 Å) and median angular error (1.32°)
-        (``--prepass-radius-fraction 1`` of ``streamem bench estep-chunk --local`` runs
-        the full radius)
+        the 1.88° and 0.94° iterations took 0.70-0.80 of the time (the final one 0.97)
+        and the whole run 0.86, with the same final FSC (9.52 Å) and median angular
+        error (1.32°); ``streamem bench estep-chunk --local --prepass-radius-fraction 1``
+        against the default compares the two on one chunk
     coarse_radius_fraction: this pass scores within this fraction of RELION's coarse
-        radius (:attr:`coarse_radius_px`; a pre-pass's model gets
-        ``prepass_radius_fraction``)
+        radius (:attr:`coarse_radius_px`); 1 except in a pre-pass's model
+        (:func:`streamem.em.coarse_pass.prepass_model`)
     scale_free: optimise the reference's scale per sample (first iteration)
     particle_diameter_A: sets the coarse pass's resolution (default 0.8 of the box)
     memory_per_worker_bytes: the E-step's memory budget comes from this over the

@@ -23,8 +23,8 @@ order coarser (``local_prepass``; RELION has none: its local searches score ever
 point within 3σ): the children of each image's significant orientations there, the
 same significance rule, priors and fine pass (the pre-pass only ranks, so it scores
 within half its order's coarse radius: ``EStepModel.prepass_radius_fraction``). An
-image then meets ~64 candidates at the full coarse radius instead of ~600: on a box-128 local chunk (``streamem bench
-estep-chunk --local``, one run) the E-step at the 1.88° and 0.94° fine steps ran
+image then meets ~64 candidates at the full coarse radius instead of ~600: on a
+box-128 local chunk (``streamem bench estep-chunk --local``, one run) the E-step at the 1.88° and 0.94° fine steps ran
 about 3x faster with the same median angular error. The first local order keeps the plain
 search: its poses still move by a few degrees, and the same bench's 3.75° rows show
 what a pre-pass at 15° costs there in accuracy.
