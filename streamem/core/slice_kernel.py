@@ -1,12 +1,12 @@
 """The CPU kernels of central slices: extraction (rotate, Friedel-flip, gather and lerp)
-and insertion (rotate, flip, trilinear scatter-add), each one compiled loop (Numba).
+and insertion (rotate, flip, trilinear scatter-add), each one compiled function (Numba).
 
 :func:`streamem.core.projector.project_points` is written once over the array API (it
 is what runs on CuPy and under ``array_api_strict``). On NumPy that formulation makes
 about twenty (poses × points) temporaries per block (three components, their
 fractions and integer parts, eight gathered corners, seven lerps) and is bound by
 memory traffic: projection was ~80% of a box-128 local-search E-step. This kernel
-does the same arithmetic point by point in registers, in the same float32 order
+does the same arithmetic tile by tile in a few small buffers, in the same float32 order
 (components ``kx·r0 + ky·r1``, truncation after the flip, lerps along x, then y,
 then z), so it returns the same values as the array-API path, bit for bit
 (``tests/test_slice_kernel.py``); it is that path's specialisation for host arrays,
@@ -31,33 +31,35 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _corner(kx, ky, rows, c):  # pragma: no cover
-    """The point (kx, ky) of the slice with rotation rows ``rows`` (6,) float32: its
-    (z0, y0, x0) corner in the half cube, fractions, and whether it was flipped."""
-    x = kx * rows[0] + ky * rows[3]
-    y = kx * rows[1] + ky * rows[4]
-    z = kx * rows[2] + ky * rows[5]
-    flip = x < 0
-    if flip:
-        x, y, z = -x, -y, -z
-    y = y + c
-    z = z + c
-    # unsigned indices: no negative-index wrap-around tests (1.4x, measured); through
-    # uint32, which x86 converts in one instruction (float → uint64 is a branchy
-    # sequence without AVX-512); the half cube has far fewer than 2³² voxels per axis
-    ix, iy, iz = np.uintp(np.uint32(x)), np.uintp(np.uint32(y)), np.uintp(np.uint32(z))
-    return ix, iy, iz, x - np.float32(ix), y - np.float32(iy), z - np.float32(iz), flip
+def _tile_corners(kx, ky, rows, c, start, stop, sz, sy, base, frac, sign):  # pragma: no cover
+    """Points start..stop of the slice with rotation rows ``rows`` (6,) float32: each
+    one's flat corner index (z0, y0, x0) into ``base``, its fractions into ``frac``
+    (3, tile) and into ``sign`` −1 where it was Friedel-flipped (x < 0), else 1.
 
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _tile_corners(kx, ky, rows, c, start, stop, sz, sy, base, frac, flipped):  # pragma: no cover
-    """Points start..stop of one slice: each one's flat corner index (z0, y0, x0) into
-    ``base``, fractions into ``frac`` (3, tile) and flip into ``flipped``."""
+    A loop of its own, free of loads from the half cube and of branches (the flip is a
+    product by ±1, exact, as is the mate's conjugation by it), so that the compiler
+    runs it in SIMD lanes over the tile.
+    """
+    one = np.float32(1.0)
+    # the rows in registers: the stores below might alias them, which would otherwise
+    # reload them at every point and keep the loop scalar
+    r0, r1, r2, r3, r4, r5 = rows[0], rows[1], rows[2], rows[3], rows[4], rows[5]
     for m in range(start, stop):
-        ix, iy, iz, fx, fy, fz, flip = _corner(kx[m], ky[m], rows, c)
         t = m - start
-        base[t] = iz * sz + iy * sy + ix  # corner (z0, y0, x0); then + x, + y, + z
-        frac[0, t], frac[1, t], frac[2, t], flipped[t] = fx, fy, fz, flip
+        x = kx[m] * r0 + ky[m] * r3
+        y = kx[m] * r1 + ky[m] * r4
+        z = kx[m] * r2 + ky[m] * r5
+        s = -one if x < 0 else one
+        x = x * s
+        y = y * s + c
+        z = z * s + c
+        # every component is ≥ 0 here, where truncation through int32 (one SIMD
+        # instruction) is the floor; the half cube has far fewer than 2³¹ voxels
+        ix, iy, iz = np.int32(x), np.int32(y), np.int32(z)
+        frac[0, t], frac[1, t] = x - np.float32(ix), y - np.float32(iy)
+        frac[2, t] = z - np.float32(iz)
+        base[t] = np.intp(iz) * sz + np.intp(iy) * sy + np.intp(ix)  # corner (z0, y0, x0)
+        sign[t] = s
 
 
 #: Points per tile of the extraction: every slice of a call reads the tile's corners
@@ -74,41 +76,50 @@ TILE_POINTS = 128
 #: ``streamem bench project --local`` (128 images × 64 slices at σ 2.5° around each
 #: image's pose, box 128, radius 46, padding 2), one run: 36 ns per point as one
 #: block, 24-26 in blocks of 64-256, 30 slice by slice. With the lerps in real parts
-#: and the uint32 indices (below), two runs of each kernel alternated: 25-26 → 19-20
-#: at blocks of 64, 33-39 → 26.5 as one block.
+#: and unsigned indices, two runs of each kernel alternated: 25-26 → 19-20 at blocks
+#: of 64, 33-39 → 26.5 as one block.
 SLICE_BLOCK = 64
 
 
 @numba.njit(cache=True, nogil=True)
 def _slices(data, rows, kx, ky, inside, radius_padded, out, block):  # pragma: no cover
+    # Per (tile, slice) four loops: corners, the 8 corner reads, the lerps, the writes.
+    # Only the reads are scalar; the corners and lerps run in SIMD lanes. In one loop
+    # (point by point, in registers) the same arithmetic was 1.3x slower (scratch
+    # micro-benchmark as ``streamem bench project --local``, three alternated runs:
+    # 14-18.5 → 10.5-12 ns per point), and it returned the same slices bit for bit.
     c = np.float32(radius_padded + 1)
     flat = data.ravel()
-    sz, sy, one = np.uintp(data.shape[1] * data.shape[2]), np.uintp(data.shape[2]), np.uintp(1)
+    sz, sy = np.intp(data.shape[1] * data.shape[2]), np.intp(data.shape[2])
     n_points = kx.shape[0]
-    base = np.empty(TILE_POINTS, np.uintp)
+    base = np.empty(TILE_POINTS, np.intp)
     frac = np.empty((3, TILE_POINTS), np.float32)
-    flipped = np.empty(TILE_POINTS, np.bool_)
+    sign = np.empty(TILE_POINTS, np.float32)
+    corner = np.empty((8, TILE_POINTS), np.complex64)
+    v_re = np.empty(TILE_POINTS, np.float32)
+    v_im = np.empty(TILE_POINTS, np.float32)
     n_slices = rows.shape[0]
     for first in range(0, n_slices, block):
         last = min(first + block, n_slices)
         for start in range(0, n_points, TILE_POINTS):
             stop = min(start + TILE_POINTS, n_points)
+            size = stop - start
             for n in range(first, last):
-                # corners first, then the reads: the reads of a tile no longer wait on
-                # the flip branch and the index arithmetic, so many are in flight at once
-                _tile_corners(kx, ky, rows[n], c, start, stop, sz, sy, base, frac, flipped)
-                row = out[n]
-                for m in range(start, stop):
-                    t = m - start
+                _tile_corners(kx, ky, rows[n], c, start, stop, sz, sy, base, frac, sign)
+                for t in range(size):
                     b0 = base[t]
                     b1 = b0 + sz
+                    corner[0, t], corner[1, t] = flat[b0], flat[b0 + 1]
+                    corner[2, t], corner[3, t] = flat[b0 + sy], flat[b0 + sy + 1]
+                    corner[4, t], corner[5, t] = flat[b1], flat[b1 + 1]
+                    corner[6, t], corner[7, t] = flat[b1 + sy], flat[b1 + sy + 1]
+                for t in range(size):
                     fx, fy, fz = frac[0, t], frac[1, t], frac[2, t]
-                    a0, a1, a2, a3 = flat[b0], flat[b0 + one], flat[b0 + sy], flat[b0 + sy + one]
-                    a4, a5, a6, a7 = flat[b1], flat[b1 + one], flat[b1 + sy], flat[b1 + sy + one]
+                    a0, a1, a2, a3 = corner[0, t], corner[1, t], corner[2, t], corner[3, t]
+                    a4, a5, a6, a7 = corner[4, t], corner[5, t], corner[6, t], corner[7, t]
                     # real and imaginary parts apart: a complex lerp by a real fraction
                     # costs Numba a full complex product (the fraction promoted to
-                    # complex); the parts take the same float32 steps. With the uint32
-                    # indices: 1.3x in ``streamem bench project --local`` (block 64)
+                    # complex); the parts take the same float32 steps
                     c00r = a0.real + fx * (a1.real - a0.real)
                     c00i = a0.imag + fx * (a1.imag - a0.imag)
                     c01r = a2.real + fx * (a3.real - a2.real)
@@ -121,9 +132,11 @@ def _slices(data, rows, kx, ky, inside, radius_padded, out, block):  # pragma: n
                     c0i = c00i + fy * (c01i - c00i)
                     c1r = c10r + fy * (c11r - c10r)
                     c1i = c10i + fy * (c11i - c10i)
-                    v_re = c0r + fz * (c1r - c0r)
-                    v_im = c0i + fz * (c1i - c0i)
-                    row[inside[m]] = complex(v_re, -v_im if flipped[t] else v_im)
+                    v_re[t] = c0r + fz * (c1r - c0r)
+                    v_im[t] = (c0i + fz * (c1i - c0i)) * sign[t]  # the mate's: conjugate
+                row = out[n]
+                for t in range(size):
+                    row[inside[start + t]] = complex(v_re[t], v_im[t])
 
 
 def _rotation_rows(rotations, padding_factor: int) -> np.ndarray:
@@ -225,38 +238,54 @@ INSERT_SLICE_BLOCK = 16
 def _insert(
     data_acc, weight_acc, rows, kx, ky, keep, values, weights, radius_padded, block
 ):  # pragma: no cover
+    # Per (tile, slice): corners, then each point's 8 trilinear weights and its value
+    # (SIMD lanes), then the adds alone. Point by point in one loop the adds waited on
+    # the arithmetic: 1.6x slower with the accumulators in cache, ~1.1x at a local
+    # search's scattered poses, where the adds' cache misses dominate (scratch
+    # micro-benchmark, box 128, radius 60, padding 2); the same adds in the same order,
+    # so the same sums bit for bit.
     c = np.float32(radius_padded + 1)
     one = np.float32(1.0)
-    data, weight = data_acc.ravel(), weight_acc.ravel()
-    sz, sy = np.uintp(data_acc.shape[1] * data_acc.shape[2]), np.uintp(data_acc.shape[2])
+    data = data_acc.ravel().view(np.float64)  # (re, im) pairs
+    weight = weight_acc.ravel()
+    sz, sy = np.intp(data_acc.shape[1] * data_acc.shape[2]), np.intp(data_acc.shape[2])
     n_points = kx.shape[0]
-    base = np.empty(INSERT_TILE_POINTS, np.uintp)
+    base = np.empty(INSERT_TILE_POINTS, np.intp)
     frac = np.empty((3, INSERT_TILE_POINTS), np.float32)
-    flipped = np.empty(INSERT_TILE_POINTS, np.bool_)
+    sign = np.empty(INSERT_TILE_POINTS, np.float32)
+    tri = np.empty((INSERT_TILE_POINTS, 8), np.float64)  # corners (z, y, x) in binary order
+    value = np.empty((INSERT_TILE_POINTS, 3), np.float64)  # re, im (the mate's), weight
     n_slices = rows.shape[0]
     for first in range(0, n_slices, block):
         last = min(first + block, n_slices)
         for start in range(0, n_points, INSERT_TILE_POINTS):
             stop = min(start + INSERT_TILE_POINTS, n_points)
+            size = stop - start
             for n in range(first, last):
-                # the corners first: no dependence on the adds
-                _tile_corners(kx, ky, rows[n], c, start, stop, sz, sy, base, frac, flipped)
-                for m in range(start, stop):
-                    j = m - start
+                _tile_corners(kx, ky, rows[n], c, start, stop, sz, sy, base, frac, sign)
+                for j in range(size):
                     fx, fy, fz = frac[0, j], frac[1, j], frac[2, j]
-                    v = values[n, keep[m]]
-                    v_re = np.float64(v.real)
-                    v_im = -np.float64(v.imag) if flipped[j] else np.float64(v.imag)  # the mate's
-                    w = weights[n, keep[m]]
-                    for dz in range(2):
-                        gz = fz if dz else one - fz
-                        for dy in range(2):
-                            gzy = gz * (fy if dy else one - fy)
-                            b = base[j] + np.uintp(dz) * sz + np.uintp(dy) * sy
-                            for dx in range(2):
-                                t = np.float64(gzy * (fx if dx else one - fx))
-                                data[b + np.uintp(dx)] += complex(t * v_re, t * v_im)
-                                weight[b + np.uintp(dx)] += t * w
+                    z0y0, z0y1 = (one - fz) * (one - fy), (one - fz) * fy
+                    z1y0, z1y1 = fz * (one - fy), fz * fy
+                    tri[j, 0], tri[j, 1] = np.float64(z0y0 * (one - fx)), np.float64(z0y0 * fx)
+                    tri[j, 2], tri[j, 3] = np.float64(z0y1 * (one - fx)), np.float64(z0y1 * fx)
+                    tri[j, 4], tri[j, 5] = np.float64(z1y0 * (one - fx)), np.float64(z1y0 * fx)
+                    tri[j, 6], tri[j, 7] = np.float64(z1y1 * (one - fx)), np.float64(z1y1 * fx)
+                    v = values[n, keep[start + j]]
+                    value[j, 0] = np.float64(v.real)
+                    value[j, 1] = np.float64(v.imag) * np.float64(sign[j])
+                    value[j, 2] = weights[n, keep[start + j]]
+                for j in range(size):
+                    v_re, v_im, w = value[j, 0], value[j, 1], value[j, 2]
+                    for q in range(4):  # the (z, y) rows of the corners, x and x + 1 in each
+                        b = base[j] + (q >> 1) * sz + (q & 1) * sy
+                        t0, t1 = tri[j, 2 * q], tri[j, 2 * q + 1]
+                        data[2 * b] += t0 * v_re
+                        data[2 * b + 1] += t0 * v_im
+                        weight[b] += t0 * w
+                        data[2 * b + 2] += t1 * v_re
+                        data[2 * b + 3] += t1 * v_im
+                        weight[b + 1] += t1 * w
 
 
 def insert_slices_host(
