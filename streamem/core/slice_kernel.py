@@ -58,7 +58,8 @@ def _tile_corners(kx, ky, rows, c, start, stop, sz, sy, base, frac, sign):  # pr
         ix, iy, iz = np.int32(x), np.int32(y), np.int32(z)
         frac[0, t], frac[1, t] = x - np.float32(ix), y - np.float32(iy)
         frac[2, t] = z - np.float32(iz)
-        base[t] = np.intp(iz) * sz + np.intp(iy) * sy + np.intp(ix)  # corner (z0, y0, x0)
+        # unsigned: indexing by it skips Numba's negative-index wrap-around (1.4x, measured)
+        base[t] = np.uintp(iz) * sz + np.uintp(iy) * sy + np.uintp(ix)  # corner (z0, y0, x0)
         sign[t] = s
 
 
@@ -90,9 +91,10 @@ def _slices(data, rows, kx, ky, inside, radius_padded, out, block):  # pragma: n
     # 14-18.5 → 10.5-12 ns per point), and it returned the same slices bit for bit.
     c = np.float32(radius_padded + 1)
     flat = data.ravel()
-    sz, sy = np.intp(data.shape[1] * data.shape[2]), np.intp(data.shape[2])
+    sz, sy = np.uintp(data.shape[1] * data.shape[2]), np.uintp(data.shape[2])
+    one = np.uintp(1)
     n_points = kx.shape[0]
-    base = np.empty(TILE_POINTS, np.intp)
+    base = np.empty(TILE_POINTS, np.uintp)
     frac = np.empty((3, TILE_POINTS), np.float32)
     sign = np.empty(TILE_POINTS, np.float32)
     corner = np.empty((8, TILE_POINTS), np.complex64)
@@ -109,10 +111,10 @@ def _slices(data, rows, kx, ky, inside, radius_padded, out, block):  # pragma: n
                 for t in range(size):
                     b0 = base[t]
                     b1 = b0 + sz
-                    corner[0, t], corner[1, t] = flat[b0], flat[b0 + 1]
-                    corner[2, t], corner[3, t] = flat[b0 + sy], flat[b0 + sy + 1]
-                    corner[4, t], corner[5, t] = flat[b1], flat[b1 + 1]
-                    corner[6, t], corner[7, t] = flat[b1 + sy], flat[b1 + sy + 1]
+                    corner[0, t], corner[1, t] = flat[b0], flat[b0 + one]
+                    corner[2, t], corner[3, t] = flat[b0 + sy], flat[b0 + sy + one]
+                    corner[4, t], corner[5, t] = flat[b1], flat[b1 + one]
+                    corner[6, t], corner[7, t] = flat[b1 + sy], flat[b1 + sy + one]
                 for t in range(size):
                     fx, fy, fz = frac[0, t], frac[1, t], frac[2, t]
                     a0, a1, a2, a3 = corner[0, t], corner[1, t], corner[2, t], corner[3, t]
@@ -238,54 +240,43 @@ INSERT_SLICE_BLOCK = 16
 def _insert(
     data_acc, weight_acc, rows, kx, ky, keep, values, weights, radius_padded, block
 ):  # pragma: no cover
-    # Per (tile, slice): corners, then each point's 8 trilinear weights and its value
-    # (SIMD lanes), then the adds alone. Point by point in one loop the adds waited on
-    # the arithmetic: 1.6x slower with the accumulators in cache, ~1.1x at a local
-    # search's scattered poses, where the adds' cache misses dominate (scratch
-    # micro-benchmark, box 128, radius 60, padding 2); the same adds in the same order,
-    # so the same sums bit for bit.
+    # Point by point: the adds' cache misses, not the arithmetic, set the pace here. The
+    # extraction's layout (each point's 8 weights and its value in SIMD lanes first,
+    # then the adds alone) was 1.6x faster with the accumulators in cache and no faster
+    # at a 0.94° local search's poses (scratch A/B, box 128, radius 60, 12 alternated
+    # runs: median ratio 1.01).
     c = np.float32(radius_padded + 1)
     one = np.float32(1.0)
-    data = data_acc.ravel().view(np.float64)  # (re, im) pairs
-    weight = weight_acc.ravel()
-    sz, sy = np.intp(data_acc.shape[1] * data_acc.shape[2]), np.intp(data_acc.shape[2])
+    data, weight = data_acc.ravel(), weight_acc.ravel()
+    sz, sy = np.uintp(data_acc.shape[1] * data_acc.shape[2]), np.uintp(data_acc.shape[2])
     n_points = kx.shape[0]
-    base = np.empty(INSERT_TILE_POINTS, np.intp)
+    base = np.empty(INSERT_TILE_POINTS, np.uintp)
     frac = np.empty((3, INSERT_TILE_POINTS), np.float32)
     sign = np.empty(INSERT_TILE_POINTS, np.float32)
-    tri = np.empty((INSERT_TILE_POINTS, 8), np.float64)  # corners (z, y, x) in binary order
-    value = np.empty((INSERT_TILE_POINTS, 3), np.float64)  # re, im (the mate's), weight
     n_slices = rows.shape[0]
     for first in range(0, n_slices, block):
         last = min(first + block, n_slices)
         for start in range(0, n_points, INSERT_TILE_POINTS):
             stop = min(start + INSERT_TILE_POINTS, n_points)
-            size = stop - start
             for n in range(first, last):
+                # the corners first: no dependence on the adds
                 _tile_corners(kx, ky, rows[n], c, start, stop, sz, sy, base, frac, sign)
-                for j in range(size):
+                for m in range(start, stop):
+                    j = m - start
                     fx, fy, fz = frac[0, j], frac[1, j], frac[2, j]
-                    z0y0, z0y1 = (one - fz) * (one - fy), (one - fz) * fy
-                    z1y0, z1y1 = fz * (one - fy), fz * fy
-                    tri[j, 0], tri[j, 1] = np.float64(z0y0 * (one - fx)), np.float64(z0y0 * fx)
-                    tri[j, 2], tri[j, 3] = np.float64(z0y1 * (one - fx)), np.float64(z0y1 * fx)
-                    tri[j, 4], tri[j, 5] = np.float64(z1y0 * (one - fx)), np.float64(z1y0 * fx)
-                    tri[j, 6], tri[j, 7] = np.float64(z1y1 * (one - fx)), np.float64(z1y1 * fx)
-                    v = values[n, keep[start + j]]
-                    value[j, 0] = np.float64(v.real)
-                    value[j, 1] = np.float64(v.imag) * np.float64(sign[j])
-                    value[j, 2] = weights[n, keep[start + j]]
-                for j in range(size):
-                    v_re, v_im, w = value[j, 0], value[j, 1], value[j, 2]
-                    for q in range(4):  # the (z, y) rows of the corners, x and x + 1 in each
-                        b = base[j] + (q >> 1) * sz + (q & 1) * sy
-                        t0, t1 = tri[j, 2 * q], tri[j, 2 * q + 1]
-                        data[2 * b] += t0 * v_re
-                        data[2 * b + 1] += t0 * v_im
-                        weight[b] += t0 * w
-                        data[2 * b + 2] += t1 * v_re
-                        data[2 * b + 3] += t1 * v_im
-                        weight[b + 1] += t1 * w
+                    v = values[n, keep[m]]
+                    v_re = np.float64(v.real)
+                    v_im = np.float64(v.imag) * np.float64(sign[j])  # the mate's: conjugate
+                    w = weights[n, keep[m]]
+                    for dz in range(2):
+                        gz = fz if dz else one - fz
+                        for dy in range(2):
+                            gzy = gz * (fy if dy else one - fy)
+                            b = base[j] + np.uintp(dz) * sz + np.uintp(dy) * sy
+                            for dx in range(2):
+                                t = np.float64(gzy * (fx if dx else one - fx))
+                                data[b + np.uintp(dx)] += complex(t * v_re, t * v_im)
+                                weight[b + np.uintp(dx)] += t * w
 
 
 def insert_slices_host(
