@@ -60,6 +60,10 @@ def test_batched_coarse_pass_gives_the_per_image_statistics(data, name):
         s_new.phase_seconds
     )
     assert "backprojection" in s_new.phase_seconds
+    # both project the same slices and insert the same rows, every one of whole points
+    M = images.shape[-1] * (images.shape[-1] // 2 + 1)  # no slice has more points
+    assert s_new.phase_points == s_old.phase_points
+    assert M < s_new.phase_points["projection"] and M < s_new.phase_points["backprojection"]
 
 
 @pytest.mark.parametrize(
@@ -113,14 +117,19 @@ def test_phase_timer_is_exclusive_and_sums():
     a.phase_seconds.update(fine=1.0)
     b.phase_seconds.update(fine=2.0, projection=0.5)
     a.coarse_flops, b.coarse_flops = 1e9, 2e9
+    a.phase_points.update(projection=1e9)
+    b.phase_points.update(projection=3e9, backprojection=1e6)
     total = a + b
     assert total.phase_seconds.pop("reduction") > 0  # the sum times itself
     assert total.phase_seconds == {"fine": 3.0, "projection": 0.5}
     a += b
     assert a.phase_seconds.pop("reduction") > 0
     assert a.phase_seconds == total.phase_seconds and a.coarse_flops == 3e9
+    assert a.phase_points == total.phase_points == {"projection": 4e9, "backprojection": 1e6}
     line = phase_table({p: 1.0 for p in PHASES}, coarse_flops=4e9, sgemm_flops=8e9)
     assert "(0.50 of SGEMM)" in line and line.startswith("read_fft 1.0")
+    line = phase_table({"projection": 8.0, "fine": 1.0}, points=a.phase_points)
+    assert line == "projection 8.0 (4.00 Gpt, 2.0 ns/pt)  fine 1.0"
 
 
 @pytest.mark.parametrize("waste", [1, 3, 10**6])

@@ -9,7 +9,8 @@ phase: those of the E-step tasks summed over the workers (:mod:`streamem.em.phas
 significance, fine pass, back-projection, reduction) and those of the run loop on the
 client (M-step; writing: results, data.star, maps and model files), plus the coarse
 pass's GFLOP/s per thread as a fraction of one worker thread's SGEMM rate (measured once
-on a worker). ``--compare N`` also runs the E-step of the first N particles of every
+on a worker), and the projection's and the back-projection's seconds per Fourier point
+of the slices they made and inserted (ns, all threads). ``--compare N`` also runs the E-step of the first N particles of every
 iteration twice in this process on the iteration's own model, with the per-image coarse
 pass (``batched=False``) and the batched one, and prints seconds and the ratio. At the
 end: the ratio of the 1.88° local iterations' seconds to the 3.75° local ones', peak RSS
@@ -79,12 +80,14 @@ class _Recorder:
             rec.current["estep_s"] = time.perf_counter() - t0
             rec.current["phases"] = dict(stats.phase_seconds)
             rec.current["coarse_flops"] = stats.coarse_flops
+            rec.current["points"] = dict(stats.phase_points)
             if rec.compare:
                 rec.current["compare"] = _compare(store, results_path, prev_iteration, model,
                                                   rec.compare)  # fmt: skip
             rec.rows.append(rec.current)
             print(f"[refine-phases] it {iteration} E-step {rec.current['estep_s']:.1f} s: "
-                  f"{phase_table(stats.phase_seconds, stats.coarse_flops)}", flush=True)  # fmt: skip
+                  f"{phase_table(stats.phase_seconds, stats.coarse_flops, None, stats.phase_points)}",
+                  flush=True)  # fmt: skip
             return stats
 
         def timed(name, fn):
@@ -184,19 +187,27 @@ def refine_and_time(args, workdir: Path) -> dict:
     }
 
 
+def _ns_per_point(row: dict, phase: str) -> float:
+    """A phase's seconds (all threads) per Fourier point it made or inserted, in ns."""
+    n = row.get("points", {}).get(phase, 0.0)
+    return row["phases"].get(phase, 0.0) / n * 1e9 if n > 0 else float("nan")
+
+
 def print_report(r: dict) -> None:
     print(f"refine3d: {r['particles']} particles, box {r['box']}, {r['refine_s']:.0f} s; "
           f"SGEMM {r['sgemm_flops'] / 1e9:.1f} GFLOP/s per worker thread")  # fmt: skip
     head = f"{'it':>3} {'step':>9} {'pre':>3} {'r px':>5} {'s':>6} " + " ".join(
         f"{p[:8]:>8}" for p in PHASES
     )
-    print(head + f" {'GFLOP/s':>8} {'/SGEMM':>6} {'old s':>6} {'new s':>6} {'old/new':>7}")
+    print(head + f" {'GFLOP/s':>8} {'/SGEMM':>6} {'proj ns':>7} {'bp ns':>6}"
+          f" {'old s':>6} {'new s':>6} {'old/new':>7}")  # fmt: skip
     for row in r["rows"]:
         ph = add_seconds(row["phases"], row.get("client", {}))
         grid = row["grid"]
         step = f"{grid.fine_angular_step_deg:.2f}{'L' if grid.local_sigma_deg else 'G'}"
         gemm = row["phases"].get("coarse_gemm", 0.0)
         rate = row["coarse_flops"] / gemm if gemm > 0 else 0.0
+        per_point = [_ns_per_point(row, p) for p in ("projection", "backprojection")]
         cmp_ = row.get("compare")
         tail = (
             f" {cmp_['old']:6.1f} {cmp_['new']:6.1f} {cmp_['old'] / cmp_['new']:7.2f}"
@@ -207,7 +218,8 @@ def print_report(r: dict) -> None:
             f"{row['iteration']:>3} {step:>9} {'yes' if grid.local_prepass else '-':>3} "
             f"{row['radius_px']:5.1f} {row['seconds']:6.1f} "
             + " ".join(f"{ph.get(p, 0.0):8.1f}" for p in PHASES)
-            + f" {rate / 1e9:8.2f} {rate / r['sgemm_flops']:6.2f}{tail}"
+            + f" {rate / 1e9:8.2f} {rate / r['sgemm_flops']:6.2f}"
+            + f" {per_point[0]:7.1f} {per_point[1]:6.1f}{tail}"
         )
     by_step: dict[str, list[float]] = {}
     for row in r["rows"][:-1]:  # the last one joins the halves at the full box: apart

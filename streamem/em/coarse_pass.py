@@ -40,7 +40,7 @@ from streamem.em.kernels import (
     stacked_real,
 )
 from streamem.em.memory import LOCAL_GATHER_BYTES, LOCAL_GROUP_WASTE, SIGNIFICANCE_BLOCK_BYTES
-from streamem.em.phases import PhaseTimer, gemm_flops
+from streamem.em.phases import PhaseTimer, count_points, gemm_flops
 from streamem.em.significance import significant_class_pairs
 
 
@@ -53,9 +53,10 @@ def coarse_orientations(model):
     return model.coarse[key]
 
 
-def coarse_references(model, projectors, rotations, coords):
+def coarse_references(model, projectors, rotations, coords, points=None):
     """(K·J, Mc) slices of the global coarse grid for the K classes (row k·J + j) and
-    their |A|² (K·J, Mc) float32, projected once per model and set of projectors.
+    their |A|² (K·J, Mc) float32, projected once per model and set of projectors (and
+    then counted in ``points``, a phase-points dict, where given).
 
     Cached in the model (one per worker and iteration, shared by its tasks and
     sub-batches): at box 128 the grid's slices are ~10 MB per class, and re-projecting
@@ -64,6 +65,10 @@ def coarse_references(model, projectors, rotations, coords):
     key = ("refs", tuple(id(p) for p in projectors), coords.shape[0])
     if key not in model.coarse:
         model.coarse[key] = project_classes(projectors, rotations, coords)
+        if points is not None:
+            count_points(
+                points, "projection", len(projectors) * rotations.shape[0], coords.shape[0]
+            )
     return model.coarse[key]
 
 
@@ -102,7 +107,7 @@ def coarse_pass(images, coords, translations, offset_prior, model, refs, part, l
         with timer("projection"):
             rot_c, ang_c = coarse_orientations(model)
             J = ang_c.shape[0]
-            ref_c, power_c = coarse_references(model, refs, rot_c, coords[:Mc])  # (K·J, Mc)
+            ref_c, power_c = coarse_references(model, refs, rot_c, coords[:Mc], stats.phase_points)
         with timer("coarse_gemm"):
             C = cross_terms(Xs, cw, ref_c)  # (n, T, K·J)
             S = ref_power_terms(ctf2w, power_c)  # (n, K·J)
@@ -136,6 +141,7 @@ def coarse_pass(images, coords, translations, offset_prior, model, refs, part, l
     with timer("projection"):
         rot_c = euler_to_matrix(ang_c[:, 0], ang_c[:, 1], ang_c[:, 2])
         ref_c, power_c = project_classes(refs, rot_c, coords[:Mc])  # (K·J, Mc)
+        count_points(stats.phase_points, "projection", K * J, Mc)
     with timer("coarse_gemm"):
         S = ref_power_terms(ctf2w, power_c)  # (n, K·J)
         stats.coarse_flops += gemm_flops(n, Mc, K * J)

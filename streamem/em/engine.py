@@ -514,13 +514,14 @@ def run_job(job: Job, ctx: RunContext, stop_after_iteration: int | None = None) 
             state["seconds"].append(time.perf_counter() - t0)
         checkpoint["phase_seconds"] = phase_s  # summed over the workers' threads
         checkpoint["coarse_flops"] = stats.coarse_flops
+        checkpoint["phase_points"] = stats.phase_points  # Fourier points made and inserted
         checkpoint["sgemm_flops_per_thread"] = sgemm
         checkpoint["run"] = ctx.run.record  # store and options, checked by --continue
         runfiles.write_checkpoint(Path(f"{prefix}_optimiser.json"), checkpoint)
         state["iteration"] = iteration
         log.info("%s", job.log_line(state, model, iteration, changed, time.perf_counter() - t0))
         log.info("%s it %3d  phases (s, all threads)  %s", job.kind.name, iteration,
-                 phase_table(phase_s, stats.coarse_flops, sgemm))  # fmt: skip
+                 phase_table(phase_s, stats.coarse_flops, sgemm, stats.phase_points))  # fmt: skip
         if job.kind.classifies and state["accuracy"] is not None:
             log.info("%s it %3d  %s", job.kind.name, iteration, state["accuracy"].summary())
         publish_iteration(ctx.client, job.kind.name, ctx=ctx, iteration=iteration, state=state,

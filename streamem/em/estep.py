@@ -76,7 +76,7 @@ from streamem.em.fourier_points import (
 )
 from streamem.em.kernels import namespace, offset_log_prior
 from streamem.em.memory import EStepShape
-from streamem.em.phases import PhaseTimer
+from streamem.em.phases import PhaseTimer, count_points
 from streamem.em.statistics import ChunkResult, SufficientStatistics
 from streamem.errors import InputError
 
@@ -402,6 +402,7 @@ def _expect_part(part: _Part, prep: PreparedImages, model, half, coords,
                                       part, local, timer, stats, batched)  # fmt: skip
         with timer("projection"):
             table = fine_table(ang_c, J, pairs, grid, refs, coords)
+        count_points(stats.phase_points, "projection", table.angles.shape[0], coords.shape[0])
         with timer("fine"):
             out = fine_pass(images, table, pairs, translations, part, model, coords, stats,
                             bp_budget_bytes, timer)  # fmt: skip

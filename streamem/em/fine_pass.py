@@ -45,7 +45,7 @@ from streamem.em.kernels import (
     stacked_real,
     weighted_image_sums,
 )
-from streamem.em.phases import PhaseTimer
+from streamem.em.phases import PhaseTimer, count_points
 
 
 @dataclass(frozen=True)
@@ -394,6 +394,7 @@ class _BackProjection:
         )
         self.keys, self.vals, self.wgts, self.bytes = [], [], [], 0
         rows, half = used // 2, used % 2
+        count_points(self.stats.phase_points, "backprojection", used.size, self.coords.shape[0])
         acc_index = 2 * self.table.class_of[rows] + half
         pf = self.padding
         for a in np.unique(acc_index):

@@ -74,11 +74,17 @@ class PhaseTimer:
 
 
 def add_seconds(total: dict[str, float], other: dict[str, float]) -> dict[str, float]:
-    """``total`` + ``other`` phase by phase (a new dict)."""
+    """``total`` + ``other`` phase by phase (a new dict; seconds or any other sums)."""
     out = dict(total)
     for phase, seconds in other.items():
         out[phase] = out.get(phase, 0.0) + seconds
     return out
+
+
+def count_points(points: dict[str, float], phase: str, n_slices: int, n_points: int) -> None:
+    """Add a phase's ``n_slices`` slices of ``n_points`` Fourier points to ``points``
+    (:attr:`~streamem.em.statistics.SufficientStatistics.phase_points`)."""
+    points[phase] = points.get(phase, 0.0) + float(n_slices) * float(n_points)
 
 
 def gemm_flops(n_rows: int, n_inner: int, n_columns: int) -> float:
@@ -105,11 +111,17 @@ def sgemm_rate_flops(seconds: float = 1.0, size: int = 1024) -> float:
 
 
 def phase_table(seconds: dict[str, float], coarse_flops: float = 0.0,
-                sgemm_flops: float | None = None) -> str:  # fmt: skip
-    """One line: seconds per phase (those in :data:`PHASES`, then any other), and the
-    coarse GEMMs' rate (GFLOP/s and the fraction of ``sgemm_flops`` where given)."""
+                sgemm_flops: float | None = None, points: dict[str, float] | None = None) -> str:  # fmt: skip
+    """One line: seconds per phase (those in :data:`PHASES`, then any other), for the
+    phases in ``points`` also their Fourier points (10⁹) and the phase's nanoseconds per
+    point, and the coarse GEMMs' rate (GFLOP/s and the fraction of ``sgemm_flops``
+    where given)."""
     names = [p for p in PHASES if p in seconds] + sorted(set(seconds) - set(PHASES))
-    parts = [f"{p} {seconds[p]:.1f}" for p in names]
+    parts = []
+    for p in names:
+        n = (points or {}).get(p, 0.0)
+        per_point = f" ({n / 1e9:.2f} Gpt, {seconds[p] / n * 1e9:.1f} ns/pt)" if n > 0 else ""
+        parts.append(f"{p} {seconds[p]:.1f}{per_point}")
     gemm_s = seconds.get("coarse_gemm", 0.0)
     if coarse_flops > 0 and gemm_s > 0:
         rate = coarse_flops / gemm_s

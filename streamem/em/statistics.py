@@ -48,6 +48,8 @@ class SufficientStatistics:
     phase_seconds: {phase: s}      seconds per E-step phase, summed over tasks
                                    (:mod:`streamem.em.phases`; not a statistic of the data)
     coarse_flops: float            FLOPs of the coarse pass's GEMMs
+    phase_points: {phase: n}       Fourier points of the slices made in phase "projection"
+                                   and inserted in "backprojection", summed over tasks
     grid_shape:   the half cube's shape when the accumulators are packed (:meth:`compact`):
                   then data_acc, weight_acc are (2K, V) over the cube's reachable voxels
                   (:func:`~streamem.core.projector.half_cube_reach`); None: not packed
@@ -67,6 +69,7 @@ class SufficientStatistics:
     class_weight_halves: np.ndarray | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
     coarse_flops: float = 0.0
+    phase_points: dict[str, float] = field(default_factory=dict)
     grid_shape: tuple[int, int, int] | None = None
 
     @classmethod
@@ -144,6 +147,7 @@ class SufficientStatistics:
         )
         self.phase_seconds = add_seconds(self.phase_seconds, other.phase_seconds)
         self.coarse_flops += other.coarse_flops
+        self.phase_points = add_seconds(self.phase_points, other.phase_points)
         self.phase_seconds["reduction"] = (
             self.phase_seconds.get("reduction", 0.0) + time.perf_counter() - t0
         )
@@ -167,6 +171,7 @@ class SufficientStatistics:
             class_weight_halves=_add_optional(self.class_weight_halves, other.class_weight_halves),
             phase_seconds=add_seconds(self.phase_seconds, other.phase_seconds),
             coarse_flops=self.coarse_flops + other.coarse_flops,
+            phase_points=add_seconds(self.phase_points, other.phase_points),
             grid_shape=self.grid_shape,
         )
         total.phase_seconds["reduction"] = (
