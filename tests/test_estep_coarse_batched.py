@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from _estep_data import largest_relative_difference, refine_model, simulated_chunk, two_class_model
 
-from streamem.em.coarse_pass import significant_pairs
+from streamem.em.coarse_pass import coarse_orientations, coarse_radius_points, significant_pairs
 from streamem.em.estep import expectation
+from streamem.em.fourier_points import half_plane_points
 from streamem.em.phases import PHASES, PhaseTimer, phase_table
 from streamem.em.significance import significant_class_pairs
 
@@ -259,3 +260,17 @@ def test_prepass_scores_within_its_radius_fraction(data, monkeypatch):
     _, r_plain = expectation(images, metadata, replace(local, coarse={}))
     plain = euler_to_matrix(r_plain.rot, r_plain.tilt, r_plain.psi)
     assert np.median(angular_distance_deg(rot[0.5], plain)) <= local.grid.fine_angular_step_deg
+
+
+def test_phase_points_count_whole_slices(data):
+    """A global search projects its coarse grid (Mc points a slice) once per half's
+    references and whole fine-table slices (M points); it inserts whole slices."""
+    images, metadata, model, truth = data
+    stats, _ = expectation(images, metadata, replace(model, coarse={}))
+    coords, _, _ = half_plane_points(model.box_size, model.max_radius_px)
+    M, Mc = coords.shape[0], coarse_radius_points(coords, model)
+    J = coarse_orientations(model)[1].shape[0]
+    projected, inserted = stats.phase_points["projection"], stats.phase_points["backprojection"]
+    fine = projected - 2 * J * Mc  # the two halves' coarse grids
+    assert fine > 0 and fine % M == 0
+    assert inserted > 0 and inserted % M == 0

@@ -10,9 +10,10 @@ significance, fine pass, back-projection, reduction) and those of the run loop o
 client (M-step; writing: results, data.star, maps and model files), plus the coarse
 pass's GFLOP/s per thread as a fraction of one worker thread's SGEMM rate (measured once
 on a worker), and the projection's and the back-projection's seconds per Fourier point
-of the slices they made and inserted (ns, all threads). ``--compare N`` also runs the E-step of the first N particles of every
-iteration twice in this process on the iteration's own model, with the per-image coarse
-pass (``batched=False``) and the batched one, and prints seconds and the ratio. At the
+of the slices they made and inserted (ns, all threads). ``--compare N`` also runs the
+E-step of the first N particles of every iteration twice in this process on the
+iteration's own model, with the per-image coarse pass (``batched=False``) and the
+batched one, and prints seconds and the ratio. At the
 end: the ratio of the 1.88° local iterations' seconds to the 3.75° local ones', peak RSS
 per process, FSC 0.5 against the truth and the median angular error.
 
@@ -35,7 +36,7 @@ from streamem.bench.refine_memory import (
     add_refine_run_arguments,
     simulate_store,
 )
-from streamem.em.phases import PHASES, add_seconds, phase_table
+from streamem.em.phases import PHASES, add_seconds, ns_per_point, phase_table
 
 
 def register_bench(bench_sub) -> None:
@@ -187,12 +188,6 @@ def refine_and_time(args, workdir: Path) -> dict:
     }
 
 
-def _ns_per_point(row: dict, phase: str) -> float:
-    """A phase's seconds (all threads) per Fourier point it made or inserted, in ns."""
-    n = row.get("points", {}).get(phase, 0.0)
-    return row["phases"].get(phase, 0.0) / n * 1e9 if n > 0 else float("nan")
-
-
 def print_report(r: dict) -> None:
     print(f"refine3d: {r['particles']} particles, box {r['box']}, {r['refine_s']:.0f} s; "
           f"SGEMM {r['sgemm_flops'] / 1e9:.1f} GFLOP/s per worker thread")  # fmt: skip
@@ -207,7 +202,10 @@ def print_report(r: dict) -> None:
         step = f"{grid.fine_angular_step_deg:.2f}{'L' if grid.local_sigma_deg else 'G'}"
         gemm = row["phases"].get("coarse_gemm", 0.0)
         rate = row["coarse_flops"] / gemm if gemm > 0 else 0.0
-        per_point = [_ns_per_point(row, p) for p in ("projection", "backprojection")]
+        per_point = [
+            ns_per_point(row["phases"], row.get("points", {}), p)
+            for p in ("projection", "backprojection")
+        ]
         cmp_ = row.get("compare")
         tail = (
             f" {cmp_['old']:6.1f} {cmp_['new']:6.1f} {cmp_['old'] / cmp_['new']:7.2f}"

@@ -85,10 +85,10 @@ SLICE_BLOCK = 64
 @numba.njit(cache=True, nogil=True)
 def _slices(data, rows, kx, ky, inside, radius_padded, out, block):  # pragma: no cover
     # Per (tile, slice) four loops: corners, the 8 corner reads, the lerps, the writes.
-    # Only the reads are scalar; the corners and lerps run in SIMD lanes. In one loop
-    # (point by point, in registers) the same arithmetic was 1.3x slower (scratch
-    # micro-benchmark as ``streamem bench project --local``, three alternated runs:
-    # 14-18.5 → 10.5-12 ns per point), and it returned the same slices bit for bit.
+    # Only the reads are scalar; the corners and lerps run in SIMD lanes. Point by point
+    # in one loop (b05d5e6) the same arithmetic, with the same slices bit for bit, was
+    # slower: ``streamem bench project --local`` at blocks of 64, the two commits
+    # alternated twice, 13.2 and 14.8 → 10.3 and 11.6 ns per point.
     c = np.float32(radius_padded + 1)
     flat = data.ravel()
     sz, sy = np.uintp(data.shape[1] * data.shape[2]), np.uintp(data.shape[2])
@@ -242,9 +242,9 @@ def _insert(
 ):  # pragma: no cover
     # Point by point: the adds' cache misses, not the arithmetic, set the pace here. The
     # extraction's layout (each point's 8 weights and its value in SIMD lanes first,
-    # then the adds alone) was 1.6x faster with the accumulators in cache and no faster
-    # at a 0.94° local search's poses (scratch A/B, box 128, radius 60, 12 alternated
-    # runs: median ratio 1.01).
+    # then the adds alone) was tried and gained only where the accumulators sat in
+    # cache, not at a local search's poses (the insert column of ``streamem bench
+    # project --local`` is the figure a new layout has to beat).
     c = np.float32(radius_padded + 1)
     one = np.float32(1.0)
     data, weight = data_acc.ravel(), weight_acc.ravel()

@@ -53,10 +53,10 @@ def coarse_orientations(model):
     return model.coarse[key]
 
 
-def coarse_references(model, projectors, rotations, coords, points=None):
+def coarse_references(model, projectors, rotations, coords, points: dict[str, float]):
     """(K·J, Mc) slices of the global coarse grid for the K classes (row k·J + j) and
     their |A|² (K·J, Mc) float32, projected once per model and set of projectors (and
-    then counted in ``points``, a phase-points dict, where given).
+    then counted in ``points``, the statistics' phase points).
 
     Cached in the model (one per worker and iteration, shared by its tasks and
     sub-batches): at box 128 the grid's slices are ~10 MB per class, and re-projecting
@@ -65,10 +65,7 @@ def coarse_references(model, projectors, rotations, coords, points=None):
     key = ("refs", tuple(id(p) for p in projectors), coords.shape[0])
     if key not in model.coarse:
         model.coarse[key] = project_classes(projectors, rotations, coords)
-        if points is not None:
-            count_points(
-                points, "projection", len(projectors) * rotations.shape[0], coords.shape[0]
-            )
+        count_points(points, "projection", len(projectors) * rotations.shape[0], coords.shape[0])
     return model.coarse[key]
 
 

@@ -87,6 +87,12 @@ def count_points(points: dict[str, float], phase: str, n_slices: int, n_points: 
     points[phase] = points.get(phase, 0.0) + float(n_slices) * float(n_points)
 
 
+def ns_per_point(seconds: dict[str, float], points: dict[str, float], phase: str) -> float:
+    """A phase's seconds per Fourier point it made or inserted, in ns (NaN: none counted)."""
+    n = points.get(phase, 0.0)
+    return seconds.get(phase, 0.0) / n * 1e9 if n > 0 else float("nan")
+
+
 def gemm_flops(n_rows: int, n_inner: int, n_columns: int) -> float:
     """FLOPs of a real GEMM (n_rows × n_inner) @ (n_inner × n_columns): 2 per multiply-add."""
     return 2.0 * n_rows * n_inner * n_columns
@@ -118,10 +124,11 @@ def phase_table(seconds: dict[str, float], coarse_flops: float = 0.0,
     where given)."""
     names = [p for p in PHASES if p in seconds] + sorted(set(seconds) - set(PHASES))
     parts = []
+    points = points or {}
     for p in names:
-        n = (points or {}).get(p, 0.0)
-        per_point = f" ({n / 1e9:.2f} Gpt, {seconds[p] / n * 1e9:.1f} ns/pt)" if n > 0 else ""
-        parts.append(f"{p} {seconds[p]:.1f}{per_point}")
+        n = points.get(p, 0.0)
+        per_point = f" ({n / 1e9:.2f} Gpt, {ns_per_point(seconds, points, p):.1f} ns/pt)"
+        parts.append(f"{p} {seconds[p]:.1f}{per_point if n > 0 else ''}")
     gemm_s = seconds.get("coarse_gemm", 0.0)
     if coarse_flops > 0 and gemm_s > 0:
         rate = coarse_flops / gemm_s
