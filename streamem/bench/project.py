@@ -13,8 +13,9 @@ kernel's (:mod:`streamem.core.slice_kernel`), measured in the same run.
 given, 128 images at random poses, 64 slices each at σ 2.5° around its image's pose,
 kept together, points within 0.36 of the box as at ~9.5 Å in ``bench refine-phases``),
 projected and inserted by the host kernels with the slices run in blocks of 1, 16, 64
-and 256 and as one block (the whole call). Printed: ns per point per block size, and
-the defaults (:data:`~streamem.core.slice_kernel.SLICE_BLOCK`,
+and 256 and as one block (the whole call), inserted into double-precision accumulators
+and into the E-step's single-precision ones. Printed: ns per point per block size, the
+ratio single/double, and the defaults (:data:`~streamem.core.slice_kernel.SLICE_BLOCK`,
 :data:`~streamem.core.slice_kernel.INSERT_SLICE_BLOCK`).
 """
 
@@ -192,7 +193,8 @@ def measure_local_blocks(box: int = 128, n_images: int = 128, per_image: int = 6
     out = np.zeros((n, M), np.complex64)
     slice_kernel.project_slices_host(data, rot, coords, columns, 2, R, out)
     weights = np.ones((n, M))
-    acc, acc_w = np.zeros(shape, np.complex128), np.zeros(shape)
+    double = np.zeros(shape, np.complex128), np.zeros(shape)
+    single = np.zeros(shape, np.complex64), np.zeros(shape, np.float32)  # the E-step's
     rows = []
     for block in LOCAL_BLOCKS:
         b = n if block is None else block
@@ -200,14 +202,16 @@ def measure_local_blocks(box: int = 128, n_images: int = 128, per_image: int = 6
             lambda b=b: slice_kernel.project_slices_host(data, rot, coords, columns, 2, R, out, b),
             repeats, lambda: None,
         )  # fmt: skip
-        ins_s = _best(
-            lambda b=b: slice_kernel.insert_slices_host(acc, acc_w, rot, coords, columns, out,
-                                                        weights, 2, R, b),
-            repeats, lambda: None,
-        )  # fmt: skip
-        rows.append({"block": block, "slices": n, "points_per_slice": int(M),
-                     "project_ns_per_point": proj_s / (n * M) * 1e9,
-                     "insert_ns_per_point": ins_s / (n * M) * 1e9})  # fmt: skip
+        row = {"block": block, "slices": n, "points_per_slice": int(M),
+               "project_ns_per_point": proj_s / (n * M) * 1e9}  # fmt: skip
+        for key, (acc, acc_w) in (("insert", double), ("insert_single", single)):
+            ins_s = _best(
+                lambda b=b, acc=acc, acc_w=acc_w: slice_kernel.insert_slices_host(
+                    acc, acc_w, rot, coords, columns, out, weights, 2, R, b),
+                repeats, lambda: None,
+            )  # fmt: skip
+            row[f"{key}_ns_per_point"] = ins_s / (n * M) * 1e9
+        rows.append(row)
     return rows
 
 
@@ -218,10 +222,13 @@ def print_local_blocks(rows: list[dict], box: int) -> None:
     print(f"local-search slices, box {box}: {r0['slices']} slices of {r0['points_per_slice']} "
           f"points, padding 2 (defaults: extraction blocks of {SLICE_BLOCK}, insertion "
           f"{INSERT_SLICE_BLOCK})")  # fmt: skip
-    print(f"{'slice block':>12} {'project ns/pt':>14} {'insert ns/pt':>13}")
+    print(f"{'slice block':>12} {'project ns/pt':>14} {'insert ns/pt':>13} "
+          f"{'single':>7} {'single/double':>13}")  # fmt: skip
     for r in rows:
         label = "whole call" if r["block"] is None else str(r["block"])
-        print(f"{label:>12} {r['project_ns_per_point']:>14.1f} {r['insert_ns_per_point']:>13.1f}")
+        ins, ins1 = r["insert_ns_per_point"], r["insert_single_ns_per_point"]
+        print(f"{label:>12} {r['project_ns_per_point']:>14.1f} {ins:>13.1f} {ins1:>7.1f} "
+              f"{ins1 / ins:>13.2f}")  # fmt: skip
 
 
 def _run(which: str, args) -> int:

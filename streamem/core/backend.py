@@ -259,7 +259,8 @@ def add_at(acc, index, values):
     """
     xp = xp_of(acc)
     index = xp.reshape(index, (-1,))
-    values = xp.reshape(values, (-1,))
+    # in acc's precision: CuPy's atomic adds take one dtype (float32 ones are native)
+    values = astype(xp.reshape(values, (-1,)), acc.dtype, copy=False)
     if xp is np:
         np.add.at(acc, index, values)
         return acc

@@ -83,15 +83,22 @@ from streamem.core.slice_kernel import insert_slices_host
 
 
 def empty_accumulators(
-    box_size: int, padding_factor: int = 2, xp=np, max_radius_px: float | None = None
+    box_size: int,
+    padding_factor: int = 2,
+    xp=np,
+    max_radius_px: float | None = None,
+    single: bool = False,
 ):
-    """Zeroed ``(data complex128, weight float64)`` half cubes for back-projection.
+    """Zeroed ``(data complex128, weight float64)`` half cubes for back-projection
+    (complex64, float32 with ``single``).
 
     ``max_radius_px`` (B-box Fourier pixels, default ``B // 2``) bounds what can be
     inserted; a smaller radius gives smaller arrays.
     """
     r_max = box_size // 2 if max_radius_px is None else min(float(max_radius_px), box_size / 2)
     shape = half_cube_shape(padded_radius(r_max, padding_factor))
+    if single:
+        return xp.zeros(shape, dtype=xp.complex64), xp.zeros(shape, dtype=xp.float32)
     return xp.zeros(shape, dtype=xp.complex128), xp.zeros(shape, dtype=xp.float64)
 
 
@@ -123,8 +130,9 @@ def insert_points(
     :func:`streamem.core.projector.project_points` on the kept points. Runs in the
     namespace of the accumulators (the other inputs are moved there); scatter-adds
     go through :func:`streamem.core.backend.add_at` (in place on NumPy and CuPy; on
-    other namespaces the accumulators are rewritten once at the end). NumPy
-    accumulators of complex128/float64 are filled by the compiled host kernel
+    other namespaces the accumulators are rewritten once at the end). Accumulators
+    are complex128/float64 or complex64/float32 (the sums then in single precision);
+    on NumPy the compiled host kernel fills them
     (:mod:`streamem.core.slice_kernel`, the same sums in another order;
     ``host_kernel=False`` runs the array-API path instead, for benchmarks and tests).
     """
@@ -133,8 +141,9 @@ def insert_points(
     if rotations.ndim == 2:
         rotations = rotations[None, ...]
     coords = asarray_like(coords, data_acc, xp.float64)
-    values = asarray_like(values, data_acc)
-    weights = asarray_like(weights, data_acc, xp.float64)
+    single = data_acc.dtype == xp.complex64  # then the products in single precision too
+    values = asarray_like(values, data_acc, xp.complex64 if single else None)
+    weights = asarray_like(weights, data_acc, xp.float32 if single else xp.float64)
     n = rotations.shape[0]
     M = coords.shape[0]
     values = xp.broadcast_to(values, (n, M))
@@ -154,14 +163,14 @@ def insert_points(
     sub = take_rows(coords, keep_idx)
     Mi = sub.shape[0]
     host = host_kernel and isinstance(data_acc, np.ndarray) and isinstance(weight_acc, np.ndarray)
-    if host and data_acc.dtype == np.complex128 and weight_acc.dtype == np.float64:
+    if host and weight_acc.dtype == (np.float32 if single else np.float64):
         # C-contiguous (checked above): the kernel writes through flat views
         insert_slices_host(data_acc, weight_acc, rotations, sub, keep_idx, values, weights,
                            padding_factor, R)  # fmt: skip
         return
     if native:
-        data_re = data_acc.reshape(-1).view(xp.float64)[0::2]  # strided views, no copies
-        data_im = data_acc.reshape(-1).view(xp.float64)[1::2]
+        pairs = data_acc.reshape(-1).view(weight_acc.dtype)  # strided views, no copies
+        data_re, data_im = pairs[0::2], pairs[1::2]
         weight_f = weight_acc.reshape(-1)
     else:  # no views in the standard: flat copies, written back below
         data_re = astype(real(xp.reshape(data_acc, (-1,))), xp.float64)

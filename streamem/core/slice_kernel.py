@@ -16,8 +16,9 @@ runs the array-API path on NumPy).
 Insertion (:func:`streamem.core.backprojector.insert_points`) is the adjoint: on NumPy
 the array-API formulation makes 24 ``np.add.at`` passes per block (8 corners × real,
 imaginary, weight, ~15 ns per element each); the kernel adds each point's 8 corners
-in one visit. Its sums are in another order than the array-API path's, so they agree
-to float64 rounding, not bit for bit; the kernel is deterministic (same inputs, same
+in one visit, in the accumulators' precision (double, or single as the E-step's). Its
+sums are in another order than the array-API path's, so they agree to that
+precision's rounding, not bit for bit; the kernel is deterministic (same inputs, same
 sums), which the chunking-invariance tests rely on. ``streamem bench backproject``
 times both.
 """
@@ -238,22 +239,27 @@ INSERT_SLICE_BLOCK = 16
 
 @numba.njit(cache=True, nogil=True)
 def _insert(
-    data_acc, weight_acc, rows, kx, ky, keep, values, weights, radius_padded, block
+    data_re, weight_acc, rows, kx, ky, keep, values, weights, radius_padded, block
 ):  # pragma: no cover
     # Point by point: the adds' cache misses, not the arithmetic, set the pace here. The
     # extraction's layout (each point's 8 weights and its value in SIMD lanes first,
     # then the adds alone) was tried and gained only where the accumulators sat in
     # cache, not at a local search's poses (the insert column of ``streamem bench
-    # project --local`` is the figure a new layout has to beat).
+    # project --local`` is the figure a new layout has to beat). data_re: the data
+    # accumulator's (re, im) pairs as reals of weight_acc's dtype; the products are
+    # made in that precision (insert_points hands single-precision accumulators
+    # complex64 values and float32 weights).
     c = np.float32(radius_padded + 1)
     one = np.float32(1.0)
-    data, weight = data_acc.ravel(), weight_acc.ravel()
-    sz, sy = np.uintp(data_acc.shape[1] * data_acc.shape[2]), np.uintp(data_acc.shape[2])
+    data, weight = data_re.ravel(), weight_acc.ravel()
+    zero = weight[0] - weight[0]  # weight_acc's precision (0 + x is exact)
+    sz, sy = np.uintp(weight_acc.shape[1] * weight_acc.shape[2]), np.uintp(weight_acc.shape[2])
     n_points = kx.shape[0]
     base = np.empty(INSERT_TILE_POINTS, np.uintp)
     frac = np.empty((3, INSERT_TILE_POINTS), np.float32)
     sign = np.empty(INSERT_TILE_POINTS, np.float32)
     n_slices = rows.shape[0]
+    two = np.uintp(2)
     for first in range(0, n_slices, block):
         last = min(first + block, n_slices)
         for start in range(0, n_points, INSERT_TILE_POINTS):
@@ -265,18 +271,20 @@ def _insert(
                     j = m - start
                     fx, fy, fz = frac[0, j], frac[1, j], frac[2, j]
                     v = values[n, keep[m]]
-                    v_re = np.float64(v.real)
-                    v_im = np.float64(v.imag) * np.float64(sign[j])  # the mate's: conjugate
-                    w = weights[n, keep[m]]
+                    v_re = v.real + zero
+                    v_im = (v.imag + zero) * sign[j]  # the mate's: conjugate
+                    w = weights[n, keep[m]] + zero
                     for dz in range(2):
                         gz = fz if dz else one - fz
                         for dy in range(2):
                             gzy = gz * (fy if dy else one - fy)
                             b = base[j] + np.uintp(dz) * sz + np.uintp(dy) * sy
                             for dx in range(2):
-                                t = np.float64(gzy * (fx if dx else one - fx))
-                                data[b + np.uintp(dx)] += complex(t * v_re, t * v_im)
-                                weight[b + np.uintp(dx)] += t * w
+                                t = gzy * (fx if dx else one - fx) + zero
+                                i = b + np.uintp(dx)
+                                data[two * i] += t * v_re
+                                data[two * i + np.uintp(1)] += t * v_im
+                                weight[i] += t * w
 
 
 def insert_slices_host(
@@ -293,15 +301,18 @@ def insert_slices_host(
 ) -> None:
     """Trilinear scatter-add of slices into half-cube accumulators, on the host, in place.
 
-    data_acc: complex128 and weight_acc: float64 (D, D, R + 2) C-contiguous; rotations
-    (n, 3, 3) float64; coords (Mi, 2) (ky, kx) float64 of the points to insert, at
-    columns ``keep`` (Mi,) of values (n, M) complex and weights (n, M) float64 (any
-    strides, broadcast views too).
+    data_acc: complex128 and weight_acc: float64, or complex64 and float32 (the
+    products and sums are then made in single precision), (D, D, R + 2) C-contiguous;
+    rotations (n, 3, 3) float64; coords (Mi, 2) (ky, kx) float64 of the points to
+    insert, at columns ``keep`` (Mi,) of values (n, M) complex and weights (n, M) real
+    (any strides, broadcast views too).
     """
+    if data_acc.dtype != np.result_type(weight_acc.dtype, np.complex64):
+        raise TypeError(f"accumulators of {data_acc.dtype} and {weight_acc.dtype}")
     kx, ky, columns = _raster(coords, keep)
     rows = _rotation_rows(rotations, padding_factor)
     _insert(
-        data_acc,
+        data_acc.view(weight_acc.dtype),
         weight_acc,
         rows,
         kx,

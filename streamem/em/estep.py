@@ -316,7 +316,9 @@ def expectation(
     grid_shape = half_cube_shape(
         padded_radius(model.max_radius_px, model.projectors[0].padding_factor)
     )
-    stats = SufficientStatistics.empty(grid_shape, len(model.optics), model.n_shells, K)
+    stats = SufficientStatistics.empty(
+        grid_shape, len(model.optics), model.n_shells, K, single=True
+    )
     result = ChunkResult(*(np.zeros(n) for _ in range(9)))
     groups = np.asarray(metadata.get("rlnOpticsGroup", np.ones(n)), np.int64) - 1
     halves = _halves(metadata, n)

@@ -315,11 +315,11 @@ def resident_bytes(
     n_chunk_images: int, box_size: int, accumulator_voxels: int, n_accumulators: int
 ) -> int:
     """What a task holds whatever its sub-batch: the chunk's images (float32), its
-    accumulators (complex128 data + float64 weight per voxel) and their single-precision
-    copy for the result (:meth:`SufficientStatistics.compact`; counted for the whole
-    cube, an upper bound: the packed copy holds about half the voxels)."""
+    accumulators (complex64 data + float32 weight per voxel) and their packed copy for
+    the result (:meth:`SufficientStatistics.compact`; counted for the whole cube, an
+    upper bound: the packed copy holds about half the voxels)."""
     return n_chunk_images * box_size * box_size * 4 + n_accumulators * accumulator_voxels * (
-        24 + 12
+        12 + 12
     )
 
 

@@ -5,16 +5,18 @@ reduction tree's shape (chunking, number of workers) does not change the result
 beyond float rounding. The M-step normalises once at the end.
 
 Precision and size: an E-step task accumulates its back-projections in
-complex128/float64 (the trilinear scatter-add needs them), then hands back
-:meth:`compact` statistics: complex64/float32 accumulators holding only the voxels
-that insertion can reach (:func:`streamem.core.projector.half_cube_reach`, 53% of the
-half cube). At box 128 (2x-padded half cube of radius 126, both halves) a task's
-result is then 106 MB instead of 200 MB (single precision, whole cube) or 400 MB
-(double), and the reduction holds a few of them per worker (``split_every`` per
-node, a node per tree level waiting). Single precision keeps ~7 significant digits
-of each voxel's sum, far below the noise of any reconstruction (the maps from
-float32- and float64-reduced statistics agree to ~1e-6 relative,
-tests/test_estep_batching.py); the M-step gets the whole cube back
+complex64/float32 (``empty(..., single=True)``: RELION's GPU back-projector sums in
+single precision too), then hands back :meth:`compact` statistics: accumulators
+holding only the voxels that insertion can reach
+(:func:`streamem.core.projector.half_cube_reach`, 53% of the half cube). At box 128
+(2x-padded half cube of radius 126, both halves) a task's accumulators are 200 MB
+(400 MB in double precision) and its result 106 MB, and the reduction holds a few
+results per worker (``split_every`` per node, a node per tree level waiting). A
+voxel's sum gets ~10² insertions per task; in single precision it agrees with the
+double-precision sum to ~1e-6 of the largest voxel (``tests/test_statistics.py``),
+far below the noise of any reconstruction, and single-precision insertion moves half
+the bytes (``streamem bench backproject``: ~0.75 of the time at box 128). The
+reduction adds packed float32 results; the M-step gets the whole cube back
 (:meth:`expanded`) and works in double precision on its copy.
 """
 
@@ -73,11 +75,15 @@ class SufficientStatistics:
     grid_shape: tuple[int, int, int] | None = None
 
     @classmethod
-    def empty(cls, grid_shape, n_optics_groups: int, n_shells: int, n_classes: int = 1):
-        """Zero sums with 2K accumulators: class k, half h at index 2k + h."""
+    def empty(cls, grid_shape, n_optics_groups: int, n_shells: int, n_classes: int = 1,
+              single: bool = False):  # fmt: skip
+        """Zero sums with 2K accumulators: class k, half h at index 2k + h;
+        complex64/float32 ones with ``single`` (module docstring)."""
         return cls(
-            data_acc=np.zeros((2 * n_classes, *grid_shape), np.complex128),
-            weight_acc=np.zeros((2 * n_classes, *grid_shape), np.float64),
+            data_acc=np.zeros(
+                (2 * n_classes, *grid_shape), np.complex64 if single else np.complex128
+            ),
+            weight_acc=np.zeros((2 * n_classes, *grid_shape), np.float32 if single else np.float64),
             noise_power=np.zeros((n_optics_groups, n_shells)),
             noise_count=np.zeros((n_optics_groups, n_shells)),
             class_weight=np.zeros(n_classes),
