@@ -135,8 +135,8 @@ def test_phase_timer_is_exclusive_and_sums():
 
 @pytest.mark.parametrize("waste", [1, 3, 10**6])
 def test_local_score_groups_of_any_size_give_the_per_image_statistics(data, waste, monkeypatch):
-    """One dense GEMM per group against its union (groups of one image, a few, or the
-    whole part without a gather) scores each image as the per-image loop does."""
+    """One dense GEMM per group against a run of the union's rows (groups of one image,
+    a few, or the whole part) scores each image as the per-image loop does."""
     from streamem.em import coarse_pass
 
     images, metadata, model, truth = data
@@ -156,27 +156,39 @@ def test_local_score_groups_of_any_size_give_the_per_image_statistics(data, wast
     for f in ("rot", "tilt", "psi", "origin_x_A", "origin_y_A", "n_significant"):
         np.testing.assert_array_equal(getattr(r_old, f), getattr(r_new, f), err_msg=f)
     sizes = [g.stop - g.start for g, _ in seen]
-    if waste == 1:  # a union never exceeds one image's count: groups of one image mostly
-        assert max(sizes) <= 2 and all(u is not None for _, u in seen)
-    if waste == 10**6:  # every part is one group, scored without a gather
-        assert all(u is None for _, u in seen)
+    if waste == 1:  # a run never exceeds one image's count: groups of one image mostly
+        assert max(sizes) <= 2
+        assert any(not isinstance(r, range) for _, r in seen)  # some gathered alone
+    if waste == 10**6:  # every part is one group, scored on a run (a view) of the union
+        assert all(isinstance(r, range) for _, r in seen) and len(seen) == 2  # two halves
 
 
 def test_local_score_groups_cover_the_part_in_order_and_hold_each_images_rows():
-    from streamem.em.coarse_pass import local_score_groups
+    from streamem.em.coarse_pass import LOCAL_GROUP_WASTE, local_score_groups
 
     rng = np.random.default_rng(3)
-    own = [np.unique(rng.integers(0, 400, rng.integers(20, 40))) for _ in range(30)]
-    groups = list(local_score_groups(own, 400, 2, 9, 100))
+    # first-met order: an image's rows mostly its own run, some met before (shared)
+    own, first = [], 0
+    for _ in range(30):
+        c = int(rng.integers(20, 40))
+        shared = rng.integers(max(0, first - 4), first, 3) if first else np.zeros(0, int)
+        own.append(np.unique(np.concatenate([np.arange(first, first + c), shared])))
+        first += c
+    own[7] = np.unique(np.concatenate([own[7], [0]]))  # one image spread wide
+    groups = list(local_score_groups(own, first, 2, 9, 100))
     assert groups[0][0].start == 0 and groups[-1][0].stop == 30
     for (a, _), (b, _) in zip(groups, groups[1:], strict=False):
         assert a.stop == b.start
-    for sl, union in groups:
-        assert union is not None and np.all(np.diff(union) > 0)
+    assert any(g.stop - g.start > 1 for g, _ in groups)
+    for sl, rows in groups:
         c = max(own[i].size for i in range(sl.start, sl.stop))
-        assert union.size <= 8 * c or sl.stop - sl.start == 1
-        for i in range(sl.start, sl.stop):
-            assert np.isin(own[i], union).all()
+        if isinstance(rows, range):
+            assert len(rows) <= LOCAL_GROUP_WASTE * c
+            for i in range(sl.start, sl.stop):
+                assert rows.start <= own[i].min() and own[i].max() < rows.stop
+        else:  # one image, gathered: its own rows
+            assert sl.stop - sl.start == 1 and sl.start == 7
+            np.testing.assert_array_equal(rows, own[7])
 
 
 def test_prepass_candidates_are_the_children_of_significant_coarser_orientations(data, monkeypatch):

@@ -4,12 +4,12 @@ of a part (pure functions over arrays, no I/O).
 Global searches score the whole part against the K classes' HEALPix grids in one GEMM
 ((images·translations) × 2Mc) @ (2Mc × K·J). Local searches score each image against
 the grid points within 3σ of its previous pose: the union of the part's candidates is
-projected once, then groups of neighbouring images are scored by one dense GEMM each
-against the group's union of candidates, ((g·T) × 2Mc) @ (2Mc × K·U), and each image's
-own columns are taken from it (padding −inf). The union holds rows an image does not
-need (at most :data:`LOCAL_GROUP_WASTE` times its own), but the GEMM runs at BLAS
-speed: the padded gather-GEMM it replaces (each image's rows gathered, then a batched
-GEMM of T rows per image) ran at about a tenth of it at box 128.
+projected once (in the order the images first meet them), then groups of neighbouring
+images are scored by one dense GEMM each against a run of the union's rows holding the
+group's candidates, ((g·T) × 2Mc) @ (2Mc × K·U), read in place, and each image's own
+columns are taken from it (padding −inf). The run holds rows an image does not need
+(at most :data:`LOCAL_GROUP_WASTE` times its own); an image whose candidates spread
+wider is scored alone against its own rows, gathered.
 
 Significance (:func:`significant_pairs`) is RELION's rule of
 :func:`streamem.em.significance.significant_class_pairs`, vectorised over the images
@@ -234,14 +234,21 @@ def _local_scores(Xs, cw, ref_c, S, own, ang_c, part, model, offset_prior, stats
     lhs = stacked_real(Xs * cw[:, None, :])  # (n, T, 2Mc): Re Σ conj(Xs)·cw·A = lhs · rhs
     rhs = stacked_real(ref_c)  # (K·J, 2Mc) float32 (complex64 slices)
     out = np.empty((n, T, K * c_max))
-    for sl, union in local_score_groups(own, J, K, T, Mc):
+    for sl, rows_g in local_score_groups(own, J, K, T, Mc):
         m = sl.stop - sl.start
-        if union is None:  # the whole part: its union is every row of rhs
-            A, cols = rhs, rows[sl]
-        else:
-            U = union.size
-            A = xp.take(rhs, xp.asarray((np.arange(K)[:, None] * J + union).ravel()), axis=0)
-            cols = (classes * U + np.searchsorted(union, own_pad[sl])[:, None, :]).reshape(m, -1)
+        if isinstance(rows_g, range):  # a run of the union's rows: a view when K = 1
+            lo, U = rows_g.start, len(rows_g)
+            if K == 1:
+                A = rhs[lo : lo + U, ...]
+            else:
+                run = (np.arange(K)[:, None] * J + np.arange(lo, lo + U)).ravel()
+                A = xp.take(rhs, xp.asarray(run), axis=0)
+            pos = own_pad[sl] - lo
+        else:  # one image's own rows, gathered
+            U = rows_g.size
+            A = xp.take(rhs, xp.asarray((np.arange(K)[:, None] * J + rows_g).ravel()), axis=0)
+            pos = np.searchsorted(rows_g, own_pad[sl])
+        cols = (classes * U + pos[:, None, :]).reshape(m, -1)
         # (K·U, 2Mc) @ (2Mc, m·T): the long dimension first runs BLAS fastest (measured)
         C = xp.matmul(A, xp.reshape(lhs[sl, ...], (m * T, 2 * Mc)).mT)
         del A
@@ -250,7 +257,7 @@ def _local_scores(Xs, cw, ref_c, S, own, ang_c, part, model, offset_prior, stats
         C = xp.take_along_axis(C, idx, axis=2)  # (m, T, K·c_max): each image's own rows
         S_g = xp.take_along_axis(S[sl, ...], xp.asarray(rows[sl]), axis=1)  # (m, K·c_max)
         out[sl] = to_numpy(log_likelihood(C, S_g[:, None, :], 0.0, model.scale_free))
-        stats.coarse_flops += gemm_flops(m * T, 2 * Mc, K * (J if union is None else U))
+        stats.coarse_flops += gemm_flops(m * T, 2 * Mc, K * U)
     # same sums, same order as the per-image loop: ((loglik + offset) + angular) + class
     out = out.reshape(n, T, K, c_max)
     out += offset_prior[:, :, None, None]
@@ -261,32 +268,36 @@ def _local_scores(Xs, cw, ref_c, S, own, ang_c, part, model, offset_prior, stats
 
 
 def local_score_groups(own, J: int, K: int, T: int, Mc: int):
-    """Groups of consecutive images (the part is in neighbourhood order) that one dense
-    GEMM scores against their union of candidates.
+    """Groups of consecutive images that one dense GEMM scores against a run of the
+    part's union of candidates.
 
-    own: per image its candidates' rows in the part's union (J rows per class). Yields
-    (slice of images, sorted union rows (U,) or None for all J). A group grows while
-    its union is at most :data:`LOCAL_GROUP_WASTE` times its largest image's count and
-    its gathered operand (K·U × 2Mc float32) and scores (m·T × K·U float32) stay within
-    ``LOCAL_GATHER_BYTES``; the whole part is one group, without a gather, when its
-    union passes the first test.
+    The part is in neighbourhood order and its union in first-met order, so an image's
+    candidates sit in a short run of union rows, mostly its own. own: per image its
+    candidates' rows in the union (J rows per class). Yields (slice of images, rows):
+    ``range(lo, hi)``, a run of rows (in each class's block of J) holding the group's
+    candidates, at most :data:`LOCAL_GROUP_WASTE` times its largest image's count, its
+    scores (m·T × K·U float32) and any gathered operand (K·U × 2Mc) within
+    ``LOCAL_GATHER_BYTES``; or, for one image whose candidates spread wider than that,
+    its sorted rows (gathered).
     """
-    n = len(own)
-    c_max = max(o.size for o in own)
-    if J <= LOCAL_GROUP_WASTE * c_max:
-        yield slice(0, n), None
-        return
-    start, union = 0, own[0]
-    for i in range(1, n):
-        grown = np.union1d(union, own[i])
-        c = max(o.size for o in own[start : i + 1])
-        size = K * grown.size * 4 * max(2 * Mc, (i + 1 - start) * T)
-        if grown.size <= LOCAL_GROUP_WASTE * c and size <= LOCAL_GATHER_BYTES:
-            union = grown
+    lo_i = [int(o.min()) for o in own]
+    hi_i = [int(o.max()) + 1 for o in own]
+    start, lo, hi, c = 0, lo_i[0], hi_i[0], own[0].size
+    for i in range(1, len(own)):
+        new_lo, new_hi, new_c = min(lo, lo_i[i]), max(hi, hi_i[i]), max(c, own[i].size)
+        size = K * (new_hi - new_lo) * 4 * max(2 * Mc, (i + 1 - start) * T)
+        if new_hi - new_lo <= LOCAL_GROUP_WASTE * new_c and size <= LOCAL_GATHER_BYTES:
+            lo, hi, c = new_lo, new_hi, new_c
             continue
-        yield slice(start, i), np.unique(union)
-        start, union = i, own[i]
-    yield slice(start, n), np.unique(union)
+        yield _score_group(own, start, i, lo, hi, c)
+        start, lo, hi, c = i, lo_i[i], hi_i[i], own[i].size
+    yield _score_group(own, start, len(own), lo, hi, c)
+
+
+def _score_group(own, start: int, stop: int, lo: int, hi: int, c: int):
+    if hi - lo <= LOCAL_GROUP_WASTE * c:
+        return slice(start, stop), range(lo, hi)
+    return slice(start, stop), np.unique(own[start])  # one image (groups grow within the bound)
 
 
 def _local_scores_loop(Xs, cw, ref_c, S, own, ang_c, part, model, offset_prior, stats):

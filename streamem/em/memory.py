@@ -118,12 +118,11 @@ def estep_stage_bytes(shape: EStepShape, n_images: int) -> dict[str, int]:
     ranking = min(SIGNIFICANCE_BLOCK_BYTES, n * T * per_image_j * 40)
     if s.local:  # host float64 log-posteriors (n, T, K, c) and one group's gathered slices
         scores += n * T * per_image_j * 8
-        # one score group: its gathered union and dense scores (each within the bound),
-        # or the whole part's dense scores, U ≤ LOCAL_GROUP_WASTE × an image's count
-        one_image = per_image_j * (2 * Mc + 2 * T) * 4  # one image runs alone
+        # one score group: its gathered run of rows (K > 1) and dense scores (each within
+        # the bound), or one image's gathered rows and scores
+        one_image = per_image_j * (2 * Mc + 2 * T) * 4
         grouped = min(2 * LOCAL_GATHER_BYTES, n * per_image_j * (2 * Mc + T) * 4)
-        whole = n * T * (min(KJ, LOCAL_GROUP_WASTE * per_image_j) + per_image_j) * 4
-        gather = max(one_image, grouped, whole)
+        gather = max(one_image, grouped)
     else:
         gather = 0
     coarse = resident + refs + n * T * Mc * 32 + scores + gather + T * per_image_j * 24
@@ -152,11 +151,15 @@ def estep_stage_bytes(shape: EStepShape, n_images: int) -> dict[str, int]:
 #: the batched significance.
 LOCAL_GATHER_BYTES = 32 * 2**20
 
-#: How many times an image's own candidates a local score group's union may hold
-#: (:func:`streamem.em.coarse_pass.local_score_groups`): a dense GEMM against the union
-#: scores rows an image does not need, but runs at BLAS speed, where a gather-GEMM per
-#: image ran at about a tenth of it (box 128, order 4, measured).
-LOCAL_GROUP_WASTE = 8
+#: How many times its largest image's count of candidates a local score group's run of
+#: union rows may hold (:func:`streamem.em.coarse_pass.local_score_groups`): a dense
+#: GEMM against the run scores rows an image does not need but reads the slices in
+#: place. At the first local order (7.5° coarse, no pre-pass) an image's ~560 candidates
+#: are nearly all its own rows: on 300 images of that iteration of ``bench
+#: refine-phases`` (its model and poses, one thread) 2 (pairs of images) ran the coarse
+#: GEMMs in 1.13 s (43 GFLOP), 4 in 1.53 s, and the union-gather groups of up to 8x
+#: this replaces in 2.58 s (194 GFLOP); the poses were the same.
+LOCAL_GROUP_WASTE = 2
 SIGNIFICANCE_BLOCK_BYTES = 32 * 2**20
 
 #: Upper bound of one padded group of the batched fine pass (bytes): a group's
