@@ -2,10 +2,11 @@
 
 Sub-batching must not change the result: every image's posterior is computed from
 the same numbers whatever the sub-batch, so the per-particle results are identical,
-and the statistics differ only by the order of the float64 sums inside a task
-(~1e-16 relative) before they are rounded to float32 for the reduction. The
-tolerance is therefore a few float32 units in the last place of the largest value
-(1e-6 relative to the array's largest magnitude). class2d's statistics stay float64,
+and the statistics differ only by the order of the sums inside a task (the
+accumulators are float32, the other sums float64). The tolerance is therefore a few
+float32 units in the last place of the largest value (1e-6 relative to the array's
+largest magnitude); the same bound holds between single- and double-precision
+accumulators. class2d's statistics stay float64,
 but its cross terms are one float32 GEMM over the sub-batch's rows, whose rounding
 depends on how BLAS blocks the rows: its posteriors and sums agree to float32
 rounding (1e-5 relative) and its poses and classes exactly.
@@ -95,6 +96,27 @@ def test_refine3d_sub_batches_give_the_statistics_of_one_batch(data, local_sigma
     assert batch_size(model, shape, N, one[0].data_acc.size)[0] == N  # plenty: one batch
     sub = _sub_batched(model, shape, images, metadata, one[0].data_acc.size)
     _assert_same(one, expectation(images, metadata, sub))
+
+
+def test_single_precision_accumulators_give_the_double_precision_statistics(data, monkeypatch):
+    """The E-step's float32 accumulators: the poses are the same (they do not depend
+    on the sums) and the statistics those of float64 accumulators to 2e-6 of the
+    largest voxel."""
+    from streamem.em import estep
+    from streamem.em.statistics import SufficientStatistics
+
+    store, images, metadata, truth = data
+    model = _model(store, images, truth, 11.25)
+    single = expectation(images, metadata, model)
+    assert single[0].data_acc.dtype == np.complex64
+    empty = SufficientStatistics.empty
+    monkeypatch.setattr(
+        estep.SufficientStatistics,
+        "empty",
+        lambda *a, single=False: empty(*a, single=False),
+    )
+    double = expectation(images, metadata, model)
+    _assert_same(double, single, stats_rtol=2e-6)
 
 
 def test_class3d_sub_batches_give_the_statistics_of_one_batch(data):

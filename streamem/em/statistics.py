@@ -4,19 +4,20 @@ Everything here is an unnormalised sum, so ``a + b`` is associative and the
 reduction tree's shape (chunking, number of workers) does not change the result
 beyond float rounding. The M-step normalises once at the end.
 
-Precision and size: an E-step task accumulates its back-projections in
-complex64/float32 (``empty(..., single=True)``: RELION's GPU back-projector sums in
-single precision too), then hands back :meth:`compact` statistics: accumulators
-holding only the voxels that insertion can reach
+Precision and size: an E-step task accumulates its back-projections in complex64/float32
+(``empty(..., single=True)``; RELION's accelerated back-projector sums in its XFLOAT,
+single precision in its default build), then hands back :meth:`compact` statistics:
+accumulators holding only the voxels that insertion can reach
 (:func:`streamem.core.projector.half_cube_reach`, 53% of the half cube). At box 128
-(2x-padded half cube of radius 126, both halves) a task's accumulators are 200 MB
-(400 MB in double precision) and its result 106 MB, and the reduction holds a few
-results per worker (``split_every`` per node, a node per tree level waiting). A
-voxel's sum gets ~10² insertions per task; in single precision it agrees with the
-double-precision sum to ~1e-6 of the largest voxel (``tests/test_statistics.py``),
-far below the noise of any reconstruction, and single-precision insertion moves half
-the bytes (``streamem bench backproject``: ~0.75 of the time at box 128). The
-reduction adds packed float32 results; the M-step gets the whole cube back
+(2x-padded half cube of radius 126, both halves) a task's accumulators are 200 MB (400
+MB in double precision) and its result 106 MB, and the reduction holds a few results per
+worker (``split_every`` per node, a node per tree level waiting). A voxel's sum gets
+tens of insertions per task (thousands at the lowest frequencies, which every slice
+crosses); in single precision it agrees with the double-precision sum to ~1e-6 of the
+largest voxel (``tests/test_slice_kernel.py``, ``tests/test_estep_batching.py``), far
+below the noise of any reconstruction, and single-precision insertion moves half the
+bytes (``streamem bench project --local``: ~0.75 of the double-precision time at box
+128). The reduction adds packed float32 results; the M-step gets the whole cube back
 (:meth:`expanded`) and works in double precision on its copy.
 """
 
