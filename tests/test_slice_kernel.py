@@ -141,6 +141,8 @@ def test_single_precision_insertion_agrees_with_double():
         err_d, err_w = np.abs(d - d64).max() / scale_d, np.abs(w - w64).max() / scale_w
         assert 0 < err_w < 2e-6 and err_d < 2e-6  # single precision, not a double sum cast
     assert np.abs(d32 - d64.astype(np.complex64)).max() > 0
+    with pytest.raises(ValueError, match="accumulators of complex128 and float32"):
+        insert_points(d64, w32, rot, coords, values, weights)
 
 
 def test_numpy_insertion_runs_the_host_kernel(monkeypatch):

@@ -151,6 +151,9 @@ def insert_points(
     R = radius_of_half_cube(data_acc.shape)
     if data_acc.shape != weight_acc.shape or data_acc.shape != half_cube_shape(R):
         raise ValueError(f"accumulator shapes {data_acc.shape}, {weight_acc.shape} do not match")
+    expected = (xp.complex64, xp.float32) if single else (xp.complex128, xp.float64)
+    if (data_acc.dtype, weight_acc.dtype) != expected:
+        raise ValueError(f"accumulators of {data_acc.dtype} and {weight_acc.dtype}")
     native = has_numpy_api(xp)
     if native and not (data_acc.flags.c_contiguous and weight_acc.flags.c_contiguous):
         # the flat views below would silently be copies
