@@ -16,8 +16,10 @@ tens of insertions per task (thousands at the lowest frequencies, which every sl
 crosses); in single precision it agrees with the double-precision sum to ~1e-6 of the
 largest voxel (``tests/test_slice_kernel.py``, ``tests/test_estep_batching.py``), far
 below the noise of any reconstruction, and single-precision insertion moves half the
-bytes (``streamem bench project --local``: ~0.75 of the double-precision time at box
-128). The reduction adds packed float32 results; the M-step gets the whole cube back
+bytes: ``streamem bench project --local``, one process alone, 0.85 of the
+double-precision time at the default block; in ``streamem bench refine-phases`` (two
+workers sharing the caches) the 0.94° back-projection went from 68-72 to 49-53 ns per
+point. The reduction adds packed float32 results; the M-step gets the whole cube back
 (:meth:`expanded`) and works in double precision on its copy.
 """
 
