@@ -1,6 +1,7 @@
 """The host kernels of central slices (:mod:`streamem.core.slice_kernel`) give what the
 array-API formulations give: :func:`project_points` value for value, and
-:func:`insert_points` to float64 rounding (its sums run in another order). The same
+:func:`insert_points` to the accumulators' rounding (its sums run in another order;
+double precision, or single as the E-step's). The same
 inputs through ``array_api_strict`` (which takes the array-API path) are the reference."""
 
 import dataclasses

@@ -82,6 +82,13 @@ from streamem.core.projector import (
 from streamem.core.slice_kernel import insert_slices_host
 
 
+def accumulator_dtypes(single: bool = False, xp=np) -> tuple:
+    """(data, weight) dtypes of back-projection accumulators: complex128/float64, or
+    complex64/float32 with ``single`` (the E-step's, whose sums are then made in single
+    precision)."""
+    return (xp.complex64, xp.float32) if single else (xp.complex128, xp.float64)
+
+
 def empty_accumulators(
     box_size: int,
     padding_factor: int = 2,
@@ -89,17 +96,16 @@ def empty_accumulators(
     max_radius_px: float | None = None,
     single: bool = False,
 ):
-    """Zeroed ``(data complex128, weight float64)`` half cubes for back-projection
-    (complex64, float32 with ``single``).
+    """Zeroed ``(data, weight)`` half cubes for back-projection, of
+    :func:`accumulator_dtypes`.
 
     ``max_radius_px`` (B-box Fourier pixels, default ``B // 2``) bounds what can be
     inserted; a smaller radius gives smaller arrays.
     """
     r_max = box_size // 2 if max_radius_px is None else min(float(max_radius_px), box_size / 2)
     shape = half_cube_shape(padded_radius(r_max, padding_factor))
-    if single:
-        return xp.zeros(shape, dtype=xp.complex64), xp.zeros(shape, dtype=xp.float32)
-    return xp.zeros(shape, dtype=xp.complex128), xp.zeros(shape, dtype=xp.float64)
+    data_dtype, weight_dtype = accumulator_dtypes(single, xp)
+    return xp.zeros(shape, dtype=data_dtype), xp.zeros(shape, dtype=weight_dtype)
 
 
 def insert_points(
@@ -130,9 +136,9 @@ def insert_points(
     :func:`streamem.core.projector.project_points` on the kept points. Runs in the
     namespace of the accumulators (the other inputs are moved there); scatter-adds
     go through :func:`streamem.core.backend.add_at` (in place on NumPy and CuPy; on
-    other namespaces the accumulators are rewritten once at the end). Accumulators
-    are complex128/float64 or complex64/float32 (the sums then in single precision);
-    on NumPy the compiled host kernel fills them
+    other namespaces the accumulators are rewritten once at the end). The accumulators
+    are a pair of :func:`accumulator_dtypes` (a mixed pair is refused); on NumPy the
+    compiled host kernel fills them
     (:mod:`streamem.core.slice_kernel`, the same sums in another order;
     ``host_kernel=False`` runs the array-API path instead, for benchmarks and tests).
     """
@@ -142,8 +148,11 @@ def insert_points(
         rotations = rotations[None, ...]
     coords = asarray_like(coords, data_acc, xp.float64)
     single = data_acc.dtype == xp.complex64  # then the products in single precision too
-    values = asarray_like(values, data_acc, xp.complex64 if single else None)
-    weights = asarray_like(weights, data_acc, xp.float32 if single else xp.float64)
+    expected = accumulator_dtypes(single, xp)
+    if (data_acc.dtype, weight_acc.dtype) != expected:  # a mixed pair: wrong real views
+        raise ValueError(f"accumulators of {data_acc.dtype} and {weight_acc.dtype}")
+    values = asarray_like(values, data_acc, expected[0] if single else None)
+    weights = asarray_like(weights, data_acc, expected[1])
     n = rotations.shape[0]
     M = coords.shape[0]
     values = xp.broadcast_to(values, (n, M))
@@ -151,9 +160,6 @@ def insert_points(
     R = radius_of_half_cube(data_acc.shape)
     if data_acc.shape != weight_acc.shape or data_acc.shape != half_cube_shape(R):
         raise ValueError(f"accumulator shapes {data_acc.shape}, {weight_acc.shape} do not match")
-    expected = (xp.complex64, xp.float32) if single else (xp.complex128, xp.float64)
-    if (data_acc.dtype, weight_acc.dtype) != expected:
-        raise ValueError(f"accumulators of {data_acc.dtype} and {weight_acc.dtype}")
     native = has_numpy_api(xp)
     if native and not (data_acc.flags.c_contiguous and weight_acc.flags.c_contiguous):
         # the flat views below would silently be copies
@@ -166,7 +172,7 @@ def insert_points(
     sub = take_rows(coords, keep_idx)
     Mi = sub.shape[0]
     host = host_kernel and isinstance(data_acc, np.ndarray) and isinstance(weight_acc, np.ndarray)
-    if host and weight_acc.dtype == (np.float32 if single else np.float64):
+    if host:
         # C-contiguous (checked above): the kernel writes through flat views
         insert_slices_host(data_acc, weight_acc, rotations, sub, keep_idx, values, weights,
                            padding_factor, R)  # fmt: skip

@@ -301,14 +301,13 @@ def insert_slices_host(
 ) -> None:
     """Trilinear scatter-add of slices into half-cube accumulators, on the host, in place.
 
-    data_acc: complex128 and weight_acc: float64, or complex64 and float32 (the
-    products and sums are then made in single precision), (D, D, R + 2) C-contiguous;
+    data_acc, weight_acc: a pair of
+    :func:`~streamem.core.backprojector.accumulator_dtypes` (complex64/float32: the
+    products and sums are made in single precision), (D, D, R + 2) C-contiguous;
     rotations (n, 3, 3) float64; coords (Mi, 2) (ky, kx) float64 of the points to
     insert, at columns ``keep`` (Mi,) of values (n, M) complex and weights (n, M) real
     (any strides, broadcast views too).
     """
-    if data_acc.dtype != np.result_type(weight_acc.dtype, np.complex64):
-        raise TypeError(f"accumulators of {data_acc.dtype} and {weight_acc.dtype}")
     kx, ky, columns = _raster(coords, keep)
     rows = _rotation_rows(rotations, padding_factor)
     _insert(

@@ -236,19 +236,13 @@ def _local_scores(Xs, cw, ref_c, S, own, ang_c, part, model, offset_prior, stats
     out = np.empty((n, T, K * c_max))
     for sl, rows_g in local_score_groups(own, J, K, T, Mc):
         m = sl.stop - sl.start
-        if isinstance(rows_g, range):  # a run of the union's rows: a view when K = 1
-            lo, U = rows_g.start, len(rows_g)
-            if K == 1:
-                A = rhs[lo : lo + U, ...]
-            else:
-                run = (np.arange(K)[:, None] * J + np.arange(lo, lo + U)).ravel()
-                A = xp.take(rhs, xp.asarray(run), axis=0)
-            pos = own_pad[sl] - lo
-        else:  # one image's own rows, gathered
-            U = rows_g.size
-            A = xp.take(rhs, xp.asarray((np.arange(K)[:, None] * J + rows_g).ravel()), axis=0)
-            pos = np.searchsorted(rows_g, own_pad[sl])
-        cols = (classes * U + pos[:, None, :]).reshape(m, -1)
+        union_g = np.asarray(rows_g)  # sorted rows of each class's block of J
+        U = union_g.size
+        if K == 1 and isinstance(rows_g, range):  # a run of the union: read in place
+            A = rhs[rows_g.start : rows_g.stop, ...]
+        else:
+            A = xp.take(rhs, xp.asarray((np.arange(K)[:, None] * J + union_g).ravel()), axis=0)
+        cols = (classes * U + np.searchsorted(union_g, own_pad[sl])[:, None, :]).reshape(m, -1)
         # (K·U, 2Mc) @ (2Mc, m·T): the long dimension first runs BLAS fastest (measured)
         C = xp.matmul(A, xp.reshape(lhs[sl, ...], (m * T, 2 * Mc)).mT)
         del A

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
+from streamem.core.backprojector import accumulator_dtypes
 from streamem.core.projector import half_cube_reach
 from streamem.em.phases import add_seconds
 
@@ -82,11 +83,10 @@ class SufficientStatistics:
               single: bool = False):  # fmt: skip
         """Zero sums with 2K accumulators: class k, half h at index 2k + h;
         complex64/float32 ones with ``single`` (module docstring)."""
+        data_dtype, weight_dtype = accumulator_dtypes(single)
         return cls(
-            data_acc=np.zeros(
-                (2 * n_classes, *grid_shape), np.complex64 if single else np.complex128
-            ),
-            weight_acc=np.zeros((2 * n_classes, *grid_shape), np.float32 if single else np.float64),
+            data_acc=np.zeros((2 * n_classes, *grid_shape), data_dtype),
+            weight_acc=np.zeros((2 * n_classes, *grid_shape), weight_dtype),
             noise_power=np.zeros((n_optics_groups, n_shells)),
             noise_count=np.zeros((n_optics_groups, n_shells)),
             class_weight=np.zeros(n_classes),
