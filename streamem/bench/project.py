@@ -168,17 +168,20 @@ LOCAL_BLOCKS = (1, 16, 64, 256, None)
 
 
 def measure_local_blocks(box: int = 128, n_images: int = 128, per_image: int = 64,
-                         sigma_deg: float = 2.5, repeats: int = 3) -> list[dict]:  # fmt: skip
+                         sigma_deg: float = 2.5, repeats: int = 3, blocks=LOCAL_BLOCKS,
+                         order: str = "estep") -> list[dict]:  # fmt: skip
     """ns per point of the host kernels by slice block (``--local``); one dict per block
-    (``block`` None: the whole call)."""
+    (``block`` None: the whole call). order: the points in the E-step's order ("estep":
+    raster order within the bands of a coarse cut at half the radius) or by radius."""
     from streamem.core import slice_kernel
     from streamem.core.euler import euler_to_matrix
-    from streamem.core.fourier import image_fourier_coords
     from streamem.core.projector import half_cube_shape, padded_radius
+    from streamem.em.fourier_points import half_plane_points
 
     rng = np.random.default_rng(0)
     radius_px = round(0.36 * box)
-    coords, _ = image_fourier_coords(box, radius_px)
+    cuts = (radius_px / 2,) if order == "estep" else None
+    coords, _, _ = half_plane_points(box, radius_px, cuts=cuts)
     M, R = coords.shape[0], padded_radius(radius_px, 2)
     shape = half_cube_shape(R)
     data = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
@@ -196,13 +199,13 @@ def measure_local_blocks(box: int = 128, n_images: int = 128, per_image: int = 6
     double = np.zeros(shape, np.complex128), np.zeros(shape)
     single = np.zeros(shape, np.complex64), np.zeros(shape, np.float32)  # the E-step's
     rows = []
-    for block in LOCAL_BLOCKS:
+    for block in blocks:
         b = n if block is None else block
         proj_s = _best(
             lambda b=b: slice_kernel.project_slices_host(data, rot, coords, columns, 2, R, out, b),
             repeats, lambda: None,
         )  # fmt: skip
-        row = {"block": block, "slices": n, "points_per_slice": int(M),
+        row = {"block": block, "order": order, "slices": n, "points_per_slice": int(M),
                "project_ns_per_point": proj_s / (n * M) * 1e9}  # fmt: skip
         for key, (acc, acc_w) in (("insert", double), ("insert_single", single)):
             ins_s = _best(
@@ -226,15 +229,34 @@ def print_local_blocks(rows: list[dict], box: int) -> None:
           f"{'single':>7} {'single/double':>13}")  # fmt: skip
     for r in rows:
         label = "whole call" if r["block"] is None else str(r["block"])
+        if r.get("order", "estep") != "estep":
+            label += " by radius"
         ins, ins1 = r["insert_ns_per_point"], r["insert_single_ns_per_point"]
         print(f"{label:>12} {r['project_ns_per_point']:>14.1f} {ins:>13.1f} {ins1:>7.1f} "
               f"{ins1 / ins:>13.2f}")  # fmt: skip
+    by_block = {(r["block"], r.get("order", "estep")): r for r in rows}
+    ext, ins = by_block.get((SLICE_BLOCK, "radius")), by_block.get((INSERT_SLICE_BLOCK, "radius"))
+    if (
+        ext
+        and ins
+        and (SLICE_BLOCK, "estep") in by_block
+        and (INSERT_SLICE_BLOCK, "estep") in by_block
+    ):
+        e_ext, e_ins = by_block[(SLICE_BLOCK, "estep")], by_block[(INSERT_SLICE_BLOCK, "estep")]
+        print(f"E-step's point order / radius order at the default blocks: projection "
+              f"{e_ext['project_ns_per_point'] / ext['project_ns_per_point']:.2f}, single-precision "
+              f"insertion {e_ins['insert_single_ns_per_point'] / ins['insert_single_ns_per_point']:.2f}")  # fmt: skip
 
 
 def _run(which: str, args) -> int:
     if args.local:
         box = args.box[0] if args.box != list(DEFAULT_BOXES) else 128
-        print_local_blocks(measure_local_blocks(box, repeats=args.repeats), box)
+        from streamem.core.slice_kernel import INSERT_SLICE_BLOCK, SLICE_BLOCK
+
+        rows = measure_local_blocks(box, repeats=args.repeats)
+        defaults = sorted({INSERT_SLICE_BLOCK, SLICE_BLOCK})
+        rows += measure_local_blocks(box, repeats=args.repeats, blocks=defaults, order="radius")
+        print_local_blocks(rows, box)
         return 0
     main(which, args.box, args.n_slices, args.repeats, args.gpu)
     return 0

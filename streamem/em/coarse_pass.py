@@ -31,6 +31,7 @@ from streamem.core import sampling
 from streamem.core.backend import to_numpy
 from streamem.core.euler import euler_to_matrix
 from streamem.core.projector import project_points, slice_power
+from streamem.em.fourier_points import points_within
 from streamem.em.kernels import (
     coarse_log_posterior,
     cross_terms,
@@ -77,9 +78,19 @@ def project_classes(projectors, rotations, coords):
 
 
 def coarse_radius_points(coords, model) -> int:
-    """Mc: the work points within the coarse radius (a prefix: points sorted by radius)."""
-    radius = np.hypot(coords[:, 0], coords[:, 1])
-    return int(np.searchsorted(radius, model.coarse_radius_px, side="right"))
+    """Mc: the work points within the coarse radius (a prefix of ``coords``: one of
+    :func:`coarse_cuts`, or points sorted by radius)."""
+    return points_within(coords, model.coarse_radius_px)
+
+
+def coarse_cuts(model) -> tuple[float, ...]:
+    """The radii (pixels) whose points the coarse passes of ``model`` take as prefixes
+    of the E-step's points (``half_plane_points(..., cuts=)``): its own coarse radius
+    and, with a local pre-pass, the pre-pass's."""
+    cuts = [model.coarse_radius_px]
+    if model.grid.local_prepass and model.grid.healpix_order > 0:
+        cuts.append(prepass_model(model).coarse_radius_px)
+    return tuple(cuts)
 
 
 def coarse_pass(images, coords, translations, offset_prior, model, refs, part, local: bool,

@@ -64,7 +64,12 @@ from streamem.core.ctf import OpticsParams
 from streamem.core.euler import angular_distance_deg, euler_to_matrix
 from streamem.core.projector import FourierVolume, half_cube_shape, padded_radius
 from streamem.em import memory
-from streamem.em.coarse_pass import coarse_orientations, coarse_pass, coarse_radius_points
+from streamem.em.coarse_pass import (
+    coarse_cuts,
+    coarse_orientations,
+    coarse_pass,
+    coarse_radius_points,
+)
 from streamem.em.fine_pass import FineImages, fine_pass, fine_table
 from streamem.em.fixed_poses import fixed_pose_posterior
 from streamem.em.fourier_points import (
@@ -312,7 +317,9 @@ def expectation(
     pass and significance (the reference of :mod:`streamem.em.coarse_pass`).
     """
     n, B, K = images.shape[0], model.box_size, model.n_classes
-    coords, flat, shell = half_plane_points(B, model.max_radius_px)
+    # the coarse passes' points as prefixes, in raster order within the bands between
+    # their radii (the slice kernels' order: fourier_points.half_plane_points)
+    coords, flat, shell = half_plane_points(B, model.max_radius_px, cuts=coarse_cuts(model))
     grid_shape = half_cube_shape(
         padded_radius(model.max_radius_px, model.projectors[0].padding_factor)
     )
