@@ -227,11 +227,7 @@ def slice_power_host(slices: np.ndarray) -> np.ndarray:
 #: the class3d run of issue 25 paused (scratch micro-benchmark, box 128, padding 2, 400
 #: slices, ns per point, slice by slice → tiles of 2,048): random poses 154 → 133,
 #: σ 1° around one pose 83 → 64, σ 3° 95 → 67, ten clusters of 40 at σ 1° 90 → 79.
-#: With the points in the E-step's order (raster order within radius bands, 83182f8)
-#: smaller tiles hold fewer lines per slice: the same kind of scratch scan (box 128,
-#: radius 58, 128 images × 20 slices at σ 0.6°, blocks of 16, two alternated runs)
-#: gave 20.0-21.0 ns per point for tiles of 128-1,024 and 22.7-22.9 for 2,048.
-INSERT_TILE_POINTS = 512
+INSERT_TILE_POINTS = 2048
 
 #: Slices per block of the insertion (as :data:`SLICE_BLOCK`). The same bench: 57 ns
 #: per point as one block, 51-54 in blocks of 16-64 (the scattered adds gain less).
