@@ -14,8 +14,10 @@ given, 128 images at random poses, 64 slices each at σ 2.5° around its image's
 kept together, points within 0.36 of the box as at ~9.5 Å in ``bench refine-phases``),
 projected and inserted by the host kernels with the slices run in blocks of 1, 16, 64
 and 256 and as one block (the whole call), inserted into double-precision accumulators
-and into the E-step's single-precision ones. Printed: ns per point per block size, the
-ratio single/double, and the defaults (:data:`~streamem.core.slice_kernel.SLICE_BLOCK`,
+and into the E-step's single-precision ones, the points in the E-step's order (raster
+order within radius bands); at the default blocks also in plain radius order. Printed:
+ns per point per block size, the ratio single/double, the ratio of the two point
+orders, and the defaults (:data:`~streamem.core.slice_kernel.SLICE_BLOCK`,
 :data:`~streamem.core.slice_kernel.INSERT_SLICE_BLOCK`).
 """
 
@@ -229,23 +231,18 @@ def print_local_blocks(rows: list[dict], box: int) -> None:
           f"{'single':>7} {'single/double':>13}")  # fmt: skip
     for r in rows:
         label = "whole call" if r["block"] is None else str(r["block"])
-        if r.get("order", "estep") != "estep":
+        if r["order"] != "estep":
             label += " by radius"
         ins, ins1 = r["insert_ns_per_point"], r["insert_single_ns_per_point"]
         print(f"{label:>12} {r['project_ns_per_point']:>14.1f} {ins:>13.1f} {ins1:>7.1f} "
               f"{ins1 / ins:>13.2f}")  # fmt: skip
-    by_block = {(r["block"], r.get("order", "estep")): r for r in rows}
-    ext, ins = by_block.get((SLICE_BLOCK, "radius")), by_block.get((INSERT_SLICE_BLOCK, "radius"))
-    if (
-        ext
-        and ins
-        and (SLICE_BLOCK, "estep") in by_block
-        and (INSERT_SLICE_BLOCK, "estep") in by_block
-    ):
-        e_ext, e_ins = by_block[(SLICE_BLOCK, "estep")], by_block[(INSERT_SLICE_BLOCK, "estep")]
-        print(f"E-step's point order / radius order at the default blocks: projection "
-              f"{e_ext['project_ns_per_point'] / ext['project_ns_per_point']:.2f}, single-precision "
-              f"insertion {e_ins['insert_single_ns_per_point'] / ins['insert_single_ns_per_point']:.2f}")  # fmt: skip
+    estep = {r["block"]: r for r in rows if r["order"] == "estep"}
+    for r in rows:
+        e = estep.get(r["block"]) if r["order"] != "estep" else None
+        if e is not None:
+            print(f"block {r['block']}: the E-step's point order / radius order: projection "
+                  f"{e['project_ns_per_point'] / r['project_ns_per_point']:.2f}, single-precision "
+                  f"insertion {e['insert_single_ns_per_point'] / r['insert_single_ns_per_point']:.2f}")  # fmt: skip
 
 
 def _run(which: str, args) -> int:

@@ -135,11 +135,16 @@ def image_fourier_coords(box_size: int, max_radius_px: float, xp=np):
 
 
 def n_points_within(coords, max_radius_px: float) -> int:
-    """Length of the prefix of ``coords`` (sorted by radius) with |k| <= max_radius_px."""
+    """Length of the prefix of ``coords`` with |k| <= max_radius_px (+1e-9, as the point
+    sets are cut). The points must be sorted by radius or cut at that radius
+    (:func:`streamem.em.fourier_points.half_plane_points`), else ValueError: a pass
+    taking ``coords[:count]`` would miss some of them."""
     xp = xp_of(coords)
-    r = xp.sqrt(xp.sum(coords * coords, axis=1))
-    edge = xp.full((1,), max_radius_px + 1e-9, dtype=r.dtype)
-    return int(xp.searchsorted(r, edge, side="right")[0])
+    inside = xp.sqrt(xp.sum(coords * coords, axis=1)) <= max_radius_px + 1e-9
+    count = int(xp.sum(astype(inside, xp.int64)))
+    if not bool(xp.all(inside[:count])):
+        raise ValueError(f"the points within {max_radius_px:g} px are not a prefix of the points")
+    return count
 
 
 def scatter_to_rfft(values, flat_index, box_size: int):

@@ -30,8 +30,8 @@ import numpy as np
 from streamem.core import sampling
 from streamem.core.backend import to_numpy
 from streamem.core.euler import euler_to_matrix
+from streamem.core.fourier import n_points_within
 from streamem.core.projector import project_points, slice_power
-from streamem.em.fourier_points import points_within
 from streamem.em.kernels import (
     coarse_log_posterior,
     cross_terms,
@@ -80,7 +80,7 @@ def project_classes(projectors, rotations, coords):
 def coarse_radius_points(coords, model) -> int:
     """Mc: the work points within the coarse radius (a prefix of ``coords``: one of
     :func:`coarse_cuts`, or points sorted by radius)."""
-    return points_within(coords, model.coarse_radius_px)
+    return n_points_within(coords, model.coarse_radius_px)
 
 
 def coarse_cuts(model) -> tuple[float, ...]:
@@ -88,9 +88,15 @@ def coarse_cuts(model) -> tuple[float, ...]:
     of the E-step's points (``half_plane_points(..., cuts=)``): its own coarse radius
     and, with a local pre-pass, the pre-pass's."""
     cuts = [model.coarse_radius_px]
-    if model.grid.local_prepass and model.grid.healpix_order > 0:
+    if has_prepass(model.grid):
         cuts.append(prepass_model(model).coarse_radius_px)
     return tuple(cuts)
+
+
+def has_prepass(grid) -> bool:
+    """Whether a local search on ``grid`` takes its candidates from a pre-pass one order
+    coarser (:func:`prepass_candidates`)."""
+    return grid.local_prepass and grid.healpix_order > 0
 
 
 def coarse_pass(images, coords, translations, offset_prior, model, refs, part, local: bool,
@@ -134,7 +140,7 @@ def coarse_pass(images, coords, translations, offset_prior, model, refs, part, l
                     for lp_i in lp
                 ]
         return ang_c, J, pairs
-    if grid.local_prepass and grid.healpix_order > 0:
+    if has_prepass(grid):
         cands = prepass_candidates(images, coords, translations, offset_prior, model, refs,
                                    part, timer, stats, batched)  # fmt: skip
     else:

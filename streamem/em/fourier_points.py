@@ -33,49 +33,31 @@ def half_plane_points(box_size: int, max_radius_px: float, cuts=None):
     ky < 0 are the complex conjugates of ky > 0 and are left out.
 
     cuts: None, points sorted by radius (any smaller radius is a prefix); or the radii
-    (pixels) the caller takes prefixes at (:func:`points_within`): the points with
-    |k| ≤ each cut come first, and within each band between cuts they are in raster
-    order (ky, then kx), so that a central slice's neighbouring points read
-    neighbouring voxels (:func:`streamem.core.slice_kernel._points`).
+    (pixels) the caller takes prefixes at
+    (:func:`streamem.core.fourier.n_points_within`): the points with |k| ≤ each cut
+    come first, and within each band between cuts they are in raster order (ky, then
+    kx), so that a central slice's neighbouring points read neighbouring voxels
+    (:func:`streamem.core.slice_kernel._points`).
     """
     B = box_size
     r = int(np.floor(max_radius_px))
     ky = np.arange(-r, r + 1)
     kx = np.arange(0, r + 1)
     KY, KX = np.meshgrid(ky, kx, indexing="ij")
-    rad = point_radii(np.stack([KY, KX], axis=-1))
+    rad = np.sqrt(KY**2 + KX**2)
     keep = (rad <= max_radius_px) & ((KX > 0) | (KY > 0)) & (np.abs(KY) < B / 2 + 0.5 * (B % 2))
     keep &= KX <= B // 2
     KY, KX, rad = KY[keep], KX[keep], rad[keep]  # raster order (ky, then kx)
     if cuts is None:
         order = np.argsort(rad, kind="stable")
     else:
-        band = np.searchsorted(np.sort(np.asarray(cuts, np.float64)), rad, side="left")
+        edges = np.sort(np.asarray(cuts, np.float64)) + 1e-9  # n_points_within's edge
+        band = np.searchsorted(edges, rad, side="left")
         order = np.argsort(band, kind="stable")
     KY, KX, rad = KY[order], KX[order], rad[order]
     flat = (KY % B) * (B // 2 + 1) + KX
     coords = np.stack([KY, KX], axis=1).astype(np.float64)
     return coords, flat.astype(np.int64), np.rint(rad).astype(np.int64)
-
-
-def point_radii(coords) -> np.ndarray:
-    """|k| (float64) of points (..., 2) (ky, kx): the one formula the cuts of
-    :func:`half_plane_points` and :func:`points_within` both use (on integer
-    coordinates the squares are exact and the root correctly rounded, so points of one
-    radius get one value and a cut never splits them)."""
-    coords = np.asarray(coords, np.float64)
-    return np.sqrt(coords[..., 0] ** 2 + coords[..., 1] ** 2)
-
-
-def points_within(coords, radius_px: float) -> int:
-    """How many of ``coords`` (from :func:`half_plane_points`) lie within ``radius_px``;
-    they must be a prefix (a radius the points were sorted by or cut at), else
-    ValueError: a pass scoring ``coords[:count]`` would miss some of them."""
-    inside = point_radii(coords) <= radius_px
-    count = int(np.count_nonzero(inside))
-    if not inside[:count].all():
-        raise ValueError(f"the points within {radius_px:g} px are not a prefix of the points")
-    return count
 
 
 @dataclass(frozen=True)

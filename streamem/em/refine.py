@@ -22,6 +22,7 @@ import numpy as np
 
 from streamem import validate as check
 from streamem.core.filters import lowpass
+from streamem.core.fourier import n_points_within
 from streamem.core.fsc import fsc as fourier_shell_correlation
 from streamem.core.fsc import resolution_at
 from streamem.core.projector import half_cube_shape, padded_radius
@@ -147,7 +148,7 @@ def check_estep_memory(store, options, client) -> None:
     # the coarse pass's radius (EStepModel.coarse_radius_px) at the first order
     diameter_A = options.particle_diameter_A or 0.8 * B * store.pixel_size_A
     coarse_px = B * store.pixel_size_A / (step_deg / 360.0 * math.pi * diameter_A / 1.2)
-    Mc = int(np.searchsorted(np.hypot(coords[:, 0], coords[:, 1]), coarse_px, side="right"))
+    Mc = n_points_within(coords, coarse_px)
     shape = EStepShape(
         box_size=B,
         n_points=coords.shape[0],
