@@ -163,7 +163,7 @@ def _points(coords, columns):
     13.1-13.8 → 11.0-11.9 ns per point and back-projection 43-48 → 37-42, the whole
     run 0.935 and 0.954 of the time, with the same FSC and angular error.
     ``streamem bench project --local`` prints the E-step's order against plain radius
-    order at the default blocks (extraction 0.86-0.87, quiet machine, one run each).
+    order at the default blocks (extraction 0.84-0.89, three runs on a quiet machine).
     """
     coords = np.asarray(coords)
     kx = np.ascontiguousarray(coords[:, 1], dtype=np.float32)
